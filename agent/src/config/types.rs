@@ -1,0 +1,228 @@
+//! Validated configuration: values of these types cannot be bad.
+//!
+//! `raw.rs` deserializes TOML into serde structs; `load.rs` converts them once into these.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where a value came from: file, 1-based line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.col)
+    }
+}
+
+/// An app's name: the key of its `[app.NAME]` table. Non-empty, at most 64 bytes of
+/// `[A-Za-z0-9_.-]`, not starting with `.` or `-`: safe as a path component, a cgroup name and a
+/// log field.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AppName(String);
+
+impl AppName {
+    /// Returns the reason when `s` is not a valid app name.
+    pub fn new(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("an app name cannot be empty".into());
+        }
+        if s.len() > 64 {
+            return Err(format!("app name `{s}` is longer than 64 bytes"));
+        }
+        if s.starts_with('.') || s.starts_with('-') {
+            return Err(format!("app name `{s}` cannot start with `.` or `-`"));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(format!(
+                "app name `{s}` contains `{c}`; use letters, digits, `_`, `-` and `.`"
+            ));
+        }
+        Ok(AppName(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A size in bytes, written `512MiB`, `1GiB`, `64KiB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(pub u64);
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        for (name, unit) in UNITS {
+            if self.0 >= unit && self.0 % unit == 0 {
+                return write!(f, "{}{}", self.0 / unit, name);
+            }
+        }
+        for (name, unit) in UNITS {
+            if self.0 >= unit {
+                return write!(f, "{:.1}{}", self.0 as f64 / unit as f64, name);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+/// Which worker commands may be started as which identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub uid: u32,
+    /// The group's name as written (or the user's primary group's name).
+    pub group: String,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steering {
+    LeastLoaded,
+    RoundRobin,
+    Hash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub address_at: Location,
+    pub backlog: u32,
+    pub steering: Steering,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ready {
+    /// The worker's slot accepts a probe connection.
+    Tcp,
+    /// An HTTP GET of this path answers 2xx/3xx (parsed now, probed from the steering issue on).
+    Http(String),
+    /// The worker sends `READY=1` on its `NOTIFY_SOCKET`.
+    Notify,
+    /// Ready this long after exec.
+    Delay(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerCount {
+    Fixed(NonZeroU32),
+    /// One per online CPU, resolved when the agent plans the app.
+    Auto,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workers {
+    pub count: WorkerCount,
+    pub count_at: Location,
+    pub memory_max: Option<ByteSize>,
+    pub memory_high: Option<ByteSize>,
+    pub cpu_max: Option<f64>,
+    pub pids_max: Option<NonZeroU32>,
+    pub stop_timeout: Duration,
+    pub ready: Ready,
+    pub ready_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartMode {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    pub policy: RestartMode,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Restarts allowed within `window` before the slot gives up.
+    pub max_restarts: u32,
+    pub window: Duration,
+    /// A run at least this long counts as stable: the backoff starts over.
+    pub reset_after: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreStart {
+    /// `step N` (1-based) or the optional `name` key.
+    pub name: String,
+    pub command: Vec<String>,
+    pub timeout: Duration,
+    pub at: Location,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KtlsMode {
+    Auto,
+    Off,
+    Require,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub address: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ktls: KtlsMode,
+    pub redirect_http: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct App {
+    pub name: AppName,
+    /// Where `[app.NAME]` is defined.
+    pub defined_at: Location,
+    /// argv; never empty. `command[0]` is resolved through PATH at exec when it has no `/`.
+    pub command: Vec<String>,
+    pub workdir: PathBuf,
+    pub identity: Identity,
+    /// `env_file` entries first, then `env` (which wins).
+    pub env: BTreeMap<String, String>,
+    pub listen: Listen,
+    pub workers: Workers,
+    pub restart: Restart,
+    pub pre_start: Vec<PreStart>,
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub include: Vec<String>,
+    pub state_dir: PathBuf,
+    pub bpf_pin_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub enforce_limits: bool,
+    pub allow_overcommit: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The main file, then every included file in sorted order.
+    pub files: Vec<PathBuf>,
+    pub agent: Agent,
+    pub apps: BTreeMap<AppName, App>,
+}

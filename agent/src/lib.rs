@@ -1,0 +1,9 @@
+//! corral: a Linux-native process manager for web-app workers.
+//!
+//! Module map and dependency rule (see ARCHITECTURE.md): `config` and `policy` are pure and never
+//! import `sys`; `sys` is the only home of `unsafe` and raw syscalls; `supervisor` turns kernel
+//! events into policy calls and policy decisions into effects.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod policy;
