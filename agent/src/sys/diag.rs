@@ -93,7 +93,10 @@ pub struct Connection {
 
 /// Look up the TCP connection whose local end is `local` and remote end `remote`. `Ok(None)`
 /// when there is none.
-pub fn tcp_connection(local: SocketAddr, remote: SocketAddr) -> Result<Option<Connection>, DiagError> {
+pub fn tcp_connection(
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Result<Option<Connection>, DiagError> {
     let err = |source| DiagError {
         local,
         remote,
@@ -176,14 +179,20 @@ pub fn tcp_connection(local: SocketAddr, remote: SocketAddr) -> Result<Option<Co
         }
     };
     if n < size_of::<NlMsgHdr>() {
-        return Err(err(io::Error::new(io::ErrorKind::InvalidData, "short netlink reply")));
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short netlink reply",
+        )));
     }
     // SAFETY: `buf` holds at least a header's worth of bytes; read_unaligned copes with alignment.
     let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
     if hdr.kind == NLMSG_ERROR {
         let off = size_of::<NlMsgHdr>();
         if n < off + 4 {
-            return Err(err(io::Error::new(io::ErrorKind::InvalidData, "short netlink error")));
+            return Err(err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "short netlink error",
+            )));
         }
         let code = i32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]);
         return match -code {

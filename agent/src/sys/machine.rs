@@ -6,7 +6,10 @@ use std::io;
 pub fn mem_total() -> io::Result<u64> {
     let text = std::fs::read_to_string("/proc/meminfo")?;
     parse_meminfo_total(&text).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, "no MemTotal line in /proc/meminfo")
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no MemTotal line in /proc/meminfo",
+        )
     })
 }
 
@@ -40,4 +43,38 @@ mod tests {
         assert_eq!(super::parse_meminfo_total(t), Some(24594892 * 1024));
         assert_eq!(super::parse_meminfo_total("x"), None);
     }
+}
+
+/// What /proc says about a process's memory and CPU use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStats {
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+    pub cpu_ms: u64,
+}
+
+/// RSS, peak RSS and CPU time of `pid`, or `None` if it is gone. (Per-worker cgroup numbers
+/// replace these where cgroup v2 memory accounting is available.)
+pub fn process_stats(pid: i32) -> Option<ProcStats> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|k| k * 1024)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ProcStats {
+        rss_bytes: kib("VmRSS:").unwrap_or(0),
+        peak_rss_bytes: kib("VmHWM:").unwrap_or(0),
+        cpu_ms: ticks * 1000 / hz,
+    })
 }

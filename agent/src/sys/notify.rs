@@ -21,7 +21,9 @@ impl Notifier {
     /// Reads `NOTIFY_SOCKET`. The variable is never passed on to workers (they get their own).
     pub fn from_env() -> Notifier {
         Notifier {
-            socket: std::env::var("NOTIFY_SOCKET").ok().filter(|s| !s.is_empty()),
+            socket: std::env::var("NOTIFY_SOCKET")
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 

@@ -45,9 +45,9 @@ impl Process {
         // the AsyncFd owns it.
         let fd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
             .map_err(|e| PidfdError::Register {
-                pid,
-                source: e.into_parts().1,
-            })?;
+            pid,
+            source: e.into_parts().1,
+        })?;
         Ok(Process { pid, fd })
     }
 

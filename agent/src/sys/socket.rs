@@ -95,10 +95,12 @@ fn setsockopt<T>(fd: BorrowedFd<'_>, level: i32, name: i32, value: &T) -> io::Re
 /// file status flags are shared with the worker that inherits it, and workers that accept in
 /// blocking mode must get a blocking socket.
 pub fn reuseport_listener(address: SocketAddr, backlog: u32) -> Result<OwnedFd, SocketError> {
-    let sys = |call| move |source| SocketError::Sys {
-        call,
-        address,
-        source,
+    let sys = |call| {
+        move |source| SocketError::Sys {
+            call,
+            address,
+            source,
+        }
     };
     let family = match address {
         SocketAddr::V4(_) => libc::AF_INET,
@@ -112,11 +114,20 @@ pub fn reuseport_listener(address: SocketAddr, backlog: u32) -> Result<OwnedFd, 
     // SAFETY: `fd` was just created and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let one: libc::c_int = 1;
-    setsockopt(fd.as_fd_(), libc::SOL_SOCKET, libc::SO_REUSEADDR, &one).map_err(sys("SO_REUSEADDR"))?;
-    setsockopt(fd.as_fd_(), libc::SOL_SOCKET, libc::SO_REUSEPORT, &one).map_err(sys("SO_REUSEPORT"))?;
+    setsockopt(fd.as_fd_(), libc::SOL_SOCKET, libc::SO_REUSEADDR, &one)
+        .map_err(sys("SO_REUSEADDR"))?;
+    setsockopt(fd.as_fd_(), libc::SOL_SOCKET, libc::SO_REUSEPORT, &one)
+        .map_err(sys("SO_REUSEPORT"))?;
     let (sa, len) = sockaddr(&address);
     // SAFETY: `sa` holds a valid sockaddr of `len` bytes.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_storage).cast(), len) } == -1 {
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } == -1
+    {
         let e = last_os_error();
         return Err(match e.raw_os_error() {
             Some(libc::EADDRINUSE) => SocketError::InUse { address },
@@ -177,13 +188,23 @@ fn probe_program(v6: bool) -> Vec<libc::sock_filter> {
     if v6 {
         // A = source port, after the fixed 40-byte IPv6 header (probes carry no extension
         // headers; anything else lands out of range or on some slot, never dropped).
-        p.push(insn(BPF_LD | BPF_H | BPF_ABS, 0, 0, SKF_NET_OFF.wrapping_add(40)));
+        p.push(insn(
+            BPF_LD | BPF_H | BPF_ABS,
+            0,
+            0,
+            SKF_NET_OFF.wrapping_add(40),
+        ));
     } else {
         // X = IPv4 header length, A = source port.
         p.push(insn(BPF_LDX | BPF_B | BPF_MSH, 0, 0, SKF_NET_OFF));
         p.push(insn(BPF_LD | BPF_H | BPF_IND, 0, 0, SKF_NET_OFF));
     }
-    p.push(insn(BPF_ALU | BPF_SUB | BPF_K, 0, 0, PROBE_PORT_BASE as u32));
+    p.push(insn(
+        BPF_ALU | BPF_SUB | BPF_K,
+        0,
+        0,
+        PROBE_PORT_BASE as u32,
+    ));
     // index >= PROBE_PORTS (including wrap-around below the base): out of range -> hash.
     p.push(insn(BPF_JMP | BPF_JGE | BPF_K, 1, 0, PROBE_PORTS as u32));
     p.push(insn(BPF_RET | BPF_A, 0, 0, 0));
@@ -221,7 +242,8 @@ pub fn probe_target(address: SocketAddr) -> SocketAddr {
 
 /// The source address a probe for `slot` binds to.
 pub fn probe_source(address: SocketAddr, slot: u32) -> Option<SocketAddr> {
-    let port = PROBE_PORT_BASE.checked_add(u16::try_from(slot).ok().filter(|s| *s < PROBE_PORTS)?)?;
+    let port =
+        PROBE_PORT_BASE.checked_add(u16::try_from(slot).ok().filter(|s| *s < PROBE_PORTS)?)?;
     Some(match address {
         SocketAddr::V4(_) => SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
         SocketAddr::V6(_) => SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),

@@ -57,7 +57,17 @@ impl Stage {
     fn from_u32(v: u32) -> Option<Stage> {
         use Stage::*;
         [
-            Signals, Setsid, Fds, Chdir, Bounding, Groups, Gid, Uid, Caps, NoNewPrivs, DeathSignal,
+            Signals,
+            Setsid,
+            Fds,
+            Chdir,
+            Bounding,
+            Groups,
+            Gid,
+            Uid,
+            Caps,
+            NoNewPrivs,
+            DeathSignal,
             Exec,
         ]
         .into_iter()
@@ -303,7 +313,8 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
 
 fn open_devnull() -> io::Result<OwnedFd> {
     // SAFETY: the path is a valid C string; the returned fd is owned by us.
-    let fd = cvt_retry(|| unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    let fd =
+        cvt_retry(|| unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
     // SAFETY: `fd` was just opened and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -1,0 +1,92 @@
+//! The control socket protocol: one JSON request line, one JSON response line, over the unix
+//! socket at `[agent] control_socket` (mode 0600: root only). The CLI's `status`, `top`,
+//! `reload`, `restart` and `scale` are clients of it.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status { app: Option<String> },
+    Reload { app: Option<String> },
+    Restart { app: String, worker: Option<u32> },
+    Scale { app: String, count: u32 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum Response {
+    Ok { message: String },
+    Status { apps: Vec<AppStatus> },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppStatus {
+    pub name: String,
+    /// starting | running | degraded | failed | stopping | stopped
+    pub state: String,
+    pub reason: Option<String>,
+    pub address: String,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerStatus {
+    pub slot: u32,
+    pub pid: Option<i32>,
+    /// starting | ready | draining | stopping | exited | waiting (restart backoff) | failed
+    pub state: String,
+    pub uptime_ms: Option<u64>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub rss_bytes: Option<u64>,
+    pub peak_rss_bytes: Option<u64>,
+    pub memory_max: Option<u64>,
+    pub cpu_ms: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `corral agent` running, and are you root?)"
+    )]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent sent a reply corral cannot read: {0}")]
+    Decode(String),
+}
+
+/// Send one request and wait for its response (reloads can take a while: up to `timeout`).
+pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    let p = path.display().to_string();
+    let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        path: p.clone(),
+        source,
+    })?;
+    let io = |source| ClientError::Io {
+        path: p.clone(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut line =
+        serde_json::to_string(request).map_err(|e| ClientError::Decode(e.to_string()))?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
+    serde_json::from_str(&reply).map_err(|e| ClientError::Decode(format!("{e}: {reply:?}")))
+}

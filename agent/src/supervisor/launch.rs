@@ -1,0 +1,94 @@
+//! Turning an app's config into what `sys::spawn` needs, once per app (re)start, so a restart
+//! after a crash only clones and spawns.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::App;
+use crate::sys::pidfd::Process;
+use crate::sys::spawn::{self, SpawnError, Spec};
+use crate::sys::users;
+
+/// The default PATH for workers, as systemd gives services.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Everything needed to start a process of an app, resolved ahead of time.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub argv: Vec<String>,
+    /// Without the per-worker variables.
+    pub env: Vec<(String, String)>,
+    pub workdir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Launch {
+    /// The worker environment: a clean one, as systemd builds for a service (PATH, HOME, USER,
+    /// LOGNAME, SHELL, LANG), then the app's env_file and env. Nothing else of the agent's own
+    /// environment leaks in (NOTIFY_SOCKET, LISTEN_*, WATCHDOG_*, secrets).
+    pub fn for_app(app: &App, argv: &[String]) -> Result<Launch, SpawnError> {
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: String| {
+            env.retain(|(key, _)| key != k);
+            env.push((k.to_string(), v));
+        };
+        set("PATH", DEFAULT_PATH.to_string());
+        if let Some((home, shell)) = users::home_and_shell(app.identity.uid) {
+            set("HOME", home);
+            set("SHELL", shell);
+        }
+        set("USER", app.identity.user.clone());
+        set("LOGNAME", app.identity.user.clone());
+        if let Ok(lang) = std::env::var("LANG") {
+            set("LANG", lang);
+        }
+        for (k, v) in &app.env {
+            set(k, v.clone());
+        }
+        let path_var = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let program = spawn::resolve_program(&argv[0], &path_var)?;
+        Ok(Launch {
+            program,
+            argv: argv.to_vec(),
+            env,
+            workdir: app.workdir.clone(),
+            uid: app.identity.uid,
+            gid: app.identity.gid,
+        })
+    }
+
+    /// Start a process: with `fd3` and `extra` worker variables for a worker, none for a step.
+    /// Returns the process and the read ends of its stdout and stderr.
+    pub fn start(
+        &self,
+        fd3: Option<&OwnedFd>,
+        extra: &[(String, String)],
+    ) -> Result<(Arc<Process>, OwnedFd, OwnedFd), String> {
+        let (out_r, out_w) = spawn::output_pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (err_r, err_w) = spawn::output_pipe().map_err(|e| format!("pipe: {e}"))?;
+        let mut env = self.env.clone();
+        env.extend(extra.iter().cloned());
+        let spec = Spec {
+            program: &self.program,
+            argv: &self.argv,
+            env: &env,
+            listen_pid: fd3.is_some(),
+            workdir: &self.workdir,
+            uid: self.uid,
+            gid: self.gid,
+            fd3: fd3.map(|f| f.as_fd()),
+            stdout: out_w.as_fd(),
+            stderr: err_w.as_fd(),
+        };
+        let child = spawn::spawn(&spec).map_err(|e| e.to_string())?;
+        let process = Process::new(child.pid, child.pidfd).map_err(|e| e.to_string())?;
+        Ok((Arc::new(process), out_r, err_r))
+    }
+}

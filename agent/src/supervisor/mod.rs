@@ -1,0 +1,1307 @@
+//! The event loop. One task owns every app, slot and worker; everything else (pidfd waits,
+//! readiness probes, timers, pre-start sequences, control connections) runs in small tasks that
+//! report back as [`Event`]s. Policy decides, this module executes.
+
+pub mod launch;
+mod output;
+mod prestart;
+mod ready;
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{self, App, AppName, Config, WorkerCount};
+use crate::control::{AppStatus, Request, Response, WorkerStatus};
+use crate::policy::restart::{self, Decision, ExitStatus, SlotHistory};
+use crate::sys::notify::{monotonic_usec, Notifier};
+use crate::sys::pidfd::{Process, WaitStatus};
+use crate::sys::{machine, socket, users::SystemLookup};
+
+use launch::Launch;
+use output::Tag;
+
+/// Errors that keep the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    App(String),
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// How a pidfd wait ended, in policy terms.
+pub fn exit_status(w: WaitStatus) -> ExitStatus {
+    match w {
+        WaitStatus::Exited(code) => ExitStatus::Exited(code),
+        WaitStatus::Signaled {
+            signal,
+            core_dumped,
+        } => ExitStatus::Signaled {
+            signal,
+            core_dumped,
+        },
+    }
+}
+
+enum Event {
+    Exited {
+        app: AppName,
+        id: u64,
+        status: Result<WaitStatus, String>,
+    },
+    Ready {
+        app: AppName,
+        id: u64,
+        result: Result<(), String>,
+    },
+    RestartDue {
+        app: AppName,
+        slot: u32,
+        token: u64,
+    },
+    KillDue {
+        app: AppName,
+        id: u64,
+    },
+    PreStartDone {
+        app: AppName,
+        token: u64,
+        result: Result<(), String>,
+    },
+    Control {
+        request: Request,
+        reply: oneshot::Sender<Response>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerState {
+    Starting,
+    Ready,
+    Stopping,
+}
+
+impl WorkerState {
+    fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping => "stopping",
+        }
+    }
+}
+
+struct Worker {
+    id: u64,
+    slot: u32,
+    process: Arc<Process>,
+    state: WorkerState,
+    started: Instant,
+    /// Keeps the listening socket this worker was given open for as long as it runs.
+    _socket: Arc<OwnedFd>,
+    /// The agent asked it to stop: its exit is not a failure.
+    expected_exit: bool,
+    /// Why it was stopped for not becoming ready, if that is why.
+    not_ready: Option<String>,
+}
+
+struct Slot {
+    socket: Arc<OwnedFd>,
+    current: Option<Worker>,
+    /// Workers this slot is replacing: serving until the current one is ready, then stopping.
+    retired: Vec<Worker>,
+    history: SlotHistory,
+    restarts: u32,
+    last_exit: Option<String>,
+    /// A restart timer is armed with this token.
+    waiting: Option<u64>,
+    gave_up: Option<String>,
+    /// Part of a rolling replacement that has not reached this slot yet.
+    pending_replace: bool,
+}
+
+impl Slot {
+    fn new(socket: Arc<OwnedFd>) -> Slot {
+        Slot {
+            socket,
+            current: None,
+            retired: Vec::new(),
+            history: SlotHistory::default(),
+            restarts: 0,
+            last_exit: None,
+            waiting: None,
+            gave_up: None,
+            pending_replace: false,
+        }
+    }
+}
+
+/// A new version of an app waiting for its pre-start steps.
+struct Rollout {
+    cfg: App,
+    launch: Launch,
+    sockets: Vec<Arc<OwnedFd>>,
+}
+
+enum Phase {
+    /// Pre-start steps are running (token identifies the run).
+    PreStart {
+        token: u64,
+        rollout: Option<Box<Rollout>>,
+    },
+    Running,
+    Failed(String),
+    Stopping,
+}
+
+struct AppRt {
+    cfg: App,
+    launch: Launch,
+    phase: Phase,
+    slots: Vec<Slot>,
+    /// Workers of slots that no longer exist (scale-down, removed app), being stopped.
+    removed: Vec<Worker>,
+    /// Why the app is degraded, when it is.
+    note: Option<String>,
+    cancel: watch::Sender<bool>,
+}
+
+/// What a config needs before it can be applied: sockets bound, programs found.
+struct Prepared {
+    launch: Launch,
+    sockets: Vec<Arc<OwnedFd>>,
+}
+
+fn worker_count(cfg: &App) -> u32 {
+    match cfg.workers.count {
+        WorkerCount::Fixed(n) => n.get(),
+        WorkerCount::Auto => machine::online_cpus(),
+    }
+}
+
+fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
+    Launch::for_app(cfg, argv).map_err(|e| format!("{}: app {}: {e}", cfg.defined_at, cfg.name))
+}
+
+/// Bind `count` sockets for `cfg`, reusing `existing` (same address) for the first slots.
+fn prepare(cfg: &App, count: u32, existing: &[Arc<OwnedFd>]) -> Result<Prepared, String> {
+    let launch = launch_for(cfg, &cfg.command)?;
+    let mut sockets: Vec<Arc<OwnedFd>> = existing.iter().take(count as usize).cloned().collect();
+    let fresh_group = sockets.is_empty();
+    while sockets.len() < count as usize {
+        let fd = socket::reuseport_listener(cfg.listen.address, cfg.listen.backlog)
+            .map_err(|e| format!("{}: app {}: {e}", cfg.listen.address_at, cfg.name))?;
+        sockets.push(Arc::new(fd));
+    }
+    for s in &sockets {
+        socket::listen(std::os::fd::AsFd::as_fd(&**s), cfg.listen.backlog)
+            .map_err(|e| format!("{}: app {}: listen: {e}", cfg.listen.address_at, cfg.name))?;
+    }
+    if fresh_group {
+        if let Some(first) = sockets.first() {
+            socket::attach_probe_steering(std::os::fd::AsFd::as_fd(&**first), cfg.listen.address)
+                .map_err(|e| format!("{}: app {}: {e}", cfg.listen.address_at, cfg.name))?;
+        }
+    }
+    Ok(Prepared { launch, sockets })
+}
+
+fn prestart_plan(cfg: &App) -> Result<Vec<(config::PreStart, Launch)>, String> {
+    cfg.pre_start
+        .iter()
+        .map(|step| {
+            Launch::for_app(cfg, &step.command)
+                .map(|l| (step.clone(), l))
+                .map_err(|e| format!("{}: app {} pre-start {}: {e}", step.at, cfg.name, step.name))
+        })
+        .collect()
+}
+
+/// Options the CLI passes in.
+pub struct Options {
+    pub config_path: PathBuf,
+}
+
+struct Supervisor {
+    config_path: PathBuf,
+    config: Config,
+    apps: BTreeMap<AppName, AppRt>,
+    tx: mpsc::UnboundedSender<Event>,
+    next_id: u64,
+    notifier: Notifier,
+    shutting_down: bool,
+    rng: u64,
+}
+
+/// Run the agent until SIGTERM or SIGINT. Errors before the first worker starts are returned
+/// (nothing is left running); afterwards problems are logged and the agent keeps going.
+pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
+
+    // Everything fallible first: sockets and programs for every app, then the control socket.
+    let mut prepared = BTreeMap::new();
+    for (name, cfg) in &config.apps {
+        let p = prepare(cfg, worker_count(cfg), &[]).map_err(StartError::App)?;
+        prestart_plan(cfg).map_err(StartError::App)?;
+        prepared.insert(name.clone(), p);
+    }
+    let control = bind_control(&config.agent.control_socket)?;
+
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    let mut sup = Supervisor {
+        config_path: options.config_path,
+        config: config.clone(),
+        apps: BTreeMap::new(),
+        tx: tx.clone(),
+        next_id: 1,
+        notifier: Notifier::from_env(),
+        shutting_down: false,
+        rng: seed,
+    };
+    for (name, p) in prepared {
+        let cfg = config.apps[&name].clone();
+        sup.add_app(cfg, p);
+    }
+    tokio::spawn(serve_control(control, tx.clone()));
+    tracing::info!(
+        config = %sup.config_path.display(),
+        apps = sup.apps.len(),
+        control = %config.agent.control_socket.display(),
+        "agent started"
+    );
+    sup.notify("READY=1");
+
+    loop {
+        tokio::select! {
+            Some(ev) = rx.recv() => sup.handle(ev),
+            _ = term.recv() => sup.shutdown("SIGTERM"),
+            _ = int.recv() => sup.shutdown("SIGINT"),
+            _ = hup.recv() => {
+                if !sup.shutting_down {
+                    match sup.reload(None) {
+                        Ok(msg) => tracing::info!("reload: {msg}"),
+                        Err(e) => tracing::error!("reload refused, running apps untouched: {e}"),
+                    }
+                }
+            }
+        }
+        if sup.shutting_down && sup.live_processes() == 0 {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&sup.config.agent.control_socket);
+    tracing::info!("all workers stopped; agent exiting");
+    Ok(())
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener, StartError> {
+    let err = |source| StartError::Control {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        // A stale socket from an agent that died; a live one answers, and then we must not
+        // steal its socket.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another agent is running and answers on it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    // Created 0600 from the start: the umask decides the mode at bind time.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let listener = UnixListener::bind(path);
+    rustix::process::umask(old);
+    listener.map_err(err)
+}
+
+async fn serve_control(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(r).take(64 * 1024);
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let response = match serde_json::from_str::<Request>(&line) {
+                Err(e) => Response::Error {
+                    message: format!("invalid request: {e}"),
+                },
+                Ok(request) => {
+                    let (reply, rx) = oneshot::channel();
+                    if tx.send(Event::Control { request, reply }).is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Ok(mut text) = serde_json::to_string(&response) {
+                text.push('\n');
+                let _ = w.write_all(text.as_bytes()).await;
+            }
+        });
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+impl Supervisor {
+    fn notify(&self, state: &str) {
+        if let Err(e) = self.notifier.notify(state) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    fn jitter(&mut self) -> f64 {
+        // xorshift64: spreads restarts of many slots; not for anything secret.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn live_processes(&self) -> usize {
+        self.apps
+            .values()
+            .map(|a| {
+                a.removed.len()
+                    + a.slots
+                        .iter()
+                        .map(|s| s.retired.len() + usize::from(s.current.is_some()))
+                        .sum::<usize>()
+                    + usize::from(matches!(a.phase, Phase::PreStart { .. }))
+            })
+            .sum()
+    }
+
+    fn add_app(&mut self, cfg: App, p: Prepared) {
+        let (cancel, _) = watch::channel(false);
+        let name = cfg.name.clone();
+        let rt = AppRt {
+            slots: p.sockets.into_iter().map(Slot::new).collect(),
+            launch: p.launch,
+            cfg,
+            phase: Phase::Running,
+            removed: Vec::new(),
+            note: None,
+            cancel,
+        };
+        self.apps.insert(name.clone(), rt);
+        self.begin_prestart(&name, None);
+    }
+
+    /// Run the app's pre-start steps (those of `rollout` when replacing), then start workers.
+    fn begin_prestart(&mut self, name: &AppName, rollout: Option<Box<Rollout>>) {
+        let token = self.id();
+        let tx = self.tx.clone();
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let cfg = rollout.as_ref().map(|r| &r.cfg).unwrap_or(&app.cfg);
+        let plan = match prestart_plan(cfg) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Event::PreStartDone {
+                    app: name.clone(),
+                    token,
+                    result: Err(e),
+                });
+                app.phase = Phase::PreStart { token, rollout };
+                return;
+            }
+        };
+        app.phase = Phase::PreStart { token, rollout };
+        let mut cancel = app.cancel.subscribe();
+        let app_name = name.clone();
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                r = prestart::run_steps(app_name.to_string(), plan) => r,
+                _ = cancel.wait_for(|c| *c) => Err("cancelled: the agent is stopping".to_string()),
+            };
+            let _ = tx.send(Event::PreStartDone {
+                app: app_name,
+                token,
+                result,
+            });
+        });
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Exited { app, id, status } => self.on_exited(&app, id, status),
+            Event::Ready { app, id, result } => self.on_ready(&app, id, result),
+            Event::RestartDue { app, slot, token } => {
+                if self.shutting_down {
+                    return;
+                }
+                let due = self
+                    .apps
+                    .get_mut(&app)
+                    .and_then(|a| a.slots.get_mut(slot as usize))
+                    .is_some_and(|s| {
+                        let due = s.waiting == Some(token);
+                        if due {
+                            s.waiting = None;
+                        }
+                        due
+                    });
+                if due {
+                    self.start_worker(&app, slot);
+                }
+            }
+            Event::KillDue { app, id } => {
+                if let Some(w) = self.apps.get_mut(&app).and_then(|a| find_worker(a, id)) {
+                    tracing::warn!(app = %app, worker = w.slot, pid = w.process.pid(),
+                        "did not exit within stop_timeout; sending SIGKILL");
+                    let _ = w.process.signal(libc::SIGKILL);
+                }
+            }
+            Event::PreStartDone { app, token, result } => {
+                self.on_prestart_done(&app, token, result)
+            }
+            Event::Control { request, reply } => {
+                let response = self.control(request);
+                let _ = reply.send(response);
+            }
+        }
+    }
+
+    fn on_prestart_done(&mut self, name: &AppName, token: u64, result: Result<(), String>) {
+        let shutting_down = self.shutting_down;
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let rollout = match &mut app.phase {
+            Phase::PreStart { token: t, rollout } if *t == token => rollout.take(),
+            _ => return,
+        };
+        if shutting_down {
+            app.phase = Phase::Stopping;
+            return;
+        }
+        let had_workers = app.slots.iter().any(|s| s.current.is_some());
+        match result {
+            Err(reason) => {
+                tracing::error!(app = %name, "{reason}; no worker of this version will start");
+                if rollout.is_some() && had_workers {
+                    app.phase = Phase::Running;
+                    app.note = Some(format!(
+                        "reload failed: {reason}; the previous version keeps serving"
+                    ));
+                } else {
+                    app.phase = Phase::Failed(reason);
+                }
+            }
+            Ok(()) => {
+                app.phase = Phase::Running;
+                app.note = None;
+                match rollout {
+                    None => {
+                        for s in &mut app.slots {
+                            s.pending_replace = true;
+                        }
+                    }
+                    Some(r) => self.apply_rollout(name, *r),
+                }
+                self.advance_rollout(name);
+            }
+        }
+    }
+
+    /// Install a new version's config and sockets; every slot is then replaced one by one.
+    fn apply_rollout(&mut self, name: &AppName, r: Rollout) {
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        app.cfg = r.cfg;
+        app.launch = r.launch;
+        let new_count = r.sockets.len();
+        // Slots beyond the new count go away: their workers stop.
+        while app.slots.len() > new_count {
+            if let Some(mut slot) = app.slots.pop() {
+                for mut w in slot
+                    .current
+                    .take()
+                    .into_iter()
+                    .chain(slot.retired.drain(..))
+                {
+                    stop_worker(&self.tx, &app.cfg, name, &mut w);
+                    app.removed.push(w);
+                }
+            }
+        }
+        for (i, sock) in r.sockets.into_iter().enumerate() {
+            if let Some(slot) = app.slots.get_mut(i) {
+                slot.socket = sock;
+                slot.pending_replace = true;
+                slot.gave_up = None;
+                slot.history.reset();
+            } else {
+                let mut slot = Slot::new(sock);
+                slot.pending_replace = true;
+                app.slots.push(slot);
+            }
+        }
+    }
+
+    /// Start the next replacement of a rolling update, one slot at a time: a slot's new worker
+    /// must be ready before its old one is told to stop and the next slot begins.
+    fn advance_rollout(&mut self, name: &AppName) {
+        loop {
+            let Some(app) = self.apps.get_mut(name) else {
+                return;
+            };
+            if !matches!(app.phase, Phase::Running) || self.shutting_down {
+                return;
+            }
+            let in_flight = app
+                .slots
+                .iter()
+                .any(|s| s.retired.iter().any(|w| w.state != WorkerState::Stopping));
+            if in_flight {
+                return;
+            }
+            let Some(i) = app.slots.iter().position(|s| s.pending_replace) else {
+                return;
+            };
+            let slot = &mut app.slots[i];
+            slot.pending_replace = false;
+            slot.waiting = None;
+            let replacing = slot.current.take();
+            let had_old = replacing.is_some();
+            if let Some(old) = replacing {
+                slot.retired.push(old);
+            }
+            self.start_worker(name, i as u32);
+            if had_old {
+                return; // wait for the new worker to be ready
+            }
+        }
+    }
+
+    fn start_worker(&mut self, name: &AppName, slot_idx: u32) {
+        let id = self.id();
+        let tx = self.tx.clone();
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let Some(slot) = app.slots.get_mut(slot_idx as usize) else {
+            return;
+        };
+        let mut extra = vec![
+            ("LISTEN_FDS".to_string(), "1".to_string()),
+            ("LISTEN_FDNAMES".to_string(), name.to_string()),
+            ("CORRAL_APP".to_string(), name.to_string()),
+            ("CORRAL_WORKER".to_string(), slot_idx.to_string()),
+        ];
+        let mut notify = None;
+        if app.cfg.workers.ready == config::Ready::Notify {
+            match ready::notify_socket(id) {
+                Ok((sock, addr)) => {
+                    extra.push(("NOTIFY_SOCKET".to_string(), addr));
+                    notify = Some(sock);
+                }
+                Err(e) => tracing::error!(app = %name, worker = slot_idx, "{e}"),
+            }
+        }
+        let started = Instant::now();
+        match app.launch.start(Some(&slot.socket), &extra) {
+            Ok((process, out, err)) => {
+                let pid = process.pid();
+                tracing::info!(app = %name, worker = slot_idx, pid, "worker started");
+                for (fd, stream) in [(out, "stdout"), (err, "stderr")] {
+                    output::forward(
+                        fd,
+                        Tag {
+                            app: name.to_string(),
+                            who: format!("worker={slot_idx}"),
+                            pid,
+                            stream,
+                        },
+                    );
+                }
+                let waiter = process.clone();
+                let (app_name, tx2) = (name.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let status = waiter.wait().await.map_err(|e| e.to_string());
+                    let _ = tx2.send(Event::Exited {
+                        app: app_name,
+                        id,
+                        status,
+                    });
+                });
+                let (ready_cfg, address, timeout) = (
+                    app.cfg.workers.ready.clone(),
+                    app.cfg.listen.address,
+                    app.cfg.workers.ready_timeout,
+                );
+                let app_name = name.clone();
+                tokio::spawn(async move {
+                    let result =
+                        ready::wait_ready(&ready_cfg, address, slot_idx, timeout, notify).await;
+                    let _ = tx.send(Event::Ready {
+                        app: app_name,
+                        id,
+                        result,
+                    });
+                });
+                slot.current = Some(Worker {
+                    id,
+                    slot: slot_idx,
+                    process,
+                    state: WorkerState::Starting,
+                    started,
+                    _socket: slot.socket.clone(),
+                    expected_exit: false,
+                    not_ready: None,
+                });
+            }
+            Err(reason) => {
+                tracing::error!(app = %name, worker = slot_idx, "worker could not start: {reason}");
+                self.after_failure(
+                    name,
+                    slot_idx,
+                    reason,
+                    ExitStatus::Exited(127),
+                    Duration::ZERO,
+                );
+            }
+        }
+    }
+
+    fn on_ready(&mut self, name: &AppName, id: u64, result: Result<(), String>) {
+        let tx = self.tx.clone();
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let Some(slot) = app
+            .slots
+            .iter_mut()
+            .find(|s| s.current.as_ref().is_some_and(|w| w.id == id))
+        else {
+            return;
+        };
+        let Some(w) = slot.current.as_mut() else {
+            return;
+        };
+        if w.state != WorkerState::Starting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                w.state = WorkerState::Ready;
+                tracing::info!(app = %name, worker = w.slot, pid = w.process.pid(),
+                    "worker ready in {}", restart::format_duration(w.started.elapsed()));
+                for old in &mut slot.retired {
+                    if old.state != WorkerState::Stopping {
+                        stop_worker(&tx, &app.cfg, name, old);
+                    }
+                }
+                self.advance_rollout(name);
+            }
+            Err(reason) => {
+                tracing::warn!(app = %name, worker = w.slot, pid = w.process.pid(),
+                    "worker not ready: {reason}; stopping it");
+                w.not_ready = Some(format!("not ready: {reason}"));
+                stop_worker(&tx, &app.cfg, name, w);
+                // Stopping for not being ready is a failure, not a requested stop.
+                w.expected_exit = false;
+            }
+        }
+    }
+
+    fn on_exited(&mut self, name: &AppName, id: u64, status: Result<WaitStatus, String>) {
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let describe = |status: &Result<WaitStatus, String>| match status {
+            Ok(s) => exit_status(*s).to_string(),
+            Err(e) => format!("lost track of it: {e}"),
+        };
+        // Retired or removed workers: expected.
+        if let Some(pos) = app.removed.iter().position(|w| w.id == id) {
+            let w = app.removed.remove(pos);
+            tracing::info!(app = %name, worker = w.slot, pid = w.process.pid(), "worker stopped ({})", describe(&status));
+            return;
+        }
+        for slot in &mut app.slots {
+            if let Some(pos) = slot.retired.iter().position(|w| w.id == id) {
+                let w = slot.retired.remove(pos);
+                tracing::info!(app = %name, worker = w.slot, pid = w.process.pid(), "old worker stopped ({})", describe(&status));
+                if w.state != WorkerState::Stopping {
+                    // It died while still serving beside its replacement: nothing to restart,
+                    // the replacement takes the slot.
+                    slot.last_exit = Some(describe(&status));
+                }
+                self.advance_rollout(name);
+                return;
+            }
+        }
+        let Some(slot_idx) = app
+            .slots
+            .iter()
+            .position(|s| s.current.as_ref().is_some_and(|w| w.id == id))
+        else {
+            return;
+        };
+        let slot = &mut app.slots[slot_idx];
+        let Some(w) = slot.current.take() else {
+            return;
+        };
+        let ran_for = w.started.elapsed();
+        if w.expected_exit {
+            tracing::info!(app = %name, worker = w.slot, pid = w.process.pid(), "worker stopped ({})", describe(&status));
+            slot.last_exit = Some(describe(&status));
+            if !self.shutting_down && slot.pending_replace {
+                self.advance_rollout(name);
+            }
+            return;
+        }
+        let exit = match &status {
+            Ok(s) => exit_status(*s),
+            Err(_) => ExitStatus::Exited(127),
+        };
+        let mut reason = describe(&status);
+        if let Some(nr) = &w.not_ready {
+            reason = format!("{nr} ({reason})");
+        }
+        tracing::warn!(app = %name, worker = w.slot, pid = w.process.pid(),
+            "worker exited after {}: {reason}", restart::format_duration(ran_for));
+        if self.shutting_down {
+            return;
+        }
+        self.after_failure(name, slot_idx as u32, reason, exit, ran_for);
+    }
+
+    /// A worker is gone without being asked to: ask the policy what now.
+    fn after_failure(
+        &mut self,
+        name: &AppName,
+        slot_idx: u32,
+        reason: String,
+        exit: ExitStatus,
+        ran_for: Duration,
+    ) {
+        let jitter = self.jitter();
+        let token = self.id();
+        let tx = self.tx.clone();
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        if matches!(app.phase, Phase::Stopping | Phase::Failed(_)) {
+            return;
+        }
+        let policy = app.cfg.restart;
+        let Some(slot) = app.slots.get_mut(slot_idx as usize) else {
+            return;
+        };
+        slot.last_exit = Some(reason.clone());
+        let decision = restart::on_exit(
+            &policy,
+            &mut slot.history,
+            &exit,
+            ran_for,
+            Instant::now(),
+            jitter,
+        );
+        match decision {
+            Decision::Restart { after } => {
+                slot.restarts += 1;
+                if after.is_zero() {
+                    self.start_worker(name, slot_idx);
+                } else {
+                    tracing::info!(app = %name, worker = slot_idx,
+                        "restarting in {}", restart::format_duration(after));
+                    slot.waiting = Some(token);
+                    let app_name = name.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = tx.send(Event::RestartDue {
+                            app: app_name,
+                            slot: slot_idx,
+                            token,
+                        });
+                    });
+                }
+            }
+            Decision::GiveUp { reason: why } => {
+                let why = if why.contains(&reason) {
+                    why
+                } else {
+                    format!("{why} ({reason})")
+                };
+                tracing::error!(app = %name, worker = slot_idx,
+                    "crash loop: {why}; the slot stays down until `corral restart {name}` or a reload");
+                slot.gave_up = Some(why.clone());
+                slot.pending_replace = false;
+                let any_serving = app.slots.iter().any(|s| {
+                    s.current.is_some() || s.retired.iter().any(|w| w.state == WorkerState::Ready)
+                });
+                if any_serving {
+                    for s in &mut app.slots {
+                        if s.pending_replace {
+                            s.pending_replace = false;
+                            app.note = Some(format!(
+                                "rolling update stopped: worker {slot_idx} gave up; the previous version keeps serving the other slots"
+                            ));
+                        }
+                    }
+                }
+            }
+            Decision::Stay { reason: why } => {
+                tracing::info!(app = %name, worker = slot_idx, "not restarting: {why}");
+            }
+        }
+    }
+
+    fn shutdown(&mut self, why: &str) {
+        if self.shutting_down {
+            return;
+        }
+        tracing::info!("{why}: stopping all workers");
+        self.shutting_down = true;
+        self.notify("STOPPING=1");
+        let tx = self.tx.clone();
+        for (name, app) in &mut self.apps {
+            let _ = app.cancel.send(true);
+            if !matches!(app.phase, Phase::PreStart { .. }) {
+                app.phase = Phase::Stopping;
+            }
+            for slot in &mut app.slots {
+                slot.waiting = None;
+                slot.pending_replace = false;
+                for w in slot.current.iter_mut().chain(slot.retired.iter_mut()) {
+                    if w.state != WorkerState::Stopping || !w.expected_exit {
+                        stop_worker(&tx, &app.cfg, name, w);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-read the config and apply what changed. All-or-nothing: every new socket is bound and
+    /// every program found before anything running is touched.
+    fn reload(&mut self, only: Option<&AppName>) -> Result<String, String> {
+        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+        let result = self.reload_inner(only);
+        self.notify("READY=1");
+        result
+    }
+
+    fn reload_inner(&mut self, only: Option<&AppName>) -> Result<String, String> {
+        let new = config::load(&self.config_path, &SystemLookup).map_err(|e| e.to_string())?;
+        if let Some(name) = only {
+            if !new.apps.contains_key(name) && !self.apps.contains_key(name) {
+                return Err(format!("no app named `{name}` in the config"));
+            }
+        }
+        if new.agent != self.config.agent {
+            tracing::warn!("changes to [agent] take effect when the agent restarts");
+        }
+        enum Change {
+            Add(App, Prepared),
+            Scale(App, Prepared),
+            Replace(App, Prepared),
+            Remove,
+        }
+        let mut changes: Vec<(AppName, Change)> = Vec::new();
+        for (name, cfg) in &new.apps {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let count = worker_count(cfg);
+            match self.apps.get(name) {
+                None => changes.push((
+                    name.clone(),
+                    Change::Add(cfg.clone(), prepare(cfg, count, &[])?),
+                )),
+                Some(rt) if rt.cfg == *cfg => {}
+                Some(rt) => {
+                    let existing: Vec<_> = if rt.cfg.listen.address == cfg.listen.address {
+                        rt.slots.iter().map(|s| s.socket.clone()).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let p = prepare(cfg, count, &existing)?;
+                    prestart_plan(cfg)?;
+                    let mut same_but_count = rt.cfg.clone();
+                    same_but_count.workers.count = cfg.workers.count;
+                    same_but_count.workers.count_at = cfg.workers.count_at.clone();
+                    if same_but_count == *cfg {
+                        changes.push((name.clone(), Change::Scale(cfg.clone(), p)));
+                    } else {
+                        changes.push((name.clone(), Change::Replace(cfg.clone(), p)));
+                    }
+                }
+            }
+        }
+        for name in self.apps.keys() {
+            if !new.apps.contains_key(name) && only.is_none_or(|o| o == name) {
+                changes.push((name.clone(), Change::Remove));
+            }
+        }
+        // Commit: nothing below fails.
+        let mut summary = Vec::new();
+        for (name, change) in changes {
+            match change {
+                Change::Add(cfg, p) => {
+                    summary.push(format!("added {name}"));
+                    self.add_app(cfg, p);
+                }
+                Change::Scale(cfg, p) => {
+                    summary.push(format!("scaled {name} to {}", p.sockets.len()));
+                    self.scale(&name, cfg, p.sockets);
+                }
+                Change::Replace(cfg, p) => {
+                    summary.push(format!("replacing {name}"));
+                    let rollout = Rollout {
+                        cfg,
+                        launch: p.launch,
+                        sockets: p.sockets,
+                    };
+                    self.begin_prestart(&name, Some(Box::new(rollout)));
+                }
+                Change::Remove => {
+                    summary.push(format!("removed {name}"));
+                    self.remove_app(&name);
+                }
+            }
+        }
+        match only {
+            Some(name) => match new.apps.get(name) {
+                Some(cfg) => {
+                    self.config.apps.insert(name.clone(), cfg.clone());
+                }
+                None => {
+                    self.config.apps.remove(name);
+                }
+            },
+            None => self.config = new,
+        }
+        if summary.is_empty() {
+            Ok("no changes".into())
+        } else {
+            Ok(summary.join(", "))
+        }
+    }
+
+    fn scale(&mut self, name: &AppName, cfg: App, sockets: Vec<Arc<OwnedFd>>) {
+        let tx = self.tx.clone();
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        app.cfg = cfg;
+        let count = sockets.len();
+        while app.slots.len() > count {
+            if let Some(mut slot) = app.slots.pop() {
+                for mut w in slot
+                    .current
+                    .take()
+                    .into_iter()
+                    .chain(slot.retired.drain(..))
+                {
+                    stop_worker(&tx, &app.cfg, name, &mut w);
+                    app.removed.push(w);
+                }
+            }
+        }
+        let running = matches!(app.phase, Phase::Running);
+        let old = app.slots.len();
+        for sock in sockets.into_iter().skip(old) {
+            let mut slot = Slot::new(sock);
+            slot.pending_replace = true;
+            app.slots.push(slot);
+        }
+        if running {
+            self.advance_rollout(name);
+        }
+    }
+
+    fn remove_app(&mut self, name: &AppName) {
+        let tx = self.tx.clone();
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let _ = app.cancel.send(true);
+        app.phase = Phase::Stopping;
+        let slots: Vec<Slot> = app.slots.drain(..).collect();
+        for mut slot in slots {
+            for mut w in slot
+                .current
+                .take()
+                .into_iter()
+                .chain(slot.retired.drain(..))
+            {
+                stop_worker(&tx, &app.cfg, name, &mut w);
+                app.removed.push(w);
+            }
+        }
+        // The runtime entry stays until its workers are gone, so their exits are recognised.
+        if app.removed.is_empty() {
+            self.apps.remove(name);
+        }
+    }
+
+    fn control(&mut self, request: Request) -> Response {
+        let err = |message: String| Response::Error { message };
+        let app_name = |s: &str| AppName::new(s).map_err(|e| Response::Error { message: e });
+        if self.shutting_down && !matches!(request, Request::Status { .. }) {
+            return err("the agent is stopping".into());
+        }
+        match request {
+            Request::Status { app } => {
+                let apps = self
+                    .apps
+                    .iter()
+                    .filter(|(n, _)| app.as_deref().is_none_or(|a| a == n.as_str()))
+                    .map(|(n, a)| app_status(n, a))
+                    .collect::<Vec<_>>();
+                if let Some(a) = app {
+                    if apps.is_empty() {
+                        return err(format!("no app named `{a}`"));
+                    }
+                }
+                Response::Status { apps }
+            }
+            Request::Reload { app } => {
+                let name = match app.as_deref().map(app_name).transpose() {
+                    Ok(n) => n,
+                    Err(e) => return e,
+                };
+                match self.reload(name.as_ref()) {
+                    Ok(message) => Response::Ok { message },
+                    Err(e) => err(format!("reload refused, running apps untouched: {e}")),
+                }
+            }
+            Request::Restart { app, worker } => {
+                let name = match app_name(&app) {
+                    Ok(n) => n,
+                    Err(e) => return e,
+                };
+                let Some(rt) = self.apps.get_mut(&name) else {
+                    return err(format!("no app named `{app}`"));
+                };
+                if let Some(w) = worker {
+                    if w as usize >= rt.slots.len() {
+                        return err(format!("app `{app}` has workers 0..{}", rt.slots.len()));
+                    }
+                }
+                match rt.phase {
+                    Phase::Failed(_) => {
+                        self.begin_prestart(&name, None);
+                        return Response::Ok {
+                            message: format!(
+                                "{app}: running pre-start steps again, then starting workers"
+                            ),
+                        };
+                    }
+                    Phase::PreStart { .. } => {
+                        return err(format!("{app} is running its pre-start steps"));
+                    }
+                    Phase::Stopping => return err(format!("{app} is stopping")),
+                    Phase::Running => {}
+                }
+                rt.note = None;
+                for (i, s) in rt.slots.iter_mut().enumerate() {
+                    if worker.is_none_or(|w| w as usize == i) {
+                        s.pending_replace = true;
+                        s.gave_up = None;
+                        s.history.reset();
+                    }
+                }
+                self.advance_rollout(&name);
+                Response::Ok {
+                    message: match worker {
+                        Some(w) => format!("restarting {app}/{w}"),
+                        None => format!("rolling restart of {app}"),
+                    },
+                }
+            }
+            Request::Scale { app, count } => {
+                let name = match app_name(&app) {
+                    Ok(n) => n,
+                    Err(e) => return e,
+                };
+                let Some(rt) = self.apps.get(&name) else {
+                    return err(format!("no app named `{app}`"));
+                };
+                if count == 0 || count > socket::PROBE_PORTS as u32 {
+                    return err(format!(
+                        "worker count must be 1..={}, got {count}",
+                        socket::PROBE_PORTS
+                    ));
+                }
+                let mut cfg = rt.cfg.clone();
+                cfg.workers.count = WorkerCount::Fixed(
+                    std::num::NonZeroU32::new(count).unwrap_or(std::num::NonZeroU32::MIN),
+                );
+                let existing: Vec<_> = rt.slots.iter().map(|s| s.socket.clone()).collect();
+                match prepare(&cfg, count, &existing) {
+                    Ok(p) => {
+                        self.scale(&name, cfg, p.sockets);
+                        Response::Ok {
+                            message: format!("scaled {app} to {count} workers (until the next reload re-reads workers.count)"),
+                        }
+                    }
+                    Err(e) => err(e),
+                }
+            }
+        }
+    }
+}
+
+fn find_worker(app: &mut AppRt, id: u64) -> Option<&mut Worker> {
+    if let Some(w) = app.removed.iter_mut().find(|w| w.id == id) {
+        return Some(w);
+    }
+    app.slots
+        .iter_mut()
+        .flat_map(|s| s.current.iter_mut().chain(s.retired.iter_mut()))
+        .find(|w| w.id == id)
+}
+
+/// SIGTERM now, SIGKILL after the app's stop_timeout.
+fn stop_worker(tx: &mpsc::UnboundedSender<Event>, cfg: &App, name: &AppName, w: &mut Worker) {
+    w.expected_exit = true;
+    if w.state == WorkerState::Stopping {
+        return;
+    }
+    w.state = WorkerState::Stopping;
+    tracing::info!(app = %name, worker = w.slot, pid = w.process.pid(), "stopping worker (SIGTERM)");
+    let _ = w.process.signal(libc::SIGTERM);
+    let (tx, app, id, timeout) = (tx.clone(), name.clone(), w.id, cfg.workers.stop_timeout);
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        let _ = tx.send(Event::KillDue { app, id });
+    });
+}
+
+fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
+    let gave_up = app.slots.iter().filter(|s| s.gave_up.is_some()).count();
+    let serving = app.slots.iter().filter(|s| s.current.is_some()).count();
+    let (state, reason) = match &app.phase {
+        Phase::PreStart { .. } if serving == 0 => ("starting", None),
+        Phase::PreStart { .. } => ("reloading", None),
+        Phase::Failed(r) => ("failed", Some(r.clone())),
+        Phase::Stopping => ("stopping", None),
+        Phase::Running if gave_up > 0 && serving == 0 => {
+            ("failed", app.slots.iter().find_map(|s| s.gave_up.clone()))
+        }
+        Phase::Running if gave_up > 0 => {
+            ("degraded", app.slots.iter().find_map(|s| s.gave_up.clone()))
+        }
+        Phase::Running if app.note.is_some() => ("degraded", app.note.clone()),
+        Phase::Running => ("running", None),
+    };
+    let mem_cap = app.cfg.workers.memory_max.map(|b| b.0);
+    let worker = |w: &Worker, slot: &Slot| {
+        let stats = machine::process_stats(w.process.pid());
+        WorkerStatus {
+            slot: w.slot,
+            pid: Some(w.process.pid()),
+            state: w.state.as_str().to_string(),
+            uptime_ms: Some(w.started.elapsed().as_millis() as u64),
+            restarts: slot.restarts,
+            last_exit: slot.last_exit.clone(),
+            rss_bytes: stats.map(|s| s.rss_bytes),
+            peak_rss_bytes: stats.map(|s| s.peak_rss_bytes),
+            memory_max: mem_cap,
+            cpu_ms: stats.map(|s| s.cpu_ms),
+        }
+    };
+    let mut workers = Vec::new();
+    for (i, slot) in app.slots.iter().enumerate() {
+        match &slot.current {
+            Some(w) => workers.push(worker(w, slot)),
+            None => workers.push(WorkerStatus {
+                slot: i as u32,
+                pid: None,
+                state: if slot.gave_up.is_some() {
+                    "failed"
+                } else if slot.waiting.is_some() {
+                    "waiting"
+                } else {
+                    "exited"
+                }
+                .to_string(),
+                uptime_ms: None,
+                restarts: slot.restarts,
+                last_exit: slot.gave_up.clone().or_else(|| slot.last_exit.clone()),
+                rss_bytes: None,
+                peak_rss_bytes: None,
+                memory_max: mem_cap,
+                cpu_ms: None,
+            }),
+        }
+        for w in &slot.retired {
+            let mut st = worker(w, slot);
+            st.state = if w.state == WorkerState::Stopping {
+                "stopping".into()
+            } else {
+                "draining".into()
+            };
+            workers.push(st);
+        }
+    }
+    for w in &app.removed {
+        let stats = machine::process_stats(w.process.pid());
+        workers.push(WorkerStatus {
+            slot: w.slot,
+            pid: Some(w.process.pid()),
+            state: "stopping".into(),
+            uptime_ms: Some(w.started.elapsed().as_millis() as u64),
+            restarts: 0,
+            last_exit: None,
+            rss_bytes: stats.map(|s| s.rss_bytes),
+            peak_rss_bytes: stats.map(|s| s.peak_rss_bytes),
+            memory_max: mem_cap,
+            cpu_ms: stats.map(|s| s.cpu_ms),
+        });
+    }
+    AppStatus {
+        name: name.to_string(),
+        state: state.to_string(),
+        reason,
+        address: app.cfg.listen.address.to_string(),
+        workers,
+    }
+}

@@ -1,0 +1,165 @@
+//! Readiness probes. A probe for slot N connects from source port `PROBE_PORT_BASE + N`, which
+//! the group's reuseport program hands to slot N's socket, so it reaches exactly that worker.
+//!
+//! `tcp`: ready once the worker has accept()ed the probe connection. The agent holds the
+//! listening socket itself, so a completed TCP handshake proves nothing (the kernel completes it
+//! into the accept queue); sock_diag shows whether the connection left the queue (it gains a
+//! socket inode on accept). `http:/path`: the same connection then carries `GET /path` and
+//! the worker is ready on a 2xx or 3xx answer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream, UnixDatagram};
+use tokio::time::{sleep, Instant};
+
+use crate::config::Ready;
+use crate::sys::{diag, socket};
+
+/// Wait until the worker in `slot` of the group on `address` is ready, or say why not.
+pub async fn wait_ready(
+    ready: &Ready,
+    address: SocketAddr,
+    slot: u32,
+    timeout: Duration,
+    notify: Option<UnixDatagram>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let limit = crate::policy::restart::format_duration(timeout);
+    match ready {
+        Ready::Delay(d) => {
+            sleep(*d).await;
+            Ok(())
+        }
+        Ready::Notify => {
+            let Some(sock) = notify else {
+                return Err("no notify socket was set up for this worker".into());
+            };
+            match tokio::time::timeout_at(deadline, wait_notify_ready(&sock)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("did not send READY=1 within {limit}")),
+            }
+        }
+        Ready::Tcp => match tokio::time::timeout_at(deadline, probe(address, slot, None)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("did not accept a probe connection within {limit}")),
+        },
+        Ready::Http(path) => loop {
+            match tokio::time::timeout_at(deadline, probe(address, slot, Some(path))).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if Instant::now() + Duration::from_millis(100) < deadline => {
+                    tracing::debug!(slot, "http probe: {e}");
+                    sleep(Duration::from_millis(100)).await;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(format!("GET {path} did not succeed within {limit}")),
+            }
+        },
+    }
+}
+
+async fn connect(address: SocketAddr, slot: u32) -> Result<TcpStream, String> {
+    let source = socket::probe_source(address, slot)
+        .ok_or_else(|| format!("slot {slot} has no probe port"))?;
+    let target = socket::probe_target(address);
+    let sock = if address.is_ipv6() {
+        TcpSocket::new_v6()
+    } else {
+        TcpSocket::new_v4()
+    }
+    .map_err(|e| format!("probe socket: {e}"))?;
+    sock.set_reuseaddr(true)
+        .map_err(|e| format!("probe SO_REUSEADDR: {e}"))?;
+    sock.bind(source)
+        .map_err(|e| format!("binding probe source {source}: {e}"))?;
+    // Close with RST: no TIME_WAIT on the probe port, so the next probe can use it at once. A
+    // zero linger never blocks on drop (the deprecation is about non-zero values).
+    #[allow(deprecated)]
+    sock.set_linger(Some(Duration::ZERO))
+        .map_err(|e| format!("probe SO_LINGER: {e}"))?;
+    sock.connect(target)
+        .await
+        .map_err(|e| format!("probe connect to {target}: {e}"))
+}
+
+async fn probe(address: SocketAddr, slot: u32, http: Option<&str>) -> Result<(), String> {
+    let mut stream = connect(address, slot).await?;
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    let server_end = stream.peer_addr().map_err(|e| e.to_string())?;
+    // Wait for the accept: back off from 1 ms to 20 ms between looks.
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match diag::tcp_connection(server_end, local).map_err(|e| e.to_string())? {
+            Some(c) if c.inode != 0 => break,
+            Some(_) => {}
+            None => return Err("the probe connection was closed before it was accepted".into()),
+        }
+        sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+    let Some(path) = http else {
+        return Ok(());
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: corral-probe\r\nConnection: close\r\n\r\n",
+        socket::probe_target(address)
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("sending GET {path}: {e}"))?;
+    let mut head = [0u8; 64];
+    let mut got = 0;
+    while got < 12 {
+        let n = stream
+            .read(&mut head[got..])
+            .await
+            .map_err(|e| format!("reading the answer to GET {path}: {e}"))?;
+        if n == 0 {
+            return Err(format!("GET {path}: connection closed without an answer"));
+        }
+        got += n;
+    }
+    let status_line = String::from_utf8_lossy(&head[..got]);
+    let code: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("GET {path}: not an HTTP answer: {status_line:?}"))?;
+    if (200..400).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {code}"))
+    }
+}
+
+/// A per-worker `NOTIFY_SOCKET`: an abstract unix datagram socket named after the agent's pid
+/// and the worker's id, so no file needs permissions for the unprivileged worker.
+pub fn notify_socket(worker_id: u64) -> Result<(UnixDatagram, String), String> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("corral/{}/notify/{worker_id}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| format!("notify socket name: {e}"))?;
+    let std_sock = std::os::unix::net::UnixDatagram::bind_addr(&addr)
+        .map_err(|e| format!("binding notify socket @{name}: {e}"))?;
+    std_sock
+        .set_nonblocking(true)
+        .map_err(|e| format!("notify socket: {e}"))?;
+    let sock = UnixDatagram::from_std(std_sock).map_err(|e| format!("notify socket: {e}"))?;
+    Ok((sock, format!("@{name}")))
+}
+
+async fn wait_notify_ready(sock: &UnixDatagram) -> Result<(), String> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .await
+            .map_err(|e| format!("reading the notify socket: {e}"))?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if text.lines().any(|l| l.trim() == "READY=1") {
+            return Ok(());
+        }
+    }
+}
