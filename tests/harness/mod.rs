@@ -1,1 +1,335 @@
+//! Test harness: start the real `corral` binary on a config in a private directory, talk to it
+//! over its control socket, and clean up everything it started even when a test fails.
+//!
+//! Binaries come from the cargo target directory next to the test executable; build them first
+//! with `cargo build --workspace --bins` (`cargo xtask test` does).
 
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use corral::control::{AppStatus, Request, Response, WorkerStatus};
+
+/// Path of a workspace binary built in the same profile as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// These tests start an agent, which must be root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "host integration tests run the agent, which needs root (run them as root, as CI does)"
+    );
+}
+
+/// A private directory under /tmp, world-readable so unprivileged workers can reach files in it
+/// that a test makes writable; removed on drop.
+pub struct TempDir(PathBuf);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("corral-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        TempDir(path)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// A file any worker user may append to.
+    pub fn shared_file(&self, name: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, "").expect("create shared file");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    // Ports handed out in this process are never reused, even if the OS offers them again.
+    static USED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind ephemeral");
+        let port = l.local_addr().expect("addr").port();
+        if USED.lock().expect("lock").insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Poll `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); look at /proc state instead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// A running `corral agent`.
+pub struct Agent {
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    seen_pids: Mutex<BTreeSet<i32>>,
+}
+
+/// The `[agent]` table every test config starts with: state in the test's own directory.
+pub fn agent_table(dir: &Path) -> String {
+    format!(
+        "[agent]\nstate_dir = \"{0}/run\"\ncontrol_socket = \"{0}/run/control.sock\"\ninclude = []\n\n",
+        dir.display()
+    )
+}
+
+impl Agent {
+    /// Write `apps` (TOML app tables; `@DEMO@` is replaced by the demo binary's path, `@DIR@`
+    /// by the test directory) after an `[agent]` table, start the agent, wait for its control
+    /// socket.
+    pub fn start(tag: &str, apps: &str) -> Agent {
+        Self::start_with(tag, apps, |_| {})
+    }
+
+    /// Like [`Agent::start`], with `prepare` run on the test directory before the agent starts.
+    pub fn start_with(tag: &str, apps: &str, prepare: impl FnOnce(&TempDir)) -> Agent {
+        require_root();
+        let dir = TempDir::new(tag);
+        prepare(&dir);
+        let config = dir.path().join("corral.toml");
+        let text = format!("{}{}", agent_table(dir.path()), Self::expand(apps, dir.path()));
+        std::fs::write(&config, text).expect("write config");
+        let socket = dir.path().join("run/control.sock");
+        let log = dir.path().join("agent.log");
+        let child = Command::new(bin("corral"))
+            .args(["agent", "--config"])
+            .arg(&config)
+            .env("CORRAL_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::options().append(true).open(&log).expect("log"))
+            .spawn()
+            .expect("spawn corral agent");
+        let mut agent = Agent {
+            dir,
+            config,
+            socket,
+            log,
+            child: Some(child),
+            seen_pids: Mutex::new(BTreeSet::new()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent.try_status().is_none() {
+            if let Some(st) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("agent exited at start with {st}; log:\n{}", agent.log());
+            }
+            assert!(Instant::now() < deadline, "agent did not answer; log:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        agent
+    }
+
+    pub fn expand(text: &str, dir: &Path) -> String {
+        text.replace("@DEMO@", &bin("corral-demo").display().to_string())
+            .replace("@DIR@", &dir.display().to_string())
+    }
+
+    /// Replace the config file (for reload tests).
+    pub fn rewrite_config(&self, apps: &str) {
+        let text = format!("{}{}", agent_table(self.dir.path()), Self::expand(apps, self.dir.path()));
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("agent running").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    pub fn call(&self, request: &Request) -> Option<Response> {
+        corral::control::call(&self.socket, request, Duration::from_secs(30)).ok()
+    }
+
+    pub fn try_status(&self) -> Option<Vec<AppStatus>> {
+        match self.call(&Request::Status { app: None })? {
+            Response::Status { apps } => {
+                let mut seen = self.seen_pids.lock().expect("lock");
+                for a in &apps {
+                    seen.extend(a.workers.iter().filter_map(|w| w.pid));
+                }
+                Some(apps)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn app(&self, name: &str) -> AppStatus {
+        self.try_status()
+            .and_then(|apps| apps.into_iter().find(|a| a.name == name))
+            .unwrap_or_else(|| panic!("no status for app {name}; log:\n{}", self.log()))
+    }
+
+    /// Wait until `app` has exactly `n` workers, all ready; returns their pids by slot.
+    pub fn wait_ready(&self, app: &str, n: usize, timeout: Duration) -> Vec<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(a) = self.try_status().and_then(|v| v.into_iter().find(|a| a.name == app)) {
+                if a.workers.len() == n && a.workers.iter().all(|w| w.state == "ready") {
+                    let mut ws = a.workers;
+                    ws.sort_by_key(|w| w.slot);
+                    return ws.iter().map(|w| w.pid.expect("ready has pid")).collect();
+                }
+                if Instant::now() > deadline {
+                    panic!("app {app} not {n} ready workers: {a:#?}\nlog:\n{}", self.log());
+                }
+            } else if Instant::now() > deadline {
+                panic!("no status for {app}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Send SIGTERM and wait for the agent to exit; returns its exit code.
+    pub fn stop(&mut self, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: signalling our own unreaped child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Every worker pid any status call has shown.
+    pub fn seen_pids(&self) -> BTreeSet<i32> {
+        self.seen_pids.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own unreaped child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Workers die with the agent (PR_SET_PDEATHSIG); make sure of it.
+        for pid in self.seen_pids() {
+            if pid_alive(pid) {
+                // SAFETY: pid was one of this test's workers; kill is harmless if it is gone.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("---- agent log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET on a new connection; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The `"pid"` field of the demo app's JSON answer.
+pub fn demo_pid(body: &str) -> Option<i32> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get("pid")?.as_i64().map(|p| p as i32)
+}
+
+/// Lines of /proc/PID/status as (key, value).
+pub fn proc_status(pid: i32) -> Vec<(String, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+pub fn proc_environ(pid: i32) -> Vec<(String, String)> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let s = String::from_utf8_lossy(kv);
+            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}

@@ -7,6 +7,9 @@ mod load;
 mod raw;
 mod types;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::ConfigError;
 pub use load::{load, load_str};
 pub use types::*;
