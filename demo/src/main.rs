@@ -78,6 +78,8 @@ ENVIRONMENT:
     DEMO_EXIT_CODE           exit status for DEMO_EXIT_AFTER_MS (default 1, 0..=255)
     DEMO_DRAIN_MS            on SIGTERM/SIGINT, how long in-flight requests may take to finish
                              (default 10000)
+    DEMO_STARTED_FILE        append `<pid> <CLOCK_MONOTONIC ns>` to this file first thing at
+                             start (the restart benchmark reads it)
     An empty variable counts as unset. A bad value is an error (exit 2).
 
 SIGNALS:
@@ -347,6 +349,7 @@ fn exit_timer(settings: &Settings) -> ! {
 
 fn main() {
     let start = Instant::now();
+    report_start();
     let args = parse_args().unwrap_or_else(|e| fail(format_args!("{e}")));
     let settings = Settings::from_env().unwrap_or_else(|e| fail(format_args!("{e}")));
     let wake_fd = sys::install_signal_handlers()
@@ -441,5 +444,21 @@ fn main() {
             exit_timer(&settings);
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// With DEMO_STARTED_FILE set, append `<pid> <CLOCK_MONOTONIC ns>` to it first thing, so a
+/// benchmark can tell when this process began running after its exec.
+fn report_start() {
+    let Some(path) = std::env::var_os("DEMO_STARTED_FILE").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let line = format!("{} {}\n", std::process::id(), sys::monotonic_ns());
+    let written = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    if let Err(e) = written {
+        fail(format_args!("DEMO_STARTED_FILE {}: {e}", path.to_string_lossy()));
     }
 }

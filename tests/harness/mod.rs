@@ -173,8 +173,15 @@ impl Agent {
         agent
     }
 
+    /// `@DEMO@` becomes a copy of corral-demo inside `dir`: workers run as `nobody`, who may
+    /// not be able to reach the target directory of a checkout under /root.
     pub fn expand(text: &str, dir: &Path) -> String {
-        text.replace("@DEMO@", &bin("corral-demo").display().to_string())
+        let demo = dir.join("corral-demo");
+        if text.contains("@DEMO@") && !demo.exists() {
+            std::fs::copy(bin("corral-demo"), &demo).expect("copy corral-demo");
+            std::fs::set_permissions(&demo, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        text.replace("@DEMO@", &demo.display().to_string())
             .replace("@DIR@", &dir.display().to_string())
     }
 

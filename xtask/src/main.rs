@@ -1,1 +1,145 @@
-fn main() {}
+//! corral's project tasks: `cargo xtask <task>`.
+//!
+//!   test            fmt, clippy, build, unit tests, host integration tests (as root)
+//!   demo            build and run the agent on packaging/examples/demo.toml, in the foreground
+//!   bench restart   SIGKILL of a worker -> the replacement running, vs. a shell respawn loop
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+mod bench;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  test              everything CI runs: cargo fmt --check, clippy -D warnings, build, unit tests,
+                    and the host integration tests (they start real agents: run as root)
+  demo              build release binaries and run `corral agent` on
+                    packaging/examples/demo.toml in the foreground (root); then in another
+                    terminal: curl http://127.0.0.1:8080/
+  bench restart [--kills N]
+                    time from SIGKILL of a worker to its replacement running, over N kills
+                    (default 200), side by side with a `while :; do app; done` shell loop
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["test", rest @ ..] => test(rest),
+        ["demo"] => demo(),
+        ["bench", "restart", rest @ ..] => bench::restart(rest),
+        ["help" | "--help" | "-h"] | [] => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprint!("{USAGE}");
+            bail!("unknown task: {}", other.join(" "))
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: running {shown}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn test(rest: &[&str]) -> Result<()> {
+    if !rest.is_empty() {
+        bail!("`cargo xtask test` takes no arguments (got {})", rest.join(" "));
+    }
+    if !is_root() {
+        bail!(
+            "the host integration tests start real agents, which bind sockets and switch users: \
+             run `cargo xtask test` as root"
+        );
+    }
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the agent runs as root (it binds the workers' sockets and starts them as `nobody`): run `cargo xtask demo` as root");
+    }
+    run(cargo().args(["build", "--release", "-p", "corral", "-p", "corral-demo"]))?;
+    let root = root();
+    let release = root.join("target/release");
+    let template = root.join("packaging/examples/demo.toml");
+    let text = std::fs::read_to_string(&template)
+        .with_context(|| format!("reading {}", template.display()))?;
+    const PLACEHOLDER: &str = "/usr/lib/corral/corral-demo";
+    if !text.contains(PLACEHOLDER) {
+        bail!("{} no longer mentions {PLACEHOLDER}", template.display());
+    }
+    // The workers run as `nobody`, who may not reach a checkout under /root: give them a copy
+    // in the demo's own state directory.
+    let state = Path::new("/run/corral-demo");
+    std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+    let demo_bin = state.join("corral-demo");
+    let _ = std::fs::remove_file(&demo_bin);
+    std::fs::copy(release.join("corral-demo"), &demo_bin)
+        .with_context(|| format!("copying corral-demo to {}", demo_bin.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&demo_bin, std::fs::Permissions::from_mode(0o755))?;
+    let config_dir = root.join("target/demo");
+    std::fs::create_dir_all(&config_dir)?;
+    let config = config_dir.join("corral.toml");
+    std::fs::write(&config, text.replace(PLACEHOLDER, &demo_bin.display().to_string()))?;
+    let corral = release.join("corral");
+    eprintln!(
+        "\nxtask: starting the agent on {config}\n\
+         xtask: in another terminal:\n\
+         \x20   curl http://127.0.0.1:8080/\n\
+         \x20   {corral} status --config {config}\n\
+         xtask: Ctrl-C stops the agent and its workers\n",
+        config = config.display(),
+        corral = corral.display()
+    );
+    use std::os::unix::process::CommandExt;
+    let err = Command::new(&corral)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .exec();
+    bail!("exec {}: {err}", corral.display())
+}
