@@ -42,19 +42,34 @@ fn workers_get_their_own_socket_on_fd3_and_requests_reach_all() {
         assert!(fd3.starts_with("socket:["), "fd 3 of {pid} is {fd3}");
         inodes.insert(fd3);
         let env: BTreeMap<_, _> = proc_environ(*pid).into_iter().collect();
-        assert_eq!(env.get("LISTEN_PID"), Some(&pid.to_string()), "LISTEN_PID of {pid}");
+        assert_eq!(
+            env.get("LISTEN_PID"),
+            Some(&pid.to_string()),
+            "LISTEN_PID of {pid}"
+        );
         assert_eq!(env.get("LISTEN_FDS").map(String::as_str), Some("1"));
         assert_eq!(env.get("LISTEN_FDNAMES").map(String::as_str), Some("web"));
         assert_eq!(env.get("CORRAL_APP").map(String::as_str), Some("web"));
         assert_eq!(env.get("CORRAL_WORKER"), Some(&slot.to_string()));
     }
-    assert_eq!(inodes.len(), 4, "each worker has its own socket: {inodes:?}");
+    assert_eq!(
+        inodes.len(),
+        4,
+        "each worker has its own socket: {inodes:?}"
+    );
     // Nothing of the agent leaks past fd 3: a worker's other fds are its own pipes and the TCP
     // connections it accepted, never another slot's listener or the agent's unix sockets.
     let tcp = tcp_socket_inodes();
     for pid in &pids {
-        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir").flatten() {
-            let fd: i32 = entry.file_name().to_string_lossy().parse().expect("fd number");
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fd dir")
+            .flatten()
+        {
+            let fd: i32 = entry
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .expect("fd number");
             if fd <= 3 {
                 continue;
             }
@@ -97,7 +112,11 @@ fn workers_run_unprivileged_with_no_capabilities() {
         }
         assert_eq!(st["NoNewPrivs"], "1", "NoNewPrivs of {pid}");
         assert_eq!(st["Groups"], "", "supplementary groups of {pid}");
-        let uid = if root_pids.contains(&pid) { "0" } else { "65534" };
+        let uid = if root_pids.contains(&pid) {
+            "0"
+        } else {
+            "65534"
+        };
         assert!(
             st["Uid"].split_whitespace().all(|u| u == uid),
             "Uid of {pid}: {}",
@@ -110,7 +129,12 @@ fn workers_run_unprivileged_with_no_capabilities() {
         );
         // Own session: the worker leads its session.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-        let fields: Vec<&str> = stat.rsplit_once(')').expect("stat").1.split_whitespace().collect();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat")
+            .1
+            .split_whitespace()
+            .collect();
         assert_eq!(fields[3], pid.to_string(), "session id of {pid}");
         // The agent's own notify/listen variables never reach workers.
         let env: BTreeMap<_, _> = proc_environ(pid).into_iter().collect();
@@ -145,7 +169,10 @@ fn killed_worker_is_replaced_within_100ms_and_others_untouched() {
     let app = agent.app("web");
     let w1 = app.workers.iter().find(|w| w.slot == 1).expect("slot 1");
     assert_eq!(w1.restarts, 1);
-    assert_eq!(w1.last_exit.as_deref(), Some("killed by signal 9 (SIGKILL)"));
+    assert_eq!(
+        w1.last_exit.as_deref(),
+        Some("killed by signal 9 (SIGKILL)")
+    );
     let (status, body) = http_get(addr(port), "/").expect("GET");
     assert_eq!(status, 200, "{body}");
 }
@@ -190,18 +217,29 @@ window = "30s"
         .lines()
         .filter(|l| l.contains("app=crashy") && l.contains("restarting in"))
         .filter_map(|l| {
-            let d = l.split("restarting in ").nth(1)?.split_whitespace().next()?;
+            let d = l
+                .split("restarting in ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?;
             let ms = d.strip_suffix("ms")?.parse::<f64>().ok()?;
             Some(ms)
         })
         .collect();
-    assert_eq!(delays.len(), 3, "three delayed restarts after the immediate one; log:\n{log}");
+    assert_eq!(
+        delays.len(),
+        3,
+        "three delayed restarts after the immediate one; log:\n{log}"
+    );
     for w in delays.windows(2) {
         assert!(w[1] > w[0], "backoff grows: {delays:?}");
     }
     assert!(delays[0] >= 40.0 && delays[0] <= 50.0, "{delays:?}");
     assert!(log.contains("crash loop"), "give-up logged");
-    assert!(log.contains("app=crashy worker=0 pid="), "output captured: {log}");
+    assert!(
+        log.contains("app=crashy worker=0 pid="),
+        "output captured: {log}"
+    );
 
     // The agent is up and the other app serves.
     let (status, _) = http_get(addr(port), "/").expect("web still serves");
@@ -233,11 +271,26 @@ timeout = "10s"
     agent.wait_ready("web", 8, Duration::from_secs(30));
     let order = std::fs::read_to_string(agent.dir.path().join("order")).expect("order file");
     let lines: Vec<&str> = order.lines().collect();
-    assert_eq!(lines.first(), Some(&"migrated"), "pre-start ran first: {lines:?}");
-    assert_eq!(lines.iter().filter(|l| **l == "migrated").count(), 1, "exactly once: {lines:?}");
-    assert_eq!(lines.iter().filter(|l| l.starts_with("worker")).count(), 8, "{lines:?}");
+    assert_eq!(
+        lines.first(),
+        Some(&"migrated"),
+        "pre-start ran first: {lines:?}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| **l == "migrated").count(),
+        1,
+        "exactly once: {lines:?}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("worker")).count(),
+        8,
+        "{lines:?}"
+    );
     let log = agent.log();
-    assert!(log.contains("step=\"migrate\"") && log.contains("migrations done"), "step output logged:\n{log}");
+    assert!(
+        log.contains("step=\"migrate\"") && log.contains("migrations done"),
+        "step output logged:\n{log}"
+    );
 }
 
 #[test]
@@ -267,13 +320,26 @@ command = ["/bin/sh", "-c", "echo 'relation users does not exist' >&2; exit 4"]
         (a.state == "failed").then_some(a)
     });
     let reason = app.reason.expect("reason");
-    assert!(reason.contains("migrate") && reason.contains("exited with status 4"), "{reason}");
-    assert!(app.workers.iter().all(|w| w.pid.is_none()), "no worker: {:?}", app.workers);
+    assert!(
+        reason.contains("migrate") && reason.contains("exited with status 4"),
+        "{reason}"
+    );
+    assert!(
+        app.workers.iter().all(|w| w.pid.is_none()),
+        "no worker: {:?}",
+        app.workers
+    );
     let started = std::fs::read_to_string(agent.dir.path().join("started")).expect("file");
     assert_eq!(started, "", "no worker process ever ran");
     let log = agent.log();
-    assert!(log.contains("relation users does not exist"), "step stderr in the log:\n{log}");
-    assert!(log.contains("pre-start migrate exited with status 4"), "{log}");
+    assert!(
+        log.contains("relation users does not exist"),
+        "step stderr in the log:\n{log}"
+    );
+    assert!(
+        log.contains("pre-start migrate exited with status 4"),
+        "{log}"
+    );
     // `corral status` (the CLI) shows the reason too.
     let out = std::process::Command::new(bin("corral"))
         .args(["status", "--socket"])
@@ -281,7 +347,10 @@ command = ["/bin/sh", "-c", "echo 'relation users does not exist' >&2; exit 4"]
         .output()
         .expect("corral status");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("broken  failed") && text.contains("exited with status 4"), "{text}");
+    assert!(
+        text.contains("broken  failed") && text.contains("exited with status 4"),
+        "{text}"
+    );
     // The other app serves.
     agent.wait_ready("web", 1, Duration::from_secs(10));
     assert_eq!(http_get(addr(ok_port), "/").expect("GET").0, 200);
@@ -299,14 +368,25 @@ fn sighup_with_a_broken_config_changes_nothing_and_a_new_count_scales() {
         agent.log().contains("reload refused").then_some(())
     });
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(1)), pids, "workers untouched");
+    assert_eq!(
+        agent.wait_ready("web", 2, Duration::from_secs(1)),
+        pids,
+        "workers untouched"
+    );
     let log = agent.log();
-    assert!(log.contains("corral.toml:") && log.contains("bogus_key"), "error names the place:\n{log}");
+    assert!(
+        log.contains("corral.toml:") && log.contains("bogus_key"),
+        "error names the place:\n{log}"
+    );
 
     agent.rewrite_config(&demo_app("web", port, 4));
     agent.signal(libc::SIGHUP);
     let after = agent.wait_ready("web", 4, Duration::from_secs(20));
-    assert_eq!(&after[..2], &pids[..], "scaling up keeps the running workers");
+    assert_eq!(
+        &after[..2],
+        &pids[..],
+        "scaling up keeps the running workers"
+    );
     let mut answered = BTreeSet::new();
     for _ in 0..200 {
         answered.insert(demo_pid(&http_get(addr(port), "/").expect("GET").1).expect("pid"));
@@ -363,7 +443,11 @@ fn reload_of_a_changed_app_rolls_without_failed_requests() {
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = client.join().expect("client");
-    assert!(failed.is_empty(), "{} failed requests during the rolling reload: {failed:?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} failed requests during the rolling reload: {failed:?}",
+        failed.len()
+    );
     assert!(ok > 20, "the client kept going: {ok}");
     for pid in &new {
         let env: BTreeMap<_, _> = proc_environ(*pid).into_iter().collect();
@@ -398,16 +482,26 @@ count = 4
     });
     let a = agent.app("web");
     let w2 = a.workers.iter().find(|w| w.slot == 2).expect("slot 2");
-    assert_eq!(w2.state, "starting", "worker 2 is not ready before it accepts: {a:#?}");
+    assert_eq!(
+        w2.state, "starting",
+        "worker 2 is not ready before it accepts: {a:#?}"
+    );
     agent.wait_ready("web", 4, Duration::from_secs(10));
-    assert!(t0.elapsed() >= Duration::from_millis(1500), "worker 2 became ready only after its delay");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "worker 2 became ready only after its delay"
+    );
 }
 
 #[test]
 fn sigterm_stops_every_worker_and_exits_zero() {
     let port = free_port();
     let port2 = free_port();
-    let apps = format!("{}{}", demo_app("web", port, 3), demo_app("other", port2, 2));
+    let apps = format!(
+        "{}{}",
+        demo_app("web", port, 3),
+        demo_app("other", port2, 2)
+    );
     // The other app's workers ignore SIGTERM: the agent must SIGKILL them after stop_timeout.
     let apps = apps.replace(
         "[app.other]\ncommand = [\"@DEMO@\"]",
@@ -424,7 +518,11 @@ fn sigterm_stops_every_worker_and_exits_zero() {
     }
     // No process left in any session a worker led (no orphaned grandchildren).
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -446,7 +544,11 @@ fn sigterm_stops_every_worker_and_exits_zero() {
 fn tcp_socket_inodes() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        for line in std::fs::read_to_string(file).unwrap_or_default().lines().skip(1) {
+        for line in std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
             if let Some(inode) = line.split_whitespace().nth(9) {
                 out.insert(inode.to_string());
             }

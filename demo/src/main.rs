@@ -459,6 +459,9 @@ fn report_start() {
         .open(&path)
         .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
     if let Err(e) = written {
-        fail(format_args!("DEMO_STARTED_FILE {}: {e}", path.to_string_lossy()));
+        fail(format_args!(
+            "DEMO_STARTED_FILE {}: {e}",
+            path.to_string_lossy()
+        ));
     }
 }

@@ -49,7 +49,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("corral-test-{tag}-{}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("corral-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create temp dir");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -93,7 +94,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -141,7 +145,11 @@ impl Agent {
         let dir = TempDir::new(tag);
         prepare(&dir);
         let config = dir.path().join("corral.toml");
-        let text = format!("{}{}", agent_table(dir.path()), Self::expand(apps, dir.path()));
+        let text = format!(
+            "{}{}",
+            agent_table(dir.path()),
+            Self::expand(apps, dir.path())
+        );
         std::fs::write(&config, text).expect("write config");
         let socket = dir.path().join("run/control.sock");
         let log = dir.path().join("agent.log");
@@ -151,7 +159,12 @@ impl Agent {
             .env("CORRAL_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::fs::File::options().append(true).open(&log).expect("log"))
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            )
             .spawn()
             .expect("spawn corral agent");
         let mut agent = Agent {
@@ -164,10 +177,18 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while agent.try_status().is_none() {
-            if let Some(st) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("agent exited at start with {st}; log:\n{}", agent.log());
             }
-            assert!(Instant::now() < deadline, "agent did not answer; log:\n{}", agent.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not answer; log:\n{}",
+                agent.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         agent
@@ -187,7 +208,11 @@ impl Agent {
 
     /// Replace the config file (for reload tests).
     pub fn rewrite_config(&self, apps: &str) {
-        let text = format!("{}{}", agent_table(self.dir.path()), Self::expand(apps, self.dir.path()));
+        let text = format!(
+            "{}{}",
+            agent_table(self.dir.path()),
+            Self::expand(apps, self.dir.path())
+        );
         std::fs::write(&self.config, text).expect("write config");
     }
 
@@ -231,14 +256,20 @@ impl Agent {
     pub fn wait_ready(&self, app: &str, n: usize, timeout: Duration) -> Vec<i32> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(a) = self.try_status().and_then(|v| v.into_iter().find(|a| a.name == app)) {
+            if let Some(a) = self
+                .try_status()
+                .and_then(|v| v.into_iter().find(|a| a.name == app))
+            {
                 if a.workers.len() == n && a.workers.iter().all(|w| w.state == "ready") {
                     let mut ws = a.workers;
                     ws.sort_by_key(|w| w.slot);
                     return ws.iter().map(|w| w.pid.expect("ready has pid")).collect();
                 }
                 if Instant::now() > deadline {
-                    panic!("app {app} not {n} ready workers: {a:#?}\nlog:\n{}", self.log());
+                    panic!(
+                        "app {app} not {n} ready workers: {a:#?}\nlog:\n{}",
+                        self.log()
+                    );
                 }
             } else if Instant::now() > deadline {
                 panic!("no status for {app}; log:\n{}", self.log());
@@ -260,7 +291,10 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("agent did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
+                panic!(
+                    "agent did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -301,7 +335,10 @@ impl Drop for Agent {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -310,7 +347,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -336,7 +376,8 @@ pub fn proc_environ(pid: i32) -> Vec<(String, String)> {
         .split(|b| *b == 0)
         .filter_map(|kv| {
             let s = String::from_utf8_lossy(kv);
-            s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect()
 }

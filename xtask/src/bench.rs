@@ -38,7 +38,9 @@ fn lines(file: &Path) -> Vec<(i32, u64)> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Kill the newest worker `kills` times; each sample is kill -> replacement's first line.
@@ -136,9 +138,11 @@ pub fn restart(rest: &[&str]) -> Result<()> {
     if !is_root() {
         bail!("the benchmark runs an agent: run it as root");
     }
-    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
-        .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]))?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]),
+    )?;
     let release = root().join("target/release");
     let dir = std::env::temp_dir().join(format!("corral-bench-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -74,7 +74,10 @@ pub fn is_root() -> bool {
 
 fn test(rest: &[&str]) -> Result<()> {
     if !rest.is_empty() {
-        bail!("`cargo xtask test` takes no arguments (got {})", rest.join(" "));
+        bail!(
+            "`cargo xtask test` takes no arguments (got {})",
+            rest.join(" ")
+        );
     }
     if !is_root() {
         bail!(
@@ -125,7 +128,10 @@ fn demo() -> Result<()> {
     let config_dir = root.join("target/demo");
     std::fs::create_dir_all(&config_dir)?;
     let config = config_dir.join("corral.toml");
-    std::fs::write(&config, text.replace(PLACEHOLDER, &demo_bin.display().to_string()))?;
+    std::fs::write(
+        &config,
+        text.replace(PLACEHOLDER, &demo_bin.display().to_string()),
+    )?;
     let corral = release.join("corral");
     eprintln!(
         "\nxtask: starting the agent on {config}\n\

@@ -117,6 +117,14 @@ struct Worker {
     expected_exit: bool,
     /// Why it was stopped for not becoming ready, if that is why.
     not_ready: Option<String>,
+    /// The readiness probe; it must not outlive the worker (it holds the probe's 4-tuple).
+    probe: tokio::task::AbortHandle,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.probe.abort();
+    }
 }
 
 struct Slot {
@@ -675,7 +683,7 @@ impl Supervisor {
                     app.cfg.workers.ready_timeout,
                 );
                 let app_name = name.clone();
-                tokio::spawn(async move {
+                let probe = tokio::spawn(async move {
                     let result =
                         ready::wait_ready(&ready_cfg, address, slot_idx, timeout, notify).await;
                     let _ = tx.send(Event::Ready {
@@ -693,6 +701,7 @@ impl Supervisor {
                     _socket: slot.socket.clone(),
                     expected_exit: false,
                     not_ready: None,
+                    probe: probe.abort_handle(),
                 });
             }
             Err(reason) => {
