@@ -388,24 +388,18 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "program not found in PATH",
-        edits: &[
-            ("[app.web]\n", "@@[app.web]\n"),
-            (
-                "command = [\"/bin/true\"]",
-                "command = [\"no-such-program-corral\"]",
-            ),
-        ],
+        edits: &[(
+            "command = [\"/bin/true\"]",
+            "command = [@@\"no-such-program-corral\"]",
+        )],
         expect: &["app web: command `no-such-program-corral` not found in PATH"],
     },
     Case {
         name: "pre-start program not found in PATH",
-        edits: &[
-            ("[[app.web.pre_start]]\n", "@@[[app.web.pre_start]]\n"),
-            (
-                "command = [\"/bin/true\", \"pre-start\"]",
-                "command = [\"no-such-program-corral\"]",
-            ),
-        ],
+        edits: &[(
+            "command = [\"/bin/true\", \"pre-start\"]",
+            "command = [@@\"no-such-program-corral\"]",
+        )],
         expect: &["app web pre-start step 1: command `no-such-program-corral` not found in PATH"],
     },
 ];

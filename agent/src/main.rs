@@ -320,7 +320,7 @@ fn probe_bind(cfg: &Config, app: &config::App) -> Result<(), String> {
         .map_err(|e| {
             let what = match e.kind() {
                 std::io::ErrorKind::AddrInUse => format!(
-                    "{} is already in use by another process",
+                    "{} is already in use by another process (another server, or an old agent that is still running)",
                     app.listen.address
                 ),
                 std::io::ErrorKind::AddrNotAvailable => {
@@ -369,7 +369,7 @@ fn check(path: &Path) -> Result<ExitCode> {
         println!("  command     {}", display_argv(&app.command));
         match supervisor::launch::Launch::for_app(app, &app.command) {
             Ok(l) => println!("  program     {}", l.program.display()),
-            Err(e) => problems.push(format!("{}: app {}: {e}", app.defined_at, app.name)),
+            Err(e) => problems.push(format!("{}: app {}: {e}", app.command_at, app.name)),
         }
         println!(
             "  runs as     {}:{} (uid {}, gid {}), no capabilities, no_new_privs",

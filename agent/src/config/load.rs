@@ -614,10 +614,6 @@ impl<'s> Table<'s> {
         }
     }
 
-    fn at(&self) -> Location {
-        self.src.loc(self.span.start)
-    }
-
     /// An error about the value of `key`: "`key` in [section]: message".
     fn err(&self, span: Range<usize>, key: &str, message: impl Display) -> ConfigError {
         self.src
@@ -669,8 +665,8 @@ impl<'s> Table<'s> {
         Ok(self.src.resolve(&s))
     }
 
-    /// argv: a non-empty array of non-empty strings.
-    fn argv(&self, key: &str, v: Option<StrList>) -> Result<Vec<String>, ConfigError> {
+    /// argv: a non-empty array of non-empty strings, and where its program (argv[0]) is written.
+    fn argv(&self, key: &str, v: Option<StrList>) -> Result<(Vec<String>, Location), ConfigError> {
         let v = v.ok_or_else(|| {
             self.missing(key).with_hint(
                 "the program and its arguments, e.g. \
@@ -684,7 +680,9 @@ impl<'s> Table<'s> {
                 "expected the program and its arguments, found an empty array",
             ));
         }
-        v.get_ref()
+        let program_at = self.src.loc(v.get_ref()[0].span().start);
+        let argv = v
+            .get_ref()
             .iter()
             .map(|arg| {
                 if arg.get_ref().is_empty() {
@@ -695,7 +693,8 @@ impl<'s> Table<'s> {
                     Ok(arg.get_ref().clone())
                 }
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((argv, program_at))
     }
 
     fn socket_addr(&self, key: &str, v: &Str) -> Result<SocketAddr, ConfigError> {
@@ -1052,7 +1051,7 @@ fn convert_app(
     let t = Table::new(src, &["app", n], table.span());
     let raw = table.into_inner();
 
-    let command = t.argv("command", raw.command)?;
+    let (command, command_at) = t.argv("command", raw.command)?;
     let workdir = match &raw.workdir {
         Some(v) => t.absolute_path("workdir", v)?,
         None => PathBuf::from("/"),
@@ -1146,18 +1145,19 @@ fn convert_app(
         .map(|(i, step)| {
             let pt = Table::array_item(src, &["app", n, "pre_start"], step.span());
             let step = step.into_inner();
+            let (command, at) = pt.argv("command", step.command)?;
             Ok(PreStart {
                 name: match &step.name {
                     Some(v) => pt.string("name", v)?,
                     None => format!("step {}", i + 1),
                 },
-                command: pt.argv("command", step.command)?,
+                command,
                 timeout: pt.positive_duration(
                     "timeout",
                     step.timeout.as_ref(),
                     Duration::from_secs(5 * 60),
                 )?,
-                at: pt.at(),
+                at,
             })
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -1214,6 +1214,7 @@ fn convert_app(
         name,
         defined_at,
         command,
+        command_at,
         workdir,
         identity,
         env,

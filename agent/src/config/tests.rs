@@ -204,6 +204,7 @@ fn full_config_round_trips() {
             "--fd".into(),
             "3".into(),
         ],
+        command_at: loc(MAIN, 10, 12),
         workdir: PathBuf::from("/srv/api"),
         identity: Identity {
             user: "api".into(),
@@ -249,13 +250,13 @@ fn full_config_round_trips() {
                     "head".into(),
                 ],
                 timeout: Duration::from_secs(600),
-                at: loc(MAIN, 39, 1),
+                at: loc(MAIN, 40, 12),
             },
             PreStart {
                 name: "warm cache".into(),
                 command: vec!["/srv/api/warm".into()],
                 timeout: Duration::from_secs(300),
-                at: loc(MAIN, 43, 1),
+                at: loc(MAIN, 45, 12),
             },
         ],
         tls: Some(Tls {
@@ -271,6 +272,7 @@ fn full_config_round_trips() {
         name: web_name.clone(),
         defined_at: loc(MAIN, 54, 1),
         command: vec!["node".into(), "server.js".into()],
+        command_at: loc(MAIN, 55, 12),
         workdir: PathBuf::from("/"),
         identity: Identity {
             user: "nobody".into(),

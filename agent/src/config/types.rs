@@ -171,6 +171,7 @@ pub struct PreStart {
     pub name: String,
     pub command: Vec<String>,
     pub timeout: Duration,
+    /// Where the step's program (`command[0]`) is written.
     pub at: Location,
 }
 
@@ -197,6 +198,8 @@ pub struct App {
     pub defined_at: Location,
     /// argv; never empty. `command[0]` is resolved through PATH at exec when it has no `/`.
     pub command: Vec<String>,
+    /// Where `command[0]` is written.
+    pub command_at: Location,
     pub workdir: PathBuf,
     pub identity: Identity,
     /// `env_file` entries first, then `env` (which wins).

@@ -202,7 +202,7 @@ fn worker_count(cfg: &App) -> u32 {
 }
 
 fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
-    Launch::for_app(cfg, argv).map_err(|e| format!("{}: app {}: {e}", cfg.defined_at, cfg.name))
+    Launch::for_app(cfg, argv).map_err(|e| format!("{}: app {}: {e}", cfg.command_at, cfg.name))
 }
 
 /// Bind `count` sockets for `cfg`, reusing `existing` (same address) for the first slots.

@@ -23,7 +23,7 @@ pub const PROBE_PORTS: u16 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("{address} is already in use by a process outside corral's socket group (another server, or an old agent that is still running)")]
+    #[error("{address} is already in use by another process (another server, or an old agent that is still running)")]
     InUse { address: SocketAddr },
     #[error("{address} is not an address of this machine")]
     NotLocal { address: SocketAddr },
