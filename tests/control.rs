@@ -1,0 +1,326 @@
+//! The CLI's control commands and the agent's systemd integration, through the real binaries.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::process::Command;
+use std::time::Duration;
+
+use corral_tests::*;
+
+fn demo_app(name: &str, address: &str, count: u32, extra_workers: &str) -> String {
+    format!(
+        r#"
+[app.{name}]
+command = ["@DEMO@"]
+user = "nobody"
+workdir = "/tmp"
+
+[app.{name}.listen]
+address = "{address}"
+
+[app.{name}.workers]
+count = {count}
+stop_timeout = "5s"
+{extra_workers}
+"#
+    )
+}
+
+fn corral(agent: &Agent, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("corral"))
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .output()
+        .expect("run corral");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn restart_scale_reload_and_status_from_the_cli() {
+    let port = free_port();
+    let agent = Agent::start("cli", &demo_app("web", &format!("127.0.0.1:{port}"), 2, ""));
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+
+    let (code, out, err) = corral(&agent, &["restart", "web/1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let after = wait_for(Duration::from_secs(20), "worker 1 replaced", || {
+        let now = agent.wait_ready("web", 2, Duration::from_secs(20));
+        (now[1] != pids[1]).then_some(now)
+    });
+    assert_eq!(after[0], pids[0], "only worker 1 restarted");
+
+    let (code, out, err) = corral(&agent, &["scale", "web", "3"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let scaled = agent.wait_ready("web", 3, Duration::from_secs(20));
+    assert_eq!(
+        &scaled[..2],
+        &after[..],
+        "scale-up keeps the running workers"
+    );
+
+    let (code, out, err) = corral(&agent, &["status", "web", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["name"], "web");
+    assert_eq!(v[0]["workers"].as_array().map(Vec::len), Some(3));
+    assert!(v[0]["workers"][0]["rss_bytes"].as_u64().unwrap_or(0) > 0);
+
+    let (code, out, _) = corral(&agent, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("web  running") && out.contains("RESTARTS"),
+        "{out}"
+    );
+
+    // `corral reload` re-reads the file, which still says 2 workers.
+    let (code, out, err) = corral(&agent, &["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("scaled web to 2"), "{out}");
+    agent.wait_ready("web", 2, Duration::from_secs(20));
+
+    // Bad requests get precise errors and change nothing.
+    let before = agent.wait_ready("web", 2, Duration::from_secs(5));
+    for (args, expect) in [
+        (vec!["restart", "nope"], "no app named `nope`"),
+        (vec!["restart", "web/7"], "app `web` has workers 0..2"),
+        (vec!["restart", "web/x"], "must be a number"),
+        (vec!["scale", "web", "0"], "worker count must be 1..=1024"),
+        (vec!["scale", "nope", "2"], "no app named `nope`"),
+        (vec!["status", "nope"], "no app named `nope`"),
+        (vec!["reload", "nope"], "no app named `nope`"),
+    ] {
+        let (code, out, err) = corral(&agent, &args);
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    // Garbage on the control socket itself.
+    for garbage in [
+        "not json\n",
+        "{\"cmd\":\"explode\"}\n",
+        "{\"cmd\":\"scale\",\"app\":\"web\"}\n",
+    ] {
+        let mut s = UnixStream::connect(&agent.socket).expect("connect");
+        s.write_all(garbage.as_bytes()).expect("write");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("read");
+        assert!(
+            reply.contains("\"result\":\"error\"") && reply.contains("invalid request"),
+            "{garbage:?}: {reply}"
+        );
+    }
+    assert_eq!(
+        agent.wait_ready("web", 2, Duration::from_secs(5)),
+        before,
+        "nothing changed"
+    );
+    let (code, _, err) = Command::new(bin("corral"))
+        .args(["status", "--socket", "/nonexistent/corral.sock"])
+        .output()
+        .map(|o| {
+            (
+                o.status.code().unwrap_or(-1),
+                o.stdout,
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .expect("run");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot reach the agent at /nonexistent/corral.sock"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sd_notify_states_and_no_agent_variables_leak_into_workers() {
+    require_root();
+    let dir = TempDir::new("notify");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let port = free_port();
+    let apps = demo_app("web", &format!("127.0.0.1:{port}"), 2, "");
+    let config = dir.path().join("corral.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}{}",
+            agent_table(dir.path()),
+            Agent::expand(&apps, dir.path())
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(bin("corral"))
+        .args(["agent", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env("LISTEN_FDS", "5")
+        .env("LISTEN_PID", "1")
+        .env("SECRET_OF_THE_AGENT", "hunter2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent");
+    let recv = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("notify message");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv(), "READY=1");
+    let socket = dir.path().join("run/control.sock");
+    let status = || {
+        corral::control::call(
+            &socket,
+            &Request::Status { app: None },
+            Duration::from_secs(5),
+        )
+        .ok()
+    };
+    let pids = wait_for(
+        Duration::from_secs(20),
+        "two ready workers",
+        || match status()? {
+            Response::Status { apps } => {
+                let ws = &apps.first()?.workers;
+                (ws.len() == 2 && ws.iter().all(|w| w.state == "ready"))
+                    .then(|| ws.iter().filter_map(|w| w.pid).collect::<Vec<_>>())
+            }
+            _ => None,
+        },
+    );
+    for pid in &pids {
+        let env: BTreeMap<_, _> = proc_environ(*pid).into_iter().collect();
+        assert!(!env.contains_key("NOTIFY_SOCKET"), "{env:?}");
+        assert!(!env.contains_key("WATCHDOG_USEC"), "{env:?}");
+        assert!(!env.contains_key("SECRET_OF_THE_AGENT"), "{env:?}");
+        assert_eq!(env.get("LISTEN_FDS").map(String::as_str), Some("1"));
+        assert_eq!(env.get("LISTEN_PID"), Some(&pid.to_string()));
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
+        assert_eq!(cwd, std::path::Path::new("/tmp"), "workdir");
+    }
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let reloading = recv();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(recv(), "READY=1");
+    // SAFETY: our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(recv(), "STOPPING=1");
+    let st = child.wait().expect("wait");
+    assert_eq!(st.code(), Some(0));
+    for pid in pids {
+        assert!(!pid_alive(pid));
+    }
+}
+
+#[test]
+fn ipv6_http_and_notify_readiness() {
+    let port6 = free_port();
+    let port_http = free_port();
+    let port_notify = free_port();
+    let apps = format!(
+        "{}{}{}",
+        demo_app("six", &format!("[::1]:{port6}"), 2, ""),
+        demo_app("http", &format!("127.0.0.1:{port_http}"), 2, "ready = \"http:/healthz\""),
+        demo_app("notified", &format!("127.0.0.1:{port_notify}"), 2, "ready = \"notify\""),
+    )
+    .replace(
+        "[app.notified]\ncommand = [\"@DEMO@\"]\n",
+        "[app.notified]\ncommand = [\"@DEMO@\"]\nenv = { DEMO_NOTIFY = \"1\", DEMO_START_DELAY_MS = \"800\" }\n",
+    )
+    .replace(
+        "[app.http]\ncommand = [\"@DEMO@\"]\n",
+        "[app.http]\ncommand = [\"@DEMO@\"]\nenv = { DEMO_START_DELAY_MS = \"800\" }\n",
+    );
+    let agent = Agent::start("readykinds", &apps);
+    let t0 = std::time::Instant::now();
+    agent.wait_ready("six", 2, Duration::from_secs(20));
+    let six: SocketAddr = format!("[::1]:{port6}").parse().expect("addr");
+    let (status, body) = http_get(six, "/").expect("GET over IPv6");
+    assert_eq!(status, 200, "{body}");
+    // Both wait for their workers' 800 ms start delay.
+    agent.wait_ready("http", 2, Duration::from_secs(20));
+    agent.wait_ready("notified", 2, Duration::from_secs(20));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        t0.elapsed()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("app=http") && log.contains("app=notified"),
+        "{log}"
+    );
+}
+
+#[test]
+fn on_failure_and_never_policies() {
+    let p1 = free_port();
+    let p2 = free_port();
+    let apps = format!(
+        r#"
+[app.clean]
+command = ["/bin/sh", "-c", "exit 0"]
+user = "nobody"
+[app.clean.listen]
+address = "127.0.0.1:{p1}"
+[app.clean.workers]
+count = 1
+ready = "delay:10s"
+[app.clean.restart]
+policy = "on-failure"
+
+[app.once]
+command = ["/bin/sh", "-c", "exit 7"]
+user = "nobody"
+[app.once.listen]
+address = "127.0.0.1:{p2}"
+[app.once.workers]
+count = 1
+ready = "delay:10s"
+[app.once.restart]
+policy = "never"
+"#
+    );
+    let agent = Agent::start("policies", &apps);
+    for (app, exit) in [
+        ("clean", "exited with status 0"),
+        ("once", "exited with status 7"),
+    ] {
+        let w = wait_for(Duration::from_secs(10), "worker to exit", || {
+            let a = agent.app(app);
+            let w = a.workers.first()?.clone();
+            (w.state == "exited").then_some(w)
+        });
+        assert_eq!(w.last_exit.as_deref(), Some(exit), "{app}");
+        std::thread::sleep(Duration::from_millis(500));
+        let w = agent.app(app).workers[0].clone();
+        assert_eq!(
+            (w.state.as_str(), w.restarts, w.pid),
+            ("exited", 0, None),
+            "{app} stays down"
+        );
+    }
+    let log = agent.log();
+    assert!(
+        log.contains("not restarting: exited cleanly and restart policy is on-failure"),
+        "{log}"
+    );
+    assert!(
+        log.contains("not restarting: restart policy is never"),
+        "{log}"
+    );
+}
