@@ -9,25 +9,6 @@ use std::time::Duration;
 
 use corral_tests::*;
 
-fn demo_app(name: &str, address: &str, count: u32, extra_workers: &str) -> String {
-    format!(
-        r#"
-[app.{name}]
-command = ["@DEMO@"]
-user = "nobody"
-workdir = "/tmp"
-
-[app.{name}.listen]
-address = "{address}"
-
-[app.{name}.workers]
-count = {count}
-stop_timeout = "5s"
-{extra_workers}
-"#
-    )
-}
-
 fn corral(agent: &Agent, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin("corral"))
         .args(args)

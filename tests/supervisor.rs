@@ -12,21 +12,7 @@ fn addr(port: u16) -> SocketAddr {
 }
 
 fn demo_app(name: &str, port: u16, count: u32) -> String {
-    format!(
-        r#"
-[app.{name}]
-command = ["@DEMO@"]
-user = "nobody"
-group = "nogroup"
-
-[app.{name}.listen]
-address = "127.0.0.1:{port}"
-
-[app.{name}.workers]
-count = {count}
-stop_timeout = "5s"
-"#
-    )
+    corral_tests::demo_app(name, &format!("127.0.0.1:{port}"), count, "")
 }
 
 #[test]
@@ -504,15 +490,27 @@ fn sigterm_stops_every_worker_and_exits_zero() {
     );
     // The other app's workers ignore SIGTERM: the agent must SIGKILL them after stop_timeout.
     let apps = apps.replace(
-        "[app.other]\ncommand = [\"@DEMO@\"]",
-        "[app.other]\ncommand = [\"/bin/sh\", \"-c\", \"trap '' TERM; exec @DEMO@\"]",
+        "[app.other]\ncommand = [\"@DEMO@\"]\n",
+        "[app.other]\ncommand = [\"@DEMO@\"]\nenv = { DEMO_IGNORE_SIGTERM = \"1\" }\n",
     );
     let apps = apps.replacen("stop_timeout = \"5s\"", "stop_timeout = \"1s\"", 2);
     let mut agent = Agent::start("sigterm", &apps);
     let mut pids = agent.wait_ready("web", 3, Duration::from_secs(20));
     pids.extend(agent.wait_ready("other", 2, Duration::from_secs(20)));
+    let t0 = Instant::now();
     let code = agent.stop(Duration::from_secs(20));
     assert_eq!(code, Some(0), "agent exit code; log:\n{}", agent.log());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "waited stop_timeout for the stubborn workers"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("did not exit within stop_timeout; sending SIGKILL")
+            .count(),
+        2,
+        "both stubborn workers were killed:\n{log}"
+    );
     for pid in &pids {
         assert!(!pid_alive(*pid), "worker {pid} survived the agent");
     }

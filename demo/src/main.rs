@@ -78,6 +78,7 @@ ENVIRONMENT:
     DEMO_EXIT_CODE           exit status for DEMO_EXIT_AFTER_MS (default 1, 0..=255)
     DEMO_DRAIN_MS            on SIGTERM/SIGINT, how long in-flight requests may take to finish
                              (default 10000)
+    DEMO_IGNORE_SIGTERM      1: ignore SIGTERM (a worker that will not stop when asked)
     DEMO_STARTED_FILE        append `<pid> <CLOCK_MONOTONIC ns>` to this file first thing at
                              start (the restart benchmark reads it)
     An empty variable counts as unset. A bad value is an error (exit 2).
@@ -352,7 +353,7 @@ fn main() {
     report_start();
     let args = parse_args().unwrap_or_else(|e| fail(format_args!("{e}")));
     let settings = Settings::from_env().unwrap_or_else(|e| fail(format_args!("{e}")));
-    let wake_fd = sys::install_signal_handlers()
+    let wake_fd = sys::install_signal_handlers(env_flag("DEMO_IGNORE_SIGTERM"))
         .unwrap_or_else(|e| fail(format_args!("installing signal handlers: {e}")));
     let pid = std::process::id();
     let socket = acquire_socket(&args, pid).unwrap_or_else(|e| fail(format_args!("{e}")));
@@ -464,4 +465,9 @@ fn report_start() {
             path.to_string_lossy()
         ));
     }
+}
+
+/// A `1` flag variable.
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
 }

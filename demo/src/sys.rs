@@ -64,7 +64,9 @@ fn set_handler(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) -> io::Res
 
 /// Installs the SIGTERM/SIGINT handlers and the kick handler; returns the read end of the
 /// self-pipe, which becomes readable (and stays so) once a termination signal arrived.
-pub fn install_signal_handlers() -> io::Result<OwnedFd> {
+/// With `ignore_term`, SIGTERM is ignored instead (a worker that will not stop: tests of the
+/// supervisor's SIGKILL after stop_timeout).
+pub fn install_signal_handlers(ignore_term: bool) -> io::Result<OwnedFd> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 writes.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) })?;
@@ -72,7 +74,14 @@ pub fn install_signal_handlers() -> io::Result<OwnedFd> {
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // The write end lives as long as the process: the handler may run at any time.
     WAKE_WRITE.store(std::os::fd::IntoRawFd::into_raw_fd(write), Ordering::SeqCst);
-    set_handler(libc::SIGTERM, on_terminate)?;
+    if ignore_term {
+        // SAFETY: SIG_IGN is a valid disposition for SIGTERM.
+        if unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) } == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
+    } else {
+        set_handler(libc::SIGTERM, on_terminate)?;
+    }
     set_handler(libc::SIGINT, on_terminate)?;
     set_handler(KICK_SIGNAL, on_kick)?;
     Ok(read)

@@ -123,6 +123,28 @@ pub struct Agent {
     seen_pids: Mutex<BTreeSet<i32>>,
 }
 
+/// An app table running corral-demo as `nobody` on `address` with `count` workers; `extra` is
+/// appended to its `[app.NAME.workers]` table.
+pub fn demo_app(name: &str, address: &str, count: u32, extra: &str) -> String {
+    format!(
+        r#"
+[app.{name}]
+command = ["@DEMO@"]
+user = "nobody"
+group = "nogroup"
+workdir = "/tmp"
+
+[app.{name}.listen]
+address = "{address}"
+
+[app.{name}.workers]
+count = {count}
+stop_timeout = "5s"
+{extra}
+"#
+    )
+}
+
 /// The `[agent]` table every test config starts with: state in the test's own directory.
 pub fn agent_table(dir: &Path) -> String {
     format!(

@@ -722,13 +722,10 @@ impl Supervisor {
         let Some(app) = self.apps.get_mut(name) else {
             return;
         };
-        let Some(slot) = app
-            .slots
-            .iter_mut()
-            .find(|s| s.current.as_ref().is_some_and(|w| w.id == id))
-        else {
+        let Some(slot_idx) = slot_of_current(app, id) else {
             return;
         };
+        let slot = &mut app.slots[slot_idx];
         let Some(w) = slot.current.as_mut() else {
             return;
         };
@@ -785,11 +782,7 @@ impl Supervisor {
                 return;
             }
         }
-        let Some(slot_idx) = app
-            .slots
-            .iter()
-            .position(|s| s.current.as_ref().is_some_and(|w| w.id == id))
-        else {
+        let Some(slot_idx) = slot_of_current(app, id) else {
             return;
         };
         let slot = &mut app.slots[slot_idx];
@@ -1196,6 +1189,13 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// The slot whose current (not retired) worker is `id`.
+fn slot_of_current(app: &AppRt, id: u64) -> Option<usize> {
+    app.slots
+        .iter()
+        .position(|s| s.current.as_ref().is_some_and(|w| w.id == id))
 }
 
 fn find_worker(app: &mut AppRt, id: u64) -> Option<&mut Worker> {
