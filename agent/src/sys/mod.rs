@@ -2,6 +2,7 @@
 //! descriptors, plain values and one error enum per module naming the operation and its object.
 #![allow(unsafe_code)]
 
+pub mod bpf;
 pub mod diag;
 pub mod machine;
 pub mod notify;

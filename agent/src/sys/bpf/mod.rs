@@ -1,0 +1,306 @@
+//! The eBPF steering program of one app's SO_REUSEPORT group: load it (the migrate variant
+//! where the kernel has it), attach it, and keep its maps current (sockets per slot, the set of
+//! ready slots, per-slot load). See ebpf/steer.bpf.c for what the program does.
+
+pub mod abi;
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, MapData, MapError, PerCpuArray, ReusePortSockArray};
+use aya::programs::{ProgramError, SkReuseport};
+use aya::{Ebpf, EbpfError};
+
+use super::socket::{PROBE_PORTS, PROBE_PORT_BASE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("loading the steering object: {0}")]
+    Object(#[source] Box<EbpfError>),
+    #[error("loading program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("the steering object has no {0}")]
+    Missing(&'static str),
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
+    move |source| BpfError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// How connections are spread over ready workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    LeastLoaded,
+    RoundRobin,
+}
+
+const SELECT_OR_MIGRATE: &str = "corral_select_or_migrate";
+const SELECT: &str = "corral_select";
+
+/// A loaded steering program with its maps, for one reuseport group.
+pub struct Steering {
+    ebpf: Ebpf,
+    program: &'static str,
+    socks: ReusePortSockArray<MapData>,
+    config: Array<MapData, abi::Config>,
+    eligible: Array<MapData, abi::Eligible>,
+    load: Array<MapData, u32>,
+    picks: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, abi::Stats>,
+    slot_picks: PerCpuArray<MapData, u64>,
+    active: u32,
+    policy: u32,
+    pinned: Result<PathBuf, String>,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering")
+            .field("program", &self.program)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+impl Steering {
+    /// Load the program and create its maps. The select-or-migrate variant needs kernel 5.14;
+    /// older kernels get the select-only variant (and the supervisor then never closes a
+    /// listener that may hold queued connections).
+    ///
+    /// With `pin_dir`, the program and maps are also pinned there; a pinning failure does not
+    /// fail the load (steering works unpinned) and is reported by [`Steering::pinned`].
+    pub fn load(policy: Policy, pin_dir: Option<&Path>) -> Result<Steering, BpfError> {
+        let mut ebpf = Ebpf::load(abi::OBJECT).map_err(|e| BpfError::Object(Box::new(e)))?;
+        let program = match load_program(&mut ebpf, SELECT_OR_MIGRATE) {
+            Ok(()) => SELECT_OR_MIGRATE,
+            Err(migrate_err) => {
+                tracing::debug!("{migrate_err}; trying the select-only program");
+                load_program(&mut ebpf, SELECT)?;
+                SELECT
+            }
+        };
+        let pinned = match pin_dir {
+            None => Err("pinning not requested".to_string()),
+            Some(dir) => match pin_all(&mut ebpf, program, dir) {
+                Ok(()) => Ok(dir.to_path_buf()),
+                Err(e) => {
+                    let _ = remove_pins(dir);
+                    Err(e.to_string())
+                }
+            },
+        };
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
+        let socks = ReusePortSockArray::try_from(take("socks")?).map_err(map_err("socks"))?;
+        let config = Array::try_from(take("config")?).map_err(map_err("config"))?;
+        let eligible = Array::try_from(take("eligible")?).map_err(map_err("eligible"))?;
+        let load = Array::try_from(take("load")?).map_err(map_err("load"))?;
+        let picks = Array::try_from(take("picks")?).map_err(map_err("picks"))?;
+        let stats = PerCpuArray::try_from(take("stats")?).map_err(map_err("stats"))?;
+        let slot_picks =
+            PerCpuArray::try_from(take("slot_picks")?).map_err(map_err("slot_picks"))?;
+        let policy = match policy {
+            Policy::LeastLoaded => abi::POLICY_LEAST_LOADED,
+            Policy::RoundRobin => abi::POLICY_ROUND_ROBIN,
+        };
+        let mut s = Steering {
+            ebpf,
+            program,
+            socks,
+            config,
+            eligible,
+            load,
+            picks,
+            stats,
+            slot_picks,
+            active: 0,
+            policy,
+            pinned,
+        };
+        s.write_config()?;
+        Ok(s)
+    }
+
+    fn write_config(&mut self) -> Result<(), BpfError> {
+        let cfg = abi::Config {
+            policy: self.policy,
+            active: self.active,
+            probe_base: u32::from(PROBE_PORT_BASE),
+            probe_count: u32::from(PROBE_PORTS),
+        };
+        self.config.set(0, cfg, 0).map_err(map_err("config"))
+    }
+
+    /// Whether queued connections move to another worker when a listener closes.
+    pub fn migrates(&self) -> bool {
+        self.program == SELECT_OR_MIGRATE
+    }
+
+    fn program(&self) -> Result<&SkReuseport, BpfError> {
+        let p = self
+            .ebpf
+            .program(self.program)
+            .ok_or(BpfError::Missing(self.program))?;
+        <&SkReuseport>::try_from(p).map_err(|e| BpfError::Program {
+            name: self.program,
+            source: Box::new(e),
+        })
+    }
+
+    /// Attach to the reuseport group `fd` belongs to (replacing any program it had).
+    pub fn attach(&self, fd: BorrowedFd<'_>) -> Result<(), BpfError> {
+        self.program()?.attach(fd).map_err(|e| BpfError::Program {
+            name: self.program,
+            source: Box::new(e),
+        })
+    }
+
+    /// Put slot `slot`'s listening socket in the socket array.
+    pub fn set_socket(&mut self, slot: u32, fd: BorrowedFd<'_>) -> Result<(), BpfError> {
+        let raw = fd.as_raw_fd();
+        self.socks.set(slot, &raw, 0).map_err(map_err("socks"))
+    }
+
+    /// Publish the set of slots whose worker is ready: written to the inactive buffer, then
+    /// the program is switched to it in one map write.
+    pub fn publish_eligible(&mut self, slots: &[u32]) -> Result<(), BpfError> {
+        let mut set = abi::Eligible::default();
+        let n = slots.len().min(abi::MAX_SLOTS as usize);
+        set.slots[..n].copy_from_slice(&slots[..n]);
+        set.count = n as u32;
+        let next = self.active ^ 1;
+        self.eligible
+            .set(next, set, 0)
+            .map_err(map_err("eligible"))?;
+        self.active = next;
+        self.write_config()
+    }
+
+    /// Publish each slot's load and zero its picks-since-publish.
+    pub fn publish_load(&mut self, loads: &[(u32, u32)]) -> Result<(), BpfError> {
+        for (slot, queue) in loads {
+            self.load.set(*slot, *queue, 0).map_err(map_err("load"))?;
+            self.picks.set(*slot, 0, 0).map_err(map_err("picks"))?;
+        }
+        Ok(())
+    }
+
+    /// The program's counters, summed over CPUs.
+    pub fn stats(&self) -> Result<abi::Stats, BpfError> {
+        let per_cpu = self.stats.get(&0, 0).map_err(map_err("stats"))?;
+        let mut total = abi::Stats::default();
+        for s in per_cpu.iter() {
+            total.selected += s.selected;
+            total.probes += s.probes;
+            total.migrations += s.migrations;
+            total.select_errors += s.select_errors;
+            total.fallbacks += s.fallbacks;
+            total.no_eligible += s.no_eligible;
+        }
+        Ok(total)
+    }
+
+    /// Connections steered to each of the first `n` slots (probes excluded).
+    pub fn slot_picks(&self, n: u32) -> Result<Vec<u64>, BpfError> {
+        (0..n.min(abi::MAX_SLOTS))
+            .map(|slot| {
+                let per_cpu = self
+                    .slot_picks
+                    .get(&slot, 0)
+                    .map_err(map_err("slot_picks"))?;
+                Ok(per_cpu.iter().sum())
+            })
+            .collect()
+    }
+
+    /// Where the program and maps are pinned, or why they are not.
+    pub fn pinned(&self) -> &Result<PathBuf, String> {
+        &self.pinned
+    }
+}
+
+/// Pin the program and every map under `dir` (on a bpf filesystem; created here).
+fn pin_all(ebpf: &mut Ebpf, program: &'static str, dir: &Path) -> Result<(), BpfError> {
+    let err = |path: &Path, source: io::Error| BpfError::Pin {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+    for name in MAPS {
+        let path = dir.join(name);
+        ebpf.map(name)
+            .ok_or(BpfError::Missing(name))?
+            .pin(&path)
+            .map_err(|e| err(&path, io::Error::other(e.to_string())))?;
+    }
+    let path = dir.join("program");
+    ebpf.program_mut(program)
+        .ok_or(BpfError::Missing(program))?
+        .pin(&path)
+        .map_err(|e| err(&path, io::Error::other(e.to_string())))
+}
+
+const MAPS: [&str; 8] = [
+    "socks",
+    "config",
+    "eligible",
+    "load",
+    "picks",
+    "rr",
+    "stats",
+    "slot_picks",
+];
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+    let p = ebpf.program_mut(name).ok_or(BpfError::Missing(name))?;
+    let p: &mut SkReuseport = p.try_into().map_err(|e| BpfError::Program {
+        name,
+        source: Box::new(e),
+    })?;
+    p.load().map_err(|e| BpfError::Program {
+        name,
+        source: Box::new(e),
+    })
+}
+
+/// BPF_FS_MAGIC from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` (or its nearest existing ancestor) is on a bpf filesystem.
+pub fn on_bpffs(path: &Path) -> bool {
+    let mut p = Some(path);
+    while let Some(cur) = p {
+        if cur.exists() {
+            return rustix::fs::statfs(cur).is_ok_and(|s| s.f_type as i64 == BPF_FS_MAGIC);
+        }
+        p = cur.parent();
+    }
+    false
+}
+
+/// Remove a pin directory and everything in it (unpinning what was pinned there).
+pub fn remove_pins(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}

@@ -1,0 +1,215 @@
+//! The eBPF steering program against the real kernel, at the `sys` level: real reuseport
+//! listeners, real connections, the agent's own loader. (Root; BPF works on these machines.)
+
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::time::Duration;
+
+use corral::sys::bpf::{Policy, Steering};
+use corral::sys::socket::{self, PROBE_PORT_BASE};
+use corral_tests::*;
+
+struct Group {
+    addr: SocketAddr,
+    listeners: Vec<TcpListener>,
+    steering: Steering,
+}
+
+fn group(n: usize, policy: Policy) -> Group {
+    require_root();
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| {
+            let fd: OwnedFd = socket::reuseport_listener(addr, 1024).expect("listener");
+            let l = TcpListener::from(fd);
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        })
+        .collect();
+    let mut steering = Steering::load(policy, None).expect("load steering program");
+    for (slot, l) in listeners.iter().enumerate() {
+        steering
+            .set_socket(slot as u32, l.as_fd())
+            .expect("set socket");
+    }
+    steering.attach(listeners[0].as_fd()).expect("attach");
+    Group {
+        addr,
+        listeners,
+        steering,
+    }
+}
+
+/// Accept everything queued; returns how many each listener had.
+fn drain(g: &Group) -> Vec<usize> {
+    std::thread::sleep(Duration::from_millis(50));
+    g.listeners
+        .iter()
+        .map(|l| {
+            let mut n = 0;
+            loop {
+                match l.accept() {
+                    Ok(_) => n += 1,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break n,
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        })
+        .collect()
+}
+
+fn connect_from(addr: SocketAddr, source_port: Option<u16>) -> TcpStream {
+    match source_port {
+        None => TcpStream::connect(addr).expect("connect"),
+        Some(p) => {
+            // SAFETY: plain socket(2); the fd is wrapped at once.
+            let fd =
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            assert!(fd >= 0);
+            // SAFETY: fd was just created and is owned by nobody else.
+            let s = unsafe { OwnedFd::from_raw_fd(fd) };
+            let one: libc::c_int = 1;
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: p.to_be(),
+                sin_addr: libc::in_addr { s_addr: 0 },
+                sin_zero: [0; 8],
+            };
+            let fd = s.into_raw_fd();
+            // SAFETY: valid fd and a sockaddr_in of the size passed.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const i32).cast(),
+                    4,
+                );
+                assert_eq!(
+                    libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), 16),
+                    0,
+                    "bind probe port"
+                );
+            }
+            // SAFETY: fd is ours.
+            let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+            let sa: socket2_free::Addr = addr.into();
+            // SAFETY: valid fd and sockaddr.
+            let r = unsafe { libc::connect(fd, sa.ptr(), sa.len()) };
+            assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+            stream
+        }
+    }
+}
+
+mod socket2_free {
+    pub struct Addr(libc::sockaddr_in);
+    impl From<std::net::SocketAddr> for Addr {
+        fn from(a: std::net::SocketAddr) -> Addr {
+            let std::net::SocketAddr::V4(a) = a else {
+                panic!("v4 only")
+            };
+            Addr(libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            })
+        }
+    }
+    impl Addr {
+        pub fn ptr(&self) -> *const libc::sockaddr {
+            (&self.0 as *const libc::sockaddr_in).cast()
+        }
+        pub fn len(&self) -> libc::socklen_t {
+            16
+        }
+    }
+}
+
+#[test]
+fn only_eligible_slots_get_connections_and_probes_reach_their_slot() {
+    let mut g = group(3, Policy::LeastLoaded);
+    g.steering.publish_eligible(&[0, 2]).expect("eligible");
+    let conns: Vec<_> = (0..300).map(|_| connect_from(g.addr, None)).collect();
+    let counts = drain(&g);
+    assert_eq!(counts[1], 0, "slot 1 is not eligible: {counts:?}");
+    assert_eq!(counts.iter().sum::<usize>(), 300, "{counts:?}");
+    assert!(
+        counts[0] > 100 && counts[2] > 100,
+        "both eligible slots serve: {counts:?}"
+    );
+    drop(conns);
+
+    // A probe from PROBE_PORT_BASE + 1 reaches slot 1, which is not eligible.
+    let probe = connect_from(g.addr, Some(PROBE_PORT_BASE + 1));
+    assert_eq!(drain(&g), vec![0, 1, 0]);
+    drop(probe);
+    let st = g.steering.stats().expect("stats");
+    assert_eq!(st.probes, 1);
+    assert_eq!(st.selected, 300);
+    let picks = g.steering.slot_picks(3).expect("picks");
+    assert_eq!(picks[1], 0);
+    assert_eq!(picks[0] + picks[2], 300);
+}
+
+#[test]
+fn least_loaded_avoids_the_slot_with_a_long_queue() {
+    let mut g = group(4, Policy::LeastLoaded);
+    g.steering
+        .publish_eligible(&[0, 1, 2, 3])
+        .expect("eligible");
+    // Slot 3 reports a long accept queue; the others none.
+    g.steering
+        .publish_load(&[(0, 0), (1, 0), (2, 0), (3, 1000)])
+        .expect("load");
+    let conns: Vec<_> = (0..400).map(|_| connect_from(g.addr, None)).collect();
+    let counts = drain(&g);
+    drop(conns);
+    assert_eq!(counts[3], 0, "slot 3 never wins a comparison: {counts:?}");
+    for c in &counts[..3] {
+        assert!(*c > 90, "{counts:?}");
+    }
+}
+
+#[test]
+fn round_robin_is_even() {
+    let mut g = group(4, Policy::RoundRobin);
+    g.steering
+        .publish_eligible(&[0, 1, 2, 3])
+        .expect("eligible");
+    let conns: Vec<_> = (0..400).map(|_| connect_from(g.addr, None)).collect();
+    let counts = drain(&g);
+    drop(conns);
+    for c in &counts {
+        assert!(
+            (90..=110).contains(c),
+            "round-robin per CPU stays near 100 each: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn closing_a_listener_migrates_its_queue() {
+    let mut g = group(2, Policy::LeastLoaded);
+    assert!(
+        g.steering.migrates(),
+        "this kernel has the select-or-migrate program"
+    );
+    // Only slot 1 is eligible: connections queue there, nobody accepts.
+    g.steering.publish_eligible(&[1]).expect("eligible");
+    let conns: Vec<_> = (0..20).map(|_| connect_from(g.addr, None)).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    // Slot 1 goes away; slot 0 becomes the eligible one; its queue must move, not reset.
+    g.steering.publish_eligible(&[0]).expect("eligible");
+    let l1 = g.listeners.remove(1);
+    drop(l1);
+    let counts = drain(&g);
+    assert_eq!(counts, vec![20], "all queued connections moved to slot 0");
+    assert_eq!(g.steering.stats().expect("stats").migrations, 20);
+    drop(conns);
+}
