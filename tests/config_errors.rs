@@ -371,7 +371,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "relative bpf_pin_dir",
-        edits: &[("[agent]\n", "[agent]\nbpf_pin_dir = @@\"bpf\"\n")],
+        edits: &[("bpf_pin_dir = ", "bpf_pin_dir = @@\"bpf\"\n# was ")],
         expect: &["`bpf_pin_dir` in [agent]: expected an absolute path, found \"bpf\""],
     },
     Case {

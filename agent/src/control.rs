@@ -32,7 +32,27 @@ pub struct AppStatus {
     pub state: String,
     pub reason: Option<String>,
     pub address: String,
+    /// How new connections are spread: "least-loaded (eBPF, ...)", "hash (...)".
+    pub steering: String,
+    /// The steering program's counters, when eBPF steers this app.
+    pub steering_stats: Option<SteeringStats>,
     pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SteeringStats {
+    /// Connections steered to a ready worker.
+    pub selected: u64,
+    /// Probe connections steered to the slot they named.
+    pub probes: u64,
+    /// Queued connections moved off a closing listener.
+    pub migrations: u64,
+    /// Selections that failed (the slot had no socket at that instant).
+    pub select_errors: u64,
+    /// Connections left to the kernel's hash because no candidate worked.
+    pub fallbacks: u64,
+    /// Connections left to the kernel's hash because no worker was ready.
+    pub no_eligible: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -48,6 +68,9 @@ pub struct WorkerStatus {
     pub peak_rss_bytes: Option<u64>,
     pub memory_max: Option<u64>,
     pub cpu_ms: Option<u64>,
+    /// Connections the steering program sent to this worker's slot since its socket group
+    /// was created (eBPF steering only).
+    pub connections: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

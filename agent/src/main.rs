@@ -232,15 +232,27 @@ fn render_status(apps: &[AppStatus]) -> String {
         if let Some(r) = &app.reason {
             let _ = writeln!(out, "  reason: {r}");
         }
+        let _ = writeln!(out, "  steering: {}", app.steering);
+        if let Some(st) = &app.steering_stats {
+            let _ = writeln!(
+                out,
+                "  steered {} (probes {}, migrated {}, to the kernel's hash {}, select errors {})",
+                st.selected,
+                st.probes,
+                st.migrations,
+                st.fallbacks + st.no_eligible,
+                st.select_errors
+            );
+        }
         let _ = writeln!(
             out,
-            "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9}  LAST EXIT",
-            "WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "MEM (RSS/PEAK)", "CPU"
+            "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9} {:>8}  LAST EXIT",
+            "WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "MEM (RSS/PEAK)", "CPU", "CONNS"
         );
         for w in &app.workers {
             let _ = writeln!(
                 out,
-                "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9}  {}",
+                "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9} {:>8}  {}",
                 w.slot,
                 w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 w.state,
@@ -254,6 +266,9 @@ fn render_status(apps: &[AppStatus]) -> String {
                 },
                 w.cpu_ms
                     .map(|c| format_duration(Duration::from_millis(c)))
+                    .unwrap_or_else(|| "-".into()),
+                w.connections
+                    .map(|c| c.to_string())
                     .unwrap_or_else(|| "-".into()),
                 w.last_exit.as_deref().unwrap_or("-"),
             );
@@ -380,6 +395,16 @@ fn check(path: &Path) -> Result<ExitCode> {
             "  listen      {} (backlog {}, one socket per worker, SO_REUSEPORT)",
             app.listen.address, app.listen.backlog
         );
+        let steering = if machine::is_root() {
+            // Load (and drop) the program to learn what this machine gives; nothing is attached.
+            supervisor::steering::GroupSteering::load(app, Path::new("/nonexistent")).describe()
+        } else {
+            format!(
+                "{} (whether eBPF works here needs root to find out)",
+                supervisor::steering::kind_name(app.listen.steering)
+            )
+        };
+        println!("  steering    {steering}");
         if count > u32::from(socket::PROBE_PORTS) {
             problems.push(format!(
                 "{}: app {}: {count} workers is more than the {} corral supports per app",

@@ -121,6 +121,7 @@ pub struct Agent {
     log: PathBuf,
     child: Option<Child>,
     seen_pids: Mutex<BTreeSet<i32>>,
+    wrapper: Vec<String>,
 }
 
 /// An app table running corral-demo as `nobody` on `address` with `count` workers; `extra` is
@@ -148,7 +149,7 @@ stop_timeout = "5s"
 /// The `[agent]` table every test config starts with: state in the test's own directory.
 pub fn agent_table(dir: &Path) -> String {
     format!(
-        "[agent]\nstate_dir = \"{0}/run\"\ncontrol_socket = \"{0}/run/control.sock\"\ninclude = []\n\n",
+        "[agent]\nstate_dir = \"{0}/run\"\ncontrol_socket = \"{0}/run/control.sock\"\nbpf_pin_dir = \"{0}/bpf\"\ninclude = []\n\n",
         dir.display()
     )
 }
@@ -163,6 +164,15 @@ impl Agent {
 
     /// Like [`Agent::start`], with `prepare` run on the test directory before the agent starts.
     pub fn start_with(tag: &str, apps: &str, prepare: impl FnOnce(&TempDir)) -> Agent {
+        Self::build(tag, apps, prepare, &[])
+    }
+
+    /// Like [`Agent::start`], with the agent run under `wrapper` (e.g. `setpriv ...`).
+    pub fn start_wrapped(tag: &str, apps: &str, wrapper: &[&str]) -> Agent {
+        Self::build(tag, apps, |_| {}, wrapper)
+    }
+
+    fn build(tag: &str, apps: &str, prepare: impl FnOnce(&TempDir), wrapper: &[&str]) -> Agent {
         require_root();
         let dir = TempDir::new(tag);
         prepare(&dir);
@@ -175,45 +185,69 @@ impl Agent {
         std::fs::write(&config, text).expect("write config");
         let socket = dir.path().join("run/control.sock");
         let log = dir.path().join("agent.log");
-        let child = Command::new(bin("corral"))
-            .args(["agent", "--config"])
-            .arg(&config)
-            .env("CORRAL_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(
-                std::fs::File::options()
-                    .append(true)
-                    .open(&log)
-                    .expect("log"),
-            )
-            .spawn()
-            .expect("spawn corral agent");
         let mut agent = Agent {
             dir,
             config,
             socket,
             log,
-            child: Some(child),
+            child: None,
             seen_pids: Mutex::new(BTreeSet::new()),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
+        agent.spawn();
+        agent
+    }
+
+    /// Start the agent process (again) on this directory's config; wait for its control socket.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(bin("corral")),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("corral"));
+                c
+            }
+        };
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = cmd
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .env("CORRAL_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn corral agent");
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while agent.try_status().is_none() {
-            if let Some(st) = agent
+        while self.try_status().is_none() {
+            if let Some(st) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("agent exited at start with {st}; log:\n{}", agent.log());
+                panic!("agent exited at start with {st}; log:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "agent did not answer; log:\n{}",
-                agent.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        agent
+    }
+
+    /// SIGKILL the agent (a crash) and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// `@DEMO@` becomes a copy of corral-demo inside `dir`: workers run as `nobody`, who may

@@ -138,6 +138,7 @@ pub fn restart(rest: &[&str]) -> Result<()> {
     if !is_root() {
         bail!("the benchmark runs an agent: run it as root");
     }
+    crate::ensure_packages()?;
     run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(root())

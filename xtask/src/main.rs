@@ -3,6 +3,8 @@
 //!   test            fmt, clippy, build, unit tests, host integration tests (as root)
 //!   demo            build and run the agent on packaging/examples/demo.toml, in the foreground
 //!   bench restart   SIGKILL of a worker -> the replacement running, vs. a shell respawn loop
+//!   bench steering  open-loop tail latency and per-worker share: one shared accept socket vs.
+//!                   corral's hash, round-robin and least-loaded steering; connection-rate cost
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +12,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_steering;
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
@@ -23,6 +26,14 @@ tasks:
   bench restart [--kills N]
                     time from SIGKILL of a worker to its replacement running, over N kills
                     (default 200), side by side with a `while :; do app; done` shell loop
+  bench steering [--quick] [--rate R] [--threads T]
+                    4 workers of corral-demo under an open-loop Poisson load of mixed requests
+                    (90% 1 ms CPU, 9% 10 ms CPU, 1% 100 ms sleep; default 700 req/s, 2 s
+                    warm-up + 20 s per variant; T threads per worker, default 8), one new
+                    connection each, latency from the scheduled send: one shared accept
+                    socket vs. corral steering hash, round-robin, least-loaded; then /healthz
+                    connections per second, closed loop, hash vs. least-loaded (root);
+                    --quick: 3 s per variant, a smoke test
 ";
 
 fn main() -> Result<()> {
@@ -32,6 +43,7 @@ fn main() -> Result<()> {
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo(),
         ["bench", "restart", rest @ ..] => bench::restart(rest),
+        ["bench", "steering", rest @ ..] => bench_steering::steering(rest),
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");
             Ok(())
@@ -72,6 +84,40 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Debian packages the build and the tests need, with a file that shows each is installed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("clang", "/usr/bin/clang"),
+    ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
+    ("curl", "/usr/bin/curl"),
+];
+
+/// Install what is missing from [`PACKAGES`] (as root, with apt-get), or say exactly what is
+/// missing and how to get it.
+pub fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, probe)| !Path::new(probe).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {}; install them with `apt-get install {}` (as root)",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
 fn test(rest: &[&str]) -> Result<()> {
     if !rest.is_empty() {
         bail!(
@@ -85,6 +131,7 @@ fn test(rest: &[&str]) -> Result<()> {
              run `cargo xtask test` as root"
         );
     }
+    ensure_packages()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -104,6 +151,7 @@ fn demo() -> Result<()> {
     if !is_root() {
         bail!("the agent runs as root (it binds the workers' sockets and starts them as `nobody`): run `cargo xtask demo` as root");
     }
+    ensure_packages()?;
     run(cargo().args(["build", "--release", "-p", "corral", "-p", "corral-demo"]))?;
     let root = root();
     let release = root.join("target/release");

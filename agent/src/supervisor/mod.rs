@@ -6,6 +6,7 @@ pub mod launch;
 mod output;
 mod prestart;
 mod ready;
+pub mod steering;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -19,7 +20,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, App, AppName, Config, WorkerCount};
-use crate::control::{AppStatus, Request, Response, WorkerStatus};
+use crate::control::{AppStatus, Request, Response, SteeringStats, WorkerStatus};
 use crate::policy::restart::{self, Decision, ExitStatus, SlotHistory};
 use crate::sys::notify::{monotonic_usec, Notifier};
 use crate::sys::pidfd::{Process, WaitStatus};
@@ -27,6 +28,7 @@ use crate::sys::{machine, socket, users::SystemLookup};
 
 use launch::Launch;
 use output::Tag;
+use steering::GroupSteering;
 
 /// Errors that keep the agent from starting.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +165,8 @@ struct Rollout {
     cfg: App,
     launch: Launch,
     sockets: Vec<Arc<OwnedFd>>,
+    /// A new socket group (new address or steering kind) brings its own steering.
+    steering: Option<GroupSteering>,
 }
 
 enum Phase {
@@ -186,12 +190,16 @@ struct AppRt {
     /// Why the app is degraded, when it is.
     note: Option<String>,
     cancel: watch::Sender<bool>,
+    steering: GroupSteering,
 }
 
-/// What a config needs before it can be applied: sockets bound, programs found.
+/// What a config needs before it can be applied: sockets bound, programs found, the steering
+/// program loaded (not attached: attaching is part of applying).
 struct Prepared {
     launch: Launch,
     sockets: Vec<Arc<OwnedFd>>,
+    /// `Some` for a new socket group, or when the steering kind changes.
+    steering: Option<GroupSteering>,
 }
 
 fn worker_count(cfg: &App) -> u32 {
@@ -205,8 +213,15 @@ fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
     Launch::for_app(cfg, argv).map_err(|e| format!("{}: app {}: {e}", cfg.command_at, cfg.name))
 }
 
-/// Bind `count` sockets for `cfg`, reusing `existing` (same address) for the first slots.
-fn prepare(cfg: &App, count: u32, existing: &[Arc<OwnedFd>]) -> Result<Prepared, String> {
+/// Bind `count` sockets for `cfg`, reusing `existing` (a group on the same address) for the
+/// first slots; load a steering program unless `keep_steering` (same group, same kind).
+fn prepare(
+    cfg: &App,
+    count: u32,
+    existing: &[Arc<OwnedFd>],
+    keep_steering: bool,
+    pin_root: &Path,
+) -> Result<Prepared, String> {
     let launch = launch_for(cfg, &cfg.command)?;
     let mut sockets: Vec<Arc<OwnedFd>> = existing.iter().take(count as usize).cloned().collect();
     let fresh_group = sockets.is_empty();
@@ -219,13 +234,12 @@ fn prepare(cfg: &App, count: u32, existing: &[Arc<OwnedFd>]) -> Result<Prepared,
         socket::listen(std::os::fd::AsFd::as_fd(&**s), cfg.listen.backlog)
             .map_err(|e| format!("{}: app {}: listen: {e}", cfg.listen.address_at, cfg.name))?;
     }
-    if fresh_group {
-        if let Some(first) = sockets.first() {
-            socket::attach_probe_steering(std::os::fd::AsFd::as_fd(&**first), cfg.listen.address)
-                .map_err(|e| format!("{}: app {}: {e}", cfg.listen.address_at, cfg.name))?;
-        }
-    }
-    Ok(Prepared { launch, sockets })
+    let steering = (fresh_group || !keep_steering).then(|| GroupSteering::load(cfg, pin_root));
+    Ok(Prepared {
+        launch,
+        sockets,
+        steering,
+    })
 }
 
 fn prestart_plan(cfg: &App) -> Result<Vec<(config::PreStart, Launch)>, String> {
@@ -263,10 +277,20 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
 
+    for dir in steering::remove_stale_pins(&config.agent.bpf_pin_dir) {
+        tracing::info!("removed stale steering pins {}", dir.display());
+    }
     // Everything fallible first: sockets and programs for every app, then the control socket.
     let mut prepared = BTreeMap::new();
     for (name, cfg) in &config.apps {
-        let p = prepare(cfg, worker_count(cfg), &[]).map_err(StartError::App)?;
+        let p = prepare(
+            cfg,
+            worker_count(cfg),
+            &[],
+            false,
+            &config.agent.bpf_pin_dir,
+        )
+        .map_err(StartError::App)?;
         prestart_plan(cfg).map_err(StartError::App)?;
         prepared.insert(name.clone(), p);
     }
@@ -300,9 +324,16 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     );
     sup.notify("READY=1");
 
+    let mut next_tick = tokio::time::Instant::now();
     loop {
         tokio::select! {
             Some(ev) = rx.recv() => sup.handle(ev),
+            _ = tokio::time::sleep_until(next_tick) => {
+                // Load publishing: every 5 ms while connections flow, 4 times a second when idle.
+                let active = sup.tick();
+                next_tick = tokio::time::Instant::now()
+                    + Duration::from_millis(if active { 5 } else { 250 });
+            }
             _ = term.recv() => sup.shutdown("SIGTERM"),
             _ = int.recv() => sup.shutdown("SIGINT"),
             _ = hup.recv() => {
@@ -319,6 +350,9 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         }
     }
     let _ = std::fs::remove_file(&sup.config.agent.control_socket);
+    let pin_root = sup.config.agent.bpf_pin_dir.clone();
+    drop(sup); // unpins every group's steering maps
+    let _ = std::fs::remove_dir(&pin_root); // only if empty
     tracing::info!("all workers stopped; agent exiting");
     Ok(())
 }
@@ -424,6 +458,13 @@ impl Supervisor {
     fn add_app(&mut self, cfg: App, p: Prepared) {
         let (cancel, _) = watch::channel(false);
         let name = cfg.name.clone();
+        let mut steering = p
+            .steering
+            .unwrap_or_else(|| GroupSteering::load(&cfg, &self.config.agent.bpf_pin_dir));
+        if let Err(e) = steering.install(&p.sockets) {
+            tracing::error!(app = %name, "attaching connection steering: {e}");
+        }
+        tracing::info!(app = %name, "connection steering: {}", steering.describe());
         let rt = AppRt {
             slots: p.sockets.into_iter().map(Slot::new).collect(),
             launch: p.launch,
@@ -432,6 +473,7 @@ impl Supervisor {
             removed: Vec::new(),
             note: None,
             cancel,
+            steering,
         };
         self.apps.insert(name.clone(), rt);
         self.begin_prestart(&name, None);
@@ -474,6 +516,46 @@ impl Supervisor {
     }
 
     fn handle(&mut self, ev: Event) {
+        self.dispatch(ev);
+        self.sync_steering();
+    }
+
+    /// Tell every app's steering which slots are ready: a slot whose worker (or, during a
+    /// rolling replacement, whose previous worker) is ready and not stopping.
+    fn sync_steering(&mut self) {
+        for app in self.apps.values_mut() {
+            let eligible: Vec<u32> = app
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    s.current
+                        .iter()
+                        .chain(s.retired.iter())
+                        .any(|w| w.state == WorkerState::Ready)
+                })
+                .map(|(i, _)| i as u32)
+                .collect();
+            app.steering.sync(eligible);
+        }
+    }
+
+    /// Publish every slot's load; whether any app has traffic.
+    fn tick(&mut self) -> bool {
+        let mut active = false;
+        for app in self.apps.values_mut() {
+            let sockets: Vec<(u32, &Arc<OwnedFd>)> = app
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i as u32, &s.socket))
+                .collect();
+            active |= app.steering.tick(&sockets);
+        }
+        active
+    }
+
+    fn dispatch(&mut self, ev: Event) {
         match ev {
             Event::Exited { app, id, status } => self.on_exited(&app, id, status),
             Event::Ready { app, id, result } => self.on_ready(&app, id, result),
@@ -563,6 +645,14 @@ impl Supervisor {
         app.cfg = r.cfg;
         app.launch = r.launch;
         let new_count = r.sockets.len();
+        let new_group = r.steering.is_some();
+        if let Some(mut st) = r.steering {
+            if let Err(e) = st.install(&r.sockets) {
+                tracing::error!(app = %name, "attaching connection steering: {e}");
+            }
+            tracing::info!(app = %name, "connection steering: {}", st.describe());
+            app.steering = st;
+        }
         // Slots beyond the new count go away: their workers stop.
         while app.slots.len() > new_count {
             if let Some(mut slot) = app.slots.pop() {
@@ -578,6 +668,11 @@ impl Supervisor {
             }
         }
         for (i, sock) in r.sockets.into_iter().enumerate() {
+            if !new_group && i >= app.slots.len() {
+                if let Err(e) = app.steering.set_socket(i as u32, &sock) {
+                    tracing::error!(app = %name, worker = i, "registering its socket for steering: {e}");
+                }
+            }
             if let Some(slot) = app.slots.get_mut(i) {
                 slot.socket = sock;
                 slot.pending_replace = true;
@@ -798,6 +893,12 @@ impl Supervisor {
             }
             return;
         }
+        // The dead worker's listener may hold connections it never accepted. With the migrate
+        // program, closing it moves them to ready workers at once; the replacement gets a fresh
+        // socket. (Without it the slot keeps its socket and they wait for the replacement.)
+        if slot.retired.is_empty() && app.steering.migrates() && !self.shutting_down {
+            self.renew_socket(name, slot_idx);
+        }
         let exit = match &status {
             Ok(s) => exit_status(*s),
             Err(_) => ExitStatus::Exited(127),
@@ -812,6 +913,27 @@ impl Supervisor {
             return;
         }
         self.after_failure(name, slot_idx as u32, reason, exit, ran_for);
+    }
+
+    /// Give slot `slot_idx` a fresh listening socket; the old one closes when its last user
+    /// (the dead worker's handle) is dropped, after the slot has left the ready set.
+    fn renew_socket(&mut self, name: &AppName, slot_idx: usize) {
+        self.sync_steering();
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        match socket::reuseport_listener(app.cfg.listen.address, app.cfg.listen.backlog) {
+            Ok(fd) => {
+                let fd = Arc::new(fd);
+                match app.steering.set_socket(slot_idx as u32, &fd) {
+                    Ok(()) => app.slots[slot_idx].socket = fd,
+                    Err(e) => {
+                        tracing::warn!(app = %name, worker = slot_idx, "keeping the old socket: {e}")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(app = %name, worker = slot_idx, "keeping the old socket: {e}"),
+        }
     }
 
     /// A worker is gone without being asked to: ask the policy what now.
@@ -954,7 +1076,10 @@ impl Supervisor {
             match self.apps.get(name) {
                 None => changes.push((
                     name.clone(),
-                    Change::Add(cfg.clone(), prepare(cfg, count, &[])?),
+                    Change::Add(
+                        cfg.clone(),
+                        prepare(cfg, count, &[], false, &new.agent.bpf_pin_dir)?,
+                    ),
                 )),
                 Some(rt) if rt.cfg == *cfg => {}
                 Some(rt) => {
@@ -963,7 +1088,8 @@ impl Supervisor {
                     } else {
                         Vec::new()
                     };
-                    let p = prepare(cfg, count, &existing)?;
+                    let keep = rt.cfg.listen.steering == cfg.listen.steering;
+                    let p = prepare(cfg, count, &existing, keep, &self.config.agent.bpf_pin_dir)?;
                     prestart_plan(cfg)?;
                     let mut same_but_count = rt.cfg.clone();
                     same_but_count.workers.count = cfg.workers.count;
@@ -999,6 +1125,7 @@ impl Supervisor {
                         cfg,
                         launch: p.launch,
                         sockets: p.sockets,
+                        steering: p.steering,
                     };
                     self.begin_prestart(&name, Some(Box::new(rollout)));
                 }
@@ -1048,7 +1175,10 @@ impl Supervisor {
         }
         let running = matches!(app.phase, Phase::Running);
         let old = app.slots.len();
-        for sock in sockets.into_iter().skip(old) {
+        for (i, sock) in sockets.into_iter().enumerate().skip(old) {
+            if let Err(e) = app.steering.set_socket(i as u32, &sock) {
+                tracing::error!(app = %name, worker = i, "registering its socket for steering: {e}");
+            }
             let mut slot = Slot::new(sock);
             slot.pending_replace = true;
             app.slots.push(slot);
@@ -1177,7 +1307,7 @@ impl Supervisor {
                     std::num::NonZeroU32::new(count).unwrap_or(std::num::NonZeroU32::MIN),
                 );
                 let existing: Vec<_> = rt.slots.iter().map(|s| s.socket.clone()).collect();
-                match prepare(&cfg, count, &existing) {
+                match prepare(&cfg, count, &existing, true, &self.config.agent.bpf_pin_dir) {
                     Ok(p) => {
                         self.scale(&name, cfg, p.sockets);
                         Response::Ok {
@@ -1242,6 +1372,8 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
         Phase::Running => ("running", None),
     };
     let mem_cap = app.cfg.workers.memory_max.map(|b| b.0);
+    let picks = app.steering.slot_picks(app.slots.len() as u32);
+    let conns = |slot: u32| picks.as_ref().and_then(|p| p.get(slot as usize).copied());
     let worker = |w: &Worker, slot: &Slot| {
         let stats = machine::process_stats(w.process.pid());
         WorkerStatus {
@@ -1255,6 +1387,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             peak_rss_bytes: stats.map(|s| s.peak_rss_bytes),
             memory_max: mem_cap,
             cpu_ms: stats.map(|s| s.cpu_ms),
+            connections: conns(w.slot),
         }
     };
     let mut workers = Vec::new();
@@ -1279,6 +1412,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
                 peak_rss_bytes: None,
                 memory_max: mem_cap,
                 cpu_ms: None,
+                connections: conns(i as u32),
             }),
         }
         for w in &slot.retired {
@@ -1304,6 +1438,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             peak_rss_bytes: stats.map(|s| s.peak_rss_bytes),
             memory_max: mem_cap,
             cpu_ms: stats.map(|s| s.cpu_ms),
+            connections: None,
         });
     }
     AppStatus {
@@ -1311,6 +1446,15 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
         state: state.to_string(),
         reason,
         address: app.cfg.listen.address.to_string(),
+        steering: app.steering.describe(),
+        steering_stats: app.steering.stats().map(|s| SteeringStats {
+            selected: s.selected,
+            probes: s.probes,
+            migrations: s.migrations,
+            select_errors: s.select_errors,
+            fallbacks: s.fallbacks,
+            no_eligible: s.no_eligible,
+        }),
         workers,
     }
 }

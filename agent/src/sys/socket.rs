@@ -249,3 +249,38 @@ pub fn probe_source(address: SocketAddr, slot: u32) -> Option<SocketAddr> {
         SocketAddr::V6(_) => SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
     })
 }
+
+/// The current accept-queue length of a listening socket (TCP_INFO's `tcpi_unacked`, which for
+/// a listener is its backlog in use).
+pub fn accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // struct tcp_info starts with eight u8 fields, then u32 rto, ato, snd_mss, rcv_mss,
+    // unacked: unacked is at byte 24.
+    const UNACKED: usize = 24;
+    let mut buf = [0u8; 104];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is writable for `len` bytes; the kernel writes at most that much.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r == -1 {
+        return Err(last_os_error());
+    }
+    if (len as usize) < UNACKED + 4 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("TCP_INFO returned {len} bytes"),
+        ));
+    }
+    Ok(u32::from_ne_bytes([
+        buf[UNACKED],
+        buf[UNACKED + 1],
+        buf[UNACKED + 2],
+        buf[UNACKED + 3],
+    ]))
+}

@@ -290,6 +290,8 @@ pub fn on_bpffs(path: &Path) -> bool {
     let mut p = Some(path);
     while let Some(cur) = p {
         if cur.exists() {
+            // f_type's integer type differs between architectures.
+            #[allow(clippy::unnecessary_cast)]
             return rustix::fs::statfs(cur).is_ok_and(|s| s.f_type as i64 == BPF_FS_MAGIC);
         }
         p = cur.parent();

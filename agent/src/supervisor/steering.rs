@@ -1,0 +1,258 @@
+//! Connection steering of one app's socket group: the eBPF program when it loads, otherwise the
+//! kernel's hash (plus the classic-BPF program that still routes readiness probes to their
+//! slot). The supervisor tells it which slots are ready; it publishes that, and each listener's
+//! accept-queue length as the load, to the program's maps.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::config::{App, Steering as SteeringKind};
+use crate::sys::bpf::{self, abi, Policy, Steering};
+use crate::sys::socket;
+
+/// How one group is steered.
+pub enum Mode {
+    Ebpf(Box<Steering>),
+    /// The kernel's hash; the reason when eBPF was wanted but is not available.
+    Hash(Option<String>),
+}
+
+pub struct GroupSteering {
+    mode: Mode,
+    address: std::net::SocketAddr,
+    /// What the program was last told is eligible.
+    published: Option<Vec<u32>>,
+    /// `stats.selected + probes` at the last load tick: traffic is flowing while it moves.
+    last_seen: u64,
+    /// Pins of this group, removed when it is dropped.
+    pins: Option<PathBuf>,
+    kind: SteeringKind,
+}
+
+/// Logged once per agent: eBPF steering is unavailable.
+static WARNED: AtomicBool = AtomicBool::new(false);
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Remove pins left by an agent that did not stop cleanly: every `v<ABI>-<hash>` directory
+/// directly under `pin_root` (nothing else there is touched). Returns what it removed.
+pub fn remove_stale_pins(pin_root: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    if !bpf::on_bpffs(pin_root) {
+        return removed;
+    }
+    let Ok(entries) = std::fs::read_dir(pin_root) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name
+            .strip_prefix('v')
+            .and_then(|rest| rest.split_once('-'))
+            .is_some_and(|(abi, hash)| {
+                abi.chars().all(|c| c.is_ascii_digit())
+                    && hash.chars().all(|c| c.is_ascii_hexdigit())
+            });
+        if ours && bpf::remove_pins(&e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
+impl GroupSteering {
+    /// Load what `cfg` asks for. No effect on any socket until [`GroupSteering::install`].
+    pub fn load(cfg: &App, pin_root: &Path) -> GroupSteering {
+        let policy = match cfg.listen.steering {
+            SteeringKind::Hash => None,
+            SteeringKind::LeastLoaded => Some(Policy::LeastLoaded),
+            SteeringKind::RoundRobin => Some(Policy::RoundRobin),
+        };
+        let mut pins = None;
+        let mode = match policy {
+            None => Mode::Hash(None),
+            Some(policy) => {
+                let pin_dir = bpf::on_bpffs(pin_root).then(|| {
+                    pin_root.join(abi::version_tag()).join(format!(
+                        "{}-{}",
+                        cfg.name,
+                        GENERATION.fetch_add(1, Ordering::Relaxed)
+                    ))
+                });
+                match Steering::load(policy, pin_dir.as_deref()) {
+                    Ok(s) => {
+                        match s.pinned() {
+                            Ok(dir) => pins = Some(dir.clone()),
+                            Err(why) if pin_dir.is_some() => {
+                                tracing::warn!(app = %cfg.name, "steering maps not pinned: {why}")
+                            }
+                            Err(_) => {}
+                        }
+                        Mode::Ebpf(Box::new(s))
+                    }
+                    Err(e) => {
+                        let why = format!("eBPF steering unavailable: {e}");
+                        if !WARNED.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                "{why}; connections are spread by the kernel's hash (readiness \
+                                 probes still reach their own worker). eBPF needs root with \
+                                 CAP_BPF (or CAP_SYS_ADMIN) and kernel 4.19+"
+                            );
+                        }
+                        Mode::Hash(Some(why))
+                    }
+                }
+            }
+        };
+        if pin_dir_missing(pin_root) && policy.is_some() {
+            tracing::debug!(
+                "{} is not on a bpf filesystem: steering maps are not pinned",
+                pin_root.display()
+            );
+        }
+        GroupSteering {
+            mode,
+            address: cfg.listen.address,
+            published: None,
+            last_seen: 0,
+            pins,
+            kind: cfg.listen.steering,
+        }
+    }
+
+    /// Attach to the group of `sockets` (slot order) and register every socket.
+    pub fn install(&mut self, sockets: &[Arc<OwnedFd>]) -> Result<(), String> {
+        let Some(first) = sockets.first() else {
+            return Ok(());
+        };
+        match &mut self.mode {
+            Mode::Ebpf(s) => {
+                for (slot, fd) in sockets.iter().enumerate() {
+                    s.set_socket(slot as u32, fd.as_fd())
+                        .map_err(|e| format!("slot {slot}: {e}"))?;
+                }
+                s.publish_eligible(&[]).map_err(|e| e.to_string())?;
+                self.published = Some(Vec::new());
+                s.attach(first.as_fd()).map_err(|e| e.to_string())
+            }
+            Mode::Hash(_) => socket::attach_probe_steering(first.as_fd(), self.address)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// A new or replaced socket for `slot` (the group's order is irrelevant to the eBPF map).
+    pub fn set_socket(&mut self, slot: u32, fd: &Arc<OwnedFd>) -> Result<(), String> {
+        match &mut self.mode {
+            Mode::Ebpf(s) => s.set_socket(slot, fd.as_fd()).map_err(|e| e.to_string()),
+            Mode::Hash(_) => Ok(()),
+        }
+    }
+
+    /// Publish the ready slots, if they changed.
+    pub fn sync(&mut self, eligible: Vec<u32>) {
+        if self.published.as_ref() == Some(&eligible) {
+            return;
+        }
+        if let Mode::Ebpf(s) = &mut self.mode {
+            if let Err(e) = s.publish_eligible(&eligible) {
+                tracing::error!("publishing the ready workers to the steering program: {e}");
+                return;
+            }
+        }
+        self.published = Some(eligible);
+    }
+
+    /// Queued connections move to another worker when a listener closes (eBPF migrate
+    /// program); otherwise a slot keeps its socket across worker restarts.
+    pub fn migrates(&self) -> bool {
+        matches!(&self.mode, Mode::Ebpf(s) if s.migrates())
+    }
+
+    /// Sockets join a hash group in `listen()` order, which the classic-BPF probe program
+    /// relies on: only eBPF groups may swap a slot's socket.
+    pub fn keyed_by_slot(&self) -> bool {
+        matches!(self.mode, Mode::Ebpf(_))
+    }
+
+    /// Publish each slot's accept-queue length. Returns whether traffic is flowing (the caller
+    /// ticks fast then, slowly otherwise).
+    pub fn tick(&mut self, sockets: &[(u32, &Arc<OwnedFd>)]) -> bool {
+        let Mode::Ebpf(s) = &mut self.mode else {
+            return false;
+        };
+        let seen = s.stats().map(|st| st.selected + st.probes).unwrap_or(0);
+        let mut loads = Vec::with_capacity(sockets.len());
+        let mut queued = false;
+        for (slot, fd) in sockets {
+            let q = socket::accept_queue_len(fd.as_fd()).unwrap_or(0);
+            queued |= q > 0;
+            loads.push((*slot, q));
+        }
+        if let Err(e) = s.publish_load(&loads) {
+            tracing::debug!("publishing load: {e}");
+        }
+        let active = queued || seen != self.last_seen;
+        self.last_seen = seen;
+        active
+    }
+
+    /// One line for status and check.
+    pub fn describe(&self) -> String {
+        match &self.mode {
+            Mode::Ebpf(s) => format!(
+                "{} (eBPF{})",
+                kind_name(self.kind),
+                if s.migrates() {
+                    ", queued connections migrate when a listener closes"
+                } else {
+                    ", select-only kernel: no migration"
+                }
+            ),
+            Mode::Hash(None) => "hash (the kernel's own, as configured)".to_string(),
+            Mode::Hash(Some(why)) => format!("hash ({why})"),
+        }
+    }
+
+    pub fn stats(&self) -> Option<abi::Stats> {
+        match &self.mode {
+            Mode::Ebpf(s) => s.stats().ok(),
+            Mode::Hash(_) => None,
+        }
+    }
+
+    pub fn slot_picks(&self, n: u32) -> Option<Vec<u64>> {
+        match &self.mode {
+            Mode::Ebpf(s) => s.slot_picks(n).ok(),
+            Mode::Hash(_) => None,
+        }
+    }
+
+    pub fn pins(&self) -> Option<&Path> {
+        self.pins.as_deref()
+    }
+}
+
+fn pin_dir_missing(pin_root: &Path) -> bool {
+    !bpf::on_bpffs(pin_root)
+}
+
+pub fn kind_name(k: SteeringKind) -> &'static str {
+    match k {
+        SteeringKind::LeastLoaded => "least-loaded",
+        SteeringKind::RoundRobin => "round-robin",
+        SteeringKind::Hash => "hash",
+    }
+}
+
+impl Drop for GroupSteering {
+    fn drop(&mut self) {
+        // The kernel keeps the program and maps while the group uses them; only the pins go.
+        if let Some(dir) = &self.pins {
+            let _ = bpf::remove_pins(dir);
+            if let Some(version_dir) = dir.parent() {
+                let _ = std::fs::remove_dir(version_dir); // only if empty
+            }
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! Kernel connection steering through the real agent (root; BPF works on these machines):
+//! spread, avoiding slow and not-ready workers, no lost connections when workers die, pins,
+//! and the degraded mode without BPF privileges.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corral_tests::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// An app of `count` demo workers; `per_worker` is a shell snippet run before exec (it can look
+/// at $CORRAL_WORKER), `listen_extra` goes into [app.web.listen].
+fn app(port: u16, count: u32, per_worker: &str, listen_extra: &str) -> String {
+    format!(
+        r#"
+[app.web]
+command = ["/bin/sh", "-c", "{per_worker} exec @DEMO@"]
+user = "nobody"
+[app.web.listen]
+address = "127.0.0.1:{port}"
+{listen_extra}
+[app.web.workers]
+count = {count}
+stop_timeout = "5s"
+"#
+    )
+}
+
+/// GET on a new connection; the answering worker's pid from the X-Pid header.
+fn get_pid(a: SocketAddr, path: &str) -> std::io::Result<i32> {
+    let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::new(
+            ErrorKind::UnexpectedEof,
+            format!("bad answer: {text:?}"),
+        ));
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("X-Pid: "))
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no X-Pid"))
+}
+
+/// `n` requests from `threads` concurrent clients; answers counted per pid.
+fn load(
+    a: SocketAddr,
+    path: &str,
+    n: usize,
+    threads: usize,
+) -> (BTreeMap<i32, usize>, Vec<String>) {
+    let counts = Arc::new(Mutex::new(BTreeMap::new()));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (counts, errors, path) = (counts.clone(), errors.clone(), path.to_string());
+            std::thread::spawn(move || {
+                for _ in (t..n).step_by(threads) {
+                    match get_pid(a, &path) {
+                        Ok(pid) => *counts.lock().expect("lock").entry(pid).or_insert(0) += 1,
+                        Err(e) => errors.lock().expect("lock").push(e.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client thread");
+    }
+    let c = counts.lock().expect("lock").clone();
+    let e = errors.lock().expect("lock").clone();
+    (c, e)
+}
+
+#[test]
+fn least_loaded_spreads_evenly() {
+    let port = free_port();
+    let agent = Agent::start("spread", &app(port, 4, "", ""));
+    let pids = agent.wait_ready("web", 4, Duration::from_secs(20));
+    let (counts, errors) = load(addr(port), "/", 4000, 4);
+    assert!(errors.is_empty(), "{errors:?}");
+    for pid in &pids {
+        let n = counts.get(pid).copied().unwrap_or(0);
+        assert!(
+            (900..=1100).contains(&n),
+            "each of 4 workers gets 1000 ± 10%: {counts:?}"
+        );
+    }
+    let st = agent.app("web");
+    assert!(
+        st.steering.starts_with("least-loaded (eBPF"),
+        "{}",
+        st.steering
+    );
+    let total: u64 = st.workers.iter().filter_map(|w| w.connections).sum();
+    assert!(
+        total >= 4000,
+        "the program counted the connections: {total}"
+    );
+}
+
+/// The share of `slow`'s answers when worker 3 is slow, under `listen_extra` steering.
+fn slow_worker_share(tag: &str, listen_extra: &str) -> f64 {
+    let port = free_port();
+    // Worker 3 answers every request after 100 ms and has 2 threads: its queue grows.
+    let slow = "if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=100 DEMO_THREADS=2; fi;";
+    let agent = Agent::start(tag, &app(port, 4, slow, listen_extra));
+    let pids = agent.wait_ready("web", 4, Duration::from_secs(20));
+    let (counts, errors) = load(addr(port), "/", 1200, 12);
+    assert!(errors.is_empty(), "{errors:?}");
+    let total: usize = counts.values().sum();
+    counts.get(&pids[3]).copied().unwrap_or(0) as f64 / total as f64
+}
+
+#[test]
+fn least_loaded_avoids_a_slow_worker_where_hash_does_not() {
+    let ll = slow_worker_share("slow-ll", "");
+    let hash = slow_worker_share("slow-hash", "steering = \"hash\"");
+    eprintln!("slow worker's share: least-loaded {ll:.3}, hash {hash:.3}");
+    assert!(
+        ll < 0.08,
+        "least-loaded keeps new connections off the slow worker: {ll:.3}"
+    );
+    assert!(
+        hash > 0.15,
+        "the kernel's hash keeps sending it a quarter: {hash:.3}"
+    );
+}
+
+#[test]
+fn a_worker_that_is_not_ready_gets_no_connections() {
+    let port = free_port();
+    let late = "if [ $CORRAL_WORKER = 2 ]; then export DEMO_START_DELAY_MS=3000; fi;";
+    let agent = Agent::start("notready", &app(port, 4, late, ""));
+    wait_for(Duration::from_secs(10), "three ready workers", || {
+        let a = agent.app("web");
+        (a.workers.iter().filter(|w| w.state == "ready").count() == 3).then_some(())
+    });
+    let late_pid = agent.app("web").workers[2].pid.expect("worker 2 pid");
+    let t0 = Instant::now();
+    let (counts, errors) = load(addr(port), "/", 400, 4);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        counts.get(&late_pid),
+        None,
+        "worker 2 is not ready: {counts:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "nothing waited for worker 2's 3 s delay"
+    );
+    // Once ready, it serves.
+    agent.wait_ready("web", 4, Duration::from_secs(10));
+    let (counts, _) = load(addr(port), "/", 200, 4);
+    assert!(
+        counts.get(&late_pid).copied().unwrap_or(0) > 20,
+        "{counts:?}"
+    );
+}
+
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+            st.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
+}
+
+/// TCP connections a process holds, except its listening socket (fd 3).
+fn accepted_connections(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name() != "3")
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Clients hammer the app while a worker is SIGKILLed every 200 ms for 10 s. Each victim is
+/// SIGSTOPped first, so the connections it had accepted (lost with it, unavoidably) can be
+/// counted. Returns (requests ok, failures, accepted by victims).
+fn kill_under_load(tag: &str, listen_extra: &str) -> (usize, usize, usize) {
+    let port = free_port();
+    // 50 kills over 4 slots is a crash loop by the default policy (5 restarts a minute):
+    // allow it, this test is about the connections.
+    let config = format!(
+        "{}[app.web.restart]\nmax_restarts = 1000\n",
+        app(port, 4, "export DEMO_THREADS=4;", listen_extra)
+    );
+    let agent = Agent::start(tag, &config);
+    agent.wait_ready("web", 4, Duration::from_secs(20));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0usize, 0usize);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match get_pid(addr(port), "/?delay_ms=2") {
+                        Ok(_) => ok += 1,
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("request failed after {:?}: {e}", t.elapsed());
+                        }
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let mut accepted_by_victims = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        let a = agent.app("web");
+        let ready: Vec<i32> = a
+            .workers
+            .iter()
+            .filter(|w| w.state == "ready")
+            .filter_map(|w| w.pid)
+            .collect();
+        if ready.is_empty() {
+            continue;
+        }
+        let victim = ready[i % ready.len()];
+        i += 1;
+        // SAFETY: victim is one of this test's workers.
+        unsafe { libc::kill(victim, libc::SIGSTOP) };
+        // SIGSTOP reaches each thread on its own time: count only once all have stopped.
+        wait_for(Duration::from_secs(5), "victim stopped", || {
+            all_threads_stopped(victim).then_some(())
+        });
+        accepted_by_victims += accepted_connections(victim);
+        // SAFETY: as above.
+        unsafe { libc::kill(victim, libc::SIGKILL) };
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for c in clients {
+        let (o, f) = c.join().expect("client");
+        ok += o;
+        failed += f;
+    }
+    (ok, failed, accepted_by_victims)
+}
+
+#[test]
+fn killing_workers_under_load_loses_only_what_they_had_accepted() {
+    let (ok, failed, accepted) = kill_under_load("kill-ebpf", "");
+    let (h_ok, h_failed, h_accepted) = kill_under_load("kill-hash", "steering = \"hash\"");
+    eprintln!(
+        "least-loaded: {ok} ok, {failed} failed, {accepted} in flight on killed workers\n\
+         hash:         {h_ok} ok, {h_failed} failed, {h_accepted} in flight on killed workers"
+    );
+    assert!(ok > 500, "the clients kept going: {ok}");
+    assert!(
+        accepted > 0,
+        "the victims were busy when killed (else this proves nothing)"
+    );
+    assert!(
+        failed <= accepted,
+        "every failure was a connection a killed worker had already accepted: \
+         {failed} failed, {accepted} accepted by victims"
+    );
+    assert!(
+        h_failed <= h_accepted,
+        "the agent keeps each slot's socket under hash steering too: {h_failed} > {h_accepted}"
+    );
+    // The hash keeps sending a quarter of the connections to the stopped or restarting
+    // worker, where they wait; least-loaded sends them to the workers that are accepting.
+    assert!(
+        h_ok < ok,
+        "least-loaded served more than hash: {ok} vs {h_ok}"
+    );
+}
+
+/// A private bpf filesystem for pins, unmounted (and its test directory removed) on drop.
+struct BpfMount(PathBuf);
+
+impl BpfMount {
+    fn new(at: &Path) -> BpfMount {
+        std::fs::create_dir_all(at).expect("mountpoint");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mount -t bpf at {}", at.display());
+        BpfMount(at.to_path_buf())
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+/// corral's pins under `dir` (bpffs's own `*.debug` files left out).
+fn pins_under(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "debug"))
+        .collect()
+}
+
+fn inode(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.ino()).unwrap_or(0)
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pins_are_replaced_after_a_crash_and_removed_on_a_clean_stop() {
+    let port = free_port();
+    let mut mount = None;
+    let mut agent = Agent::start_with("pins", &app(port, 2, "", ""), |dir| {
+        mount = Some(BpfMount::new(&dir.path().join("bpf")));
+    });
+    let _mount = mount.expect("mounted");
+    let pin_root = agent.dir.path().join("bpf");
+    agent.wait_ready("web", 2, Duration::from_secs(20));
+    let pins = pins_under(&pin_root);
+    let names: Vec<String> = pins
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    for want in [
+        "program",
+        "socks",
+        "eligible",
+        "load",
+        "picks",
+        "stats",
+        "slot_picks",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} pinned: {pins:?}");
+    }
+    // A crash leaves the pins; the workers die with the agent.
+    let old = agent.wait_ready("web", 2, Duration::from_secs(5));
+    agent.kill9();
+    wait_for(Duration::from_secs(5), "workers gone", || {
+        old.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    assert_eq!(pins_under(&pin_root), pins, "stale pins stay after a crash");
+    let old_inodes: Vec<u64> = pins.iter().map(|p| inode(p)).collect();
+    // The restarted agent replaces them and steers.
+    agent.spawn();
+    let new = agent.wait_ready("web", 2, Duration::from_secs(20));
+    let (counts, errors) = load(addr(port), "/", 200, 2);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>().len(),
+        2,
+        "{counts:?}"
+    );
+    assert!(new.iter().all(|p| counts.contains_key(p)));
+    assert!(
+        agent.log().contains("removed stale steering pins"),
+        "{}",
+        agent.log()
+    );
+    let repinned = pins_under(&pin_root);
+    assert_eq!(repinned.len(), pins.len(), "{repinned:?}");
+    let new_inodes: Vec<u64> = repinned.iter().map(|p| inode(p)).collect();
+    assert!(
+        new_inodes.iter().all(|i| !old_inodes.contains(i)),
+        "every pin was replaced: {old_inodes:?} -> {new_inodes:?}"
+    );
+    assert!(agent.app("web").steering_stats.expect("stats").selected >= 200);
+    // A clean stop removes them.
+    assert_eq!(agent.stop(Duration::from_secs(20)), Some(0));
+    assert_eq!(
+        pins_under(&pin_root),
+        Vec::<PathBuf>::new(),
+        "no pins after a clean stop"
+    );
+}
+
+#[test]
+fn without_bpf_privileges_the_agent_falls_back_to_the_kernel_hash() {
+    let port = free_port();
+    // Root without CAP_BPF, CAP_SYS_ADMIN and CAP_PERFMON cannot load BPF programs.
+    let wrapper = [
+        "setpriv",
+        "--bounding-set",
+        "-bpf,-sys_admin,-perfmon",
+        "--",
+    ];
+    let agent = Agent::start_wrapped("nobpf", &app(port, 3, "", ""), &wrapper);
+    agent.wait_ready("web", 3, Duration::from_secs(20));
+    let st = agent.app("web");
+    assert!(
+        st.steering.starts_with("hash (eBPF steering unavailable"),
+        "{}",
+        st.steering
+    );
+    assert!(st.steering_stats.is_none());
+    let (counts, errors) = load(addr(port), "/", 300, 3);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        counts.len(),
+        3,
+        "the hash still reaches every worker: {counts:?}"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("connections are spread by the kernel's hash")
+            .count(),
+        1,
+        "said once:\n{log}"
+    );
+    // `corral check` says which mode this machine gives, with and without the privilege.
+    let check = |wrapped: bool| {
+        let mut cmd = if wrapped {
+            let mut c = std::process::Command::new(wrapper[0]);
+            c.args(&wrapper[1..]).arg(bin("corral"));
+            c
+        } else {
+            std::process::Command::new(bin("corral"))
+        };
+        let out = cmd
+            .args(["check", "--config"])
+            .arg(&agent.config)
+            .output()
+            .expect("check");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let degraded = check(true);
+    assert!(
+        degraded.contains("steering    hash (eBPF steering unavailable"),
+        "{degraded}"
+    );
+    let full = check(false);
+    assert!(full.contains("steering    least-loaded (eBPF"), "{full}");
+}
