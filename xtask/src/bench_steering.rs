@@ -1,0 +1,1110 @@
+//! `cargo xtask bench steering`: tail latency and per-worker share of four ways to spread
+//! connections over four workers, under the same open-loop schedule of mixed-cost requests.
+//!
+//! Variants, each run alone, one after the other, on the same schedule:
+//!   (a) shared: ONE listening socket inherited by four corral-demo processes (the gunicorn /
+//!       uvicorn model), made here and passed as fd 3 with LISTEN_FDS/LISTEN_PID;
+//!   (b) corral `steering = "hash"`: one SO_REUSEPORT socket per worker, the kernel's hash;
+//!   (c) corral `steering = "round-robin"` (eBPF);
+//!   (d) corral `steering = "least-loaded"` (eBPF, the default).
+//!
+//! The load is open-loop: a Poisson arrival schedule (fixed seed) of requests, each on a new
+//! connection with `Connection: close`, sent by a pool of client threads large enough that a
+//! free thread is waiting whenever a request is due. Latency runs from the request's scheduled
+//! time, not its actual send, so a late send (a slow server keeping client threads busy, or the
+//! client thread waking late) counts against the server instead of being hidden (coordinated
+//! omission). The worker of each response is its `X-Pid` header.
+//!
+//! Then the cost of the program per connection: (b) and (d) run at the same time on two ports,
+//! and client threads open `/healthz` connections back to back, as fast as they can, for a few
+//! seconds at a time, alternating b, d, d, b, ... (ABBA, which cancels a linear drift of the
+//! machine's speed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{is_root, root, run};
+
+const WORKERS: usize = 4;
+/// corral's default listen backlog; the shared socket gets the same.
+const BACKLOG: i32 = 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Per read and per write; a request that waits this long for a byte is a timeout.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Open-loop client threads. At most this many requests are in flight; the report says how
+/// close the run came (a run that used them all did not keep its schedule).
+const CLIENT_THREADS: usize = 256;
+/// Closed-loop client threads for the connection-rate phase.
+const RATE_CLIENTS: usize = 8;
+const SEED: u64 = 0x5eed_c077_a1b2;
+
+/// The request mix: (share of requests, path, label).
+const MIX: &[(f64, &str, &str)] = &[
+    (0.90, "/?burn_ms=1", "1 ms CPU"),
+    (0.09, "/?burn_ms=10", "10 ms CPU"),
+    (0.01, "/?delay_ms=100", "100 ms sleep"),
+];
+
+struct Options {
+    rate: f64,
+    threads: u32,
+    warmup: Duration,
+    measure: Duration,
+    /// Length of one closed-loop connection-rate round.
+    round: Duration,
+    /// ABBA blocks of connection-rate rounds.
+    blocks: usize,
+    quick: bool,
+}
+
+fn parse(rest: &[&str]) -> Result<Options> {
+    let mut o = Options {
+        rate: 700.0,
+        threads: 8,
+        warmup: Duration::from_secs(2),
+        measure: Duration::from_secs(20),
+        round: Duration::from_secs(5),
+        blocks: 2,
+        quick: false,
+    };
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "--quick" => {
+                o.quick = true;
+                o.warmup = Duration::from_secs(1);
+                o.measure = Duration::from_secs(3);
+                o.round = Duration::from_secs(1);
+                o.blocks = 1;
+            }
+            "--rate" => {
+                o.rate = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|r: &f64| *r > 0.0)
+                    .context("--rate takes a positive number of requests per second")?
+            }
+            "--threads" => {
+                o.threads = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|t| (1..=4096).contains(t))
+                    .context("--threads takes a number of threads per worker, 1..=4096")?
+            }
+            other => bail!("bench steering: unexpected argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schedule
+
+/// splitmix64: a fixed-seed generator, so every variant (and every run) gets the same schedule.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Planned {
+    /// Offset from the start of the run.
+    at: Duration,
+    /// Index into [`MIX`].
+    class: usize,
+}
+
+/// Poisson arrivals at `rate` per second over `length`.
+fn schedule(rate: f64, length: Duration) -> Vec<Planned> {
+    let mut rng = Rng(SEED);
+    let mut t = 0.0;
+    let mut out = Vec::new();
+    loop {
+        t += -rng.unit().ln() / rate;
+        if t >= length.as_secs_f64() {
+            return out;
+        }
+        let u = rng.unit();
+        let mut acc = 0.0;
+        let mut class = MIX.len() - 1;
+        for (i, (share, _, _)) in MIX.iter().enumerate() {
+            acc += share;
+            if u <= acc {
+                class = i;
+                break;
+            }
+        }
+        out.push(Planned {
+            at: Duration::from_secs_f64(t),
+            class,
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One request
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Failure {
+    Refused,
+    Reset,
+    Timeout,
+    Other,
+}
+
+enum Outcome {
+    Ok(i32),
+    Failed(Failure, String),
+}
+
+fn classify(e: &std::io::Error) -> Failure {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => Failure::Refused,
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+            Failure::Reset
+        }
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => Failure::Timeout,
+        _ => Failure::Other,
+    }
+}
+
+/// GET `path` on a new connection with `Connection: close`, read the response to EOF.
+fn request(addr: SocketAddr, path: &str) -> Outcome {
+    let fail =
+        |e: std::io::Error, what: &str| Outcome::Failed(classify(&e), format!("{what}: {e}"));
+    let mut s = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return fail(e, "connect"),
+    };
+    if let Err(e) = s
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
+    {
+        return fail(e, "setsockopt");
+    }
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        return fail(e, "write");
+    }
+    let mut buf = Vec::with_capacity(512);
+    if let Err(e) = s.read_to_end(&mut buf) {
+        return fail(e, "read");
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let Some(head) = text
+        .split("\r\n\r\n")
+        .next()
+        .filter(|_| text.contains("\r\n\r\n"))
+    else {
+        return Outcome::Failed(
+            Failure::Other,
+            format!("incomplete response ({} bytes)", buf.len()),
+        );
+    };
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or("");
+    if !status.starts_with("HTTP/1.1 200 ") {
+        return Outcome::Failed(Failure::Other, format!("status `{status}`"));
+    }
+    let pid = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-pid"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    Outcome::Ok(pid)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Open loop
+
+struct Record {
+    class: usize,
+    /// Scheduled time -> response read to the end (failures: -> the failure).
+    latency: Duration,
+    /// Scheduled time -> the client thread starting the request.
+    lag: Duration,
+    /// Start of the run -> done.
+    done: Duration,
+    outcome: Outcome,
+}
+
+struct LoadResult {
+    /// Requests scheduled in the measured window, in no particular order.
+    measured: Vec<Record>,
+    /// Successful responses completed inside the measured window (whenever scheduled).
+    completed_in_window: usize,
+    warmup_failures: usize,
+    peak_in_flight: usize,
+    cpu: Cpu,
+}
+
+/// CPU use over the measured window, as shares of all CPUs' time.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    /// The whole machine, stolen time (the hypervisor ran someone else) excluded.
+    busy: f64,
+    /// The client (this process).
+    client: f64,
+    /// The workers and the agent.
+    servers: f64,
+    steal: f64,
+}
+
+/// (busy, steal, total) jiffies of all CPUs, from /proc/stat.
+fn cpu_jiffies() -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    let (idle, steal) = (at(3) + at(4), at(7));
+    (total - idle - steal, steal, total)
+}
+
+/// CPU time of a process (all its threads), in jiffies; "self" is this one.
+fn proc_jiffies(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| {
+        f.get(i - 3)
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(14) + get(15)
+}
+
+/// The machine is shared (builds, tests): wait, up to a minute, until it has been nearly idle
+/// (under 10% busy, the idle servers included) for a second, so a variant does not start in the
+/// middle of someone else's burst. Says so when it gives up.
+fn wait_quiet() {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet = 0;
+    let mut last = cpu_jiffies();
+    while quiet < 2 {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = cpu_jiffies();
+        let busy = (now.0 - last.0) as f64 / (now.2 - last.2).max(1) as f64;
+        last = now;
+        quiet = if busy < 0.10 { quiet + 1 } else { 0 };
+        if Instant::now() > deadline {
+            eprintln!(
+                "bench steering: the machine is still busy ({:.0}%); going on",
+                busy * 100.0
+            );
+            return;
+        }
+    }
+}
+
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
+    }
+}
+
+/// Run `plan` against `addr`; `pids` are the server processes whose CPU time is reported.
+fn open_loop(
+    addr: SocketAddr,
+    plan: &[Planned],
+    warmup: Duration,
+    measure: Duration,
+    pids: &[i32],
+) -> LoadResult {
+    let start = Instant::now() + Duration::from_millis(200);
+    let next = AtomicUsize::new(0);
+    let in_flight = AtomicUsize::new(0);
+    let peak = AtomicUsize::new(0);
+    let cpu = std::sync::Mutex::new(Cpu::default());
+    let mut records: Vec<Record> = Vec::with_capacity(plan.len());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let servers = || -> u64 { pids.iter().map(|p| proc_jiffies(&p.to_string())).sum() };
+            sleep_until(start + warmup);
+            let (b0, st0, t0) = cpu_jiffies();
+            let (c0, s0) = (proc_jiffies("self"), servers());
+            sleep_until(start + warmup + measure);
+            let (b1, st1, t1) = cpu_jiffies();
+            let (c1, s1) = (proc_jiffies("self"), servers());
+            let total = (t1 - t0).max(1) as f64;
+            *cpu.lock().unwrap() = Cpu {
+                busy: (b1 - b0) as f64 / total,
+                client: (c1 - c0) as f64 / total,
+                servers: s1.saturating_sub(s0) as f64 / total,
+                steal: (st1 - st0) as f64 / total,
+            };
+        });
+        let handles: Vec<_> = (0..CLIENT_THREADS)
+            .map(|_| {
+                std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(s, || {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(p) = plan.get(i) else {
+                                return mine;
+                            };
+                            let due = start + p.at;
+                            sleep_until(due);
+                            let began = Instant::now();
+                            let n = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+                            peak.fetch_max(n, Ordering::Relaxed);
+                            let outcome = request(addr, MIX[p.class].1);
+                            in_flight.fetch_sub(1, Ordering::Relaxed);
+                            let done = Instant::now();
+                            mine.push((
+                                i,
+                                Record {
+                                    class: p.class,
+                                    latency: done - due,
+                                    lag: began.saturating_duration_since(due),
+                                    done: done - start,
+                                    outcome,
+                                },
+                            ));
+                        }
+                    })
+                    .expect("spawning a client thread")
+            })
+            .collect();
+        let mut all: Vec<(usize, Record)> = Vec::with_capacity(plan.len());
+        for h in handles {
+            all.extend(h.join().expect("client thread panicked"));
+        }
+        all.sort_by_key(|(i, _)| *i);
+        records = all.into_iter().map(|(_, r)| r).collect();
+    });
+    let mut warmup_failures = 0;
+    let mut measured = Vec::new();
+    let window = warmup..warmup + measure;
+    let completed_in_window = records
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Ok(_)) && window.contains(&r.done))
+        .count();
+    for (p, r) in plan.iter().zip(records) {
+        if p.at < warmup {
+            warmup_failures += matches!(r.outcome, Outcome::Failed(..)) as usize;
+        } else {
+            measured.push(r);
+        }
+    }
+    let cpu = *cpu.lock().unwrap();
+    LoadResult {
+        measured,
+        completed_in_window,
+        warmup_failures,
+        peak_in_flight: peak.load(Ordering::Relaxed),
+        cpu,
+    }
+}
+
+/// Closed loop: `RATE_CLIENTS` threads, each opening `/healthz` connections back to back for
+/// `length`. Returns (successful connections, failures).
+fn closed_loop(addr: SocketAddr, length: Duration) -> (u64, u64) {
+    let ok = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..RATE_CLIENTS {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    match request(addr, "/healthz") {
+                        Outcome::Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Outcome::Failed(..) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+        std::thread::sleep(length);
+        stop.store(true, Ordering::Relaxed);
+    });
+    (ok.into_inner(), failed.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The servers
+
+/// Processes this benchmark started; killed (and reaped) when dropped.
+struct KillOnDrop {
+    /// SIGTERM first, SIGKILL after 10 s (the agent: it stops its workers).
+    agent: Option<Child>,
+    /// SIGKILL at once.
+    others: Vec<Child>,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            // SAFETY: our own child, not yet reaped (so the pid is still ours).
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for c in &mut self.others {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running set of four workers behind one address.
+struct Servers {
+    addr: SocketAddr,
+    /// Worker pids in slot (spawn) order.
+    pids: Vec<i32>,
+    /// The agent's, for corral.
+    agent_pid: Option<i32>,
+    /// For corral: `corral status --json` needs it.
+    control: Option<PathBuf>,
+    /// What steers connections, as the agent reports it.
+    steering: String,
+    _guard: KillOnDrop,
+    /// The shared listening socket, kept open by us too while the workers run.
+    _listener: Option<std::net::TcpListener>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn nobody() -> Result<(u32, u32)> {
+    let name = c"nobody";
+    // SAFETY: a NUL-terminated name; the result is read at once, before any other NSS call.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        bail!("no user `nobody`");
+    }
+    // SAFETY: getpwnam returned a valid passwd entry.
+    Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+/// (a): one listening socket, made here, inherited by four corral-demo processes as fd 3.
+fn start_shared(demo: &Path, dir: &Path, threads: u32) -> Result<Servers> {
+    use std::os::linux::net::SocketAddrExt;
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("binding the shared socket")?;
+    let addr = listener.local_addr()?;
+    let fd: RawFd = listener.as_raw_fd();
+    // SAFETY: `fd` is our listening socket; listen() again only sets the backlog.
+    if unsafe { libc::listen(fd, BACKLOG) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("listen on the shared socket");
+    }
+    let notify_name = format!("corral-bench-steering-{}", std::process::id());
+    let notify = std::os::unix::net::UnixDatagram::bind_addr(
+        &std::os::unix::net::SocketAddr::from_abstract_name(notify_name.as_bytes())?,
+    )
+    .context("binding the readiness socket")?;
+    notify.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let (uid, gid) = nobody()?;
+    let log = std::fs::File::create(dir.join("shared.log"))?;
+    let mut guard = KillOnDrop {
+        agent: None,
+        others: Vec::new(),
+    };
+    for worker in 0..WORKERS {
+        let mut cmd = Command::new("/bin/sh");
+        // The shell learns its pid and execs the demo in place, so LISTEN_PID is the demo's.
+        cmd.arg("-c")
+            .arg(r#"LISTEN_PID=$$ exec "$0""#)
+            .arg(demo)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("LISTEN_FDS", "1")
+            .env("CORRAL_APP", "bench")
+            .env("CORRAL_WORKER", worker.to_string())
+            .env("DEMO_THREADS", threads.to_string())
+            .env("DEMO_NOTIFY", "1")
+            .env("NOTIFY_SOCKET", format!("@{notify_name}"))
+            .uid(uid)
+            .gid(gid)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?);
+        // SAFETY: the closure only calls dup2/fcntl (async-signal-safe) on `fd`, which stays open
+        // in the parent until every worker has been spawned, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd == 3 {
+                    // dup2(3, 3) would leave FD_CLOEXEC set: clear it instead.
+                    if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        guard
+            .others
+            .push(cmd.spawn().context("starting a shared-socket worker")?);
+    }
+    let mut buf = [0u8; 256];
+    for _ in 0..WORKERS {
+        let n = notify
+            .recv(&mut buf)
+            .context("waiting for the shared-socket workers' READY=1")?;
+        if !buf[..n].starts_with(b"READY=1") {
+            bail!(
+                "unexpected readiness datagram {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        }
+    }
+    let pids = guard.others.iter().map(|c| c.id() as i32).collect();
+    Ok(Servers {
+        addr,
+        pids,
+        agent_pid: None,
+        control: None,
+        steering: "one shared accept queue (SO_REUSEADDR socket, no SO_REUSEPORT)".into(),
+        _guard: guard,
+        _listener: Some(listener),
+    })
+}
+
+fn status(corral: &Path, control: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(corral)
+        .args(["status", "--json", "--socket"])
+        .arg(control)
+        .stderr(Stdio::null())
+        .output()
+        .context("running corral status")?;
+    if !out.status.success() {
+        bail!("corral status failed with {}", out.status);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("corral status --json")?;
+    v.as_array()
+        .and_then(|a| a.first())
+        .cloned()
+        .context("corral status lists no app")
+}
+
+/// (b)-(d): a corral agent with four workers of the demo, steered by `steering`.
+fn start_corral(
+    corral: &Path,
+    demo: &Path,
+    dir: &Path,
+    steering: &str,
+    threads: u32,
+) -> Result<Servers> {
+    let dir = dir.join(steering);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let port = free_port()?;
+    let config = dir.join("corral.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[agent]
+state_dir = "{dir}/run"
+control_socket = "{dir}/run/control.sock"
+include = []
+bpf_pin_dir = "{dir}/bpf"
+
+[app.bench]
+command = ["{demo}"]
+user = "nobody"
+env = {{ DEMO_THREADS = "{threads}" }}
+[app.bench.listen]
+address = "127.0.0.1:{port}"
+steering = "{steering}"
+[app.bench.workers]
+count = {WORKERS}
+"#,
+            dir = dir.display(),
+            demo = demo.display(),
+        ),
+    )?;
+    let log_path = dir.join("agent.log");
+    let log = std::fs::File::create(&log_path)?;
+    let agent = Command::new(corral)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the agent")?;
+    let mut guard = KillOnDrop {
+        agent: Some(agent),
+        others: Vec::new(),
+    };
+    let control = dir.join("run/control.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let app = loop {
+        if let Some(Ok(Some(st))) = guard.agent.as_mut().map(|c| c.try_wait()) {
+            bail!(
+                "the {steering} agent exited with {st}; see {}",
+                log_path.display()
+            );
+        }
+        if let Ok(app) = status(corral, &control) {
+            let ready = app["workers"]
+                .as_array()
+                .map(|w| {
+                    w.iter()
+                        .filter(|w| w["state"] == "ready" && w["pid"].is_i64())
+                        .count()
+                })
+                .unwrap_or(0);
+            if ready == WORKERS {
+                break app;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the {steering} agent's workers were not all ready within 30 s; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut pids = vec![0; WORKERS];
+    for w in app["workers"].as_array().into_iter().flatten() {
+        if let (Some(slot), Some(pid)) = (w["slot"].as_u64(), w["pid"].as_i64()) {
+            if let Some(p) = pids.get_mut(slot as usize) {
+                *p = pid as i32;
+            }
+        }
+    }
+    let agent_pid = guard.agent.as_ref().map(|c| c.id() as i32);
+    Ok(Servers {
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        pids,
+        agent_pid,
+        control: Some(control),
+        steering: app["steering"].as_str().unwrap_or("?").to_string(),
+        _guard: guard,
+        _listener: None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+struct Summary {
+    name: &'static str,
+    steering: String,
+    throughput: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    max: Duration,
+    /// p99 per request class of [`MIX`].
+    class_p99: Vec<Duration>,
+    failures: BTreeMap<Failure, usize>,
+    failure_examples: Vec<String>,
+    shares: Vec<f64>,
+    /// Responses from no known worker pid.
+    strays: usize,
+    lag_p99: Duration,
+    lag_max: Duration,
+    peak_in_flight: usize,
+    warmup_failures: usize,
+    cpu: Cpu,
+    program: Option<serde_json::Value>,
+    restarts: u64,
+}
+
+fn pct(mut v: Vec<Duration>, q: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn summarize(
+    name: &'static str,
+    servers: &Servers,
+    r: LoadResult,
+    measure: Duration,
+    after: Option<serde_json::Value>,
+) -> Summary {
+    let mut ok_lat = Vec::new();
+    let mut by_class = vec![Vec::new(); MIX.len()];
+    let mut failures = BTreeMap::new();
+    let mut examples: Vec<String> = Vec::new();
+    let mut by_pid: HashMap<i32, usize> = HashMap::new();
+    let mut lags = Vec::with_capacity(r.measured.len());
+    for rec in &r.measured {
+        lags.push(rec.lag);
+        match &rec.outcome {
+            Outcome::Ok(pid) => {
+                ok_lat.push(rec.latency);
+                by_class[rec.class].push(rec.latency);
+                *by_pid.entry(*pid).or_default() += 1;
+            }
+            Outcome::Failed(f, why) => {
+                *failures.entry(*f).or_insert(0) += 1;
+                if examples.len() < 5 && !examples.contains(why) {
+                    examples.push(why.clone());
+                }
+            }
+        }
+    }
+    let ok = ok_lat.len();
+    let shares = servers
+        .pids
+        .iter()
+        .map(|p| by_pid.get(p).copied().unwrap_or(0) as f64 * 100.0 / ok.max(1) as f64)
+        .collect();
+    let strays = by_pid
+        .iter()
+        .filter(|(p, _)| !servers.pids.contains(p))
+        .map(|(_, n)| n)
+        .sum();
+    let (program, restarts) = match &after {
+        Some(app) => (
+            Some(app["steering_stats"].clone()),
+            app["workers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w["restarts"].as_u64())
+                .sum(),
+        ),
+        None => (None, 0),
+    };
+    Summary {
+        name,
+        steering: servers.steering.clone(),
+        throughput: r.completed_in_window as f64 / measure.as_secs_f64(),
+        p50: pct(ok_lat.clone(), 0.5),
+        p99: pct(ok_lat.clone(), 0.99),
+        p999: pct(ok_lat.clone(), 0.999),
+        max: pct(ok_lat, 1.0),
+        class_p99: by_class.into_iter().map(|v| pct(v, 0.99)).collect(),
+        failures,
+        failure_examples: examples,
+        shares,
+        strays,
+        lag_p99: pct(lags.clone(), 0.99),
+        lag_max: pct(lags, 1.0),
+        peak_in_flight: r.peak_in_flight,
+        warmup_failures: r.warmup_failures,
+        cpu: r.cpu,
+        program,
+        restarts,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub fn steering(rest: &[&str]) -> Result<()> {
+    let o = parse(rest)?;
+    if !is_root() {
+        bail!(
+            "the benchmark runs corral agents (sockets, eBPF, workers as `nobody`): run it as root"
+        );
+    }
+    crate::ensure_packages()?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            // The binaries are read from target/release below, whatever built xtask.
+            .env_remove("CARGO_TARGET_DIR")
+            .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]),
+    )?;
+    let release = root().join("target/release");
+    let corral = release.join("corral");
+    let dir = std::env::temp_dir().join(format!("corral-bench-steering-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    // The workers run as `nobody`, who may not reach a checkout under /root.
+    let demo = dir.join("corral-demo");
+    std::fs::copy(release.join("corral-demo"), &demo)?;
+    std::fs::set_permissions(&demo, std::fs::Permissions::from_mode(0o755))?;
+
+    let plan = schedule(o.rate, o.warmup + o.measure);
+    let mix: Vec<String> = MIX
+        .iter()
+        .map(|(share, path, label)| format!("{:.0}% `{path}` ({label})", share * 100.0))
+        .collect();
+    let cpu_per_req: f64 = MIX
+        .iter()
+        .map(|(share, path, _)| {
+            share
+                * path
+                    .strip_prefix("/?burn_ms=")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+        })
+        .sum();
+    eprintln!(
+        "bench steering: {} workers x {} threads; open loop, Poisson {:.0} req/s ({} requests, \
+         {:.0}% of the CPUs in request handlers alone), {} s warm-up + {} s measured per \
+         variant; mix: {}",
+        WORKERS,
+        o.threads,
+        o.rate,
+        plan.len(),
+        o.rate * cpu_per_req / 1000.0 / online_cpus() as f64 * 100.0,
+        o.warmup.as_secs(),
+        o.measure.as_secs(),
+        mix.join(", ")
+    );
+
+    let variants: [(&'static str, Option<&str>); 4] = [
+        ("(a) shared accept socket", None),
+        ("(b) corral hash", Some("hash")),
+        ("(c) corral round-robin", Some("round-robin")),
+        ("(d) corral least-loaded", Some("least-loaded")),
+    ];
+    let mut results = Vec::new();
+    for (name, steering) in variants {
+        let servers = match steering {
+            None => start_shared(&demo, &dir, o.threads)?,
+            Some(s) => start_corral(&corral, &demo, &dir, s, o.threads)?,
+        };
+        eprintln!("bench steering: {name}: {}", servers.steering);
+        wait_quiet();
+        let pids: Vec<i32> = servers
+            .pids
+            .iter()
+            .chain(&servers.agent_pid)
+            .copied()
+            .collect();
+        let r = open_loop(servers.addr, &plan, o.warmup, o.measure, &pids);
+        let after = match &servers.control {
+            Some(c) => Some(status(&corral, c)?),
+            None => None,
+        };
+        let s = summarize(name, &servers, r, o.measure, after);
+        drop(servers);
+        eprintln!(
+            "bench steering: {name}: {:.0} req/s, p99 {} ms, CPU {:.0}%",
+            s.throughput,
+            ms(s.p99),
+            s.cpu.busy * 100.0
+        );
+        results.push(s);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // Connection rate, (b) vs (d), both running, ABBA rounds.
+    let hash = start_corral(&corral, &demo, &dir, "hash", o.threads)?;
+    let least = start_corral(&corral, &demo, &dir, "least-loaded", o.threads)?;
+    eprintln!(
+        "bench steering: connection rate, {} closed-loop clients, {} x 2 rounds of {} s per variant",
+        RATE_CLIENTS,
+        o.blocks,
+        o.round.as_secs()
+    );
+    wait_quiet();
+    // Warm both up (the agent's load tick goes fast once traffic flows).
+    closed_loop(hash.addr, Duration::from_millis(500));
+    closed_loop(least.addr, Duration::from_millis(500));
+    let mut rounds: Vec<(char, f64, u64)> = Vec::new();
+    for _ in 0..o.blocks {
+        for (tag, s) in [('b', &hash), ('d', &least), ('d', &least), ('b', &hash)] {
+            let (ok, failed) = closed_loop(s.addr, o.round);
+            let rate = ok as f64 / o.round.as_secs_f64();
+            eprintln!("bench steering:   ({tag}) {rate:.0} conn/s, {failed} failed");
+            rounds.push((tag, rate, failed));
+        }
+    }
+    let least_stats = status(&corral, least.control.as_ref().expect("corral"))?;
+    drop(hash);
+    drop(least);
+    let mean = |tag: char| {
+        let v: Vec<f64> = rounds.iter().filter(|r| r.0 == tag).map(|r| r.1).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let conn_failed: u64 = rounds.iter().map(|r| r.2).sum();
+    let (rate_b, rate_d) = (mean('b'), mean('d'));
+
+    // The report.
+    println!(
+        "\nopen loop: Poisson arrivals at {:.0} req/s (this schedule: {:.1} req/s in the measured \
+         window; the same for every variant), {} s measured after {} s warm-up; {} workers x {} \
+         threads; mix {}",
+        o.rate,
+        plan.iter().filter(|p| p.at >= o.warmup).count() as f64 / o.measure.as_secs_f64(),
+        o.measure.as_secs(),
+        o.warmup.as_secs(),
+        WORKERS,
+        o.threads,
+        mix.join(", ")
+    );
+    println!(
+        "| variant | req/s | p50 | p99 | p99.9 | max (ms) | refused / reset / timeout / other | \
+         per-worker share % | CPU busy: all (bench) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for s in &results {
+        let f = |k| s.failures.get(&k).copied().unwrap_or(0);
+        let shares: Vec<String> = s.shares.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "| {} | {:.1} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {:.0}% ({:.0}%) |",
+            s.name,
+            s.throughput,
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.p999),
+            ms(s.max),
+            f(Failure::Refused),
+            f(Failure::Reset),
+            f(Failure::Timeout),
+            f(Failure::Other),
+            shares.join(" / "),
+            s.cpu.busy * 100.0,
+            (s.cpu.client + s.cpu.servers) * 100.0
+        );
+    }
+    println!("\np99 by request class (ms):");
+    let header: Vec<&str> = MIX.iter().map(|m| m.2).collect();
+    println!("| variant | {} |", header.join(" | "));
+    println!("| --- |{}", " --- |".repeat(MIX.len()));
+    for s in &results {
+        let v: Vec<String> = s.class_p99.iter().map(|d| ms(*d)).collect();
+        println!("| {} | {} |", s.name, v.join(" | "));
+    }
+    println!();
+    for s in &results {
+        println!("{}: {}", s.name, s.steering);
+        println!(
+            "    schedule kept: send lag p99 {} ms, max {} ms; peak in flight {} of {} client \
+             threads{}",
+            ms(s.lag_p99),
+            ms(s.lag_max),
+            s.peak_in_flight,
+            CLIENT_THREADS,
+            if s.peak_in_flight >= CLIENT_THREADS {
+                " (ALL USED: the schedule slipped)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "    CPU, share of all CPUs: machine {:.0}%, servers {:.0}%, client {:.0}%, others {:.0}%, \
+             stolen {:.0}%",
+            s.cpu.busy * 100.0,
+            s.cpu.servers * 100.0,
+            s.cpu.client * 100.0,
+            (s.cpu.busy - s.cpu.servers - s.cpu.client).max(0.0) * 100.0,
+            s.cpu.steal * 100.0
+        );
+        if let Some(p) = &s.program {
+            println!("    program counters: {p}; worker restarts: {}", s.restarts);
+        }
+        if s.strays > 0 {
+            println!("    {} responses from unknown pids", s.strays);
+        }
+        if s.warmup_failures > 0 {
+            println!("    {} failures during warm-up", s.warmup_failures);
+        }
+        for e in &s.failure_examples {
+            println!("    failure: {e}");
+        }
+    }
+    let a = &results[0];
+    let b = &results[1];
+    let d = &results[3];
+    let da = d.p99.as_secs_f64() / a.p99.as_secs_f64();
+    let db = d.p99.as_secs_f64() / b.p99.as_secs_f64();
+    let overhead = (1.0 - rate_d / rate_b) * 100.0;
+    println!(
+        "\nconnection rate, closed loop, {RATE_CLIENTS} clients, `/healthz`, rounds of {} s in \
+         order {}:",
+        o.round.as_secs(),
+        rounds
+            .iter()
+            .map(|r| r.0.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!(
+        "    (b) hash {:.0} conn/s, (d) least-loaded {:.0} conn/s; rounds: {}; {} failed",
+        rate_b,
+        rate_d,
+        rounds
+            .iter()
+            .map(|r| format!("{}={:.0}", r.0, r.1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        conn_failed
+    );
+    println!(
+        "    least-loaded program counters after: {}",
+        least_stats["steering_stats"]
+    );
+    println!("\n| ratio | value | target | |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| (d) p99 / (a) p99 | {da:.2} | <= 0.5 | {} |",
+        met(da <= 0.5)
+    );
+    println!(
+        "| (d) p99 / (b) p99 | {db:.2} | <= 0.7 | {} |",
+        met(db <= 0.7)
+    );
+    println!(
+        "| (d) / (b) connections per second | {:.3} (overhead {overhead:.1}%) | overhead <= 2% | {} |",
+        rate_d / rate_b,
+        met(overhead <= 2.0)
+    );
+    if o.quick {
+        println!("\n(--quick: a smoke test; the numbers mean little)");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
