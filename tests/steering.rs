@@ -12,6 +12,14 @@ use std::time::{Duration, Instant};
 
 use corral_tests::*;
 
+/// The load tests here measure shares and ratios on a 2-core machine: one at a time, so none
+/// measures the CPU contention of another.
+static LOAD: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    LOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -89,6 +97,7 @@ fn load(
 
 #[test]
 fn least_loaded_spreads_evenly() {
+    let _serial = one_at_a_time();
     let port = free_port();
     let agent = Agent::start("spread", &app(port, 4, "", ""));
     let pids = agent.wait_ready("web", 4, Duration::from_secs(20));
@@ -129,6 +138,7 @@ fn slow_worker_share(tag: &str, listen_extra: &str) -> f64 {
 
 #[test]
 fn least_loaded_avoids_a_slow_worker_where_hash_does_not() {
+    let _serial = one_at_a_time();
     let ll = slow_worker_share("slow-ll", "");
     let hash = slow_worker_share("slow-hash", "steering = \"hash\"");
     eprintln!("slow worker's share: least-loaded {ll:.3}, hash {hash:.3}");
@@ -144,6 +154,7 @@ fn least_loaded_avoids_a_slow_worker_where_hash_does_not() {
 
 #[test]
 fn a_worker_that_is_not_ready_gets_no_connections() {
+    let _serial = one_at_a_time();
     let port = free_port();
     let late = "if [ $CORRAL_WORKER = 2 ]; then export DEMO_START_DELAY_MS=3000; fi;";
     let agent = Agent::start("notready", &app(port, 4, late, ""));
@@ -273,6 +284,7 @@ fn kill_under_load(tag: &str, listen_extra: &str) -> (usize, usize, usize) {
 
 #[test]
 fn killing_workers_under_load_loses_only_what_they_had_accepted() {
+    let _serial = one_at_a_time();
     let (ok, failed, accepted) = kill_under_load("kill-ebpf", "");
     let (h_ok, h_failed, h_accepted) = kill_under_load("kill-hash", "steering = \"hash\"");
     eprintln!(
