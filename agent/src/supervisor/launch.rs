@@ -86,6 +86,7 @@ impl Launch {
             fd3: fd3.map(|f| f.as_fd()),
             stdout: out_w.as_fd(),
             stderr: err_w.as_fd(),
+            cgroup: None,
         };
         let child = spawn::spawn(&spec).map_err(|e| e.to_string())?;
         let process = Process::new(child.pid, child.pidfd).map_err(|e| e.to_string())?;

@@ -110,6 +110,9 @@ pub struct Spec<'a> {
     pub fd3: Option<BorrowedFd<'a>>,
     pub stdout: BorrowedFd<'a>,
     pub stderr: BorrowedFd<'a>,
+    /// Start the child inside this cgroup (a directory fd of a cgroup v2 leaf): with
+    /// CLONE_INTO_CGROUP it is never, even briefly, in the agent's own cgroup.
+    pub cgroup: Option<BorrowedFd<'a>>,
 }
 
 /// A started child: its pid (for display and `/proc` only) and the pidfd that owns it.
@@ -225,6 +228,9 @@ impl Plan {
     }
 }
 
+/// linux/sched.h (kernel 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
 #[repr(C)]
 struct CloneArgs {
     flags: u64,
@@ -252,8 +258,14 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
     };
 
     let mut pidfd: RawFd = -1;
+    let mut flags = libc::CLONE_PIDFD as u64;
+    let mut cgroup = 0;
+    if let Some(fd) = spec.cgroup {
+        flags |= CLONE_INTO_CGROUP;
+        cgroup = fd.as_raw_fd() as u64;
+    }
     let mut args = CloneArgs {
-        flags: libc::CLONE_PIDFD as u64,
+        flags,
         pidfd: &mut pidfd as *mut RawFd as u64,
         child_tid: 0,
         parent_tid: 0,
@@ -263,7 +275,7 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
         tls: 0,
         set_tid: 0,
         set_tid_size: 0,
-        cgroup: 0,
+        cgroup,
     };
     // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a copy of this address
     // space and continues here with a return value of 0. `args` is a valid clone_args of the
@@ -282,7 +294,11 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
     }
     if ret < 0 {
         return Err(SpawnError::Parent {
-            call: "clone3",
+            call: if spec.cgroup.is_some() {
+                "clone3 into the worker's cgroup"
+            } else {
+                "clone3"
+            },
             source: last_os_error(),
         });
     }
