@@ -3,6 +3,7 @@
 #![allow(unsafe_code)]
 
 pub mod bpf;
+pub mod cgroup;
 pub mod diag;
 pub mod machine;
 pub mod notify;
