@@ -1,6 +1,7 @@
 //! corral's project tasks: `cargo xtask <task>`.
 //!
-//!   test            fmt, clippy, build, unit tests, host integration tests (as root)
+//!   test            fmt, clippy, build, unit tests, host integration tests (as root), VM tier
+//!   vm-test         the VM tier: Debian's kernels under qemu, tests/vm.rs inside
 //!   demo            build and run the agent on packaging/examples/demo.toml, in the foreground
 //!   bench restart   SIGKILL of a worker -> the replacement running, vs. a shell respawn loop
 //!   bench steering  open-loop tail latency and per-worker share: one shared accept socket vs.
@@ -13,27 +14,36 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod bench_steering;
+mod vm;
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
   test              everything CI runs: cargo fmt --check, clippy -D warnings, build, unit tests,
-                    and the host integration tests (they start real agents: run as root)
+                    and the host integration tests (they start real agents: run as root),
+                    then the VM tier (vm-test, all kernels)
   demo              build release binaries and run `corral agent` on
                     packaging/examples/demo.toml in the foreground (root); then in another
                     terminal: curl http://127.0.0.1:8080/
+  vm-test [--kernel bookworm|trixie|all] [--keep] [--timeout SECS]
+                    the VM tier: Debian's kernels (bookworm 6.1, trixie 6.12; fetched with apt
+                    once, cached in target/vm/cache) boot under qemu (TCG) with an initramfs of
+                    busybox, the debug binaries and tests/vm.rs, which run inside, where cgroup
+                    v2 has every controller and kTLS loads; serial logs in
+                    target/vm/<kernel>.log; --keep keeps target/vm/work (the initramfs and a
+                    script that boots it again); --timeout per kernel in seconds, default 600
   bench restart [--kills N]
                     time from SIGKILL of a worker to its replacement running, over N kills
                     (default 200), side by side with a `while :; do app; done` shell loop
   bench steering [--quick] [--rate R] [--threads T]
-                    4 workers of corral-demo under an open-loop Poisson load of mixed requests
-                    (90% 1 ms CPU, 9% 10 ms CPU, 1% 100 ms sleep; default 700 req/s, 2 s
-                    warm-up + 20 s per variant; T threads per worker, default 8), one new
-                    connection each, latency from the scheduled send: one shared accept
-                    socket vs. corral steering hash, round-robin, least-loaded; then /healthz
-                    connections per second, closed loop, hash vs. least-loaded (root);
-                    --quick: 3 s per variant, a smoke test
+                    4 workers of corral-demo, T threads each (default 8), under an open-loop
+                    Poisson load of R req/s (default 700), one new connection per request,
+                    latency from the scheduled send; mix 90.5% 1 ms CPU, 9% 10 ms CPU, 0.5%
+                    100 ms sleep; 2 s warm-up + 20 s per variant: one shared accept socket
+                    vs. corral steering hash, round-robin, least-loaded. Then /healthz
+                    connections per second, closed loop, hash vs. least-loaded, 3 ABBA
+                    blocks of 5 s rounds (root). --quick: 3 s per variant, 1 s rounds
 ";
 
 fn main() -> Result<()> {
@@ -42,6 +52,7 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo(),
+        ["vm-test", rest @ ..] => vm::vm_test(rest),
         ["bench", "restart", rest @ ..] => bench::restart(rest),
         ["bench", "steering", rest @ ..] => bench_steering::steering(rest),
         ["help" | "--help" | "-h"] | [] => {
@@ -143,6 +154,7 @@ fn test(rest: &[&str]) -> Result<()> {
     ]))?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    vm::vm_test(&[])?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }
