@@ -189,3 +189,63 @@ fn the_agent_serves_two_demo_workers_with_ebpf_steering() {
         "the steering program picked no worker: {stats:?}"
     );
 }
+
+/// Restores the kernel's module loader when dropped.
+struct ModprobeOff(String);
+
+impl ModprobeOff {
+    fn new() -> ModprobeOff {
+        let old = std::fs::read_to_string("/proc/sys/kernel/modprobe").expect("read modprobe");
+        std::fs::write("/proc/sys/kernel/modprobe", "/bin/false").expect("disable modprobe");
+        ModprobeOff(old.trim().to_string())
+    }
+}
+
+impl Drop for ModprobeOff {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/modprobe", &self.0);
+    }
+}
+
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+fn without_sock_diag_readiness_falls_back_to_the_accept_queue() {
+    in_vm();
+    // A kernel without inet_diag/tcp_diag: unload them (they are modules in Debian's kernels)
+    // and keep the kernel from loading them again while this test runs.
+    let _off = ModprobeOff::new();
+    for m in ["tcp_diag", "udp_diag", "inet_diag"] {
+        let _ = Command::new("rmmod").arg(m).status();
+    }
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    assert!(
+        !modules.lines().any(|l| l.starts_with("inet_diag ")),
+        "inet_diag still loaded:\n{modules}"
+    );
+    let port = free_port();
+    let late = "if [ $CORRAL_WORKER = 1 ]; then export DEMO_START_DELAY_MS=1500; fi; exec @DEMO@";
+    let apps = format!(
+        "\n[app.web]\ncommand = [\"/bin/sh\", \"-c\", \"{late}\"]\nuser = \"nobody\"\n\
+         [app.web.listen]\naddress = \"127.0.0.1:{port}\"\n[app.web.workers]\ncount = 2\n"
+    );
+    let agent = Agent::start("nodiag", &apps);
+    let t0 = std::time::Instant::now();
+    agent.wait_ready("web", 2, Duration::from_secs(60));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1000),
+        "worker 1 was not ready before its delay: {:?}",
+        t0.elapsed()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("readiness probes cannot use sock_diag"),
+        "the agent says which signal it fell back to:\n{log}"
+    );
+    assert!(
+        !log.contains("not ready:"),
+        "no worker was wrongly failed:\n{log}"
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let (status, body) = http_get(addr, "/").expect("GET");
+    assert_eq!(status, 200, "{body}");
+}

@@ -277,6 +277,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
 
+    ready::init_accept_signal();
     for dir in steering::remove_stale_pins(&config.agent.bpf_pin_dir) {
         tracing::info!("removed stale steering pins {}", dir.display());
     }
@@ -772,15 +773,17 @@ impl Supervisor {
                         status,
                     });
                 });
-                let (ready_cfg, address, timeout) = (
+                let (ready_cfg, address, timeout, listener) = (
                     app.cfg.workers.ready.clone(),
                     app.cfg.listen.address,
                     app.cfg.workers.ready_timeout,
+                    slot.socket.clone(),
                 );
                 let app_name = name.clone();
                 let probe = tokio::spawn(async move {
                     let result =
-                        ready::wait_ready(&ready_cfg, address, slot_idx, timeout, notify).await;
+                        ready::wait_ready(&ready_cfg, address, slot_idx, listener, timeout, notify)
+                            .await;
                     let _ = tx.send(Event::Ready {
                         app: app_name,
                         id,

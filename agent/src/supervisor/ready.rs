@@ -8,6 +8,8 @@
 //! the worker is ready on a 2xx or 3xx answer.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,11 +19,39 @@ use tokio::time::{sleep, Instant};
 use crate::config::Ready;
 use crate::sys::{diag, socket};
 
+/// How a probe learns that the worker accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptSignal {
+    /// sock_diag: the probe connection gained a socket inode (exact).
+    Diag,
+    /// sock_diag is unavailable: the slot listener's accept queue drained (approximate: other
+    /// connections queued on the same slot delay it).
+    QueueDrained,
+}
+
+static SIGNAL: OnceLock<AcceptSignal> = OnceLock::new();
+
+/// Decide once, at agent start, how probes see an accept; says so if it is the fallback.
+pub fn init_accept_signal() -> AcceptSignal {
+    *SIGNAL.get_or_init(|| match diag::self_check() {
+        Ok(()) => AcceptSignal::Diag,
+        Err(why) => {
+            tracing::warn!(
+                "readiness probes cannot use sock_diag ({why}); they watch the worker's \
+                 accept queue drain instead, which a busy slot can delay"
+            );
+            AcceptSignal::QueueDrained
+        }
+    })
+}
+
 /// Wait until the worker in `slot` of the group on `address` is ready, or say why not.
+/// `listener` is the slot's listening socket.
 pub async fn wait_ready(
     ready: &Ready,
     address: SocketAddr,
     slot: u32,
+    listener: Arc<OwnedFd>,
     timeout: Duration,
     notify: Option<UnixDatagram>,
 ) -> Result<(), String> {
@@ -41,12 +71,16 @@ pub async fn wait_ready(
                 Err(_) => Err(format!("did not send READY=1 within {limit}")),
             }
         }
-        Ready::Tcp => match tokio::time::timeout_at(deadline, probe(address, slot, None)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("did not accept a probe connection within {limit}")),
-        },
+        Ready::Tcp => {
+            match tokio::time::timeout_at(deadline, probe(address, slot, &listener, None)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("did not accept a probe connection within {limit}")),
+            }
+        }
         Ready::Http(path) => loop {
-            match tokio::time::timeout_at(deadline, probe(address, slot, Some(path))).await {
+            match tokio::time::timeout_at(deadline, probe(address, slot, &listener, Some(path)))
+                .await
+            {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) if Instant::now() + Duration::from_millis(100) < deadline => {
                     tracing::debug!(slot, "http probe: {e}");
@@ -83,17 +117,40 @@ async fn connect(address: SocketAddr, slot: u32) -> Result<TcpStream, String> {
         .map_err(|e| format!("probe connect to {target}: {e}"))
 }
 
-async fn probe(address: SocketAddr, slot: u32, http: Option<&str>) -> Result<(), String> {
+async fn probe(
+    address: SocketAddr,
+    slot: u32,
+    listener: &Arc<OwnedFd>,
+    http: Option<&str>,
+) -> Result<(), String> {
     let mut stream = connect(address, slot).await?;
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     let server_end = stream.peer_addr().map_err(|e| e.to_string())?;
+    let signal = SIGNAL.get().copied().unwrap_or(AcceptSignal::Diag);
     // Wait for the accept: back off from 1 ms to 20 ms between looks.
     let mut pause = Duration::from_millis(1);
+    if signal == AcceptSignal::QueueDrained {
+        // Give the final ACK time to put the probe in the queue before an empty queue counts.
+        sleep(Duration::from_millis(5)).await;
+    }
     loop {
-        match diag::tcp_connection(server_end, local).map_err(|e| e.to_string())? {
-            Some(c) if c.inode != 0 => break,
-            Some(_) => {}
-            None => return Err("the probe connection was closed before it was accepted".into()),
+        let accepted = match signal {
+            AcceptSignal::Diag => {
+                match diag::tcp_connection(server_end, local).map_err(|e| e.to_string())? {
+                    Some(c) => c.inode != 0,
+                    None => {
+                        return Err("the probe connection was closed before it was accepted".into())
+                    }
+                }
+            }
+            AcceptSignal::QueueDrained => {
+                socket::accept_queue_len(listener.as_fd())
+                    .map_err(|e| format!("reading the accept queue: {e}"))?
+                    == 0
+            }
+        };
+        if accepted {
+            break;
         }
         sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));

@@ -214,3 +214,30 @@ pub fn tcp_connection(
         inode: msg.inode,
     }))
 }
+
+/// Whether sock_diag can see TCP connections on this machine. It answers ENOENT both for "no
+/// such connection" and for "no inet_diag/tcp_diag here" (modules not loaded and not loadable),
+/// so this makes a loopback connection of its own and looks it up: it must be found, still
+/// queued (no inode), and after accept, accepted.
+pub fn self_check() -> Result<(), String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let server = listener.local_addr().map_err(|e| e.to_string())?;
+    let client = std::net::TcpStream::connect(server).map_err(|e| e.to_string())?;
+    let client_addr = client.local_addr().map_err(|e| e.to_string())?;
+    match tcp_connection(server, client_addr).map_err(|e| e.to_string())? {
+        Some(c) if c.inode == 0 => {}
+        Some(c) => return Err(format!("a queued connection reported inode {}", c.inode)),
+        None => {
+            return Err(
+                "sock_diag does not see TCP connections (are the inet_diag and tcp_diag \
+                 kernel modules available?)"
+                    .to_string(),
+            )
+        }
+    }
+    let (_accepted, _) = listener.accept().map_err(|e| e.to_string())?;
+    match tcp_connection(server, client_addr).map_err(|e| e.to_string())? {
+        Some(c) if c.inode != 0 => Ok(()),
+        other => Err(format!("an accepted connection looked like {other:?}")),
+    }
+}
