@@ -71,6 +71,11 @@ pub struct WorkerStatus {
     /// Connections the steering program sent to this worker's slot since its socket group
     /// was created (eBPF steering only).
     pub connections: Option<u64>,
+    /// pids.current of its cgroup leaf.
+    pub pids: Option<u64>,
+    /// Its cgroup leaf, when corral has a cgroup root (then `rss_bytes` and `peak_rss_bytes` are
+    /// the leaf's memory.current and memory.peak, `cpu_ms` its cpu.stat usage).
+    pub cgroup: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -147,7 +147,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if !machine::is_root() {
                 bail!("the agent must run as root: it binds sockets for and switches to the apps' users");
             }
-            check_budget(&cfg)?;
+            check_budget(
+                &cfg,
+                supervisor::cgroups::Cgroups::inspect(&cfg.agent).root_memory_max(),
+            )?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -284,7 +287,9 @@ fn resolved_count(c: WorkerCount) -> u32 {
     }
 }
 
-fn check_budget(cfg: &Config) -> Result<budget::Budget> {
+/// Sum of memory caps against the memory corral may use: MemTotal, or less when its cgroup
+/// root has a memory.max of its own.
+fn check_budget(cfg: &Config, ceiling: Option<config::ByteSize>) -> Result<budget::Budget> {
     let lines: Vec<_> = cfg
         .apps
         .values()
@@ -297,7 +302,11 @@ fn check_budget(cfg: &Config) -> Result<budget::Budget> {
         })
         .collect();
     let total = machine::mem_total().context("reading /proc/meminfo")?;
-    let b = budget::memory_budget(&lines, config::ByteSize(total));
+    let available = match ceiling {
+        Some(c) if c.0 < total => c,
+        _ => config::ByteSize(total),
+    };
+    let b = budget::memory_budget(&lines, available);
     if let Some(msg) = b.over_message() {
         if cfg.agent.allow_overcommit {
             eprintln!("corral: warning: {msg} (allowed by [agent] allow_overcommit = true)");
@@ -368,6 +377,8 @@ fn check(path: &Path) -> Result<ExitCode> {
         cfg.agent.control_socket.display(),
         cfg.agent.bpf_pin_dir.display()
     );
+    let cgroups = supervisor::cgroups::Cgroups::inspect(&cfg.agent);
+    println!("cgroups: {}", cgroups.describe());
     if cfg.apps.is_empty() {
         println!("no apps defined (add [app.NAME] tables, or files matching the include globs)");
     }
@@ -429,6 +440,19 @@ fn check(path: &Path) -> Result<ExitCode> {
         if let Some(m) = app.workers.memory_max {
             println!("  memory_max  {m} per worker");
         }
+        if let Some(why) = cgroups.refusal(app) {
+            if cfg.agent.enforce_limits {
+                problems.push(why);
+            } else {
+                println!("  limits      NOT enforced: {why}");
+            }
+        } else if let Some(root) = cgroups.root_path() {
+            println!(
+                "  cgroups     {}/app-{}/worker-<slot>-<n>, one leaf per worker",
+                root.display(),
+                app.name
+            );
+        }
         let r = &app.restart;
         println!(
             "  restart     {:?}, backoff {} to {}, give up after {} restarts within {}",
@@ -458,7 +482,7 @@ fn check(path: &Path) -> Result<ExitCode> {
         }
     }
     println!();
-    match check_budget(&cfg) {
+    match check_budget(&cfg, cgroups.root_memory_max()) {
         Ok(b) => print!("{}", b.describe()),
         Err(e) => problems.push(e.to_string()),
     }

@@ -18,8 +18,8 @@ use toml::de::{DeTable, DeValue};
 
 use super::raw::{self, Scalar, Str, StrList};
 use super::{
-    Agent, App, AppName, ByteSize, Config, ConfigError, Identity, KtlsMode, Listen, Location,
-    Lookup, PreStart, Ready, Restart, RestartMode, Steering, Tls, WorkerCount, Workers,
+    Agent, App, AppName, ByteSize, CgroupRoot, Config, ConfigError, Identity, KtlsMode, Listen,
+    Location, Lookup, PreStart, Ready, Restart, RestartMode, Steering, Tls, WorkerCount, Workers,
 };
 
 /// Included files when `[agent] include` is not written; relative to the main file's directory.
@@ -867,6 +867,7 @@ fn convert_agent(
             metrics: None,
             enforce_limits: true,
             allow_overcommit: false,
+            cgroup_root: CgroupRoot::Auto,
         };
         return Ok((agent, vec![(DEFAULT_INCLUDE.to_string(), None)], None));
     };
@@ -897,6 +898,11 @@ fn convert_agent(
         Some(v) => Some((t.socket_addr("metrics", v)?, src.loc(v.span().start))),
         None => None,
     };
+    let cgroup_root = match &raw.cgroup_root {
+        None => CgroupRoot::Auto,
+        Some(v) if v.get_ref() == "auto" => CgroupRoot::Auto,
+        Some(v) => CgroupRoot::Path(t.absolute_path("cgroup_root", v)?),
+    };
     let agent = Agent {
         include: include.iter().map(|(p, _)| p.clone()).collect(),
         state_dir,
@@ -905,6 +911,7 @@ fn convert_agent(
         metrics: metrics.as_ref().map(|(a, _)| *a),
         enforce_limits: raw.enforce_limits.unwrap_or(true),
         allow_overcommit: raw.allow_overcommit.unwrap_or(false),
+        cgroup_root,
     };
     Ok((agent, include, metrics.map(|(_, at)| at)))
 }

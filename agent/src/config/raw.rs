@@ -46,6 +46,7 @@ pub struct RawAgent {
     pub metrics: Option<Str>,
     pub enforce_limits: Option<bool>,
     pub allow_overcommit: Option<bool>,
+    pub cgroup_root: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

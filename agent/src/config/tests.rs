@@ -320,6 +320,7 @@ fn full_config_round_trips() {
             metrics: Some(addr("127.0.0.1:9464")),
             enforce_limits: false,
             allow_overcommit: true,
+            cgroup_root: CgroupRoot::Auto,
         },
         apps: BTreeMap::from([(api_name, api), (web_name, web)]),
     };
@@ -339,6 +340,7 @@ fn missing_agent_table_means_defaults() {
             metrics: None,
             enforce_limits: true,
             allow_overcommit: false,
+            cgroup_root: CgroupRoot::Auto,
         }
     );
     assert_eq!(config.files, vec![PathBuf::from(MAIN)]);
@@ -1203,4 +1205,25 @@ fn unknown_key_in_included_file() {
         "{shown}"
     );
     assert!(e.hint.unwrap().starts_with("did you mean `app`?"));
+}
+
+#[test]
+fn cgroup_root_is_auto_or_an_absolute_path() {
+    let text = |v: &str| format!("[agent]\ncgroup_root = {v}\n{}", app("", ""));
+    assert_eq!(
+        load_text(&text("\"auto\"")).unwrap().agent.cgroup_root,
+        CgroupRoot::Auto
+    );
+    assert_eq!(
+        load_text(&text("\"/sys/fs/cgroup/corral\""))
+            .unwrap()
+            .agent
+            .cgroup_root,
+        CgroupRoot::Path(PathBuf::from("/sys/fs/cgroup/corral"))
+    );
+    let err = load_text(&text("\"corral\"")).unwrap_err().to_string();
+    assert!(
+        err.contains("2:15") && err.contains("absolute path"),
+        "{err}"
+    );
 }

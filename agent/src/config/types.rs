@@ -211,6 +211,15 @@ pub struct App {
     pub tls: Option<Tls>,
 }
 
+/// Where corral's cgroup subtree is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupRoot {
+    /// The agent's own cgroup, when systemd delegated it (Delegate=yes); otherwise none.
+    Auto,
+    /// This existing cgroup v2 directory, delegated to corral by whoever made it.
+    Path(PathBuf),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agent {
     pub include: Vec<String>,
@@ -220,6 +229,7 @@ pub struct Agent {
     pub metrics: Option<SocketAddr>,
     pub enforce_limits: bool,
     pub allow_overcommit: bool,
+    pub cgroup_root: CgroupRoot,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -70,6 +70,7 @@ impl Launch {
         &self,
         fd3: Option<&OwnedFd>,
         extra: &[(String, String)],
+        cgroup: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<(Arc<Process>, OwnedFd, OwnedFd), String> {
         let (out_r, out_w) = spawn::output_pipe().map_err(|e| format!("pipe: {e}"))?;
         let (err_r, err_w) = spawn::output_pipe().map_err(|e| format!("pipe: {e}"))?;
@@ -86,7 +87,7 @@ impl Launch {
             fd3: fd3.map(|f| f.as_fd()),
             stdout: out_w.as_fd(),
             stderr: err_w.as_fd(),
-            cgroup: None,
+            cgroup,
         };
         let child = spawn::spawn(&spec).map_err(|e| e.to_string())?;
         let process = Process::new(child.pid, child.pidfd).map_err(|e| e.to_string())?;

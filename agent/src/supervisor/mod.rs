@@ -2,6 +2,7 @@
 //! readiness probes, timers, pre-start sequences, control connections) runs in small tasks that
 //! report back as [`Event`]s. Policy decides, this module executes.
 
+pub mod cgroups;
 pub mod launch;
 mod output;
 mod prestart;
@@ -26,6 +27,7 @@ use crate::sys::notify::{monotonic_usec, Notifier};
 use crate::sys::pidfd::{Process, WaitStatus};
 use crate::sys::{machine, socket, users::SystemLookup};
 
+use cgroups::Cgroups;
 use launch::Launch;
 use output::Tag;
 use steering::GroupSteering;
@@ -84,6 +86,11 @@ enum Event {
         token: u64,
         result: Result<(), String>,
     },
+    /// A worker's memory.events changed.
+    MemoryEvents {
+        app: AppName,
+        id: u64,
+    },
     Control {
         request: Request,
         reply: oneshot::Sender<Response>,
@@ -121,11 +128,48 @@ struct Worker {
     not_ready: Option<String>,
     /// The readiness probe; it must not outlive the worker (it holds the probe's 4-tuple).
     probe: tokio::task::AbortHandle,
+    /// Its cgroup leaf, when corral has a cgroup root.
+    leaf: Option<crate::sys::cgroup::Leaf>,
+    /// The watch of its memory.events (memory_high set), stopped with the worker.
+    memory_watch: Option<tokio::task::AbortHandle>,
+    /// memory.events `high` when last looked at; it is being replaced for crossing it.
+    high_seen: u64,
+    recycling: bool,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
         self.probe.abort();
+        if let Some(w) = &self.memory_watch {
+            w.abort();
+        }
+        if let Some(leaf) = self.leaf.take() {
+            teardown_leaf(leaf);
+        }
+    }
+}
+
+/// Kill whatever is left in a leaf (grandchildren the worker left behind), wait until it is
+/// empty, remove it. The worker's own process has exited by now, so this is immediate unless
+/// it left children; those get cgroup.kill's SIGKILL and die within milliseconds.
+pub(crate) fn teardown_leaf(leaf: crate::sys::cgroup::Leaf) {
+    if let Err(e) = leaf.kill() {
+        tracing::warn!("killing what is left in {}: {e}", leaf.path().display());
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while leaf.populated().unwrap_or(false) {
+        if Instant::now() > deadline {
+            tracing::error!(
+                "{} still has processes after cgroup.kill",
+                leaf.path().display()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let path = leaf.path().to_path_buf();
+    if let Err(e) = leaf.remove() {
+        tracing::warn!("removing {}: {e}", path.display());
     }
 }
 
@@ -191,6 +235,8 @@ struct AppRt {
     note: Option<String>,
     cancel: watch::Sender<bool>,
     steering: GroupSteering,
+    /// `<root>/app-<name>`, when corral has a cgroup root.
+    cg: Option<crate::sys::cgroup::App>,
 }
 
 /// What a config needs before it can be applied: sockets bound, programs found, the steering
@@ -267,6 +313,7 @@ struct Supervisor {
     notifier: Notifier,
     shutting_down: bool,
     rng: u64,
+    cgroups: Cgroups,
 }
 
 /// Run the agent until SIGTERM or SIGINT. Errors before the first worker starts are returned
@@ -278,6 +325,8 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
 
     ready::init_accept_signal();
+    let cgroups = Cgroups::setup(&config.agent);
+    tracing::info!("cgroups: {}", cgroups.describe());
     for dir in steering::remove_stale_pins(&config.agent.bpf_pin_dir) {
         tracing::info!("removed stale steering pins {}", dir.display());
     }
@@ -311,6 +360,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         notifier: Notifier::from_env(),
         shutting_down: false,
         rng: seed,
+        cgroups,
     };
     for (name, p) in prepared {
         let cfg = config.apps[&name].clone();
@@ -352,6 +402,13 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     }
     let _ = std::fs::remove_file(&sup.config.agent.control_socket);
     let pin_root = sup.config.agent.bpf_pin_dir.clone();
+    for (name, app) in std::mem::take(&mut sup.apps) {
+        if let Some(cg) = app.cg {
+            if let Err(e) = cg.remove() {
+                tracing::warn!(app = %name, "removing its cgroup: {e}");
+            }
+        }
+    }
     drop(sup); // unpins every group's steering maps
     let _ = std::fs::remove_dir(&pin_root); // only if empty
     tracing::info!("all workers stopped; agent exiting");
@@ -466,6 +523,29 @@ impl Supervisor {
             tracing::error!(app = %name, "attaching connection steering: {e}");
         }
         tracing::info!(app = %name, "connection steering: {}", steering.describe());
+        let mut refused = None;
+        if let Some(why) = self.cgroups.refusal(&cfg) {
+            if self.config.agent.enforce_limits {
+                tracing::error!(app = %name, "{why}");
+                refused = Some(why);
+            } else {
+                tracing::warn!(app = %name, "{why}; running it uncapped (enforce_limits = false)");
+            }
+        }
+        let cg = match self.cgroups.app(name.as_str()) {
+            None => None,
+            Some(Ok(cg)) => Some(cg),
+            Some(Err(e)) => {
+                let why = format!("app {name}: its cgroup: {e}");
+                if cgroups::needed(&cfg).is_empty() || !self.config.agent.enforce_limits {
+                    tracing::warn!(app = %name, "{why}; its workers run in the agent's cgroup");
+                } else {
+                    tracing::error!(app = %name, "{why}");
+                    refused = Some(why);
+                }
+                None
+            }
+        };
         let rt = AppRt {
             slots: p.sockets.into_iter().map(Slot::new).collect(),
             launch: p.launch,
@@ -475,9 +555,17 @@ impl Supervisor {
             note: None,
             cancel,
             steering,
+            cg,
         };
         self.apps.insert(name.clone(), rt);
-        self.begin_prestart(&name, None);
+        match refused {
+            Some(why) => {
+                if let Some(app) = self.apps.get_mut(&name) {
+                    app.phase = Phase::Failed(why);
+                }
+            }
+            None => self.begin_prestart(&name, None),
+        }
     }
 
     /// Run the app's pre-start steps (those of `rollout` when replacing), then start workers.
@@ -501,11 +589,19 @@ impl Supervisor {
             }
         };
         app.phase = Phase::PreStart { token, rollout };
+        let leaf = match app.cg.as_ref().map(|cg| cg.named_leaf("prestart")) {
+            Some(Ok(leaf)) => Some(leaf),
+            Some(Err(e)) => {
+                tracing::warn!(app = %name, "pre-start steps run in the agent's cgroup: {e}");
+                None
+            }
+            None => None,
+        };
         let mut cancel = app.cancel.subscribe();
         let app_name = name.clone();
         tokio::spawn(async move {
             let result = tokio::select! {
-                r = prestart::run_steps(app_name.to_string(), plan) => r,
+                r = prestart::run_steps(app_name.to_string(), plan, leaf) => r,
                 _ = cancel.wait_for(|c| *c) => Err("cancelled: the agent is stopping".to_string()),
             };
             let _ = tx.send(Event::PreStartDone {
@@ -589,6 +685,7 @@ impl Supervisor {
             Event::PreStartDone { app, token, result } => {
                 self.on_prestart_done(&app, token, result)
             }
+            Event::MemoryEvents { app, id } => self.on_memory_events(&app, id),
             Event::Control { request, reply } => {
                 let response = self.control(request);
                 let _ = reply.send(response);
@@ -748,8 +845,36 @@ impl Supervisor {
             }
         }
         let started = Instant::now();
-        match app.launch.start(Some(&slot.socket), &extra) {
-            Ok((process, out, err)) => {
+        let leaf = match app
+            .cg
+            .as_ref()
+            .map(|cg| cg.leaf(format!("{slot_idx}-{id}")))
+        {
+            None => Ok(None),
+            Some(Ok(leaf)) => match leaf.set_limits(&cgroups::limits(&app.cfg)) {
+                Ok(skipped) => {
+                    for s in skipped {
+                        tracing::warn!(app = %name, worker = slot_idx, "not enforced: {s}");
+                    }
+                    Ok(Some(leaf))
+                }
+                Err(e) => Err(format!("setting its cgroup limits: {e}")),
+            },
+            Some(Err(e)) => Err(format!("creating its cgroup: {e}")),
+        };
+        let started_proc = match leaf {
+            Ok(leaf) => app
+                .launch
+                .start(
+                    Some(&slot.socket),
+                    &extra,
+                    leaf.as_ref().map(|l| l.dir_fd()),
+                )
+                .map(|p| (p, leaf)),
+            Err(e) => Err(e),
+        };
+        match started_proc {
+            Ok(((process, out, err), leaf)) => {
                 let pid = process.pid();
                 tracing::info!(app = %name, worker = slot_idx, pid, "worker started");
                 for (fd, stream) in [(out, "stdout"), (err, "stderr")] {
@@ -790,6 +915,33 @@ impl Supervisor {
                         result,
                     });
                 });
+                let memory_watch = match (&leaf, app.cfg.workers.memory_high) {
+                    (Some(leaf), Some(_)) => {
+                        let path = leaf.events_path(crate::sys::cgroup::EventsFile::Memory);
+                        match crate::sys::inotify::Watch::new(&path) {
+                            Ok(watch) => {
+                                let (tx3, app_name) = (self.tx.clone(), name.clone());
+                                let task = tokio::spawn(async move {
+                                    while watch.changed().await.is_ok() {
+                                        let ev = Event::MemoryEvents {
+                                            app: app_name.clone(),
+                                            id,
+                                        };
+                                        if tx3.send(ev).is_err() {
+                                            break;
+                                        }
+                                    }
+                                });
+                                Some(task.abort_handle())
+                            }
+                            Err(e) => {
+                                tracing::warn!(app = %name, worker = slot_idx, "memory_high will not recycle it: {e}");
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 slot.current = Some(Worker {
                     id,
                     slot: slot_idx,
@@ -800,6 +952,10 @@ impl Supervisor {
                     expected_exit: false,
                     not_ready: None,
                     probe: probe.abort_handle(),
+                    leaf,
+                    memory_watch,
+                    high_seen: 0,
+                    recycling: false,
                 });
             }
             Err(reason) => {
@@ -857,14 +1013,42 @@ impl Supervisor {
         let Some(app) = self.apps.get_mut(name) else {
             return;
         };
-        let describe = |status: &Result<WaitStatus, String>| match status {
-            Ok(s) => exit_status(*s).to_string(),
-            Err(e) => format!("lost track of it: {e}"),
+        // An OOM kill shows as SIGKILL; the leaf's memory.events says who did it.
+        let cap = app.cfg.workers.memory_max;
+        let mut oom = None;
+        if let Some(w) = find_worker(app, id) {
+            if let Some(leaf) = w.leaf.take() {
+                if let (Ok(ev), Some(cap)) = (leaf.read_memory_events(), cap) {
+                    if ev.oom_kill > 0 || ev.oom_group_kill > 0 {
+                        oom = Some(format!("oom-killed at memory.max = {cap}"));
+                    }
+                }
+                teardown_leaf(leaf);
+            }
+        }
+        let describe = |status: &Result<WaitStatus, String>| match (&oom, status) {
+            (Some(o), _) => o.clone(),
+            (None, Ok(s)) => exit_status(*s).to_string(),
+            (None, Err(e)) => format!("lost track of it: {e}"),
         };
         // Retired or removed workers: expected.
         if let Some(pos) = app.removed.iter().position(|w| w.id == id) {
             let w = app.removed.remove(pos);
             tracing::info!(app = %name, worker = w.slot, pid = w.process.pid(), "worker stopped ({})", describe(&status));
+            // An app removed by a reload goes once its last worker has.
+            if matches!(app.phase, Phase::Stopping)
+                && !self.shutting_down
+                && app.slots.is_empty()
+                && app.removed.is_empty()
+            {
+                if let Some(app) = self.apps.remove(name) {
+                    if let Some(cg) = app.cg {
+                        if let Err(e) = cg.remove() {
+                            tracing::warn!(app = %name, "removing its cgroup: {e}");
+                        }
+                    }
+                }
+            }
             return;
         }
         for slot in &mut app.slots {
@@ -916,6 +1100,37 @@ impl Supervisor {
             return;
         }
         self.after_failure(name, slot_idx as u32, reason, exit, ran_for);
+    }
+
+    /// A worker's memory.events changed: crossing memory.high recycles it (its replacement
+    /// starts and becomes ready first, like a rolling restart of that one slot).
+    fn on_memory_events(&mut self, name: &AppName, id: u64) {
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let high = app.cfg.workers.memory_high;
+        let Some(slot_idx) = slot_of_current(app, id) else {
+            return;
+        };
+        let slot = &mut app.slots[slot_idx];
+        let Some(w) = slot.current.as_mut() else {
+            return;
+        };
+        let Some(ev) = w.leaf.as_ref().and_then(|l| l.read_memory_events().ok()) else {
+            return;
+        };
+        if ev.high <= w.high_seen {
+            return;
+        }
+        w.high_seen = ev.high;
+        if w.recycling || w.state != WorkerState::Ready {
+            return;
+        }
+        w.recycling = true;
+        tracing::warn!(app = %name, worker = w.slot, pid = w.process.pid(),
+            "crossed memory.high = {}; replacing it", high.map(|h| h.to_string()).unwrap_or_default());
+        slot.pending_replace = true;
+        self.advance_rollout(name);
     }
 
     /// Give slot `slot_idx` a fresh listening socket; the old one closes when its last user
@@ -1378,7 +1593,8 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
     let picks = app.steering.slot_picks(app.slots.len() as u32);
     let conns = |slot: u32| picks.as_ref().and_then(|p| p.get(slot as usize).copied());
     let worker = |w: &Worker, slot: &Slot| {
-        let stats = machine::process_stats(w.process.pid());
+        let proc_stats = machine::process_stats(w.process.pid());
+        let cg = w.leaf.as_ref().and_then(|l| l.stats().ok());
         WorkerStatus {
             slot: w.slot,
             pid: Some(w.process.pid()),
@@ -1386,11 +1602,22 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             uptime_ms: Some(w.started.elapsed().as_millis() as u64),
             restarts: slot.restarts,
             last_exit: slot.last_exit.clone(),
-            rss_bytes: stats.map(|s| s.rss_bytes),
-            peak_rss_bytes: stats.map(|s| s.peak_rss_bytes),
+            rss_bytes: cg
+                .as_ref()
+                .and_then(|c| c.memory_current)
+                .or(proc_stats.map(|s| s.rss_bytes)),
+            peak_rss_bytes: cg
+                .as_ref()
+                .and_then(|c| c.memory_peak)
+                .or(proc_stats.map(|s| s.peak_rss_bytes)),
             memory_max: mem_cap,
-            cpu_ms: stats.map(|s| s.cpu_ms),
+            cpu_ms: cg
+                .as_ref()
+                .map(|c| c.cpu_usage_usec / 1000)
+                .or(proc_stats.map(|s| s.cpu_ms)),
             connections: conns(w.slot),
+            pids: cg.as_ref().and_then(|c| c.pids_current),
+            cgroup: w.leaf.as_ref().map(|l| l.path().display().to_string()),
         }
     };
     let mut workers = Vec::new();
@@ -1416,6 +1643,8 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
                 memory_max: mem_cap,
                 cpu_ms: None,
                 connections: conns(i as u32),
+                pids: None,
+                cgroup: None,
             }),
         }
         for w in &slot.retired {
@@ -1442,6 +1671,8 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             memory_max: mem_cap,
             cpu_ms: stats.map(|s| s.cpu_ms),
             connections: None,
+            pids: None,
+            cgroup: w.leaf.as_ref().map(|l| l.path().display().to_string()),
         });
     }
     AppStatus {

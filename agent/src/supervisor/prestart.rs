@@ -8,18 +8,36 @@ use super::launch::Launch;
 use super::output::{self, Tag};
 
 /// Run every step; `Err` names the step and what went wrong.
-pub async fn run_steps(app: String, steps: Vec<(PreStart, Launch)>) -> Result<(), String> {
+/// With `leaf`, every step runs in it, and whatever a step left running is killed with the leaf
+/// when the sequence ends.
+pub async fn run_steps(
+    app: String,
+    steps: Vec<(PreStart, Launch)>,
+    leaf: Option<crate::sys::cgroup::Leaf>,
+) -> Result<(), String> {
+    let result = run_in(&app, steps, leaf.as_ref()).await;
+    if let Some(leaf) = leaf {
+        super::teardown_leaf(leaf);
+    }
+    result
+}
+
+async fn run_in(
+    app: &str,
+    steps: Vec<(PreStart, Launch)>,
+    leaf: Option<&crate::sys::cgroup::Leaf>,
+) -> Result<(), String> {
     for (step, launch) in steps {
         let started = std::time::Instant::now();
         tracing::info!(app = %app, step = %step.name, "pre-start: running {}", crate::sys::spawn::display_argv(&step.command));
         let (process, out, err) = launch
-            .start(None, &[])
+            .start(None, &[], leaf.map(|l| l.dir_fd()))
             .map_err(|e| format!("pre-start {} ({}) could not start: {e}", step.name, step.at))?;
         for (fd, stream) in [(out, "stdout"), (err, "stderr")] {
             output::forward(
                 fd,
                 Tag {
-                    app: app.clone(),
+                    app: app.to_string(),
                     who: format!("step={:?}", step.name),
                     pid: process.pid(),
                     stream,

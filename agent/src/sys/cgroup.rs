@@ -912,6 +912,16 @@ impl App {
         self.leaf_from(node, name)
     }
 
+    /// A leaf with a name of its own (`prestart`), created, or reused when it has no processes.
+    pub fn named_leaf(&self, name: &str) -> Result<Leaf, CgroupError> {
+        validate_name(name)?;
+        let (node, created) = self.node.make_child(name)?;
+        if !created && !node.pids()?.is_empty() {
+            return Err(CgroupError::InUse { path: node.path });
+        }
+        self.leaf_from(node, name.to_string())
+    }
+
     fn leaf_from(&self, node: Node, name: String) -> Result<Leaf, CgroupError> {
         let controllers = node.controllers()?;
         Ok(Leaf {

@@ -5,6 +5,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod diag;
+pub mod inotify;
 pub mod machine;
 pub mod notify;
 pub mod pidfd;
