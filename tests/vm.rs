@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -248,4 +249,640 @@ fn without_sock_diag_readiness_falls_back_to_the_accept_queue() {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let (status, body) = http_get(addr, "/").expect("GET");
     assert_eq!(status, 200, "{body}");
+}
+
+// ---- Per-worker cgroup v2 leaves ----------------------------------------------------------
+//
+// The contract these tests check: `[agent] cgroup_root` names an existing cgroup v2 directory
+// (made here by `vm_cgroup_root`, never by corral); under it the agent keeps
+// `app-<app>/worker-<slot>-<n>`, one leaf per worker process, with the app's limits written
+// into each leaf, and removes what it made when workers exit and when it stops.
+
+const MIB: u64 = 1 << 20;
+
+/// Start an agent on `apps` whose `[agent]` table has `cgroup_root` = the test's root and the
+/// lines in `extra`; returns it and the root's path.
+fn cgroup_agent(tag: &str, root: &CgroupRootGuard, extra: &str, apps: &str) -> (Agent, PathBuf) {
+    let agent = Agent::start_with_agent_extra(tag, &format!("{}{extra}", root.agent_line()), apps);
+    (agent, root.path().to_path_buf())
+}
+
+/// A worker's leaf directory from its status's `cgroup` field: an absolute path under
+/// /sys/fs/cgroup, or a cgroup name as /proc/PID/cgroup shows it (`/corral-.../app-web/...`).
+fn leaf_dir(root: &Path, worker: &serde_json::Value) -> PathBuf {
+    let field = worker["cgroup"]
+        .as_str()
+        .unwrap_or_else(|| panic!("worker status has no \"cgroup\" string: {worker}"));
+    let path = if Path::new(field).starts_with(CGROUP_FS) {
+        PathBuf::from(field)
+    } else if field.starts_with('/') {
+        Path::new(CGROUP_FS).join(field.trim_start_matches('/'))
+    } else {
+        root.join(field)
+    };
+    assert!(
+        path.starts_with(root) && path != root,
+        "worker cgroup {field} is not below the cgroup root {}",
+        root.display()
+    );
+    path
+}
+
+/// The workers of an app's JSON status.
+fn workers_json(app: &serde_json::Value) -> Vec<serde_json::Value> {
+    app["workers"].as_array().cloned().unwrap_or_default()
+}
+
+fn json_pid(w: &serde_json::Value) -> Option<i32> {
+    w["pid"].as_i64().map(|p| p as i32)
+}
+
+/// Directories directly in `dir` whose names start with `prefix`.
+fn entries_starting_with(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The directories directly in `dir`.
+fn subdir_names(dir: &Path) -> BTreeSet<String> {
+    entries_starting_with(dir, "").into_iter().collect()
+}
+
+fn controllers(dir: &Path) -> BTreeSet<String> {
+    cgroup_read(dir, "cgroup.subtree_control")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_controllers(dir: &Path) {
+    let have = controllers(dir);
+    for c in ["memory", "pids", "cpu"] {
+        assert!(
+            have.contains(c),
+            "{c} is not enabled in {}/cgroup.subtree_control: {have:?}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+fn tree_is_as_designed_and_removed_on_shutdown() {
+    in_vm();
+    let root = vm_cgroup_root("tree");
+    let parent = root.path().parent().expect("parent").to_path_buf();
+    // What the agent must leave alone: everything outside its root.
+    let parent_controllers = cgroup_read(&parent, "cgroup.subtree_control");
+    let parent_dirs = subdir_names(&parent);
+    let own_cgroup = proc_cgroup(std::process::id() as i32).expect("own cgroup");
+
+    let (pa, pb) = (free_port(), free_port());
+    let limits = "memory_max = \"64MiB\"\npids_max = 32\ncpu_max = 0.5\n";
+    let apps = format!(
+        "{}{}",
+        demo_app("alpha", &format!("127.0.0.1:{pa}"), 2, limits),
+        demo_app("beta", &format!("127.0.0.1:{pb}"), 1, limits)
+    );
+    let (mut agent, root_dir) = cgroup_agent("cg-tree", &root, "", &apps);
+    let mut pids = agent.wait_ready("alpha", 2, Duration::from_secs(60));
+    pids.extend(agent.wait_ready("beta", 1, Duration::from_secs(60)));
+
+    assert_eq!(
+        cgroup_read(&parent, "cgroup.subtree_control"),
+        parent_controllers,
+        "the agent wrote {}/cgroup.subtree_control",
+        parent.display()
+    );
+    // The agent stays where it was started: it is not in the root, so it is not moved.
+    assert_eq!(
+        proc_cgroup(agent.pid()).as_deref(),
+        Some(own_cgroup.as_str()),
+        "the agent moved itself out of its own cgroup"
+    );
+
+    let mut expected = BTreeSet::new();
+    let mut leaves = Vec::new();
+    for app in ["alpha", "beta"] {
+        expected.insert(format!("app-{app}"));
+        let status = agent.app_json(app);
+        for w in workers_json(&status) {
+            let slot = w["slot"].as_u64().expect("slot");
+            let pid = json_pid(&w).expect("a ready worker has a pid");
+            let leaf = leaf_dir(&root_dir, &w);
+            let rel = leaf
+                .strip_prefix(&root_dir)
+                .expect("below the root")
+                .to_string_lossy()
+                .into_owned();
+            let prefix = format!("app-{app}/worker-{slot}-");
+            let n = rel.strip_prefix(&prefix).unwrap_or_else(|| {
+                panic!("worker {app}/{slot}'s leaf is {rel}, expected {prefix}<n>")
+            });
+            assert!(
+                !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()),
+                "worker {app}/{slot}'s leaf is {rel}: <n> is not a number"
+            );
+            expected.insert(rel.clone());
+            leaves.push((app, slot, pid, leaf, w));
+        }
+    }
+    assert_eq!(leaves.len(), 3, "{leaves:?}");
+
+    // The exact tree: app-<app> and one worker leaf per worker; `supervisor` (the agent's own
+    // leaf, only if it sat in the root) and an empty `prestart` are the only extras allowed.
+    let actual = cgroup_subdirs(&root_dir);
+    let extras: Vec<&String> = actual
+        .iter()
+        .filter(|d| !expected.contains(*d))
+        .filter(|d| {
+            let allowed = d.as_str() == "supervisor"
+                || (d.ends_with("/prestart")
+                    && d.matches('/').count() == 1
+                    && cgroup_procs(&root_dir.join(d)).is_empty());
+            !allowed
+        })
+        .collect();
+    assert!(
+        extras.is_empty() && expected.is_subset(&actual),
+        "cgroup tree under {}:\n  actual   {actual:?}\n  expected {expected:?}\n  unexpected {extras:?}",
+        root_dir.display()
+    );
+
+    println!("cgroup tree under {}: {actual:?}", root_dir.display());
+    assert_controllers(&root_dir);
+    for app in ["alpha", "beta"] {
+        let dir = root_dir.join(format!("app-{app}"));
+        assert_controllers(&dir);
+        assert_eq!(
+            cgroup_procs(&dir),
+            Vec::<i32>::new(),
+            "processes in the inner node {}",
+            dir.display()
+        );
+    }
+    assert_eq!(
+        cgroup_procs(&root_dir),
+        Vec::<i32>::new(),
+        "processes in the root"
+    );
+
+    for (app, slot, pid, leaf, w) in &leaves {
+        let at = format!("{app}/{slot} ({})", leaf.display());
+        for (file, want) in [
+            ("memory.max", "67108864"),
+            ("memory.high", "max"),
+            ("memory.swap.max", "0"),
+            ("memory.oom.group", "1"),
+            ("pids.max", "32"),
+            ("cpu.max", "50000 100000"),
+        ] {
+            assert_eq!(cgroup_read(leaf, file), want, "{file} of {at}");
+        }
+        assert_eq!(
+            cgroup_procs(leaf),
+            vec![*pid],
+            "cgroup.procs of {at}: exactly its worker"
+        );
+        assert_eq!(
+            proc_cgroup(*pid),
+            Some(cgroup_name(leaf)),
+            "/proc/{pid}/cgroup of {at}"
+        );
+        // Status numbers come from the leaf.
+        let current: u64 = cgroup_read(leaf, "memory.current")
+            .parse()
+            .expect("memory.current");
+        let rss = w["rss_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("rss_bytes of {at}: {w}"));
+        let peak = w["peak_rss_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("peak_rss_bytes of {at}: {w}"));
+        assert!(
+            rss > 0 && rss <= 64 * MIB && rss.abs_diff(current) < 8 * MIB,
+            "rss_bytes {rss} of {at} is not its memory.current ({current})"
+        );
+        assert!(
+            peak > 0 && peak <= 64 * MIB,
+            "peak_rss_bytes {peak} of {at} is not a memory.peak under memory.max"
+        );
+        let tasks = w["pids"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("\"pids\" of {at}: {w}"));
+        let pids_current: u64 = cgroup_read(leaf, "pids.current")
+            .parse()
+            .expect("pids.current");
+        assert!(
+            (1..=32).contains(&tasks) && tasks == pids_current,
+            "\"pids\" {tasks} of {at}: pids.current is {pids_current}"
+        );
+    }
+
+    assert_eq!(agent.stop(Duration::from_secs(30)), Some(0), "agent exit");
+    let left = entries_starting_with(&root_dir, "app-");
+    assert!(
+        left.is_empty(),
+        "app directories left after SIGTERM: {left:?} (tree {:?})",
+        cgroup_subdirs(&root_dir)
+    );
+    assert!(root_dir.is_dir(), "the agent removed the root it was given");
+    for pid in pids {
+        assert!(!pid_alive(pid), "worker {pid} outlived the agent");
+    }
+    // Nothing outside the root changed.
+    assert_eq!(
+        cgroup_read(&parent, "cgroup.subtree_control"),
+        parent_controllers,
+        "{}/cgroup.subtree_control changed",
+        parent.display()
+    );
+    assert_eq!(
+        subdir_names(&parent),
+        parent_dirs,
+        "cgroups appeared or went next to the root in {}",
+        parent.display()
+    );
+}
+
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+fn oom_kill_is_attributed_and_restarted() {
+    in_vm();
+    let root = vm_cgroup_root("oom");
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let apps = demo_app(
+        "web",
+        &format!("127.0.0.1:{port}"),
+        3,
+        "memory_max = \"64MiB\"\n",
+    );
+    let (agent, _) = cgroup_agent("cg-oom", &root, "", &apps);
+    let before = agent.wait_ready("web", 3, Duration::from_secs(60));
+
+    // Whichever worker takes this request touches 200 MiB under a 64 MiB cap: the kernel
+    // kills it mid-request, so the request cannot succeed.
+    let answer = http_get(addr, "/?alloc_mb=200");
+    assert!(
+        !matches!(answer, Ok((200, _))),
+        "a worker allocated 200 MiB under memory_max = 64MiB and answered: {answer:?}"
+    );
+
+    let want = "oom-killed at memory.max = 64MiB";
+    let (slot, killed) = wait_for(
+        Duration::from_secs(60),
+        "an OOM-killed worker restarted",
+        || {
+            let app = agent.app("web");
+            let w = app.workers.iter().find(|w| {
+                w.last_exit.as_deref() == Some(want)
+                    && w.restarts >= 1
+                    && w.state == "ready"
+                    && w.pid.is_some_and(|p| p != before[w.slot as usize])
+            })?;
+            Some((w.slot, before[w.slot as usize]))
+        },
+    );
+    assert!(
+        !pid_alive(killed),
+        "the OOM-killed worker {killed} is alive"
+    );
+    let app = agent.app("web");
+    println!(
+        "slot {slot}: pid {killed} {want}, restarted as {:?}",
+        app.workers
+            .iter()
+            .find(|w| w.slot == slot)
+            .and_then(|w| w.pid)
+    );
+    assert_eq!(app.workers.len(), 3, "{app:#?}");
+    for w in &app.workers {
+        if w.slot == slot {
+            continue;
+        }
+        assert_eq!(
+            (w.restarts, w.pid, w.state.as_str()),
+            (0, Some(before[w.slot as usize]), "ready"),
+            "slot {} was touched by slot {slot}'s OOM kill: {w:#?}",
+            w.slot
+        );
+    }
+    let log = agent.log();
+    assert!(log.contains(want), "no `{want}` in the log:\n{log}");
+    let (status, body) = http_get(addr, "/").expect("GET / after the OOM kill");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+fn memory_high_recycles_without_failed_requests() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    in_vm();
+    let root = vm_cgroup_root("high");
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let apps = demo_app(
+        "web",
+        &format!("127.0.0.1:{port}"),
+        2,
+        "memory_max = \"256MiB\"\nmemory_high = \"64MiB\"\n",
+    );
+    let (agent, _) = cgroup_agent("cg-high", &root, "", &apps);
+    let before = agent.wait_ready("web", 2, Duration::from_secs(60));
+
+    // A client that keeps asking, one connection per request, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let client = {
+        let (stop, ok, failures) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failures));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match http_get(addr, "/") {
+                    Ok((200, _)) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => failures.lock().expect("lock").push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "the client's first answers",
+        || (ok.load(Ordering::SeqCst) >= 5).then_some(()),
+    );
+
+    // 100 MiB crosses memory.high (64 MiB) and stays under memory.max (256 MiB): the kernel
+    // throttles the worker and the agent replaces it. The request itself may never be
+    // answered; its outcome is not counted.
+    let hog = std::thread::spawn(move || {
+        let _ = http_get(addr, "/?alloc_mb=100");
+    });
+    let hog_pid = wait_for(
+        Duration::from_secs(30),
+        "a worker holding the allocation",
+        || {
+            before.iter().copied().find(|&pid| {
+                proc_status(pid)
+                    .iter()
+                    .find(|(k, _)| k == "VmRSS")
+                    .and_then(|(_, v)| v.split_whitespace().next()?.parse::<u64>().ok())
+                    .is_some_and(|kb| kb * 1024 > 48 * MIB)
+            })
+        },
+    );
+    let hog_slot = before.iter().position(|&p| p == hog_pid).expect("slot");
+
+    let crossed = "crossed memory.high = 64MiB; replacing it";
+    wait_for(Duration::from_secs(15), "the memory.high log line", || {
+        agent.log().contains(crossed).then_some(())
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the worker over memory.high replaced and gone",
+        || {
+            let app = agent.app("web");
+            let mut ws = app.workers;
+            ws.sort_by_key(|w| w.slot);
+            let done = ws.len() == 2
+                && ws.iter().all(|w| w.state == "ready")
+                && ws[hog_slot].pid.is_some_and(|p| p != hog_pid)
+                && ws[1 - hog_slot].pid == Some(before[1 - hog_slot])
+                && !pid_alive(hog_pid);
+            done.then_some(())
+        },
+    );
+    // A little more traffic on the new worker, then stop the client.
+    let served = ok.load(Ordering::SeqCst);
+    wait_for(
+        Duration::from_secs(10),
+        "answers after the replacement",
+        || (ok.load(Ordering::SeqCst) >= served + 5).then_some(()),
+    );
+    stop.store(true, Ordering::SeqCst);
+    client.join().expect("client thread");
+    let _ = hog.join();
+
+    let failures = failures.lock().expect("lock");
+    println!(
+        "memory.high: slot {hog_slot} pid {hog_pid} replaced; the client made {} requests, {} failed",
+        ok.load(Ordering::SeqCst) + failures.len() as u64,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed while the worker was replaced: {failures:#?}\nlog:\n{}",
+        failures.len(),
+        failures.len() as u64 + ok.load(Ordering::SeqCst),
+        agent.log()
+    );
+    let app = agent.app("web");
+    let other = app
+        .workers
+        .iter()
+        .find(|w| w.slot as usize != hog_slot)
+        .expect("the other slot");
+    assert_eq!(
+        other.pid,
+        Some(before[1 - hog_slot]),
+        "the worker under memory.high was not the only one replaced: {app:#?}"
+    );
+}
+
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+fn pids_max_contains_a_fork_bomb_and_stop_leaves_nothing() {
+    in_vm();
+    let root = vm_cgroup_root("pids");
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // Two serving threads: the worker is 3 tasks, well under pids.max = 16.
+    let apps = demo_app("web", &format!("127.0.0.1:{port}"), 1, "pids_max = 16\n").replacen(
+        "workdir = \"/tmp\"\n",
+        "workdir = \"/tmp\"\nenv = { DEMO_THREADS = \"2\" }\n",
+        1,
+    );
+    let (mut agent, root_dir) = cgroup_agent("cg-pids", &root, "", &apps);
+    let worker = agent.wait_ready("web", 1, Duration::from_secs(60))[0];
+    let status = agent.app_json("web");
+    let leaf = leaf_dir(&root_dir, &workers_json(&status)[0]);
+    assert_eq!(cgroup_read(&leaf, "pids.max"), "16", "{}", leaf.display());
+
+    // Children that escape a missing pids cap are not the agent's to clean up: kill them here.
+    let escaped = KillOnDrop::new();
+    let (status, body) =
+        http_get(addr, "/?fork_children=64&child_ignores_term=1").expect("GET fork_children");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON answer");
+    let children: Vec<i32> = v["children"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no children in {body}"))
+        .iter()
+        .filter_map(|p| p.as_i64().map(|p| p as i32))
+        .collect();
+    escaped.add(children.iter().copied());
+    assert!(
+        v["fork_error"].is_string(),
+        "64 forks under pids.max = 16 all succeeded: {body}"
+    );
+    assert!(
+        !children.is_empty() && children.len() < 16,
+        "{} children under pids.max = 16: {body}",
+        children.len()
+    );
+    println!(
+        "pids.max = 16: {} children, then {}",
+        children.len(),
+        v["fork_error"]
+    );
+    for &c in &children {
+        assert!(pid_alive(c), "child {c} is not running");
+        assert_eq!(
+            proc_cgroup(c),
+            Some(cgroup_name(&leaf)),
+            "child {c} is not in its worker's leaf"
+        );
+    }
+    let tasks = agent.app_json("web")["workers"][0]["pids"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no \"pids\" in the worker's status"));
+    assert!(
+        tasks > children.len() as u64 && tasks <= 16,
+        "\"pids\" is {tasks} with {} children under pids.max = 16",
+        children.len()
+    );
+
+    assert_eq!(agent.stop(Duration::from_secs(60)), Some(0), "agent exit");
+    assert!(!pid_alive(worker), "worker {worker} outlived the agent");
+    let alive: Vec<i32> = children.iter().copied().filter(|&c| pid_alive(c)).collect();
+    assert!(
+        alive.is_empty(),
+        "children ignoring SIGTERM outlived the agent: {alive:?} (of {children:?})"
+    );
+    assert!(!leaf.exists(), "{} is left after stop", leaf.display());
+    let left = entries_starting_with(&root_dir, "app-");
+    assert!(left.is_empty(), "app directories left after stop: {left:?}");
+}
+
+/// `MemTotal` of /proc/meminfo, in bytes.
+fn mem_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .expect("read /proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .expect("MemTotal in /proc/meminfo")
+        * 1024
+}
+
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+#[allow(non_snake_case)] // named after the sizes it checks: 4 x 1GiB in 3GiB
+fn budget_refuses_4_x_1GiB_in_3GiB_and_overcommit_allows_it() {
+    in_vm();
+    let total = mem_total();
+    assert!(
+        total < (4 << 30) + 64 * MIB,
+        "this VM has MemTotal {total}: 4 x 1GiB would fit (xtask boots it with -m 3G)"
+    );
+    let root = vm_cgroup_root("budget");
+    let port = free_port();
+    let apps = demo_app(
+        "big",
+        &format!("127.0.0.1:{port}"),
+        4,
+        "memory_max = \"1GiB\"\n",
+    );
+
+    // Over budget: the agent refuses to start, with the numbers.
+    let dir = TempDir::new("cg-budget-refused");
+    let config = dir.path().join("corral.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}{}",
+            agent_table_with(dir.path(), &root.agent_line()),
+            Agent::expand(&apps, dir.path())
+        ),
+    )
+    .expect("write config");
+    let out_path = dir.path().join("agent.out");
+    let err_path = dir.path().join("agent.err");
+    let mut child = Command::new(bin("corral"))
+        .args(["agent", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn corral agent");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            // It started: SIGKILL takes its workers with it (PDEATHSIG); the guard empties the
+            // cgroups.
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "corral agent over budget (MemTotal {total}) did not exit 1 ({status:?}); stderr:\n{stderr}"
+    );
+    println!(
+        "MemTotal {total}: {}",
+        stderr
+            .lines()
+            .find(|l| l.contains("memory budget"))
+            .unwrap_or("")
+    );
+    for want in ["memory budget exceeded", "big", "4 x 1GiB"] {
+        assert!(stderr.contains(want), "no `{want}` in stderr:\n{stderr}");
+    }
+    let made = entries_starting_with(root.path(), "app-");
+    assert!(made.is_empty(), "a refused agent made cgroups: {made:?}");
+
+    // allow_overcommit = true: it starts (and says so), each worker capped at 1GiB.
+    let (agent, root_dir) = cgroup_agent(
+        "cg-budget-overcommit",
+        &root,
+        "allow_overcommit = true\n",
+        &apps,
+    );
+    agent.wait_ready("big", 4, Duration::from_secs(90));
+    let log = agent.log();
+    assert!(
+        log.contains("memory budget exceeded"),
+        "no overcommit warning in the log:\n{log}"
+    );
+    for w in workers_json(&agent.app_json("big")) {
+        let leaf = leaf_dir(&root_dir, &w);
+        assert_eq!(
+            cgroup_read(&leaf, "memory.max"),
+            "1073741824",
+            "memory.max of {}",
+            leaf.display()
+        );
+    }
 }

@@ -15,6 +15,10 @@ pub const MAX_BODY: u64 = 1 << 30;
 pub const MAX_BYTES: u64 = 64 << 20;
 /// Largest `delay_ms` / `burn_ms`: one hour.
 pub const MAX_MS: u64 = 3_600_000;
+/// Largest `alloc_mb` (and `DEMO_ALLOC_MB`): 64 GiB.
+pub const MAX_ALLOC_MB: u64 = 65_536;
+/// Largest `fork_children`.
+pub const MAX_FORK_CHILDREN: u64 = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
@@ -454,6 +458,12 @@ pub struct Params {
     pub burn_ms: Option<u64>,
     pub bytes: Option<u64>,
     pub pad: Option<u64>,
+    /// Allocate this many MiB, touch every page and keep it for the process's life.
+    pub alloc_mb: Option<u64>,
+    /// Fork this many child processes that sleep forever.
+    pub fork_children: Option<u64>,
+    /// The forked children ignore SIGTERM (`child_ignores_term=1`; `0` is the default).
+    pub child_ignores_term: bool,
 }
 
 /// Parses `a=1&b=2`. Keys and values are percent-decoded; the last of repeated keys wins;
@@ -468,6 +478,12 @@ pub fn parse_query(query: &str) -> Result<Params, String> {
             "burn_ms" => (&mut p.burn_ms, MAX_MS),
             "bytes" => (&mut p.bytes, MAX_BYTES),
             "pad" => (&mut p.pad, MAX_BYTES),
+            "alloc_mb" => (&mut p.alloc_mb, MAX_ALLOC_MB),
+            "fork_children" => (&mut p.fork_children, MAX_FORK_CHILDREN),
+            "child_ignores_term" => {
+                p.child_ignores_term = parse_bounded(&key, &percent_decode(v)?, 1)? == 1;
+                continue;
+            }
             _ => continue,
         };
         let value = percent_decode(v)?;
@@ -790,6 +806,7 @@ mod tests {
                 burn_ms: Some(7),
                 bytes: Some(16385),
                 pad: Some(3),
+                ..Params::default()
             }
         );
         assert_eq!(parse_query("bytes=1&bytes=2").unwrap().bytes, Some(2));
@@ -809,6 +826,49 @@ mod tests {
         // Unknown keys are ignored, values and all.
         assert!(parse_query("x=%zz").is_ok());
         assert!(parse_query("%zz=1").is_err());
+    }
+
+    #[test]
+    fn memory_and_fork_queries() {
+        let p = parse_query("alloc_mb=200&fork_children=64&child_ignores_term=1").unwrap();
+        assert_eq!(
+            p,
+            Params {
+                alloc_mb: Some(200),
+                fork_children: Some(64),
+                child_ignores_term: true,
+                ..Params::default()
+            }
+        );
+        let p = parse_query("fork_children=3").unwrap();
+        assert_eq!((p.fork_children, p.child_ignores_term), (Some(3), false));
+        assert!(
+            !parse_query("child_ignores_term=1&child_ignores_term=0")
+                .unwrap()
+                .child_ignores_term
+        );
+        assert_eq!(
+            parse_query("alloc_mb=65536").unwrap().alloc_mb,
+            Some(MAX_ALLOC_MB)
+        );
+        assert_eq!(parse_query("alloc_mb=0").unwrap().alloc_mb, Some(0));
+        assert!(parse_query("alloc_mb=65537").is_err());
+        assert!(parse_query("alloc_mb=-1").is_err());
+        assert!(parse_query("alloc_mb=").is_err());
+        assert_eq!(
+            parse_query("fork_children=4096").unwrap().fork_children,
+            Some(MAX_FORK_CHILDREN)
+        );
+        assert!(parse_query("fork_children=4097").is_err());
+        assert!(parse_query("fork_children=x").is_err());
+        assert!(parse_query("child_ignores_term=2").is_err());
+        assert!(parse_query("child_ignores_term=yes").is_err());
+        assert!(parse_query("child_ignores_term").is_err());
+        assert!(
+            parse_query("%63hild_ignores_term=%31")
+                .unwrap()
+                .child_ignores_term
+        );
     }
 
     #[test]

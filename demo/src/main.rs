@@ -54,6 +54,19 @@ ENDPOINTS (any method; HEAD gets no body; every response has Content-Length, X-W
       bytes=N        answer exactly N bytes of application/octet-stream instead (at most
                      67108864): byte i is LETTERS[(i % 251) % 52], LETTERS = A-Z then a-z
       pad=N          add \"pad\":\"xxx...\" (N x's) to the JSON body (at most 67108864)
+      alloc_mb=N     before answering, allocate N MiB, write a byte in every 4 KiB page (so it
+                     is resident) and keep it until the process exits (at most 65536); the JSON
+                     gets \"alloc_mb\":N,\"allocated_mb\":TOTAL (all MiB kept so far). Under a
+                     cgroup memory.max this is where the kernel kills the worker
+      fork_children=N
+                     fork N child processes that sleep until killed (at most 4096) and answer
+                     200 with \"children\":[PID,...],\"forked\":N in the JSON; if a fork fails
+                     (EAGAIN under a cgroup's pids.max) it stops there and adds
+                     \"fork_error\":\"...\" (children and forked list those forked so far).
+                     The children are never waited for; they close every descriptor above 2
+      child_ignores_term=1
+                     with fork_children: the children ignore SIGTERM (only SIGKILL or the
+                     cgroup's cgroup.kill ends them); 0 (default): SIGTERM kills them
     Bad framing or headers get 400 (431 for a head over 16 KiB, 413 for a body over 1 GiB,
     505 for other HTTP versions) and the connection is closed. Request bodies (Content-Length
     or chunked) are read and discarded; keep-alive and pipelining are supported.
@@ -71,6 +84,8 @@ ENVIRONMENT:
     DEMO_KEEPALIVE_MS        close a connection idle this long between requests (default 5000)
     DEMO_LOG_REQUESTS        1: log every request to stdout (default 0)
     DEMO_START_DELAY_MS      sleep this long before accepting anything (default 0)
+    DEMO_ALLOC_MB            at start, before accepting: allocate, touch and keep this many MiB,
+                             as alloc_mb=N does (default 0, at most 65536)
     DEMO_NOTIFY              1: once ready to accept, send the datagram `READY=1` to the unix
                              socket NOTIFY_SOCKET (a path, or @name for an abstract socket)
     NOTIFY_SOCKET            see DEMO_NOTIFY
@@ -115,6 +130,7 @@ struct Settings {
     exit_after_ms: Option<u64>,
     exit_code: i32,
     drain_ms: u64,
+    alloc_mb: u64,
 }
 
 fn fail(msg: std::fmt::Arguments<'_>) -> ! {
@@ -228,6 +244,7 @@ impl Settings {
             },
             exit_code: env_num("DEMO_EXIT_CODE", 1, 255)? as i32,
             drain_ms: env_num("DEMO_DRAIN_MS", 10_000, 86_400_000)?,
+            alloc_mb: env_num("DEMO_ALLOC_MB", 0, http::MAX_ALLOC_MB)?,
         })
     }
 }
@@ -368,6 +385,14 @@ fn main() {
     let worker = settings
         .worker
         .map_or_else(|| "-".to_string(), |w| w.to_string());
+
+    if settings.alloc_mb > 0 {
+        let total = server::alloc_and_touch(settings.alloc_mb);
+        say(format_args!(
+            "corral-demo: DEMO_ALLOC_MB={}: allocated and touched {total} MiB",
+            settings.alloc_mb
+        ));
+    }
 
     if settings.start_delay_ms > 0 {
         say(format_args!(

@@ -425,19 +425,28 @@ impl<'a> Conn<'a> {
         if burn > 0 {
             burn_cpu(Duration::from_millis(burn));
         }
+        // Extra JSON fields (each starting with a comma) from alloc_mb and fork_children.
+        let mut extra = String::new();
+        if let Some(mb) = params.alloc_mb {
+            let total = alloc_and_touch(mb);
+            let _ = write!(extra, ",\"alloc_mb\":{mb},\"allocated_mb\":{total}");
+        }
+        if let Some(n) = params.fork_children {
+            fork_children(n, params.child_ignores_term, &mut extra);
+        }
         let keep = req.keep_alive() && !shutting_down();
         if let Some(n) = params.bytes {
             self.send_pattern(req, keep, n)?;
         } else if path == "/healthz" {
             self.send(req, keep, 200, "text/plain; charset=utf-8", b"ok")?;
         } else {
-            let body = self.json(path, params.pad.unwrap_or(self.server.pad));
+            let body = self.json(path, params.pad.unwrap_or(self.server.pad), &extra);
             self.send(req, keep, 200, "application/json", body.as_bytes())?;
         }
         Ok((200, keep))
     }
 
-    fn json(&self, path: &str, pad: u64) -> String {
+    fn json(&self, path: &str, pad: u64, extra: &str) -> String {
         let s = self.server;
         let mut j = String::with_capacity(160 + pad as usize);
         j.push_str("{\"app\":");
@@ -455,6 +464,7 @@ impl<'a> Conn<'a> {
         );
         http::json_str(&mut j, path);
         let _ = write!(j, ",\"requests\":{}", REQUESTS.load(Ordering::Relaxed));
+        j.push_str(extra);
         if pad > 0 {
             j.push_str(",\"pad\":\"");
             j.extend(std::iter::repeat_n('x', pad as usize));
@@ -546,6 +556,71 @@ impl<'a> Conn<'a> {
             started.elapsed().as_secs_f64() * 1000.0
         ));
     }
+}
+
+/// Memory allocated by `alloc_mb` and `DEMO_ALLOC_MB`: kept (and resident) for the process's
+/// life, so a memory cap sees it until the process exits.
+static LEAKED: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// MiB in [`LEAKED`].
+static LEAKED_MB: AtomicU64 = AtomicU64::new(0);
+
+/// Allocates `mb` MiB one MiB at a time, writes a byte in every 4 KiB page so each is resident
+/// (not just reserved), and keeps it in [`LEAKED`]. Returns the MiB kept so far, this included.
+/// Under a cgroup memory cap this is where the process is throttled (memory.high) or killed
+/// (memory.max).
+pub fn alloc_and_touch(mb: u64) -> u64 {
+    const MIB: usize = 1 << 20;
+    const PAGE: usize = 4096;
+    for _ in 0..mb {
+        let mut chunk = vec![0u8; MIB];
+        for i in (0..MIB).step_by(PAGE) {
+            chunk[i] = 1;
+        }
+        // A poisoned lock only means another thread panicked while pushing; the Vec is fine.
+        LEAKED.lock().unwrap_or_else(|e| e.into_inner()).push(chunk);
+        LEAKED_MB.fetch_add(1, Ordering::SeqCst);
+    }
+    LEAKED_MB.load(Ordering::SeqCst)
+}
+
+/// `fork_children=N`: forks `n` children that sleep until killed (ignoring SIGTERM with
+/// `ignore_term`), and appends `,"children":[pids]` (and `,"fork_error":"..."` when a fork
+/// failed, e.g. EAGAIN under a cgroup's pids.max) and `,"forked":count` to `out`.
+fn fork_children(n: u64, ignore_term: bool, out: &mut String) {
+    let mut pids = Vec::new();
+    let mut error = None;
+    for _ in 0..n {
+        match sys::fork_sleeper(ignore_term) {
+            Ok(pid) => pids.push(pid),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    out.push_str(",\"children\":[");
+    for (i, pid) in pids.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{pid}");
+    }
+    out.push(']');
+    if let Some(e) = &error {
+        out.push_str(",\"fork_error\":");
+        http::json_str(out, &e.to_string());
+    }
+    let _ = write!(out, ",\"forked\":{}", pids.len());
+    say(format_args!(
+        "corral-demo: forked {} of {n} children{}{}",
+        pids.len(),
+        if error.is_some() {
+            ": fork failed: "
+        } else {
+            ""
+        },
+        error.map(|e| e.to_string()).unwrap_or_default()
+    ));
 }
 
 /// Spins until this thread has used `cpu` of CPU time (so under a CPU cap the request takes

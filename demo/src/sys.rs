@@ -314,3 +314,50 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// Forks a child that sleeps until a signal kills it (`fork_children=N`); returns its pid. With
+/// `ignore_term` the child ignores SIGTERM, so only SIGKILL (or the cgroup's `cgroup.kill`)
+/// ends it. The parent never waits for it: it stays in the worker's cgroup, counting against
+/// pids.max, until something kills it.
+///
+/// The child runs only async-signal-safe calls (this process has other threads, whose locks
+/// may be held at the fork): signal dispositions back to default, the signal mask emptied,
+/// every descriptor above 2 closed (the listening socket and the client connection must not
+/// stay open in it), then `pause` forever. It never returns into Rust code, so no destructor
+/// runs and nothing is allocated.
+pub fn fork_sleeper(ignore_term: bool) -> io::Result<u32> {
+    // SAFETY: fork has no memory-safety preconditions; the child below only makes
+    // async-signal-safe calls and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid > 0 {
+        return Ok(pid as u32);
+    }
+    // The child.
+    let term = if ignore_term {
+        libc::SIG_IGN
+    } else {
+        libc::SIG_DFL
+    };
+    // SAFETY: signal, sigemptyset, sigprocmask, syscall(close_range), close and pause are
+    // async-signal-safe and take only values and pointers to this frame's locals.
+    unsafe {
+        libc::signal(libc::SIGTERM, term);
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(KICK_SIGNAL, libc::SIG_DFL);
+        let mut set: libc::sigset_t = mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut());
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            // Kernels before 5.9: close them one by one.
+            for fd in 3..4096 {
+                libc::close(fd);
+            }
+        }
+        loop {
+            libc::pause();
+        }
+    }
+}

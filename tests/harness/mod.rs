@@ -122,6 +122,8 @@ pub struct Agent {
     child: Option<Child>,
     seen_pids: Mutex<BTreeSet<i32>>,
     wrapper: Vec<String>,
+    /// Lines added to the `[agent]` table (see [`agent_table_with`]).
+    agent_extra: String,
 }
 
 /// An app table running corral-demo as `nobody` on `address` with `count` workers; `extra` is
@@ -154,6 +156,20 @@ pub fn agent_table(dir: &Path) -> String {
     )
 }
 
+/// [`agent_table`] with `extra` (TOML lines, e.g. `cgroup_root = "..."`) inside the `[agent]`
+/// table, after `include = []`.
+pub fn agent_table_with(dir: &Path, extra: &str) -> String {
+    let table = agent_table(dir);
+    if extra.is_empty() {
+        return table;
+    }
+    let mut lines = extra.to_string();
+    if !lines.ends_with('\n') {
+        lines.push('\n');
+    }
+    table.replacen("include = []\n", &format!("include = []\n{lines}"), 1)
+}
+
 impl Agent {
     /// Write `apps` (TOML app tables; `@DEMO@` is replaced by the demo binary's path, `@DIR@`
     /// by the test directory) after an `[agent]` table, start the agent, wait for its control
@@ -172,14 +188,31 @@ impl Agent {
         Self::build(tag, apps, |_| {}, wrapper)
     }
 
+    /// Like [`Agent::start`], with `agent_extra` (TOML lines such as `cgroup_root = "..."` or
+    /// `allow_overcommit = true`) added to the `[agent]` table; [`Agent::rewrite_config`] keeps
+    /// them.
+    pub fn start_with_agent_extra(tag: &str, agent_extra: &str, apps: &str) -> Agent {
+        Self::build_with(tag, apps, |_| {}, &[], agent_extra)
+    }
+
     fn build(tag: &str, apps: &str, prepare: impl FnOnce(&TempDir), wrapper: &[&str]) -> Agent {
+        Self::build_with(tag, apps, prepare, wrapper, "")
+    }
+
+    fn build_with(
+        tag: &str,
+        apps: &str,
+        prepare: impl FnOnce(&TempDir),
+        wrapper: &[&str],
+        agent_extra: &str,
+    ) -> Agent {
         require_root();
         let dir = TempDir::new(tag);
         prepare(&dir);
         let config = dir.path().join("corral.toml");
         let text = format!(
             "{}{}",
-            agent_table(dir.path()),
+            agent_table_with(dir.path(), agent_extra),
             Self::expand(apps, dir.path())
         );
         std::fs::write(&config, text).expect("write config");
@@ -193,6 +226,7 @@ impl Agent {
             child: None,
             seen_pids: Mutex::new(BTreeSet::new()),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            agent_extra: agent_extra.to_string(),
         };
         agent.spawn();
         agent
@@ -266,7 +300,7 @@ impl Agent {
     pub fn rewrite_config(&self, apps: &str) {
         let text = format!(
             "{}{}",
-            agent_table(self.dir.path()),
+            agent_table_with(self.dir.path(), &self.agent_extra),
             Self::expand(apps, self.dir.path())
         );
         std::fs::write(&self.config, text).expect("write config");
@@ -300,6 +334,47 @@ impl Agent {
             }
             _ => None,
         }
+    }
+
+    /// The status response as JSON, as the agent sent it: fields this crate's [`WorkerStatus`]
+    /// does not know yet are kept. `None` if the agent does not answer.
+    pub fn try_status_json(&self) -> Option<serde_json::Value> {
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .ok()?;
+        let mut line = serde_json::to_string(&Request::Status { app: None }).ok()?;
+        line.push('\n');
+        stream.write_all(line.as_bytes()).ok()?;
+        let mut reply = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut reply).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&reply).ok()?;
+        if v.get("result").and_then(|r| r.as_str()) != Some("status") {
+            return None;
+        }
+        let mut seen = self.seen_pids.lock().expect("lock");
+        for app in v["apps"].as_array().into_iter().flatten() {
+            for w in app["workers"].as_array().into_iter().flatten() {
+                if let Some(pid) = w["pid"].as_i64() {
+                    seen.insert(pid as i32);
+                }
+            }
+        }
+        drop(seen);
+        Some(v)
+    }
+
+    /// One app's status as raw JSON (see [`Agent::try_status_json`]).
+    pub fn app_json(&self, name: &str) -> serde_json::Value {
+        self.try_status_json()
+            .and_then(|v| {
+                v["apps"]
+                    .as_array()?
+                    .iter()
+                    .find(|a| a["name"].as_str() == Some(name))
+                    .cloned()
+            })
+            .unwrap_or_else(|| panic!("no status for app {name}; log:\n{}", self.log()))
     }
 
     pub fn app(&self, name: &str) -> AppStatus {
@@ -436,4 +511,193 @@ pub fn proc_environ(pid: i32) -> Vec<(String, String)> {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect()
+}
+
+/// SIGKILLs the pids it holds when dropped (processes a test made that no agent may clean up,
+/// e.g. a worker's forked children when cgroups do not contain them).
+#[derive(Default)]
+pub struct KillOnDrop(Mutex<Vec<i32>>);
+
+impl KillOnDrop {
+    pub fn new() -> KillOnDrop {
+        KillOnDrop::default()
+    }
+    pub fn add(&self, pids: impl IntoIterator<Item = i32>) {
+        self.0.lock().expect("lock").extend(pids);
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if pid > 1 && pid_alive(pid) {
+                // SAFETY: kill(2) with a positive pid this test recorded; harmless if it is gone.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Where the VM tier's /init mounts cgroup2.
+pub const CGROUP_FS: &str = "/sys/fs/cgroup";
+
+/// A cgroup v2 directory made for one test to hand the agent as `[agent] cgroup_root`; on drop
+/// everything still in it is killed and the whole tree is removed bottom-up. Create it before
+/// the [`Agent`] that uses it, so the agent (dropped first) stops before the tree goes.
+pub struct CgroupRootGuard {
+    path: PathBuf,
+}
+
+/// In the VM: enable memory, pids and cpu for the children of the cgroup2 root (writing
+/// `+memory +pids +cpu` to /sys/fs/cgroup/cgroup.subtree_control) and make
+/// /sys/fs/cgroup/corral-<tag>-<pid> (empty, no controllers enabled in it: that is the agent's
+/// job).
+pub fn vm_cgroup_root(tag: &str) -> CgroupRootGuard {
+    require_root();
+    let fs = Path::new(CGROUP_FS);
+    std::fs::write(fs.join("cgroup.subtree_control"), "+memory +pids +cpu").unwrap_or_else(|e| {
+        panic!(
+            "enabling memory, pids and cpu in {CGROUP_FS}/cgroup.subtree_control: {e} \
+             (cgroup.controllers: {:?})",
+            std::fs::read_to_string(fs.join("cgroup.controllers")).unwrap_or_default()
+        )
+    });
+    let path = fs.join(format!("corral-{tag}-{}", std::process::id()));
+    if path.exists() {
+        remove_cgroup_tree(&path);
+    }
+    std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+    CgroupRootGuard { path }
+}
+
+impl CgroupRootGuard {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The `cgroup_root = "..."` line for the `[agent]` table.
+    pub fn agent_line(&self) -> String {
+        format!("cgroup_root = \"{}\"\n", self.path.display())
+    }
+}
+
+impl Drop for CgroupRootGuard {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+        if self.path.exists() && !std::thread::panicking() {
+            eprintln!(
+                "warning: cgroup {} could not be removed: {:?}",
+                self.path.display(),
+                cgroup_tree(&self.path)
+            );
+        }
+    }
+}
+
+/// Kill every process in the cgroup `dir` and its descendants, wait until it is empty, then
+/// rmdir the tree bottom-up. Best effort: never panics.
+pub fn remove_cgroup_tree(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if !dir.exists() {
+            return;
+        }
+        // cgroup.kill (5.14+) kills the whole subtree; otherwise SIGKILL each process.
+        if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
+            for d in cgroup_tree(dir) {
+                for pid in cgroup_procs(&d) {
+                    if pid > 1 {
+                        // SAFETY: kill(2) with a positive pid listed in a test's cgroup.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        let empty = Instant::now() + Duration::from_secs(5);
+        while cgroup_populated(dir) == Some(true) && Instant::now() < empty {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Deepest first: a directory's children come before it in cgroup_tree's order.
+        for d in cgroup_tree(dir) {
+            let _ = std::fs::remove_dir(&d);
+        }
+        if !dir.exists() || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every cgroup directory under `dir`, `dir` included, children before their parent.
+pub fn cgroup_tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut subdirs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        subdirs.sort();
+        for sub in subdirs {
+            out.extend(cgroup_tree(&sub));
+        }
+    }
+    if dir.is_dir() {
+        out.push(dir.to_path_buf());
+    }
+    out
+}
+
+/// The cgroup directories under `dir` (not `dir` itself) as paths relative to it, e.g.
+/// `app-web` and `app-web/worker-0-3`.
+pub fn cgroup_subdirs(dir: &Path) -> BTreeSet<String> {
+    cgroup_tree(dir)
+        .into_iter()
+        .filter(|d| d != dir)
+        .filter_map(|d| {
+            d.strip_prefix(dir)
+                .ok()
+                .map(|r| r.to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+/// A cgroup interface file, trimmed (empty if it cannot be read).
+pub fn cgroup_read(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The pids in `dir/cgroup.procs`, sorted.
+pub fn cgroup_procs(dir: &Path) -> Vec<i32> {
+    let mut pids: Vec<i32> = cgroup_read(dir, "cgroup.procs")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// `populated` of `dir/cgroup.events` (`None` if unreadable).
+pub fn cgroup_populated(dir: &Path) -> Option<bool> {
+    cgroup_read(dir, "cgroup.events")
+        .lines()
+        .find_map(|l| l.strip_prefix("populated ").map(|v| v.trim() == "1"))
+}
+
+/// A cgroup directory as the kernel names it in /proc/PID/cgroup: its path below
+/// [`CGROUP_FS`], with a leading `/`.
+pub fn cgroup_name(dir: &Path) -> String {
+    match dir.strip_prefix(CGROUP_FS) {
+        Ok(rel) => format!("/{}", rel.display()),
+        Err(_) => dir.display().to_string(),
+    }
+}
+
+/// The cgroup v2 path of `pid` (the `0::` line of /proc/PID/cgroup).
+pub fn proc_cgroup(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
 }
