@@ -886,3 +886,61 @@ fn budget_refuses_4_x_1GiB_in_3GiB_and_overcommit_allows_it() {
         );
     }
 }
+
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+fn a_restarted_agent_removes_the_cgroups_a_crashed_one_left() {
+    in_vm();
+    let root = vm_cgroup_root("stale");
+    let port = free_port();
+    let apps = demo_app(
+        "web",
+        &format!("127.0.0.1:{port}"),
+        2,
+        "memory_max = \"64MiB\"\n",
+    );
+    let (mut agent, root_dir) = cgroup_agent("cg-stale", &root, "", &apps);
+    let old = agent.wait_ready("web", 2, Duration::from_secs(60));
+    let old_leaves = cgroup_subdirs(&root_dir.join("app-web"));
+    assert_eq!(old_leaves.len(), 2, "{old_leaves:?}");
+    agent.kill9();
+    // The workers die with the agent; their leaves stay behind, empty.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while old.iter().any(|p| pid_alive(*p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers outlived the agent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        cgroup_subdirs(&root_dir.join("app-web")),
+        old_leaves,
+        "stale leaves remain"
+    );
+    agent.spawn();
+    let new = agent.wait_ready("web", 2, Duration::from_secs(60));
+    let new_leaves = cgroup_subdirs(&root_dir.join("app-web"));
+    assert_eq!(
+        new_leaves.len(),
+        2,
+        "only the new workers' leaves: {new_leaves:?}"
+    );
+    // (The restarted agent numbers its workers from scratch, so leaf names may repeat: what
+    // counts is that every leaf holds a new worker and nothing else.)
+    let mut held = Vec::new();
+    for leaf in &new_leaves {
+        let procs = cgroup_procs(&root_dir.join("app-web").join(leaf));
+        assert_eq!(procs.len(), 1, "{leaf}: {procs:?}");
+        held.extend(procs);
+    }
+    held.sort();
+    let mut want = new.clone();
+    want.sort();
+    assert_eq!(held, want, "the leaves hold exactly the new workers");
+    assert!(
+        agent.log().contains("removed stale cgroup"),
+        "{}",
+        agent.log()
+    );
+}

@@ -158,6 +158,26 @@ impl Cgroups {
                 return Cgroups::none(format!("preparing {}: {e}", root_path.display()), summary)
             }
         };
+        // Nothing of a previous agent survives it (workers die with it), but its cgroups do:
+        // remove every app-* tree before making new ones.
+        match root.existing_apps() {
+            Ok(apps) => {
+                for app in apps {
+                    for leaf in app.existing_leaves().unwrap_or_default() {
+                        super::teardown_leaf(leaf);
+                    }
+                    if let Ok(leaf) = app.named_leaf("prestart") {
+                        super::teardown_leaf(leaf);
+                    }
+                    let path = app.path().to_path_buf();
+                    match app.remove() {
+                        Ok(()) => tracing::info!("removed stale cgroup {}", path.display()),
+                        Err(e) => tracing::warn!("stale cgroup {}: {e}", path.display()),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("listing stale cgroups under {}: {e}", root_path.display()),
+        }
         if !prepared.moved.is_empty() {
             tracing::info!(
                 "moved the agent's processes {:?} into {}/{}",
