@@ -752,19 +752,7 @@ impl Supervisor {
             app.steering = st;
         }
         // Slots beyond the new count go away: their workers stop.
-        while app.slots.len() > new_count {
-            if let Some(mut slot) = app.slots.pop() {
-                for mut w in slot
-                    .current
-                    .take()
-                    .into_iter()
-                    .chain(slot.retired.drain(..))
-                {
-                    stop_worker(&self.tx, &app.cfg, name, &mut w);
-                    app.removed.push(w);
-                }
-            }
-        }
+        remove_slots(&self.tx, name, app, new_count);
         for (i, sock) in r.sockets.into_iter().enumerate() {
             if !new_group && i >= app.slots.len() {
                 if let Err(e) = app.steering.set_socket(i as u32, &sock) {
@@ -1377,20 +1365,7 @@ impl Supervisor {
             return;
         };
         app.cfg = cfg;
-        let count = sockets.len();
-        while app.slots.len() > count {
-            if let Some(mut slot) = app.slots.pop() {
-                for mut w in slot
-                    .current
-                    .take()
-                    .into_iter()
-                    .chain(slot.retired.drain(..))
-                {
-                    stop_worker(&tx, &app.cfg, name, &mut w);
-                    app.removed.push(w);
-                }
-            }
-        }
+        remove_slots(&tx, name, app, sockets.len());
         let running = matches!(app.phase, Phase::Running);
         let old = app.slots.len();
         for (i, sock) in sockets.into_iter().enumerate().skip(old) {
@@ -1413,18 +1388,7 @@ impl Supervisor {
         };
         let _ = app.cancel.send(true);
         app.phase = Phase::Stopping;
-        let slots: Vec<Slot> = app.slots.drain(..).collect();
-        for mut slot in slots {
-            for mut w in slot
-                .current
-                .take()
-                .into_iter()
-                .chain(slot.retired.drain(..))
-            {
-                stop_worker(&tx, &app.cfg, name, &mut w);
-                app.removed.push(w);
-            }
-        }
+        remove_slots(&tx, name, app, 0);
         // The runtime entry stays until its workers are gone, so their exits are recognised.
         if app.removed.is_empty() {
             self.apps.remove(name);
@@ -1535,6 +1499,25 @@ impl Supervisor {
                     Err(e) => err(e),
                 }
             }
+        }
+    }
+}
+
+/// Remove the slots from `keep` on: their workers are told to stop and wait in `removed` until
+/// they exit (their sockets close with them).
+fn remove_slots(tx: &mpsc::UnboundedSender<Event>, name: &AppName, app: &mut AppRt, keep: usize) {
+    while app.slots.len() > keep {
+        let Some(mut slot) = app.slots.pop() else {
+            break;
+        };
+        for mut w in slot
+            .current
+            .take()
+            .into_iter()
+            .chain(slot.retired.drain(..))
+        {
+            stop_worker(tx, &app.cfg, name, &mut w);
+            app.removed.push(w);
         }
     }
 }
