@@ -4,6 +4,7 @@
 //!   vm-test         the VM tier: Debian's kernels under qemu, tests/vm.rs inside
 //!   demo            build and run the agent on packaging/examples/demo.toml, in the foreground
 //!   bench restart   SIGKILL of a worker -> the replacement running, vs. a shell respawn loop
+//!   bench cgroup    in the VM tier: worker respawn with vs. without a cgroup leaf; agent RSS
 //!   bench steering  open-loop tail latency and per-worker share: one shared accept socket vs.
 //!                   corral's hash, round-robin and least-loaded steering; connection-rate cost
 
@@ -26,24 +27,29 @@ tasks:
   demo              build release binaries and run `corral agent` on
                     packaging/examples/demo.toml in the foreground (root); then in another
                     terminal: curl http://127.0.0.1:8080/
-  vm-test [--kernel bookworm|trixie|all] [--keep] [--timeout SECS]
+  vm-test [--kernel bookworm|trixie|all] [--keep] [--timeout SECS] [--tests NAME]
                     the VM tier: Debian's kernels (bookworm 6.1, trixie 6.12; fetched with apt
                     once, cached in target/vm/cache) boot under qemu (TCG) with an initramfs of
                     busybox, the debug binaries and tests/vm.rs, which run inside, where cgroup
                     v2 has every controller and kTLS loads; serial logs in
                     target/vm/<kernel>.log; --keep keeps target/vm/work (the initramfs and a
-                    script that boots it again); --timeout per kernel in seconds, default 600
+                    script that boots it again); --timeout per kernel in seconds, default 600;
+                    --tests NAME runs tests/NAME.rs instead of tests/vm.rs
   bench restart [--kills N]
                     time from SIGKILL of a worker to its replacement running, over N kills
                     (default 200), side by side with a `while :; do app; done` shell loop
+  bench cgroup      in bookworm's VM (vm-test --tests vm_bench): 16 workers respawned after
+                    SIGKILL with a cgroup leaf (memory_max) vs. without a cgroup root, median
+                    and p90; the agent's VmRSS with 16 and 256 workers in cgroup mode
   bench steering [--quick] [--rate R] [--threads T]
                     4 workers of corral-demo, T threads each (default 8), under an open-loop
                     Poisson load of R req/s (default 700), one new connection per request,
-                    latency from the scheduled send; mix 90.5% 1 ms CPU, 9% 10 ms CPU, 0.5%
-                    100 ms sleep; 2 s warm-up + 20 s per variant: one shared accept socket
-                    vs. corral steering hash, round-robin, least-loaded. Then /healthz
-                    connections per second, closed loop, hash vs. least-loaded, 3 ABBA
-                    blocks of 5 s rounds (root). --quick: 3 s per variant, 1 s rounds
+                    latency from the scheduled send; mix 90.8% 1 ms CPU, 9% 10 ms CPU, 0.2%
+                    100 ms sleep; one shared accept socket vs. corral steering hash,
+                    round-robin, least-loaded, 4 interleaved segments of 2 s warm-up + 5 s
+                    measured each. Then /healthz connections per second, closed loop, hash
+                    vs. least-loaded, 3 ABBA blocks of 5 s rounds (root). --quick: one 3 s
+                    segment per variant, one block of 1 s rounds
 ";
 
 fn main() -> Result<()> {
@@ -54,6 +60,7 @@ fn main() -> Result<()> {
         ["demo"] => demo(),
         ["vm-test", rest @ ..] => vm::vm_test(rest),
         ["bench", "restart", rest @ ..] => bench::restart(rest),
+        ["bench", "cgroup", rest @ ..] => vm::bench_cgroup(rest),
         ["bench", "steering", rest @ ..] => bench_steering::steering(rest),
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");

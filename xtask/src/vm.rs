@@ -8,6 +8,10 @@
 //! executables (`--ignored`, with CORRAL_VM=1), prints `CORRAL-VM-RESULT: PASS` or
 //! `CORRAL-VM-RESULT: FAIL <what>` and powers off. The serial console is kept in
 //! target/vm/<release>.log.
+//!
+//! `--tests NAME` runs another test target of corral-tests instead of `vm` (its work directory
+//! and logs get a `-NAME` suffix, so it can run beside vm-test); `cargo xtask bench cgroup` is
+//! `--kernel bookworm --tests vm_bench` ([`bench_cgroup`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -47,6 +51,8 @@ struct Options {
     kernels: Vec<Release>,
     keep: bool,
     timeout: Duration,
+    /// The corral-tests test target to run inside (tests/<NAME>.rs).
+    tests: String,
 }
 
 fn parse(args: &[&str]) -> Result<Options> {
@@ -54,6 +60,7 @@ fn parse(args: &[&str]) -> Result<Options> {
         kernels: Release::ALL.to_vec(),
         keep: false,
         timeout: Duration::from_secs(600),
+        tests: "vm".into(),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -77,6 +84,13 @@ fn parse(args: &[&str]) -> Result<Options> {
                     .filter(|s| *s > 0)
                     .context("--timeout takes a number of seconds")?;
                 o.timeout = Duration::from_secs(secs);
+            }
+            "--tests" => {
+                o.tests = it
+                    .next()
+                    .filter(|s| !s.is_empty() && !s.starts_with('-'))
+                    .context("--tests takes a test target of corral-tests, e.g. vm_bench")?
+                    .to_string();
             }
             other => bail!("vm-test: unknown argument {other} (see `cargo xtask help`)"),
         }
@@ -141,7 +155,12 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
     let root = root();
     let target = root.join("target");
     let vm_dir = target.join("vm");
-    let work = vm_dir.join("work");
+    // Another test target keeps its own work directory and logs.
+    let suffix = match opts.tests.as_str() {
+        "vm" => String::new(),
+        other => format!("-{other}"),
+    };
+    let work = vm_dir.join(format!("work{suffix}"));
     std::fs::create_dir_all(&vm_dir)?;
 
     // Kernels first: a download that fails should fail before minutes of building.
@@ -161,7 +180,7 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
-    let tests = build(&target)?;
+    let tests = build(&target, &opts.tests)?;
     let payload = Payload::collect(&target, &tests)?;
 
     let _ = std::fs::remove_dir_all(&work);
@@ -170,7 +189,7 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
     for (k, modules) in &kernels {
         let initrd = work.join(format!("{}.cpio", k.release.name()));
         write_initramfs(&initrd, k, modules, &payload)?;
-        let log = vm_dir.join(format!("{}.log", k.release.name()));
+        let log = vm_dir.join(format!("{}{suffix}.log", k.release.name()));
         outcomes.push(boot(k, &initrd, &log, opts.timeout, &work)?);
     }
 
@@ -224,9 +243,9 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Build the workspace binaries and the `vm` test executable in the workspace's target/;
-/// returns the test executables by target name.
-fn build(target: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// Build the workspace binaries and the test executable `test` (`vm` unless --tests) in the
+/// workspace's target/; returns the test executables by target name.
+fn build(target: &Path, test: &str) -> Result<Vec<(String, PathBuf)>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let cargo = || {
         let mut c = Command::new(&cargo);
@@ -234,14 +253,14 @@ fn build(target: &Path) -> Result<Vec<(String, PathBuf)>> {
         c
     };
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    eprintln!("xtask: building the VM tier's test executable (tests/vm.rs)");
+    eprintln!("xtask: building the VM tier's test executable (tests/{test}.rs)");
     let out = cargo()
         .args([
             "test",
             "-p",
             "corral-tests",
             "--test",
-            "vm",
+            test,
             "--no-run",
             "--message-format=json",
         ])
@@ -273,7 +292,7 @@ fn build(target: &Path) -> Result<Vec<(String, PathBuf)>> {
         bail!("building the VM tests failed ({})", out.status);
     }
     if tests.is_empty() {
-        bail!("cargo test --no-run named no test executable for tests/vm.rs");
+        bail!("cargo test --no-run named no test executable for tests/{test}.rs");
     }
     Ok(tests)
 }
@@ -706,4 +725,29 @@ fn forward(r: impl std::io::Read, tx: mpsc::Sender<Event>) {
         }
     }
     let _ = tx.send(Event::Eof);
+}
+
+/// `cargo xtask bench cgroup`: tests/vm_bench.rs in bookworm's VM (BENCHMARKS.md, "cgroup"),
+/// then its output again, without the serial console's prefixes.
+pub fn bench_cgroup(args: &[&str]) -> Result<()> {
+    if !args.is_empty() {
+        bail!("bench cgroup takes no arguments (got {})", args.join(" "));
+    }
+    let result = vm_test(&[
+        "--kernel",
+        "bookworm",
+        "--tests",
+        "vm_bench",
+        "--timeout",
+        "3600",
+    ]);
+    let log = root().join("target/vm/bookworm-vm_bench.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let out: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.contains("corral-vm: running vm_bench"))
+        .take_while(|l| !l.contains("corral-vm: vm_bench exited"))
+        .collect();
+    println!("{}", out.join("\n"));
+    result
 }
