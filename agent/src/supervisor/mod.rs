@@ -324,6 +324,17 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
 
+    match machine::raise_nofile() {
+        Ok(old) => {
+            machine::set_child_nofile(old);
+            tracing::debug!(
+                "open files: raised to {} (workers get {})",
+                old.hard,
+                old.soft
+            );
+        }
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     ready::init_accept_signal();
     let cgroups = Cgroups::setup(&config.agent);
     tracing::info!("cgroups: {}", cgroups.describe());

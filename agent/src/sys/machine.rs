@@ -78,3 +78,52 @@ pub fn process_stats(pid: i32) -> Option<ProcStats> {
         cpu_ms: ticks * 1000 / hz,
     })
 }
+
+/// The open-file limit the agent started with, restored in every child it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NofileLimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raise the agent's own soft RLIMIT_NOFILE to its hard limit (it holds about six fds per
+/// worker: socket, pidfd, two output pipes, cgroup leaf, memory watch) and return the limit it
+/// had, which children get back: many programs still use select() and expect 1024.
+pub fn raise_nofile() -> io::Result<NofileLimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let old = NofileLimit {
+        soft: lim.rlim_cur,
+        hard: lim.rlim_max,
+    };
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one is
+        // always allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(old)
+}
+
+static CHILD_NOFILE: std::sync::OnceLock<NofileLimit> = std::sync::OnceLock::new();
+
+/// Remember the limit children get (set once, at agent start).
+pub fn set_child_nofile(l: NofileLimit) {
+    let _ = CHILD_NOFILE.set(l);
+}
+
+/// The limit children get, if the agent raised its own.
+pub fn child_nofile() -> Option<NofileLimit> {
+    CHILD_NOFILE.get().copied()
+}

@@ -43,6 +43,7 @@ pub enum Stage {
     Setsid,
     Fds,
     Chdir,
+    Limits,
     Bounding,
     Groups,
     Gid,
@@ -61,6 +62,7 @@ impl Stage {
             Setsid,
             Fds,
             Chdir,
+            Limits,
             Bounding,
             Groups,
             Gid,
@@ -82,6 +84,7 @@ impl fmt::Display for Stage {
             Stage::Setsid => "setsid",
             Stage::Fds => "setting up fds 0-3",
             Stage::Chdir => "chdir to the working directory",
+            Stage::Limits => "restoring RLIMIT_NOFILE",
             Stage::Bounding => "dropping the capability bounding set",
             Stage::Groups => "dropping supplementary groups",
             Stage::Gid => "setresgid",
@@ -166,6 +169,8 @@ struct Plan {
     fds: [(RawFd, RawFd); 4],
     nfds: usize,
     report: RawFd,
+    /// RLIMIT_NOFILE to restore before exec (the agent raised its own).
+    nofile: Option<libc::rlimit>,
 }
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
@@ -224,6 +229,10 @@ impl Plan {
             fds,
             nfds,
             report,
+            nofile: super::machine::child_nofile().map(|l| libc::rlimit {
+                rlim_cur: l.soft,
+                rlim_max: l.hard,
+            }),
         })
     }
 }
@@ -474,6 +483,9 @@ unsafe fn child(plan: &Plan, listen_pid_buf: *mut u8) -> ! {
 
         check!(Stage::Chdir, libc::chdir(plan.workdir.as_ptr()));
         libc::umask(0o022);
+        if let Some(lim) = &plan.nofile {
+            check!(Stage::Limits, libc::setrlimit(libc::RLIMIT_NOFILE, lim));
+        }
 
         // Capabilities: the bounding set can only be dropped while we still hold CAP_SETPCAP.
         for cap in 0..64 {
