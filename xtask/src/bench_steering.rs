@@ -16,9 +16,9 @@
 //! client thread waking late) counts against the server instead of being hidden (coordinated
 //! omission). The worker of each response is its `X-Pid` header.
 //!
-//! Then the cost of the program per connection: on (b) and (d), client threads open `/healthz` connections back to back, as fast as they can, for a few
-//! seconds at a time, in blocks b, d, d, b (ABBA, which cancels a linear drift of the
-//! machine's speed within a block).
+//! Then the cost of the program per connection: on (b) and (d), client threads open `/healthz`
+//! connections back to back, as fast as they can, for a few seconds at a time, in blocks
+//! b, d, d, b (ABBA, which cancels a linear drift of the machine's speed within a block).
 //!
 //! The machine is shared: CPU time is accounted per window (machine, servers, agent, client),
 //! and a segment or block in which other processes used more than [`DISTURBED`] of the CPUs is
@@ -56,8 +56,8 @@ const SEED: u64 = 0x5eed_c077_a1b2;
 /// costly in CPU, and a few that hold their worker thread without using the CPU (a slow
 /// database or upstream). A class of constant latency pins the percentile that falls inside
 /// it: with 1% of 100 ms sleeps, p99 read 100.3-100.4 ms in every variant whatever the
-/// steering (and still did at 0.5%), so the sleeping share is 0.2%: p99 is left to queueing,
-/// and p99.9 is at least the 100 ms sleep by construction.
+/// steering (and often still did at 0.5%), so the sleeping share is 0.2%: p99 is left to
+/// queueing, and p99.9 is about the 100 ms sleep by construction.
 const MIX: &[(f64, &str, &str)] = &[
     (0.908, "/?burn_ms=1", "1 ms CPU"),
     (0.09, "/?burn_ms=10", "10 ms CPU"),
@@ -625,6 +625,23 @@ struct Servers {
     _listener: Option<std::net::TcpListener>,
 }
 
+/// In a child before exec: SIGKILL it if the benchmark dies without running its guards (the
+/// agent then takes its workers down with it). Runs after std's uid change, which would clear
+/// it. Only async-signal-safe calls.
+fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid have no memory effects.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The parent may have died before the prctl.
+        if libc::getppid() == 1 {
+            return Err(std::io::Error::from(ErrorKind::Other));
+        }
+    }
+    Ok(())
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -684,8 +701,9 @@ fn start_shared(demo: &Path, dir: &Path, threads: u32) -> Result<Servers> {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log.try_clone()?);
-        // SAFETY: the closure only calls dup2/fcntl (async-signal-safe) on `fd`, which stays open
-        // in the parent until every worker has been spawned, and allocates nothing.
+        // SAFETY: the closure only calls dup2/fcntl/prctl/getppid (async-signal-safe) on `fd`,
+        // which stays open in the parent until every worker has been spawned, and allocates
+        // nothing.
         unsafe {
             cmd.pre_exec(move || {
                 if fd == 3 {
@@ -696,7 +714,7 @@ fn start_shared(demo: &Path, dir: &Path, threads: u32) -> Result<Servers> {
                 } else if libc::dup2(fd, 3) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                die_with_parent()
             })
         };
         guard
@@ -783,14 +801,15 @@ count = {WORKERS}
     )?;
     let log_path = dir.join("agent.log");
     let log = std::fs::File::create(&log_path)?;
-    let agent = Command::new(corral)
-        .args(["agent", "--config"])
+    let mut cmd = Command::new(corral);
+    cmd.args(["agent", "--config"])
         .arg(&config)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting the agent")?;
+        .stderr(log);
+    // SAFETY: the closure only calls prctl/getppid (async-signal-safe) and allocates nothing.
+    unsafe { cmd.pre_exec(die_with_parent) };
+    let agent = cmd.spawn().context("starting the agent")?;
     let mut guard = KillOnDrop {
         agent: Some(agent),
         others: Vec::new(),
