@@ -112,7 +112,13 @@ const PACKAGES: &[(&str, &str)] = &[
 /// Install what is missing from [`PACKAGES`] (as root, with apt-get), or say exactly what is
 /// missing and how to get it.
 pub fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    ensure_these(PACKAGES, "the build and the tests")
+}
+
+/// Install the Debian packages of `list` (name, a file that shows it is installed) that are
+/// missing; `what` says what needs them.
+pub fn ensure_these(list: &[(&str, &str)], what: &str) -> Result<()> {
+    let missing: Vec<&str> = list
         .iter()
         .filter(|(_, probe)| !Path::new(probe).exists())
         .map(|(pkg, _)| *pkg)
@@ -122,12 +128,12 @@ pub fn ensure_packages() -> Result<()> {
     }
     if !is_root() {
         bail!(
-            "missing Debian packages: {}; install them with `apt-get install {}` (as root)",
+            "missing Debian packages for {what}: {}; install them with `apt-get install {}` (as root)",
             missing.join(", "),
             missing.join(" ")
         );
     }
-    eprintln!("xtask: installing {}", missing.join(" "));
+    eprintln!("xtask: installing {} for {what}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])

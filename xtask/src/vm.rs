@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{is_root, root, run};
+use crate::{root, run};
 
 mod cpio;
 mod kernel;
@@ -101,29 +101,7 @@ fn parse(args: &[&str]) -> Result<Options> {
 /// Install what is missing from [`VM_PACKAGES`] (as root, with apt-get), or say exactly what is
 /// missing and how to get it.
 pub fn ensure_vm_packages() -> Result<()> {
-    let missing: Vec<&str> = VM_PACKAGES
-        .iter()
-        .filter(|(_, probe)| !Path::new(probe).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "missing Debian packages for the VM tier: {}; install them with `apt-get install {}` \
-             (as root)",
-            missing.join(", "),
-            missing.join(" ")
-        );
-    }
-    eprintln!("xtask: installing {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    Ok(())
+    crate::ensure_these(VM_PACKAGES, "the VM tier")
 }
 
 /// What one kernel's run came to.
