@@ -12,6 +12,10 @@
  *     dropped SYN is a reset for the client.
  *   - The migrate variant (kernel 5.14+) also runs when a listener closes with connections in
  *     its queue, and moves each of them to an eligible slot instead of resetting it.
+ *   - The connection tracker (a raw tracepoint on inet_sock_set_state) counts each slot's
+ *     connections from handshake to the server's close: queued plus being served. This is the
+ *     load that sees a worker that accepts everything at once (an asyncio loop, a gthread
+ *     acceptor) and is busy, which its accept queue, always empty, does not show.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -49,13 +53,36 @@ struct {
 	__type(value, __u32);
 } load SEC(".maps");
 
-/* Per slot: picks since the agent last published `load` (it zeroes them when it does). */
+/* Per slot: picks since the agent last published `load` (it zeroes them when it does and
+ * bumps config.epoch); with the tracker, a pick leaves again when its connection is
+ * established: then these are the connections still in their handshake. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CORRAL_MAX_SLOTS);
 	__type(key, __u32);
 	__type(value, __u32);
 } picks SEC(".maps");
+
+/* Connections steered by this program, from the SYN until the server closes them. Each counted
+ * entry is uncounted exactly once, when it closes, also after a worker died or its queue
+ * migrated (the count stays with the slot that first took it). An LRU map, so a SYN flood
+ * cannot fill it: only an eviction of a counted entry (more than max_entries connections
+ * open at once) leaves its slot's count one high. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct corral_conn_key);
+	__type(value, struct corral_conn);
+} conns SEC(".maps");
+
+/* Per slot: established connections not yet closed by the server (in the accept queue or
+ * accepted and open). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CORRAL_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} inflight SEC(".maps");
 
 /* Round-robin position, per CPU: each CPU rotates through the set on its own. */
 struct {
@@ -98,13 +125,22 @@ static __always_inline int try_slot(struct sk_reuseport_md *ctx, __u32 slot)
 	return bpf_sk_select_reuseport(ctx, &socks, &key, 0);
 }
 
-static __always_inline __u32 score(__u32 slot)
+/* A counter that wrapped below zero (a decrement racing the agent's reset) counts as 0, so its
+ * slot never looks saturated. */
+static __always_inline __u32 counter(void *map, __u32 key)
+{
+	__u32 *v = bpf_map_lookup_elem(map, &key);
+
+	return v && *v < 0x80000000u ? *v : 0;
+}
+
+static __always_inline __u32 score(const struct corral_config *cfg, __u32 slot)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
-	__u32 *l = bpf_map_lookup_elem(&load, &key);
-	__u32 *p = bpf_map_lookup_elem(&picks, &key);
 
-	return (l ? *l : 0) + (p ? *p : 0);
+	if (cfg->tracking)
+		return counter(&inflight, key) + counter(&picks, key);
+	return counter(&load, key) + counter(&picks, key);
 }
 
 static __always_inline void count_pick(__u32 slot)
@@ -119,13 +155,32 @@ static __always_inline void count_pick(__u32 slot)
 		*s += 1;
 }
 
+/* Remember which slot this SYN went to, for the connection tracker. */
+static __always_inline void track(struct sk_reuseport_md *ctx, const struct corral_config *cfg,
+				  __u32 slot)
+{
+	struct corral_conn_key key = {};
+	struct corral_conn conn = { .slot = slot, .counted = 0, .epoch = cfg->epoch };
+	__u16 ports[2];
+
+	if (bpf_skb_load_bytes(ctx, 0, ports, sizeof(ports)))
+		return;
+	key.remote_port = ports[0];
+	key.local_port = bpf_ntohs(ports[1]);
+	/* IPv4: the source address is at offset 12 of the network header. */
+	if (ctx->eth_protocol == bpf_htons(0x0800) &&
+	    bpf_skb_load_bytes_relative(ctx, 12, &key.remote_addr, 4, BPF_HDR_START_NET))
+		return;
+	bpf_map_update_elem(&conns, &key, &conn, BPF_ANY);
+}
+
 static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 {
 	__u32 zero = 0;
 	struct corral_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct corral_stats *st = bpf_map_lookup_elem(&stats, &zero);
 	struct corral_eligible *set;
-	__u32 n, first, second, start, i, active;
+	__u32 n, first, second, start, i, active, the_pick = 0;
 
 	if (!cfg || !st)
 		return SK_PASS;
@@ -173,7 +228,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		__u32 sa = slot_at(set, a);
 		__u32 sb = slot_at(set, b);
 
-		if (score(sb) < score(sa)) {
+		if (score(cfg, sb) < score(cfg, sa)) {
 			first = sb;
 			second = sa;
 		} else {
@@ -184,12 +239,12 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 	}
 
 	if (try_slot(ctx, first) == 0) {
-		count_pick(first);
+		the_pick = first;
 		goto selected;
 	}
 	st->select_errors++;
 	if (second != first && try_slot(ctx, second) == 0) {
-		count_pick(second);
+		the_pick = second;
 		goto selected;
 	}
 	/* Both candidates failed (a worker just died, its socket is gone): walk the set. */
@@ -199,7 +254,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		if (slot == first || slot == second)
 			continue;
 		if (try_slot(ctx, slot) == 0) {
-			count_pick(slot);
+			the_pick = slot;
 			goto selected;
 		}
 		st->select_errors++;
@@ -208,9 +263,12 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 	return SK_PASS;
 
 selected:
+	count_pick(the_pick);
 	st->selected++;
 	if (migrating)
 		st->migrations++;
+	else
+		track(ctx, cfg, the_pick);
 	return SK_PASS;
 }
 
@@ -224,6 +282,85 @@ SEC("sk_reuseport/migrate")
 int corral_select_or_migrate(struct sk_reuseport_md *ctx)
 {
 	return steer(ctx, ctx->migrating_sk != 0);
+}
+
+/* The head of struct sock_common (include/net/sock.h), unchanged since Linux 2.6: the
+ * addresses and ports of the connection and its family. */
+struct sock_common_head {
+	__u32 daddr;     /* skc_daddr: remote IPv4 address */
+	__u32 rcv_saddr; /* skc_rcv_saddr */
+	__u32 hash;      /* skc_hash */
+	__u16 dport;     /* skc_dport: remote port, network order */
+	__u16 num;       /* skc_num: local port, host order */
+	__u16 family;    /* skc_family */
+};
+
+#define CORRAL_AF_INET 2
+#define CORRAL_TCP_ESTABLISHED 1
+#define CORRAL_TCP_FIN_WAIT1 4
+#define CORRAL_TCP_CLOSE 7
+#define CORRAL_TCP_LAST_ACK 9
+
+/* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
+SEC("raw_tracepoint/inet_sock_set_state")
+int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
+{
+	__u32 zero = 0;
+	struct corral_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct corral_stats *st = bpf_map_lookup_elem(&stats, &zero);
+	struct sock_common_head h;
+	struct corral_conn_key key = {};
+	struct corral_conn *conn;
+	int newstate = (int)ctx->args[2];
+	__u32 slot;
+	__u32 *n;
+
+	if (!cfg || !st)
+		return 0;
+	if (newstate != CORRAL_TCP_ESTABLISHED && newstate != CORRAL_TCP_FIN_WAIT1 &&
+	    newstate != CORRAL_TCP_LAST_ACK && newstate != CORRAL_TCP_CLOSE)
+		return 0;
+	if (bpf_probe_read_kernel(&h, sizeof(h), (void *)ctx->args[0]))
+		return 0;
+	if (h.num != cfg->port)
+		return 0;
+	key.remote_port = h.dport;
+	key.local_port = h.num;
+	if (h.family == CORRAL_AF_INET)
+		key.remote_addr = h.daddr;
+	conn = bpf_map_lookup_elem(&conns, &key);
+	if (newstate == CORRAL_TCP_ESTABLISHED) {
+		if (!conn) {
+			st->untracked++;
+			return 0;
+		}
+		if (conn->counted)
+			return 0;
+		conn->counted = 1;
+		slot = conn->slot & (CORRAL_MAX_SLOTS - 1);
+		n = bpf_map_lookup_elem(&inflight, &slot);
+		if (n)
+			__sync_fetch_and_add(n, 1);
+		/* Its pick is now in `inflight`: take it back from `picks` (same epoch only). */
+		if (conn->epoch == cfg->epoch) {
+			n = bpf_map_lookup_elem(&picks, &slot);
+			if (n)
+				__sync_fetch_and_add(n, (__u32)-1);
+		}
+		st->tracked++;
+		return 0;
+	}
+	/* The server closed it (FIN_WAIT1, LAST_ACK) or it ended (CLOSE: reset, or never accepted). */
+	if (!conn)
+		return 0;
+	if (conn->counted) {
+		slot = conn->slot & (CORRAL_MAX_SLOTS - 1);
+		n = bpf_map_lookup_elem(&inflight, &slot);
+		if (n)
+			__sync_fetch_and_add(n, (__u32)-1); /* clang 14 has no BPF atomic sub */
+	}
+	bpf_map_delete_elem(&conns, &key);
+	return 0;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -7,7 +7,7 @@
 #ifndef CORRAL_STEER_H
 #define CORRAL_STEER_H
 
-#define CORRAL_ABI_VERSION 1
+#define CORRAL_ABI_VERSION 2
 
 /* Slots per app; a power of two so `slot & (CORRAL_MAX_SLOTS - 1)` bounds array indices. */
 #define CORRAL_MAX_SLOTS 1024
@@ -24,6 +24,31 @@ struct corral_config {
 	/* Connections from source port probe_base + n go to slot n (readiness and health probes). */
 	__u32 probe_base;
 	__u32 probe_count;
+	/* The group's local port (host order): the connection tracker ignores other sockets. */
+	__u32 port;
+	/* 1 when the connection tracker is attached: the load is `inflight` + `picks`, and a pick
+	 * leaves `picks` once its connection is established (and counted in `inflight`). 0: the
+	 * load is the published accept queue + `picks`. */
+	__u32 tracking;
+	/* Bumped by the agent each time it zeroes `picks`: only a connection picked in the
+	 * current epoch takes its pick back when it is established. */
+	__u32 epoch;
+};
+
+/* A connection the program steered, as the tracker finds it again from its socket. Ports and
+ * address as on the wire; IPv6 peers are keyed by port only (remote_addr 0). */
+struct corral_conn_key {
+	__u32 remote_addr;
+	__u16 remote_port; /* network order */
+	__u16 local_port;  /* host order */
+};
+
+struct corral_conn {
+	__u32 slot;
+	/* Set once the handshake completed and the connection was counted in `inflight`. */
+	__u32 counted;
+	/* config.epoch when it was picked. */
+	__u32 epoch;
 };
 
 /* An entry of the double-buffered `eligible` map: the slots whose worker is ready. */
@@ -40,6 +65,8 @@ struct corral_stats {
 	__u64 select_errors; /* bpf_sk_select_reuseport failures (slot had no socket) */
 	__u64 fallbacks;     /* nothing selectable: left to the kernel's hash */
 	__u64 no_eligible;   /* no ready worker at all: left to the kernel's hash */
+	__u64 tracked;       /* connections counted in `inflight` once established */
+	__u64 untracked;     /* established connections the tracker found no pick for */
 };
 
 #endif

@@ -123,14 +123,19 @@ fn least_loaded_spreads_evenly() {
     );
 }
 
-/// The share of `slow`'s answers when worker 3 is slow, under `listen_extra` steering.
-fn slow_worker_share(tag: &str, listen_extra: &str) -> f64 {
+/// Worker 3 answers every request after 100 ms and has 2 threads: its queue grows.
+const SLOW: &str = "if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=100 DEMO_THREADS=2; fi;";
+/// Every worker accepts whatever arrives at once and queues it for 2 threads (an asyncio or
+/// gthread server); worker 3 takes 100 ms a request. Its accept queue is always empty.
+const SLOW_GREEDY: &str = "export DEMO_ACCEPT=greedy DEMO_THREADS=2; \
+    if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=100; fi;";
+
+/// The share of worker 3's answers when it is slow (`slow`), under `listen_extra` steering.
+fn slow_worker_share(tag: &str, slow: &str, listen_extra: &str, clients: usize) -> f64 {
     let port = free_port();
-    // Worker 3 answers every request after 100 ms and has 2 threads: its queue grows.
-    let slow = "if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=100 DEMO_THREADS=2; fi;";
     let agent = Agent::start(tag, &app(port, 4, slow, listen_extra));
     let pids = agent.wait_ready("web", 4, Duration::from_secs(20));
-    let (counts, errors) = load(addr(port), "/", 1200, 12);
+    let (counts, errors) = load(addr(port), "/", 1200, clients);
     assert!(errors.is_empty(), "{errors:?}");
     let total: usize = counts.values().sum();
     counts.get(&pids[3]).copied().unwrap_or(0) as f64 / total as f64
@@ -139,8 +144,8 @@ fn slow_worker_share(tag: &str, listen_extra: &str) -> f64 {
 #[test]
 fn least_loaded_avoids_a_slow_worker_where_hash_does_not() {
     let _serial = one_at_a_time();
-    let ll = slow_worker_share("slow-ll", "");
-    let hash = slow_worker_share("slow-hash", "steering = \"hash\"");
+    let ll = slow_worker_share("slow-ll", SLOW, "", 12);
+    let hash = slow_worker_share("slow-hash", SLOW, "steering = \"hash\"", 12);
     eprintln!("slow worker's share: least-loaded {ll:.3}, hash {hash:.3}");
     assert!(
         ll < 0.08,
@@ -150,6 +155,21 @@ fn least_loaded_avoids_a_slow_worker_where_hash_does_not() {
         hash > 0.15,
         "the kernel's hash keeps sending it a quarter: {hash:.3}"
     );
+}
+
+/// The accept queue cannot see this worker's backlog (it took every connection at once); the
+/// in-flight count can.
+#[test]
+fn least_loaded_avoids_a_slow_worker_that_accepts_everything() {
+    let _serial = one_at_a_time();
+    let ll = slow_worker_share("greedy-ll", SLOW_GREEDY, "", 6);
+    let rr = slow_worker_share("greedy-rr", SLOW_GREEDY, "steering = \"round-robin\"", 6);
+    eprintln!("slow greedy worker's share: least-loaded {ll:.3}, round-robin {rr:.3}");
+    assert!(
+        ll < 0.08,
+        "least-loaded keeps new connections off the slow worker: {ll:.3}"
+    );
+    assert!(rr > 0.2, "round-robin gives it a quarter: {rr:.3}");
 }
 
 #[test]

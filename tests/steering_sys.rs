@@ -28,7 +28,7 @@ fn group(n: usize, policy: Policy) -> Group {
             l
         })
         .collect();
-    let mut steering = Steering::load(policy, None).expect("load steering program");
+    let mut steering = Steering::load(policy, port, None).expect("load steering program");
     for (slot, l) in listeners.iter().enumerate() {
         steering
             .set_socket(slot as u32, l.as_fd())
@@ -157,9 +157,13 @@ fn only_eligible_slots_get_connections_and_probes_reach_their_slot() {
     assert_eq!(picks[0] + picks[2], 300);
 }
 
+/// Without the connection tracker (kernels before 5.5) the load is the published accept queue.
 #[test]
 fn least_loaded_avoids_the_slot_with_a_long_queue() {
     let mut g = group(4, Policy::LeastLoaded);
+    g.steering
+        .disable_tracking("test: as without the tracker")
+        .expect("config");
     g.steering
         .publish_eligible(&[0, 1, 2, 3])
         .expect("eligible");
@@ -174,6 +178,74 @@ fn least_loaded_avoids_the_slot_with_a_long_queue() {
     for c in &counts[..3] {
         assert!(*c > 90, "{counts:?}");
     }
+}
+
+#[test]
+fn in_flight_connections_count_from_handshake_until_the_server_closes() {
+    let mut g = group(2, Policy::LeastLoaded);
+    g.steering.tracker().as_ref().expect("tracker attached");
+    g.steering.publish_eligible(&[0, 1]).expect("eligible");
+    let clients: Vec<_> = (0..40).map(|_| connect_from(g.addr, None)).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let queued: Vec<usize> = g
+        .listeners
+        .iter()
+        .map(|l| socket::accept_queue_len(l.as_fd()).expect("queue") as usize)
+        .collect();
+    let open = g.steering.inflight(2).expect("inflight");
+    assert_eq!(
+        open.iter().map(|n| *n as usize).collect::<Vec<_>>(),
+        queued,
+        "queued connections are in flight, per slot"
+    );
+    assert_eq!(queued.iter().sum::<usize>(), 40);
+
+    // Accepted and open: still in flight. A client closing first does not end it either.
+    let mut accepted = Vec::new();
+    for l in &g.listeners {
+        while let Ok((s, _)) = l.accept() {
+            accepted.push(s);
+        }
+    }
+    assert_eq!(accepted.len(), 40);
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(g.steering.inflight(2).expect("inflight"), open);
+
+    // The server closes: nothing in flight. A probe is not counted.
+    drop(accepted);
+    let probe = connect_from(g.addr, Some(PROBE_PORT_BASE + 1));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(g.steering.inflight(2).expect("inflight"), vec![0, 0]);
+    let st = g.steering.stats().expect("stats");
+    assert_eq!(st.tracked, 40);
+    assert_eq!(st.untracked, 1, "the probe");
+    drop(probe);
+    drain(&g);
+    assert_eq!(g.steering.inflight(2).expect("inflight"), vec![0, 0]);
+}
+
+#[test]
+fn least_loaded_avoids_the_slot_with_connections_open() {
+    let mut g = group(2, Policy::LeastLoaded);
+    // Slot 0's worker has accepted 20 connections and is busy with them; its queue is empty.
+    g.steering.publish_eligible(&[0]).expect("eligible");
+    let clients: Vec<_> = (0..20).map(|_| connect_from(g.addr, None)).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut held = Vec::new();
+    while let Ok((s, _)) = g.listeners[0].accept() {
+        held.push(s);
+    }
+    assert_eq!(held.len(), 20);
+    g.steering.publish_eligible(&[0, 1]).expect("eligible");
+    // Queues empty, loads published as such: only the in-flight count tells the slots apart.
+    g.steering.publish_load(&[(0, 0), (1, 0)]).expect("load");
+    // Each new connection adds a pick and, once established, an in-flight connection to slot
+    // 1's score: ten of them bring it to 20 at most, which never beats slot 0's 20.
+    let more: Vec<_> = (0..10).map(|_| connect_from(g.addr, None)).collect();
+    let counts = drain(&g);
+    drop((more, clients, held));
+    assert_eq!(counts, vec![0, 10], "slot 0 has 20 open connections");
 }
 
 #[test]

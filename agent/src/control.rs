@@ -53,6 +53,12 @@ pub struct SteeringStats {
     pub fallbacks: u64,
     /// Connections left to the kernel's hash because no worker was ready.
     pub no_eligible: u64,
+    /// Established connections the tracker counted (in-flight accounting).
+    #[serde(default)]
+    pub tracked: u64,
+    /// Established connections on the port the tracker had no pick for (e.g. probes).
+    #[serde(default)]
+    pub untracked: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,6 +77,11 @@ pub struct WorkerStatus {
     /// Connections the steering program sent to this worker's slot since its socket group
     /// was created (eBPF steering only).
     pub connections: Option<u64>,
+    /// Connections steered to this slot that are established and not yet closed by the worker
+    /// (queued or being served): the load least-loaded steering sees. Per slot, so a replaced
+    /// worker's slot may still count connections its predecessor's queue handed on.
+    #[serde(default)]
+    pub inflight: Option<u32>,
     /// pids.current of its cgroup leaf.
     pub pids: Option<u64>,
     /// Its cgroup leaf, when corral has a cgroup root (then `rss_bytes` and `peak_rss_bytes` are

@@ -249,13 +249,21 @@ fn render_status(apps: &[AppStatus]) -> String {
         }
         let _ = writeln!(
             out,
-            "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9} {:>8}  LAST EXIT",
-            "WORKER", "PID", "STATE", "UPTIME", "RESTARTS", "MEM (RSS/PEAK)", "CPU", "CONNS"
+            "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9} {:>8} {:>6}  LAST EXIT",
+            "WORKER",
+            "PID",
+            "STATE",
+            "UPTIME",
+            "RESTARTS",
+            "MEM (RSS/PEAK)",
+            "CPU",
+            "CONNS",
+            "OPEN"
         );
         for w in &app.workers {
             let _ = writeln!(
                 out,
-                "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9} {:>8}  {}",
+                "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9} {:>8} {:>6}  {}",
                 w.slot,
                 w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 w.state,
@@ -271,6 +279,9 @@ fn render_status(apps: &[AppStatus]) -> String {
                     .map(|c| format_duration(Duration::from_millis(c)))
                     .unwrap_or_else(|| "-".into()),
                 w.connections
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                w.inflight
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "-".into()),
                 w.last_exit.as_deref().unwrap_or("-"),

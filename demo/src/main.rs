@@ -78,6 +78,12 @@ ENVIRONMENT:
                              (unset: JSON null, X-Worker: -)
     DEMO_THREADS             accept/connection threads (default 16, 1..=4096); each serves one
                              connection at a time, further connections wait in the backlog
+    DEMO_ACCEPT              `free-thread` (default): a thread accepts only when it is free to
+                             serve, so waiting connections stay in the kernel's queue;
+                             `greedy`: one thread accepts every connection as soon as it
+                             arrives and queues it for the DEMO_THREADS serving threads (an
+                             asyncio/uvicorn or gunicorn gthread accept loop). Sets O_NONBLOCK
+                             on the listening socket (shared with any process it came from)
     DEMO_DELAY_MS            default delay_ms for every request (default 0)
     DEMO_BURN_MS             default burn_ms for every request (default 0)
     DEMO_PAD_BYTES           default pad for JSON responses (default 0)
@@ -120,6 +126,7 @@ struct Settings {
     app: String,
     worker: Option<u32>,
     threads: usize,
+    greedy: bool,
     delay_ms: u64,
     burn_ms: u64,
     pad: u64,
@@ -231,6 +238,15 @@ impl Settings {
             app: env_var("CORRAL_APP")?.unwrap_or_else(|| "demo".into()),
             worker,
             threads: threads as usize,
+            greedy: match env_var("DEMO_ACCEPT")?.as_deref() {
+                None | Some("free-thread") => false,
+                Some("greedy") => true,
+                Some(v) => {
+                    return Err(format!(
+                        "DEMO_ACCEPT must be `free-thread` or `greedy`, got `{v}`"
+                    ))
+                }
+            },
             delay_ms: env_num("DEMO_DELAY_MS", 0, http::MAX_MS)?,
             burn_ms: env_num("DEMO_BURN_MS", 0, http::MAX_MS)?,
             pad: env_num("DEMO_PAD_BYTES", 0, http::MAX_BYTES)?,
@@ -423,12 +439,30 @@ fn main() {
         pad: settings.pad,
         keepalive: Duration::from_millis(settings.keepalive_ms),
     });
+    let backlog = Arc::new(server::Backlog::default());
+    if settings.greedy {
+        sys::set_nonblocking(server.listener.as_raw_fd())
+            .unwrap_or_else(|e| fail(format_args!("DEMO_ACCEPT=greedy: {e}")));
+        let (server, backlog) = (Arc::clone(&server), Arc::clone(&backlog));
+        std::thread::Builder::new()
+            .name("demo-accept".into())
+            .stack_size(256 * 1024)
+            .spawn(move || server::greedy_accept_loop(&server, &backlog))
+            .unwrap_or_else(|e| fail(format_args!("spawning the accept thread: {e}")));
+    }
     for i in 0..settings.threads {
-        let server = Arc::clone(&server);
+        let (server, backlog) = (Arc::clone(&server), Arc::clone(&backlog));
+        let greedy = settings.greedy;
         std::thread::Builder::new()
             .name(format!("demo-{i}"))
             .stack_size(256 * 1024)
-            .spawn(move || server::accept_loop(&server))
+            .spawn(move || {
+                if greedy {
+                    server::serve_backlog_loop(&server, &backlog)
+                } else {
+                    server::accept_loop(&server)
+                }
+            })
             .unwrap_or_else(|e| fail(format_args!("spawning thread {i}: {e}")));
     }
 

@@ -1,11 +1,12 @@
 //! The accept threads and the HTTP/1.1 connection loop.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::http::{self, Body, ChunkedDecoder, HttpError, Request};
@@ -63,6 +64,81 @@ pub fn accept_loop(server: &Server) -> ! {
     }
     loop {
         std::thread::park();
+    }
+}
+
+/// Connections accepted by the greedy acceptor and not yet picked up by a serving thread.
+#[derive(Default)]
+pub struct Backlog {
+    queue: Mutex<VecDeque<TcpStream>>,
+    ready: Condvar,
+}
+
+/// DEMO_ACCEPT=greedy, the acceptor: take every connection the moment it is queued (as an
+/// asyncio or gthread server's accept loop does) and hand it to the serving threads, whether
+/// or not one is free. The listener must be non-blocking. Parks once shutting down.
+pub fn greedy_accept_loop(server: &Server, backlog: &Backlog) -> ! {
+    let fd = server.listener.as_raw_fd();
+    'outer: loop {
+        match sys::poll2(fd, Some(server.wake_fd), None) {
+            Ok(r) if r.b => break,
+            Ok(r) if r.a => {}
+            Ok(_) => continue,
+            Err(e) => {
+                warn(format_args!(
+                    "corral-demo: poll on the listening socket failed: {e}"
+                ));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        loop {
+            if shutting_down() {
+                break 'outer;
+            }
+            match sys::accept(fd) {
+                Ok(conn) => {
+                    ACTIVE.fetch_add(1, Ordering::SeqCst);
+                    let stream = TcpStream::from(conn);
+                    backlog
+                        .queue
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_back(stream);
+                    backlog.ready.notify_one();
+                }
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => {}
+                    _ => {
+                        warn(format_args!("corral-demo: accept failed: {e}"));
+                        std::thread::sleep(Duration::from_millis(100));
+                        break;
+                    }
+                },
+            }
+        }
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+/// DEMO_ACCEPT=greedy, a serving thread: serve queued connections in arrival order. Queued
+/// connections are still served during shutdown (they count in [`ACTIVE`]).
+pub fn serve_backlog_loop(server: &Server, backlog: &Backlog) -> ! {
+    loop {
+        let stream = {
+            let mut q = backlog.queue.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(s) = q.pop_front() {
+                    break s;
+                }
+                q = backlog.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let _active = ActiveGuard;
+        Conn::new(server, stream).run();
     }
 }
 

@@ -67,6 +67,8 @@ const MIX: &[(f64, &str, &str)] = &[
 struct Options {
     rate: f64,
     threads: u32,
+    /// DEMO_ACCEPT of every worker: `greedy` or `free-thread`.
+    accept: &'static str,
     /// Unmeasured load before each segment.
     warmup: Duration,
     /// Measured length of one segment.
@@ -83,7 +85,8 @@ struct Options {
 fn parse(rest: &[&str]) -> Result<Options> {
     let mut o = Options {
         rate: 700.0,
-        threads: 8,
+        threads: 1,
+        accept: "greedy",
         warmup: Duration::from_secs(2),
         segment: Duration::from_secs(5),
         segments: 4,
@@ -115,6 +118,13 @@ fn parse(rest: &[&str]) -> Result<Options> {
                     .and_then(|v| v.parse().ok())
                     .filter(|t| (1..=4096).contains(t))
                     .context("--threads takes a number of threads per worker, 1..=4096")?
+            }
+            "--accept" => {
+                o.accept = match it.next().copied() {
+                    Some("greedy") => "greedy",
+                    Some("free-thread") => "free-thread",
+                    _ => bail!("--accept takes `greedy` or `free-thread`"),
+                }
             }
             other => bail!("bench steering: unexpected argument {other}"),
         }
@@ -660,7 +670,7 @@ fn nobody() -> Result<(u32, u32)> {
 }
 
 /// (a): one listening socket, made here, inherited by four corral-demo processes as fd 3.
-fn start_shared(demo: &Path, dir: &Path, threads: u32) -> Result<Servers> {
+fn start_shared(demo: &Path, dir: &Path, threads: u32, accept: &str) -> Result<Servers> {
     use std::os::linux::net::SocketAddrExt;
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context("binding the shared socket")?;
@@ -694,6 +704,7 @@ fn start_shared(demo: &Path, dir: &Path, threads: u32) -> Result<Servers> {
             .env("CORRAL_APP", "bench")
             .env("CORRAL_WORKER", worker.to_string())
             .env("DEMO_THREADS", threads.to_string())
+            .env("DEMO_ACCEPT", accept)
             .env("DEMO_NOTIFY", "1")
             .env("NOTIFY_SOCKET", format!("@{notify_name}"))
             .uid(uid)
@@ -770,6 +781,7 @@ fn start_corral(
     dir: &Path,
     steering: &str,
     threads: u32,
+    accept: &str,
 ) -> Result<Servers> {
     let dir = dir.join(steering);
     std::fs::create_dir_all(&dir)?;
@@ -788,7 +800,7 @@ bpf_pin_dir = "{dir}/bpf"
 [app.bench]
 command = ["{demo}"]
 user = "nobody"
-env = {{ DEMO_THREADS = "{threads}" }}
+env = {{ DEMO_THREADS = "{threads}", DEMO_ACCEPT = "{accept}" }}
 [app.bench.listen]
 address = "127.0.0.1:{port}"
 steering = "{steering}"
@@ -1044,10 +1056,11 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         })
         .sum();
     eprintln!(
-        "bench steering: {WORKERS} workers x {} threads; open loop, Poisson {:.0} req/s ({:.0}% \
+        "bench steering: {WORKERS} workers x {} threads, {} accept; open loop, Poisson {:.0} req/s ({:.0}% \
          of the CPUs in request handlers alone); per variant {} segments of {} s warm-up + {} s \
          measured, interleaved; mix: {}",
         o.threads,
+        o.accept,
         o.rate,
         o.rate * cpu_per_req / 1000.0 / online_cpus() as f64 * 100.0,
         o.segments,
@@ -1068,8 +1081,8 @@ pub fn steering(rest: &[&str]) -> Result<()> {
     let mut servers = Vec::new();
     for (name, steering) in variants {
         let s = match steering {
-            None => start_shared(&demo, &dir, o.threads)?,
-            Some(st) => start_corral(&corral, &demo, &dir, st, o.threads)?,
+            None => start_shared(&demo, &dir, o.threads, o.accept)?,
+            Some(st) => start_corral(&corral, &demo, &dir, st, o.threads, o.accept)?,
         };
         eprintln!("bench steering: {name}: {}", s.steering);
         servers.push(s);
@@ -1174,7 +1187,8 @@ pub fn steering(rest: &[&str]) -> Result<()> {
     println!(
         "\nopen loop: Poisson arrivals at {:.0} req/s (these schedules: {:.1} req/s in the \
          measured windows; the same for every variant), {} s measured per variant ({} segment(s) of \
-         {} s, each after {} s of warm-up, variants interleaved); {} workers x {} threads; mix {}",
+         {} s, each after {} s of warm-up, variants interleaved); {} workers x {} threads, {} \
+         accept; mix {}",
         o.rate,
         planned as f64 / measure.as_secs_f64(),
         measure.as_secs(),
@@ -1183,6 +1197,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         o.warmup.as_secs(),
         WORKERS,
         o.threads,
+        o.accept,
         mix.join(", ")
     );
     println!(

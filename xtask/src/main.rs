@@ -41,8 +41,10 @@ tasks:
   bench cgroup      in bookworm's VM (vm-test --tests vm_bench): 16 workers respawned after
                     SIGKILL with a cgroup leaf (memory_max) vs. without a cgroup root, median
                     and p90; the agent's VmRSS with 16 and 256 workers in cgroup mode
-  bench steering [--quick] [--rate R] [--threads T]
-                    4 workers of corral-demo, T threads each (default 8), under an open-loop
+  bench steering [--quick] [--rate R] [--threads T] [--accept greedy|free-thread]
+                    4 workers of corral-demo, T threads each (default 1), accepting greedily
+                    (default: every connection at once, queued for the threads, as an asyncio
+                    or gthread server does) or only with a free thread, under an open-loop
                     Poisson load of R req/s (default 700), one new connection per request,
                     latency from the scheduled send; mix 90.8% 1 ms CPU, 9% 10 ms CPU, 0.2%
                     100 ms sleep; one shared accept socket vs. corral steering hash,

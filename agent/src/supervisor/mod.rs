@@ -1586,6 +1586,12 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
     let mem_cap = app.cfg.workers.memory_max.map(|b| b.0);
     let picks = app.steering.slot_picks(app.slots.len() as u32);
     let conns = |slot: u32| picks.as_ref().and_then(|p| p.get(slot as usize).copied());
+    let inflight = app.steering.inflight(app.slots.len() as u32);
+    let inflight = |slot: u32| {
+        inflight
+            .as_ref()
+            .and_then(|p| p.get(slot as usize).copied())
+    };
     let worker = |w: &Worker, slot: &Slot| {
         let proc_stats = machine::process_stats(w.process.pid());
         let cg = w.leaf.as_ref().and_then(|l| l.stats().ok());
@@ -1610,6 +1616,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
                 .map(|c| c.cpu_usage_usec / 1000)
                 .or(proc_stats.map(|s| s.cpu_ms)),
             connections: conns(w.slot),
+            inflight: inflight(w.slot),
             pids: cg.as_ref().and_then(|c| c.pids_current),
             cgroup: w.leaf.as_ref().map(|l| l.path().display().to_string()),
         }
@@ -1637,6 +1644,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
                 memory_max: mem_cap,
                 cpu_ms: None,
                 connections: conns(i as u32),
+                inflight: inflight(i as u32),
                 pids: None,
                 cgroup: None,
             }),
@@ -1665,6 +1673,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             memory_max: mem_cap,
             cpu_ms: stats.map(|s| s.cpu_ms),
             connections: None,
+            inflight: None,
             pids: None,
             cgroup: w.leaf.as_ref().map(|l| l.path().display().to_string()),
         });
@@ -1682,6 +1691,8 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             select_errors: s.select_errors,
             fallbacks: s.fallbacks,
             no_eligible: s.no_eligible,
+            tracked: s.tracked,
+            untracked: s.untracked,
         }),
         workers,
     }

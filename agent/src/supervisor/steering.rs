@@ -80,8 +80,15 @@ impl GroupSteering {
                         GENERATION.fetch_add(1, Ordering::Relaxed)
                     ))
                 });
-                match Steering::load(policy, pin_dir.as_deref()) {
+                match Steering::load(policy, cfg.listen.address.port(), pin_dir.as_deref()) {
                     Ok(s) => {
+                        if let Err(why) = s.tracker() {
+                            tracing::warn!(
+                                app = %cfg.name,
+                                "in-flight connections are not counted ({why}): least-loaded \
+                                 sees each worker's accept queue only"
+                            );
+                        }
                         match s.pinned() {
                             Ok(dir) => pins = Some(dir.clone()),
                             Err(why) if pin_dir.is_some() => {
@@ -201,12 +208,21 @@ impl GroupSteering {
     pub fn describe(&self) -> String {
         match &self.mode {
             Mode::Ebpf(s) => format!(
-                "{} (eBPF{})",
+                "{} (eBPF{}{})",
                 kind_name(self.kind),
                 if s.migrates() {
                     ", queued connections migrate when a listener closes"
                 } else {
                     ", select-only kernel: no migration"
+                },
+                match (self.kind, s.tracker()) {
+                    (SteeringKind::LeastLoaded, Ok(())) => {
+                        ", load = in-flight connections + accept queue".to_string()
+                    }
+                    (SteeringKind::LeastLoaded, Err(why)) => {
+                        format!(", load = accept queue only: {why}")
+                    }
+                    _ => String::new(),
                 }
             ),
             Mode::Hash(None) => "hash (the kernel's own, as configured)".to_string(),
@@ -225,6 +241,14 @@ impl GroupSteering {
         match &self.mode {
             Mode::Ebpf(s) => s.slot_picks(n).ok(),
             Mode::Hash(_) => None,
+        }
+    }
+
+    /// Each of the first `n` slots' established connections not yet closed by its worker.
+    pub fn inflight(&self, n: u32) -> Option<Vec<u32>> {
+        match &self.mode {
+            Mode::Ebpf(s) if s.tracker().is_ok() => s.inflight(n).ok(),
+            _ => None,
         }
     }
 

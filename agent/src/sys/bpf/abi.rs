@@ -1,7 +1,7 @@
 //! The steering ABI: Rust mirrors of ebpf/steer.h, checked for size at compile time.
 
 /// Bumped with every change to ebpf/steer.h; pins live under `bpf_pin_dir/v<ABI>-<object hash>`.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 pub const MAX_SLOTS: u32 = 1024;
 pub const POLICY_LEAST_LOADED: u32 = 0;
 pub const POLICY_ROUND_ROBIN: u32 = 1;
@@ -13,6 +13,9 @@ pub struct Config {
     pub active: u32,
     pub probe_base: u32,
     pub probe_count: u32,
+    pub port: u32,
+    pub tracking: u32,
+    pub epoch: u32,
 }
 
 #[repr(C)]
@@ -40,11 +43,13 @@ pub struct Stats {
     pub select_errors: u64,
     pub fallbacks: u64,
     pub no_eligible: u64,
+    pub tracked: u64,
+    pub untracked: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<Config>() == 16);
+const _: () = assert!(std::mem::size_of::<Config>() == 28);
 const _: () = assert!(std::mem::size_of::<Eligible>() == 4 + 4 * MAX_SLOTS as usize);
-const _: () = assert!(std::mem::size_of::<Stats>() == 48);
+const _: () = assert!(std::mem::size_of::<Stats>() == 64);
 const _: () = assert!(MAX_SLOTS.is_power_of_two());
 const _: () = assert!(MAX_SLOTS == crate::sys::socket::PROBE_PORTS as u32);
 

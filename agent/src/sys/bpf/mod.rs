@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, MapData, MapError, PerCpuArray, ReusePortSockArray};
-use aya::programs::{ProgramError, SkReuseport};
+use aya::programs::{ProgramError, RawTracePoint, SkReuseport};
 use aya::{Ebpf, EbpfError};
 
 use super::socket::{PROBE_PORTS, PROBE_PORT_BASE};
@@ -56,6 +56,8 @@ pub enum Policy {
 
 const SELECT_OR_MIGRATE: &str = "corral_select_or_migrate";
 const SELECT: &str = "corral_select";
+const TRACKER: &str = "corral_conn_state";
+const TRACKER_TRACEPOINT: &str = "inet_sock_set_state";
 
 /// A loaded steering program with its maps, for one reuseport group.
 pub struct Steering {
@@ -66,11 +68,16 @@ pub struct Steering {
     eligible: Array<MapData, abi::Eligible>,
     load: Array<MapData, u32>,
     picks: Array<MapData, u32>,
+    inflight: Array<MapData, u32>,
     stats: PerCpuArray<MapData, abi::Stats>,
     slot_picks: PerCpuArray<MapData, u64>,
     active: u32,
     policy: u32,
+    port: u16,
+    epoch: u32,
     pinned: Result<PathBuf, String>,
+    /// Whether the connection tracker is attached, or why not.
+    tracker: Result<(), String>,
 }
 
 impl std::fmt::Debug for Steering {
@@ -89,7 +96,11 @@ impl Steering {
     ///
     /// With `pin_dir`, the program and maps are also pinned there; a pinning failure does not
     /// fail the load (steering works unpinned) and is reported by [`Steering::pinned`].
-    pub fn load(policy: Policy, pin_dir: Option<&Path>) -> Result<Steering, BpfError> {
+    ///
+    /// The connection tracker (in-flight connections per slot) is attached too; without it
+    /// (kernel before 5.5, no inet_sock_set_state) the load is the accept queue alone, and
+    /// [`Steering::tracker`] says why.
+    pub fn load(policy: Policy, port: u16, pin_dir: Option<&Path>) -> Result<Steering, BpfError> {
         let mut ebpf = Ebpf::load(abi::OBJECT).map_err(|e| BpfError::Object(Box::new(e)))?;
         let program = match load_program(&mut ebpf, SELECT_OR_MIGRATE) {
             Ok(()) => SELECT_OR_MIGRATE,
@@ -99,6 +110,7 @@ impl Steering {
                 SELECT
             }
         };
+        let tracker = attach_tracker(&mut ebpf).map_err(|e| e.to_string());
         let pinned = match pin_dir {
             None => Err("pinning not requested".to_string()),
             Some(dir) => match pin_all(&mut ebpf, program, dir) {
@@ -115,6 +127,7 @@ impl Steering {
         let eligible = Array::try_from(take("eligible")?).map_err(map_err("eligible"))?;
         let load = Array::try_from(take("load")?).map_err(map_err("load"))?;
         let picks = Array::try_from(take("picks")?).map_err(map_err("picks"))?;
+        let inflight = Array::try_from(take("inflight")?).map_err(map_err("inflight"))?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(map_err("stats"))?;
         let slot_picks =
             PerCpuArray::try_from(take("slot_picks")?).map_err(map_err("slot_picks"))?;
@@ -130,11 +143,15 @@ impl Steering {
             eligible,
             load,
             picks,
+            inflight,
             stats,
             slot_picks,
             active: 0,
             policy,
+            port,
+            epoch: 0,
             pinned,
+            tracker,
         };
         s.write_config()?;
         Ok(s)
@@ -146,6 +163,9 @@ impl Steering {
             active: self.active,
             probe_base: u32::from(PROBE_PORT_BASE),
             probe_count: u32::from(PROBE_PORTS),
+            port: u32::from(self.port),
+            tracking: u32::from(self.tracker.is_ok()),
+            epoch: self.epoch,
         };
         self.config.set(0, cfg, 0).map_err(map_err("config"))
     }
@@ -195,13 +215,35 @@ impl Steering {
         self.write_config()
     }
 
-    /// Publish each slot's load and zero its picks-since-publish.
+    /// Publish each slot's load and zero its picks-since-publish. The epoch moves first, so a
+    /// connection picked before it never takes its pick back from a zeroed counter.
     pub fn publish_load(&mut self, loads: &[(u32, u32)]) -> Result<(), BpfError> {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.write_config()?;
         for (slot, queue) in loads {
             self.load.set(*slot, *queue, 0).map_err(map_err("load"))?;
             self.picks.set(*slot, 0, 0).map_err(map_err("picks"))?;
         }
         Ok(())
+    }
+
+    /// Steer on the accept queue (published by [`Steering::publish_load`]) instead of the
+    /// tracker's in-flight counts: what a kernel without the tracker gets.
+    pub fn disable_tracking(&mut self, why: &str) -> Result<(), BpfError> {
+        self.tracker = Err(why.to_string());
+        self.write_config()
+    }
+
+    /// Whether in-flight connections are counted (the tracker is attached), or why not.
+    pub fn tracker(&self) -> &Result<(), String> {
+        &self.tracker
+    }
+
+    /// Established connections of each of the first `n` slots not yet closed by the server.
+    pub fn inflight(&self, n: u32) -> Result<Vec<u32>, BpfError> {
+        (0..n.min(abi::MAX_SLOTS))
+            .map(|slot| self.inflight.get(&slot, 0).map_err(map_err("inflight")))
+            .collect()
     }
 
     /// The program's counters, summed over CPUs.
@@ -215,6 +257,8 @@ impl Steering {
             total.select_errors += s.select_errors;
             total.fallbacks += s.fallbacks;
             total.no_eligible += s.no_eligible;
+            total.tracked += s.tracked;
+            total.untracked += s.untracked;
         }
         Ok(total)
     }
@@ -259,12 +303,14 @@ fn pin_all(ebpf: &mut Ebpf, program: &'static str, dir: &Path) -> Result<(), Bpf
         .map_err(|e| err(&path, io::Error::other(e.to_string())))
 }
 
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 10] = [
     "socks",
     "config",
     "eligible",
     "load",
     "picks",
+    "conns",
+    "inflight",
     "rr",
     "stats",
     "slot_picks",
@@ -280,6 +326,21 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
         name,
         source: Box::new(e),
     })
+}
+
+/// Load and attach the connection tracker. The link lives as long as `ebpf`.
+fn attach_tracker(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    let err = |source: ProgramError| BpfError::Program {
+        name: TRACKER,
+        source: Box::new(source),
+    };
+    let p = ebpf
+        .program_mut(TRACKER)
+        .ok_or(BpfError::Missing(TRACKER))?;
+    let p: &mut RawTracePoint = p.try_into().map_err(err)?;
+    p.load().map_err(err)?;
+    p.attach(TRACKER_TRACEPOINT).map_err(err)?;
+    Ok(())
 }
 
 /// BPF_FS_MAGIC from linux/magic.h.
