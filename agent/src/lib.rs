@@ -11,3 +11,4 @@ pub mod control;
 pub mod policy;
 pub mod supervisor;
 pub mod sys;
+pub mod tls;

@@ -83,6 +83,22 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// A TLS front process, started by the agent for `[app.NAME.tls]` (never by hand): the
+    /// listening socket on fd 3, the certificate bundle on fd 4.
+    #[command(hide = true)]
+    Front {
+        #[arg(long)]
+        app: String,
+        /// The app's workers' address.
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        #[arg(long, value_parser = ["auto", "off", "require"])]
+        ktls: String,
+        #[arg(long)]
+        handshake_timeout_ms: u64,
+        #[arg(long)]
+        max_handshakes: usize,
+    },
 }
 
 /// Which agent to talk to.
@@ -164,6 +180,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => check(&config),
+        Command::Front {
+            app,
+            upstream,
+            ktls,
+            handshake_timeout_ms,
+            max_handshakes,
+        } => {
+            corral::tls::front::run(corral::tls::front::FrontArgs {
+                app,
+                upstream,
+                ktls: match ktls.as_str() {
+                    "off" => config::KtlsMode::Off,
+                    "require" => config::KtlsMode::Require,
+                    _ => config::KtlsMode::Auto,
+                },
+                handshake_timeout: Duration::from_millis(handshake_timeout_ms),
+                max_handshakes: max_handshakes.max(1),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { app, json, target } => {
             let response = target.call(&Request::Status { app })?;
             let apps = status_apps(response)?;

@@ -109,6 +109,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("clang", "/usr/bin/clang"),
     ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
     ("curl", "/usr/bin/curl"),
+    // The TLS tests generate certificates and speak TLS with `openssl s_client`.
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 /// Install what is missing from [`PACKAGES`] (as root, with apt-get), or say exactly what is

@@ -18,8 +18,9 @@ use toml::de::{DeTable, DeValue};
 
 use super::raw::{self, Scalar, Str, StrList};
 use super::{
-    Agent, App, AppName, ByteSize, CgroupRoot, Config, ConfigError, Identity, KtlsMode, Listen,
-    Location, Lookup, PreStart, Ready, Restart, RestartMode, Steering, Tls, WorkerCount, Workers,
+    Agent, App, AppName, ByteSize, CertPair, CgroupRoot, Config, ConfigError, Identity, KtlsMode,
+    Listen, Location, Lookup, PreStart, Ready, Restart, RestartMode, Role, Steering, Tls,
+    WorkerCount, Workers,
 };
 
 /// Included files when `[agent] include` is not written; relative to the main file's directory.
@@ -89,6 +90,7 @@ pub fn load_str(path: &Path, text: &str, lookup: &dyn Lookup) -> Result<Config, 
         files.push(included);
     }
     apps.check_endpoints()?;
+    apps.add_fronts()?;
 
     Ok(Config {
         files,
@@ -1016,6 +1018,31 @@ impl AppSet<'_> {
         Ok(())
     }
 
+    /// Every `[app.NAME.tls]` becomes an app `NAME.tls` of front processes.
+    fn add_fronts(&mut self) -> Result<(), ConfigError> {
+        let fronts: Vec<App> = self
+            .apps
+            .values()
+            .filter_map(|app| app.tls.as_ref().map(|tls| front_app(app, tls)))
+            .collect();
+        for front in fronts {
+            if let Some(taken) = self.apps.get(&front.name) {
+                return Err(ConfigError::at(
+                    taken.defined_at.clone(),
+                    format!(
+                        "app name `{}` is taken by the TLS front of the app whose [tls] is at {}",
+                        front.name, front.defined_at
+                    ),
+                )
+                .with_hint(
+                    "rename this app: `<name>.tls` is where corral runs <name>'s TLS front",
+                ));
+            }
+            self.apps.insert(front.name.clone(), front);
+        }
+        Ok(())
+    }
+
     /// An app's worker socket must not overlap any other socket in the config.
     fn check_endpoints(&self) -> Result<(), ConfigError> {
         for (i, later) in self.endpoints.iter().enumerate() {
@@ -1044,6 +1071,43 @@ fn overlaps(a: &SocketAddr, b: &SocketAddr) -> bool {
     let covers =
         |w: &SocketAddr, x: &SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || x.is_ipv4());
     a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// `count = N | "auto"` (or `processes`), defaulting to auto at `default_at`.
+fn count(
+    w: &Table<'_>,
+    key: &str,
+    v: Option<&Spanned<raw::RawCount>>,
+    default_at: &Location,
+) -> Result<(WorkerCount, Location), ConfigError> {
+    let Some(v) = v else {
+        return Ok((WorkerCount::Auto, default_at.clone()));
+    };
+    let bad = |found: String| {
+        w.err(
+            v.span(),
+            key,
+            format!("expected an integer from 1 to {MAX_WORKERS} or \"auto\", found {found}"),
+        )
+        .with_hint(format!(
+            "write `{key} = \"auto\"` for one {} per CPU",
+            if key == "count" { "worker" } else { "process" }
+        ))
+    };
+    let count = match &v.get_ref().0 {
+        Scalar::Str(s) if s == "auto" => WorkerCount::Auto,
+        Scalar::Int(i) if (1..=MAX_WORKERS).contains(i) => {
+            // In 1..=1024, checked by the guard.
+            match u32::try_from(*i).ok().and_then(NonZeroU32::new) {
+                Some(c) => WorkerCount::Fixed(c),
+                None => return Err(bad(i.to_string())),
+            }
+        }
+        Scalar::Int(i) => return Err(bad(i.to_string())),
+        Scalar::Float(f) => return Err(bad(f.to_string())),
+        Scalar::Str(s) => return Err(bad(format!("{s:?}"))),
+    };
+    Ok((count, w.src.loc(v.span().start)))
 }
 
 fn convert_app(
@@ -1176,14 +1240,57 @@ fn convert_app(
             let raw_tls = raw_tls.into_inner();
             let address_v = tt.required("address", raw_tls.address)?;
             let address = tt.socket_addr("address", &address_v)?;
+            let address_at = src.loc(address_v.span().start);
             endpoints.push(Endpoint {
                 addr: address,
-                at: src.loc(address_v.span().start),
+                at: address_at.clone(),
                 what: format!("`address` in {}", tt.section),
-                worker_socket: false,
+                // The front processes' SO_REUSEPORT group: the app's alone, like a worker socket.
+                worker_socket: true,
             });
             let cert = tt.path("cert", &tt.required("cert", raw_tls.cert)?)?;
             let key = tt.path("key", &tt.required("key", raw_tls.key)?)?;
+            let sni = raw_tls
+                .sni
+                .unwrap_or_default()
+                .into_iter()
+                .map(|pair| {
+                    let pt = Table::array_item(src, &["app", n, "tls", "sni"], pair.span());
+                    let pair = pair.into_inner();
+                    Ok(CertPair {
+                        cert: pt.path("cert", &pt.required("cert", pair.cert)?)?,
+                        key: pt.path("key", &pt.required("key", pair.key)?)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            let identity = match &raw_tls.user {
+                Some(_) => self::identity(
+                    &tt,
+                    lookup,
+                    &name,
+                    raw_tls.user.as_ref(),
+                    raw_tls.group.as_ref(),
+                )?,
+                None => {
+                    let nobody = Spanned::new(tt.span.clone(), FRONT_DEFAULT_USER.to_string());
+                    self::identity(&tt, lookup, &name, Some(&nobody), raw_tls.group.as_ref())
+                        .map_err(|e| e.with_hint(format!(
+                            "the TLS front runs as `{FRONT_DEFAULT_USER}` unless `user` is set in {}",
+                            tt.section
+                        )))?
+                }
+            };
+            let (processes, processes_at) =
+                count(&tt, "processes", raw_tls.processes.as_ref(), &address_at)?;
+            let handshake_timeout = tt.positive_duration(
+                "handshake_timeout",
+                raw_tls.handshake_timeout.as_ref(),
+                Duration::from_secs(10),
+            )?;
+            let max_handshakes = match &raw_tls.max_handshakes {
+                Some(v) => tt.int_in("max_handshakes", v, 1..=65536)? as u32,
+                None => 1024,
+            };
             let ktls = tt.choice(
                 "ktls",
                 raw_tls.ktls.as_ref(),
@@ -1209,10 +1316,17 @@ fn convert_app(
             };
             Some(Tls {
                 address,
+                address_at,
                 cert,
                 key,
+                sni,
                 ktls,
                 redirect_http,
+                identity,
+                processes,
+                processes_at,
+                handshake_timeout,
+                max_handshakes,
             })
         }
     };
@@ -1230,7 +1344,81 @@ fn convert_app(
         restart,
         pre_start,
         tls,
+        role: Role::Workers,
     })
+}
+
+/// Who runs the TLS front when `[app.NAME.tls]` has no `user`.
+pub const FRONT_DEFAULT_USER: &str = "nobody";
+/// The program of a TLS front process: the agent's own binary, whatever its path (after a
+/// package upgrade too, the running agent's: the kernel keeps the old file for it).
+pub const SELF_EXE: &str = "/proc/self/exe";
+/// How long a front process has to finish its connections when it is replaced or stopped.
+pub const FRONT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The front app of `app` (named `<app>.tls`): `corral front` processes on the TLS address,
+/// proxying to the app's listen address, supervised like workers.
+pub fn front_app(app: &App, tls: &Tls) -> App {
+    let name = app.name.front();
+    let command = vec![
+        SELF_EXE.to_string(),
+        "front".to_string(),
+        "--app".to_string(),
+        app.name.to_string(),
+        "--upstream".to_string(),
+        app.listen.address.to_string(),
+        "--ktls".to_string(),
+        match tls.ktls {
+            KtlsMode::Auto => "auto",
+            KtlsMode::Off => "off",
+            KtlsMode::Require => "require",
+        }
+        .to_string(),
+        "--handshake-timeout-ms".to_string(),
+        tls.handshake_timeout.as_millis().to_string(),
+        "--max-handshakes".to_string(),
+        tls.max_handshakes.to_string(),
+    ];
+    App {
+        name,
+        defined_at: tls.address_at.clone(),
+        command,
+        command_at: tls.address_at.clone(),
+        workdir: PathBuf::from("/"),
+        identity: tls.identity.clone(),
+        env: BTreeMap::new(),
+        listen: Listen {
+            address: tls.address,
+            address_at: tls.address_at.clone(),
+            backlog: app.listen.backlog,
+            steering: Steering::LeastLoaded,
+        },
+        workers: Workers {
+            count: tls.processes,
+            count_at: tls.processes_at.clone(),
+            memory_max: None,
+            memory_high: None,
+            cpu_max: None,
+            pids_max: None,
+            stop_timeout: FRONT_STOP_TIMEOUT,
+            ready: Ready::Tcp,
+            ready_timeout: Duration::from_secs(10),
+        },
+        restart: Restart {
+            policy: RestartMode::Always,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+            reset_after: Duration::from_secs(10),
+        },
+        pre_start: Vec::new(),
+        tls: None,
+        role: Role::TlsFront {
+            of: app.name.clone(),
+            tls: Box::new(tls.clone()),
+        },
+    }
 }
 
 fn section_of(path: &[&str]) -> String {
@@ -1328,35 +1516,7 @@ fn workers(
     let w = Table::new(src, &["app", n, "workers"], raw.span());
     let raw = raw.into_inner();
 
-    let (count, count_at) = match &raw.count {
-        None => (WorkerCount::Auto, defined_at.clone()),
-        Some(v) => {
-            let bad = |found: String| {
-                w.err(
-                    v.span(),
-                    "count",
-                    format!(
-                        "expected an integer from 1 to {MAX_WORKERS} or \"auto\", found {found}"
-                    ),
-                )
-                .with_hint("write `count = \"auto\"` for one worker per CPU")
-            };
-            let count = match &v.get_ref().0 {
-                Scalar::Str(s) if s == "auto" => WorkerCount::Auto,
-                Scalar::Int(i) if (1..=MAX_WORKERS).contains(i) => {
-                    // In 1..=1024, checked by the guard.
-                    match u32::try_from(*i).ok().and_then(NonZeroU32::new) {
-                        Some(c) => WorkerCount::Fixed(c),
-                        None => return Err(bad(i.to_string())),
-                    }
-                }
-                Scalar::Int(i) => return Err(bad(i.to_string())),
-                Scalar::Float(f) => return Err(bad(f.to_string())),
-                Scalar::Str(s) => return Err(bad(format!("{s:?}"))),
-            };
-            (count, src.loc(v.span().start))
-        }
-    };
+    let (count, count_at) = count(&w, "count", raw.count.as_ref(), defined_at)?;
 
     let memory_max = w.size("memory_max", raw.memory_max.as_ref())?;
     let memory_high = w.size("memory_high", raw.memory_high.as_ref())?;

@@ -111,8 +111,21 @@ pub struct RawTls {
     pub address: Option<Str>,
     pub cert: Option<Str>,
     pub key: Option<Str>,
+    pub sni: Option<Vec<Spanned<RawCertPair>>>,
     pub ktls: Option<Str>,
     pub redirect_http: Option<Str>,
+    pub user: Option<Str>,
+    pub group: Option<Str>,
+    pub processes: Option<Spanned<RawCount>>,
+    pub handshake_timeout: Option<Spanned<RawDuration>>,
+    pub max_handshakes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertPair {
+    pub cert: Option<Str>,
+    pub key: Option<Str>,
 }
 
 /// A TOML scalar that may be written as a number or a string; `load.rs` decides which forms are

@@ -261,12 +261,37 @@ fn full_config_round_trips() {
         ],
         tls: Some(Tls {
             address: addr("0.0.0.0:443"),
+            address_at: loc(MAIN, 48, 11),
             cert: PathBuf::from("/etc/corral/tls/api.crt"),
             key: PathBuf::from("/nonexistent-corral-test/tls/api.key"),
+            sni: vec![],
             ktls: KtlsMode::Require,
             redirect_http: Some(addr("0.0.0.0:80")),
+            identity: Identity {
+                user: "nobody".into(),
+                uid: 65534,
+                group: "nogroup".into(),
+                gid: 65534,
+            },
+            processes: WorkerCount::Auto,
+            processes_at: loc(MAIN, 48, 11),
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
         }),
+        role: Role::Workers,
     };
+    let front = front_app(&api, api.tls.as_ref().unwrap());
+    assert_eq!(front.name.as_str(), "api.tls");
+    assert_eq!(front.command[0], "/proc/self/exe");
+    assert_eq!(front.listen.address, addr("0.0.0.0:443"));
+    assert!(front
+        .command
+        .windows(2)
+        .any(|w| w[0] == "--upstream" && w[1] == "127.0.0.1:8000"));
+    assert!(front
+        .command
+        .windows(2)
+        .any(|w| w[0] == "--ktls" && w[1] == "require"));
 
     let web = App {
         name: web_name.clone(),
@@ -308,6 +333,7 @@ fn full_config_round_trips() {
         },
         pre_start: vec![],
         tls: None,
+        role: Role::Workers,
     };
 
     let expected = Config {
@@ -322,7 +348,11 @@ fn full_config_round_trips() {
             allow_overcommit: true,
             cgroup_root: CgroupRoot::Auto,
         },
-        apps: BTreeMap::from([(api_name, api), (web_name, web)]),
+        apps: BTreeMap::from([
+            (front.name.clone(), front),
+            (api_name, api),
+            (web_name, web),
+        ]),
     };
     assert_eq!(config, expected);
 }

@@ -52,6 +52,11 @@ impl AppName {
         Ok(AppName(s.to_string()))
     }
 
+    /// `<name>.tls`, the app of this app's TLS front processes.
+    pub fn front(&self) -> AppName {
+        AppName(format!("{}.tls", self.0))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -185,10 +190,52 @@ pub enum KtlsMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {
     pub address: SocketAddr,
+    pub address_at: Location,
+    /// The default certificate chain and key: for clients without SNI or with a name no other
+    /// certificate has.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// More certificates, chosen by SNI among the DNS names each one is valid for.
+    pub sni: Vec<CertPair>,
     pub ktls: KtlsMode,
     pub redirect_http: Option<SocketAddr>,
+    /// Who the front processes run as (never the app's workers' user by default: the key must
+    /// not reach them).
+    pub identity: Identity,
+    /// Front processes (`auto`: one per online CPU).
+    pub processes: WorkerCount,
+    pub processes_at: Location,
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once, per front process; more wait in the accept queue.
+    pub max_handshakes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Tls {
+    /// Every certificate and key, the default first.
+    pub fn cert_pairs(&self) -> Vec<CertPair> {
+        let mut v = vec![CertPair {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }];
+        v.extend(self.sni.iter().cloned());
+        v
+    }
+}
+
+/// What an app's processes are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Role {
+    /// The app's own workers.
+    Workers,
+    /// The TLS front of app `of` (an app `<of>.tls` the config makes from `[app.<of>.tls]`):
+    /// `corral front` processes proxying to `of`'s workers.
+    TlsFront { of: AppName, tls: Box<Tls> },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -209,6 +256,7 @@ pub struct App {
     pub restart: Restart,
     pub pre_start: Vec<PreStart>,
     pub tls: Option<Tls>,
+    pub role: Role,
 }
 
 /// Where corral's cgroup subtree is.

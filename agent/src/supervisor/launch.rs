@@ -23,6 +23,8 @@ pub struct Launch {
     pub workdir: PathBuf,
     pub uid: u32,
     pub gid: u32,
+    /// A TLS front's certificate bundle (a sealed memfd), passed as fd 4, and its digest.
+    pub bundle: Option<(Arc<OwnedFd>, u64)>,
 }
 
 impl Launch {
@@ -61,6 +63,7 @@ impl Launch {
             workdir: app.workdir.clone(),
             uid: app.identity.uid,
             gid: app.identity.gid,
+            bundle: None,
         })
     }
 
@@ -76,6 +79,13 @@ impl Launch {
         let (err_r, err_w) = spawn::output_pipe().map_err(|e| format!("pipe: {e}"))?;
         let mut env = self.env.clone();
         env.extend(extra.iter().cloned());
+        let fd4 = match &self.bundle {
+            Some((memfd, _)) => Some(
+                crate::sys::front::reopen(memfd)
+                    .map_err(|e| format!("opening the certificate bundle: {e}"))?,
+            ),
+            None => None,
+        };
         let spec = Spec {
             program: &self.program,
             argv: &self.argv,
@@ -85,6 +95,7 @@ impl Launch {
             uid: self.uid,
             gid: self.gid,
             fd3: fd3.map(|f| f.as_fd()),
+            fd4: fd4.as_ref().map(|f| f.as_fd()),
             stdout: out_w.as_fd(),
             stderr: err_w.as_fd(),
             cgroup,

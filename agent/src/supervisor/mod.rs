@@ -256,7 +256,52 @@ fn worker_count(cfg: &App) -> u32 {
 }
 
 fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
-    Launch::for_app(cfg, argv).map_err(|e| format!("{}: app {}: {e}", cfg.command_at, cfg.name))
+    let mut launch = Launch::for_app(cfg, argv)
+        .map_err(|e| format!("{}: app {}: {e}", cfg.command_at, cfg.name))?;
+    if let config::Role::TlsFront { tls, .. } = &cfg.role {
+        launch.bundle = Some(front_bundle(cfg, tls)?);
+    }
+    Ok(launch)
+}
+
+/// Read and check a TLS front's certificates and keys (as root: key files are the agent's to
+/// read) into a sealed memfd for its processes. An invalid certificate fails here, before
+/// anything is applied.
+fn front_bundle(cfg: &App, tls: &config::Tls) -> Result<(Arc<OwnedFd>, u64), String> {
+    let bundle = crate::tls::bundle::Bundle::load(&tls.cert_pairs())
+        .map_err(|e| format!("{}: app {}: {e}", tls.address_at, cfg.name))?;
+    let memfd = crate::sys::front::sealed_memfd(&format!("corral-{}", cfg.name), &bundle.encode())
+        .map_err(|e| format!("app {}: certificate bundle: {e}", cfg.name))?;
+    if tls.ktls != config::KtlsMode::Off {
+        // As root this also loads tls.ko when the kernel has it as a module; the unprivileged
+        // front processes could not.
+        match crate::sys::ktls::probe() {
+            Ok(()) => tracing::info!(app = %cfg.name, "kernel TLS: TCP_ULP \"tls\" available"),
+            Err(why) if tls.ktls == config::KtlsMode::Require => {
+                return Err(format!(
+                    "{}: app {}: ktls = \"require\", but {why}",
+                    tls.address_at, cfg.name
+                ))
+            }
+            Err(why) => {
+                tracing::info!(app = %cfg.name, "kernel TLS unavailable ({why}): userspace rustls")
+            }
+        }
+    }
+    Ok((Arc::new(memfd), bundle.digest()))
+}
+
+/// Whether a running front's certificates differ from what is on disk now (an unreadable or
+/// invalid one is an error: the reload is refused).
+fn bundle_changed(rt: &AppRt, cfg: &App) -> Result<bool, String> {
+    match (&cfg.role, &rt.launch.bundle) {
+        (config::Role::TlsFront { tls, .. }, Some((_, old))) => {
+            let new = crate::tls::bundle::Bundle::load(&tls.cert_pairs())
+                .map_err(|e| format!("{}: app {}: {e}", tls.address_at, cfg.name))?;
+            Ok(new.digest() != *old)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Bind `count` sockets for `cfg`, reusing `existing` (a group on the same address) for the
@@ -1298,7 +1343,7 @@ impl Supervisor {
                         prepare(cfg, count, &[], false, &new.agent.bpf_pin_dir)?,
                     ),
                 )),
-                Some(rt) if rt.cfg == *cfg => {}
+                Some(rt) if rt.cfg == *cfg && !bundle_changed(rt, cfg)? => {}
                 Some(rt) => {
                     let existing: Vec<_> = if rt.cfg.listen.address == cfg.listen.address {
                         rt.slots.iter().map(|s| s.socket.clone()).collect()
@@ -1311,7 +1356,7 @@ impl Supervisor {
                     let mut same_but_count = rt.cfg.clone();
                     same_but_count.workers.count = cfg.workers.count;
                     same_but_count.workers.count_at = cfg.workers.count_at.clone();
-                    if same_but_count == *cfg {
+                    if same_but_count == *cfg && !bundle_changed(rt, cfg)? {
                         changes.push((name.clone(), Change::Scale(cfg.clone(), p)));
                     } else {
                         changes.push((name.clone(), Change::Replace(cfg.clone(), p)));

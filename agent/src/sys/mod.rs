@@ -5,7 +5,9 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod diag;
+pub mod front;
 pub mod inotify;
+pub mod ktls;
 pub mod machine;
 pub mod notify;
 pub mod pidfd;

@@ -1,0 +1,5 @@
+//! The TLS front (`[app.NAME.tls]`): certificate bundles built by the agent, and the
+//! unprivileged `corral front` process that terminates TLS and proxies to the app's workers.
+
+pub mod bundle;
+pub mod front;

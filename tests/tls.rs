@@ -1,0 +1,387 @@
+//! The TLS front on the host (root): real `corral agent`, real front processes, real clients
+//! (curl and `openssl s_client` from Debian's packages) against certificates made here. This
+//! kernel has no kTLS (no CONFIG_TLS), so these prove the userspace rustls path, the fallback
+//! and `ktls = "require"` refusing; the kTLS path is in the VM tier.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use corral_tests::*;
+
+/// A self-signed ECDSA P-256 certificate for `names` (the first is the CN) as `<stem>.crt`
+/// and `<stem>.key` in `dir`.
+fn make_cert(dir: &Path, stem: &str, names: &[&str]) {
+    let san = names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj"])
+        .arg(format!("/CN={}", names[0]))
+        .arg("-addext")
+        .arg(format!("subjectAltName={san}"))
+        .arg("-keyout")
+        .arg(dir.join(format!("{stem}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{stem}.crt")))
+        .output()
+        .expect("openssl (apt-get install openssl; cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn config(app_port: u16, tls_port: u16, tls_extra: &str) -> String {
+    format!(
+        r#"
+[app.web]
+command = ["@DEMO@"]
+user = "nobody"
+[app.web.listen]
+address = "127.0.0.1:{app_port}"
+[app.web.workers]
+count = 2
+[app.web.tls]
+address = "127.0.0.1:{tls_port}"
+cert = "@DIR@/a.crt"
+key = "@DIR@/a.key"
+sni = [{{ cert = "@DIR@/b.crt", key = "@DIR@/b.key" }}]
+processes = 2
+{tls_extra}
+"#
+    )
+}
+
+struct Setup {
+    agent: Agent,
+    app: SocketAddr,
+    tls: SocketAddr,
+}
+
+fn start(tag: &str, tls_extra: &str) -> Setup {
+    let (app_port, tls_port) = (free_port(), free_port());
+    let agent = Agent::start_with(tag, &config(app_port, tls_port, tls_extra), |dir| {
+        make_cert(dir.path(), "a", &["a.test", "localhost"]);
+        make_cert(dir.path(), "b", &["b.test"]);
+    });
+    agent.wait_ready("web", 2, Duration::from_secs(20));
+    agent.wait_ready("web.tls", 2, Duration::from_secs(20));
+    Setup {
+        agent,
+        app: SocketAddr::from(([127, 0, 0, 1], app_port)),
+        tls: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+    }
+}
+
+/// curl over https with `name` resolved to the front; the body, or curl's error.
+fn curl_https(s: &Setup, name: &str, ca: &str, path: &str) -> Result<Vec<u8>, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
+        .arg(s.agent.dir.path().join(ca))
+        .arg("--resolve")
+        .arg(format!("{name}:{}:127.0.0.1", s.tls.port()))
+        .arg(format!("https://{name}:{}{path}", s.tls.port()))
+        .output()
+        .expect("curl");
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn curl_plain(addr: SocketAddr, path: &str) -> Vec<u8> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20"])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `openssl s_client` with `args`, stdin `input`; its stdout and stderr together.
+fn s_client(tls: SocketAddr, args: &[&str], input: &[u8]) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &tls.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn tls12_and_tls13_sni_picks_the_certificate_and_alpn_is_http11() {
+    let s = start("tls-versions", "");
+    for version in ["-tls1_2", "-tls1_3"] {
+        for (name, subject) in [("a.test", "CN = a.test"), ("b.test", "CN = b.test")] {
+            let out = s_client(
+                s.tls,
+                &[version, "-servername", name, "-alpn", "http/1.1"],
+                b"",
+            );
+            assert!(out.contains(subject), "{version} {name}: {out}");
+            assert!(
+                out.contains("ALPN protocol: http/1.1"),
+                "{version} {name}: {out}"
+            );
+            let proto = if version == "-tls1_2" {
+                "TLSv1.2"
+            } else {
+                "TLSv1.3"
+            };
+            assert!(out.contains(proto), "{version}: {out}");
+        }
+    }
+    // No SNI, or a name no certificate has: the default (first) certificate.
+    let out = s_client(s.tls, &["-noservername"], b"");
+    assert!(out.contains("CN = a.test"), "{out}");
+    // Verified end to end with each certificate as the only trust anchor.
+    let body = curl_https(&s, "b.test", "b.crt", "/").expect("https b.test");
+    assert!(String::from_utf8_lossy(&body).contains("\"app\":\"web\""));
+    curl_https(&s, "a.test", "a.crt", "/").expect("https a.test");
+    assert!(
+        curl_https(&s, "b.test", "a.crt", "/").is_err(),
+        "b.test is not served with a's certificate"
+    );
+}
+
+#[test]
+fn responses_are_byte_identical_to_the_plaintext_path() {
+    let s = start("tls-bytes", "");
+    for n in [0u64, 1, 16383, 16384, 16385, 1 << 20] {
+        let path = format!("/?bytes={n}");
+        let plain = curl_plain(s.app, &path);
+        let tls = curl_https(&s, "a.test", "a.crt", &path).expect("https");
+        assert_eq!(plain.len() as u64, n, "plaintext body of {n}");
+        assert!(tls == plain, "{n} bytes: TLS body differs from plaintext");
+    }
+    // Pipelined: three requests in one write, three responses in order.
+    let reqs =
+        b"GET /?bytes=5 HTTP/1.1\r\nHost: a\r\n\r\nGET /?bytes=7 HTTP/1.1\r\nHost: a\r\n\r\n\
+GET /?bytes=3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let out = s_client(s.tls, &["-quiet", "-servername", "a.test"], reqs);
+    let lens: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("Content-Length: "))
+        .map(str::trim)
+        .collect();
+    assert_eq!(lens, vec!["5", "7", "3"], "{out}");
+}
+
+#[test]
+fn garbage_truncated_hellos_and_slowloris_do_not_disturb_other_clients() {
+    let s = start("tls-garbage", "handshake_timeout = \"1s\"");
+    // Plain HTTP on the TLS port: an alert and a close, not a hang.
+    let mut c = TcpStream::connect(s.tls).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty() || buf[0] == 0x15,
+        "an alert record or nothing: {buf:?}"
+    );
+    // A ClientHello header that promises more than it sends, then close.
+    let mut t = TcpStream::connect(s.tls).expect("connect");
+    t.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01])
+        .expect("write");
+    drop(t);
+    // Random bytes.
+    let mut g = TcpStream::connect(s.tls).expect("connect");
+    g.write_all(&[0xde; 300]).expect("write");
+    // Slowloris: one byte, then nothing; the front gives up after handshake_timeout.
+    let mut slow: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut c = TcpStream::connect(s.tls).expect("connect");
+            c.write_all(&[0x16]).expect("write");
+            c
+        })
+        .collect();
+    let started = Instant::now();
+    for _ in 0..20 {
+        curl_https(&s, "a.test", "a.crt", "/").expect("others are served meanwhile");
+    }
+    let mut c = slow.pop().expect("one");
+    c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut b = [0u8; 16];
+    let n = c.read(&mut b).unwrap_or(0);
+    let waited = started.elapsed();
+    assert!(
+        n == 0 || b[0] == 0x15,
+        "the slow client is closed (or alerted)"
+    );
+    assert!(
+        waited < Duration::from_secs(8),
+        "closed by the 1 s handshake timeout, not left open: {waited:?}"
+    );
+    drop(g);
+}
+
+#[test]
+fn the_front_runs_unprivileged_and_the_key_stays_out_of_the_workers() {
+    let s = start("tls-privs", "");
+    let st = s.agent.app("web.tls");
+    for w in st.workers.iter().filter(|w| w.state == "ready") {
+        let pid = w.pid.expect("pid");
+        let status = proc_status(pid);
+        let get = |k: &str| {
+            status
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(get("CapEff"), "0000000000000000", "pid {pid}");
+        assert_eq!(get("CapPrm"), "0000000000000000", "pid {pid}");
+        assert_eq!(get("CapBnd"), "0000000000000000", "pid {pid}");
+        assert_eq!(get("NoNewPrivs"), "1", "pid {pid}");
+        assert!(
+            get("Uid").starts_with("65534"),
+            "runs as nobody: {}",
+            get("Uid")
+        );
+        // The key files are not open in it (it got a sealed memfd, read and closed).
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds");
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            assert!(
+                !target.to_string_lossy().ends_with(".key"),
+                "{}",
+                target.display()
+            );
+        }
+    }
+    // The app's workers have nothing but their socket and stdio beyond fd 2.
+    for w in s.agent.app("web").workers {
+        let pid = w.pid.expect("pid");
+        let fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .flatten()
+            .map(|e| std::fs::read_link(e.path()).unwrap_or_default())
+            .collect();
+        assert!(
+            !fds.iter()
+                .any(|t| t.to_string_lossy().contains("memfd:corral")),
+            "{fds:?}"
+        );
+    }
+}
+
+#[test]
+fn certificates_reload_and_an_invalid_one_is_refused() {
+    let mut s = start("tls-reload", "");
+    let dir = s.agent.dir.path().to_path_buf();
+    // A connection opened before the reload, kept alive across it.
+    let before = curl_https(&s, "a.test", "a.crt", "/").expect("https before");
+    assert!(!before.is_empty());
+
+    // An invalid certificate: the reload is refused with the file named; nothing changes.
+    std::fs::write(dir.join("a.crt"), "not a certificate\n").expect("write");
+    let out = Command::new(bin("corral"))
+        .args(["reload", "--socket"])
+        .arg(dir.join("run/control.sock"))
+        .output()
+        .expect("corral reload");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("a.crt"), "names the file: {err}");
+    let served = s_client(s.tls, &["-servername", "a.test"], b"");
+    assert!(
+        served.contains("CN = a.test"),
+        "old certificate kept: {served}"
+    );
+
+    // A valid new certificate for the same names: new handshakes get it, with no failed
+    // request while the fronts are replaced.
+    make_cert(&dir, "a", &["a.test", "localhost"]);
+    let out = Command::new(bin("corral"))
+        .args(["reload", "--socket"])
+        .arg(dir.join("run/control.sock"))
+        .output()
+        .expect("corral reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failures = Vec::new();
+    loop {
+        // curl trusts only the new certificate: it succeeds once the new fronts serve.
+        match curl_https(&s, "a.test", "a.crt", "/") {
+            Ok(_) => break,
+            Err(e) => failures.push(e),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new certificate never served: {failures:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.agent.stop(Duration::from_secs(40));
+}
+
+#[test]
+fn ktls_require_refuses_to_start_where_the_kernel_cannot() {
+    require_root();
+    if corral::sys::ktls::probe().is_ok() {
+        eprintln!("this kernel has kTLS: the refusal is tested in the VM tier without tls.ko");
+        return;
+    }
+    let dir = TempDir::new("tls-require");
+    make_cert(dir.path(), "a", &["a.test"]);
+    make_cert(dir.path(), "b", &["b.test"]);
+    let (app_port, tls_port) = (free_port(), free_port());
+    let text = format!(
+        "{}{}",
+        agent_table(dir.path()),
+        Agent::expand(
+            &config(app_port, tls_port, "ktls = \"require\""),
+            dir.path()
+        )
+    );
+    let path = dir.path().join("corral.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(bin("corral"))
+        .args(["agent", "-c"])
+        .arg(&path)
+        .output()
+        .expect("corral agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("require") && err.contains("TCP_ULP"), "{err}");
+}
