@@ -260,6 +260,13 @@ fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
         .map_err(|e| format!("{}: app {}: {e}", cfg.command_at, cfg.name))?;
     if let config::Role::TlsFront { tls, .. } = &cfg.role {
         launch.bundle = Some(front_bundle(cfg, tls)?);
+        if let Some(r) = tls.redirect_http {
+            tracing::warn!(
+                app = %cfg.name,
+                "redirect_http = {r} is not served by this version: plain HTTP there gets no \
+                 redirect (nothing listens)"
+            );
+        }
     }
     Ok(launch)
 }
