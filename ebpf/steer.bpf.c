@@ -84,6 +84,14 @@ struct {
 	__type(value, __u32);
 } inflight SEC(".maps");
 
+/* Per slot: picks since the agent last published (it zeroes them), only for breaking ties. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CORRAL_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} recent SEC(".maps");
+
 /* Round-robin position, per CPU: each CPU rotates through the set on its own. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -143,14 +151,23 @@ static __always_inline __u32 score(const struct corral_config *cfg, __u32 slot)
 	return counter(&load, key) + counter(&picks, key);
 }
 
+/* Connections sent to `slot` since the agent last published (never taken back). */
+static __always_inline __u32 recent_picks(__u32 slot)
+{
+	return counter(&recent, slot & (CORRAL_MAX_SLOTS - 1));
+}
+
 static __always_inline void count_pick(__u32 slot)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
 	__u32 *p = bpf_map_lookup_elem(&picks, &key);
+	__u32 *r = bpf_map_lookup_elem(&recent, &key);
 	__u64 *s = bpf_map_lookup_elem(&slot_picks, &key);
 
 	if (p)
 		__sync_fetch_and_add(p, 1);
+	if (r)
+		__sync_fetch_and_add(r, 1);
 	if (s)
 		*s += 1;
 }
@@ -228,7 +245,13 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		__u32 sa = slot_at(set, a);
 		__u32 sb = slot_at(set, b);
 
-		if (score(cfg, sb) < score(cfg, sa)) {
+		__u32 score_a = score(cfg, sa), score_b = score(cfg, sb);
+
+		/* On a tie (common when workers keep up: both 0), the slot sent fewer connections
+		 * since the last publish: even within each 5 ms, without a long memory that would
+		 * make a slow worker catch up later. */
+		if (score_b < score_a ||
+		    (score_b == score_a && recent_picks(sb) < recent_picks(sa))) {
 			first = sb;
 			second = sa;
 		} else {

@@ -69,6 +69,7 @@ pub struct Steering {
     load: Array<MapData, u32>,
     picks: Array<MapData, u32>,
     inflight: Array<MapData, u32>,
+    recent: Array<MapData, u32>,
     stats: PerCpuArray<MapData, abi::Stats>,
     slot_picks: PerCpuArray<MapData, u64>,
     active: u32,
@@ -128,6 +129,7 @@ impl Steering {
         let load = Array::try_from(take("load")?).map_err(map_err("load"))?;
         let picks = Array::try_from(take("picks")?).map_err(map_err("picks"))?;
         let inflight = Array::try_from(take("inflight")?).map_err(map_err("inflight"))?;
+        let recent = Array::try_from(take("recent")?).map_err(map_err("recent"))?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(map_err("stats"))?;
         let slot_picks =
             PerCpuArray::try_from(take("slot_picks")?).map_err(map_err("slot_picks"))?;
@@ -144,6 +146,7 @@ impl Steering {
             load,
             picks,
             inflight,
+            recent,
             stats,
             slot_picks,
             active: 0,
@@ -223,6 +226,7 @@ impl Steering {
         for (slot, queue) in loads {
             self.load.set(*slot, *queue, 0).map_err(map_err("load"))?;
             self.picks.set(*slot, 0, 0).map_err(map_err("picks"))?;
+            self.recent.set(*slot, 0, 0).map_err(map_err("recent"))?;
         }
         Ok(())
     }
@@ -303,7 +307,7 @@ fn pin_all(ebpf: &mut Ebpf, program: &'static str, dir: &Path) -> Result<(), Bpf
         .map_err(|e| err(&path, io::Error::other(e.to_string())))
 }
 
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
     "socks",
     "config",
     "eligible",
@@ -311,6 +315,7 @@ const MAPS: [&str; 10] = [
     "picks",
     "conns",
     "inflight",
+    "recent",
     "rr",
     "stats",
     "slot_picks",
