@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 pub use corral::control::{AppStatus, Request, Response, WorkerStatus};
 
+pub mod tls;
+
 /// Path of a workspace binary built in the same profile as this test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

@@ -7,22 +7,25 @@
 //! Handshakes read one TLS record at a time, so nothing past the client's Finished is ever
 //! buffered in userspace (what kTLS needs: the kernel must see every record after it).
 
+use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rustls::server::ServerConfig;
-use rustls::ServerConnection;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::bundle::Bundle;
 use crate::config::KtlsMode;
 use crate::sys;
+use crate::sys::ktls::{Cipher, Direction, Version};
 
 /// What the agent passes on the command line (see `config::front_app`).
 #[derive(Debug, Clone)]
@@ -41,15 +44,91 @@ const COPY_CHUNK: usize = 64 * 1024;
 
 #[derive(Default)]
 struct Counters {
+    handshakes_ktls: AtomicU64,
     handshakes_userspace: AtomicU64,
+    /// Why a connection went to userspace rustls.
+    fallbacks: Mutex<BTreeMap<String, u64>>,
     handshake_failures: AtomicU64,
+    /// kTLS set up failed after the secrets left rustls: the connection was closed.
+    ktls_failures: AtomicU64,
     upstream_failures: AtomicU64,
     bytes_copied: AtomicU64,
+    bytes_spliced: AtomicU64,
+    /// Non-data records read from kTLS sockets, by what they were.
+    control_records: Mutex<BTreeMap<&'static str, u64>>,
 }
 
-pub fn server_config(bundle: &Bundle) -> Result<Arc<ServerConfig>, String> {
+impl Counters {
+    fn fallback(&self, why: String) {
+        *self
+            .fallbacks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(why)
+            .or_default() += 1;
+    }
+
+    fn control(&self, what: &'static str) {
+        *self
+            .control_records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(what)
+            .or_default() += 1;
+    }
+}
+
+/// The (version, cipher) pairs the kernel takes in both directions.
+type KernelSuites = HashSet<(Version, Cipher)>;
+
+/// What kTLS can do for this process's connections.
+enum Ktls {
+    Off,
+    Unavailable(String),
+    Available(KernelSuites),
+}
+
+fn suite_of(suite: CipherSuite) -> Option<Cipher> {
+    Some(match suite {
+        CipherSuite::TLS13_AES_128_GCM_SHA256
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Cipher::Aes128Gcm,
+        CipherSuite::TLS13_AES_256_GCM_SHA384
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Cipher::Aes256Gcm,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Cipher::Chacha20Poly1305,
+        _ => return None,
+    })
+}
+
+fn version_of(v: ProtocolVersion) -> Option<Version> {
+    match v {
+        ProtocolVersion::TLSv1_2 => Some(Version::Tls12),
+        ProtocolVersion::TLSv1_3 => Some(Version::Tls13),
+        _ => None,
+    }
+}
+
+/// `only`: offer just these (ktls = "require": every connection must be one the kernel takes).
+pub fn server_config(
+    bundle: &Bundle,
+    only: Option<&HashSet<(Version, Cipher)>>,
+) -> Result<Arc<ServerConfig>, String> {
     let resolver = bundle.resolver()?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(only) = only {
+        provider.cipher_suites.retain(|s| {
+            let v = version_of(s.version().version);
+            let c = suite_of(s.suite());
+            matches!((v, c), (Some(v), Some(c)) if only.contains(&(v, c)))
+        });
+        if provider.cipher_suites.is_empty() {
+            return Err("the kernel takes none of the cipher suites rustls offers".into());
+        }
+    }
+    let provider = Arc::new(provider);
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
@@ -67,39 +146,73 @@ pub fn run(args: FrontArgs) -> Result<()> {
     let bundle_bytes = sys::front::read_bundle().context("the certificate bundle on fd 4")?;
     let bundle = Bundle::decode(&bundle_bytes).map_err(anyhow::Error::msg)?;
     drop(bundle_bytes);
-    let config = server_config(&bundle).map_err(anyhow::Error::msg)?;
-    drop(bundle);
-
-    let ktls = sys::ktls::probe();
-    match (&ktls, args.ktls) {
-        (Err(why), KtlsMode::Require) => {
+    let ktls = match args.ktls {
+        KtlsMode::Off => Ktls::Off,
+        KtlsMode::Auto | KtlsMode::Require => match sys::ktls::probe() {
+            Err(why) => Ktls::Unavailable(why),
+            Ok(()) => {
+                let m = sys::ktls::matrix();
+                let mut both = HashSet::new();
+                let mut lines = Vec::new();
+                for v in sys::ktls::VERSIONS {
+                    for c in sys::ktls::CIPHERS {
+                        let ok = |d| {
+                            m.iter()
+                                .any(|e| e.0 == v && e.1 == c && e.2 == d && e.3.is_ok())
+                        };
+                        let (tx, rx) = (ok(Direction::Tx), ok(Direction::Rx));
+                        if tx && rx {
+                            both.insert((v, c));
+                        }
+                        lines.push(format!(
+                            "{v} {c}: {}",
+                            match (tx, rx) {
+                                (true, true) => "tx+rx",
+                                (true, false) => "tx only",
+                                (false, true) => "rx only",
+                                (false, false) => "no",
+                            }
+                        ));
+                    }
+                }
+                eprintln!("corral front: kernel TLS: {}", lines.join(", "));
+                if both.is_empty() {
+                    Ktls::Unavailable("the kernel takes no cipher suite in both directions".into())
+                } else {
+                    Ktls::Available(both)
+                }
+            }
+        },
+    };
+    let config = match (&ktls, args.ktls) {
+        (Ktls::Unavailable(why), KtlsMode::Require) => {
             bail!("ktls = \"require\", but this kernel cannot: {why}")
         }
-        (Err(why), KtlsMode::Auto) => eprintln!(
-            "corral front: kernel TLS unavailable ({why}); every connection uses userspace rustls"
-        ),
-        (Ok(()), KtlsMode::Auto | KtlsMode::Require) => eprintln!(
-            "corral front: kernel TLS available (TCP_ULP \"tls\"); the kTLS data path comes with \
-             a later version, connections use userspace rustls"
-        ),
-        (_, KtlsMode::Off) => {}
+        (Ktls::Unavailable(why), _) => {
+            eprintln!(
+                "corral front: kernel TLS unavailable ({why}); every connection uses userspace \
+                 rustls"
+            );
+            server_config(&bundle, None)
+        }
+        (Ktls::Available(both), KtlsMode::Require) => server_config(&bundle, Some(both)),
+        _ => server_config(&bundle, None),
     }
-    if ktls.is_ok() && args.ktls == KtlsMode::Require {
-        // Refuse rather than silently serve in userspace what the operator required in kernel.
-        bail!("ktls = \"require\": this corral build has no kTLS data path yet");
-    }
+    .map_err(anyhow::Error::msg)?;
+    drop(bundle);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(serve(listener, config, args))
+    rt.block_on(serve(listener, config, args, Arc::new(ktls)))
 }
 
 async fn serve(
     listener: std::net::TcpListener,
     config: Arc<ServerConfig>,
     args: FrontArgs,
+    ktls: Arc<Ktls>,
 ) -> Result<()> {
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
@@ -126,10 +239,10 @@ async fn serve(
                 let Ok(permit) = permit else { break };
                 match accepted {
                     Ok((sock, peer)) => {
-                        let (config, args, counters) =
-                            (config.clone(), args.clone(), counters.clone());
+                        let (config, args, counters, ktls) =
+                            (config.clone(), args.clone(), counters.clone(), ktls.clone());
                         open.spawn(async move {
-                            connection(sock, peer, config, &args, &counters, permit).await
+                            connection(sock, peer, config, &args, &ktls, &counters, permit).await
                         });
                     }
                     Err(e) => {
@@ -146,12 +259,18 @@ async fn serve(
     while open.join_next().await.is_some() {}
     let c = &counters;
     eprintln!(
-        "corral front: drained; handshakes {} (userspace), failed {}, upstream failures {}, \
-         bytes copied {}",
+        "corral front: drained; handshakes: ktls {}, userspace {} (why: {:?}); failed \
+         handshakes {}, kTLS set-up failures {}, upstream failures {}; bytes spliced {}, \
+         copied {}; control records {:?}",
+        c.handshakes_ktls.load(Ordering::Relaxed),
         c.handshakes_userspace.load(Ordering::Relaxed),
+        c.fallbacks.lock().unwrap_or_else(|e| e.into_inner()),
         c.handshake_failures.load(Ordering::Relaxed),
+        c.ktls_failures.load(Ordering::Relaxed),
         c.upstream_failures.load(Ordering::Relaxed),
+        c.bytes_spliced.load(Ordering::Relaxed),
         c.bytes_copied.load(Ordering::Relaxed),
+        c.control_records.lock().unwrap_or_else(|e| e.into_inner()),
     );
     Ok(())
 }
@@ -168,6 +287,7 @@ async fn connection(
     peer: SocketAddr,
     config: Arc<ServerConfig>,
     args: &FrontArgs,
+    ktls: &Ktls,
     counters: &Counters,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -192,9 +312,6 @@ async fn connection(
             }
         };
     drop(permit);
-    counters
-        .handshakes_userspace
-        .fetch_add(1, Ordering::Relaxed);
     let upstream =
         match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(args.upstream))
             .await
@@ -207,8 +324,92 @@ async fn connection(
             }
         };
     let _ = upstream.set_nodelay(true);
+    let reason = fallback_reason(&conn, ktls);
+    let conn = match start_ktls(&sock, conn, ktls) {
+        Err(conn) => {
+            counters.fallback(reason.unwrap_or_else(|| "TCP_ULP \"tls\" refused".into()));
+            *conn
+        }
+        Ok(Ok(())) => {
+            counters.handshakes_ktls.fetch_add(1, Ordering::Relaxed);
+            if let Ok(n) = proxy_ktls(sock, upstream, counters).await {
+                counters.bytes_spliced.fetch_add(n, Ordering::Relaxed);
+            }
+            return;
+        }
+        Ok(Err(why)) => {
+            // The secrets have left rustls: there is no userspace path to fall back to.
+            eprintln!("corral front: kTLS set-up failed after the handshake ({why}); closing");
+            counters.ktls_failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    counters
+        .handshakes_userspace
+        .fetch_add(1, Ordering::Relaxed);
     if let Ok(n) = proxy_userspace(sock, conn, upstream).await {
         counters.bytes_copied.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Move a finished handshake's record crypto into the kernel. `Err(conn)`: not possible for
+/// this connection, nothing changed, serve it in userspace (the reason is counted by the
+/// caller through [`fallback_reason`]). `Ok(Err)`: failed after the secrets were extracted.
+fn start_ktls(
+    sock: &TcpStream,
+    conn: ServerConnection,
+    ktls: &Ktls,
+) -> Result<Result<(), String>, Box<ServerConnection>> {
+    if fallback_reason(&conn, ktls).is_some() {
+        return Err(Box::new(conn));
+    }
+    let Some(version) = conn.protocol_version().and_then(version_of) else {
+        return Err(Box::new(conn));
+    };
+    if sys::ktls::set_ulp(sock.as_fd()).is_err() {
+        return Err(Box::new(conn));
+    }
+    let secrets = match conn.dangerous_extract_secrets() {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(format!("extracting secrets: {e}"))),
+    };
+    let info = |(seq, secrets): (u64, ConnectionTrafficSecrets)| {
+        let (cipher, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (Cipher::Chacha20Poly1305, key, iv)
+            }
+            _ => return Err("a cipher kTLS does not know".to_string()),
+        };
+        sys::ktls::CryptoInfo::new(version, cipher, key.as_ref(), iv.as_ref(), seq)
+    };
+    let r = (|| {
+        let tx = info(secrets.tx)?;
+        let rx = info(secrets.rx)?;
+        sys::ktls::set_crypto(sock.as_fd(), Direction::Tx, &tx)
+            .map_err(|e| format!("TLS_TX: {e}"))?;
+        sys::ktls::set_crypto(sock.as_fd(), Direction::Rx, &rx).map_err(|e| format!("TLS_RX: {e}"))
+    })();
+    Ok(r)
+}
+
+/// Why this connection will not use kTLS, or `None` when it will.
+fn fallback_reason(conn: &ServerConnection, ktls: &Ktls) -> Option<String> {
+    match ktls {
+        Ktls::Off => Some("ktls = off".into()),
+        Ktls::Unavailable(why) => Some(format!("kernel: {why}")),
+        Ktls::Available(both) => {
+            let v = conn.protocol_version().and_then(version_of);
+            let c = conn
+                .negotiated_cipher_suite()
+                .and_then(|s| suite_of(s.suite()));
+            match (v, c) {
+                (Some(v), Some(c)) if both.contains(&(v, c)) => None,
+                (Some(v), Some(c)) => Some(format!("the kernel does not take {v} {c} both ways")),
+                _ => Some("a protocol version or cipher suite kTLS does not know".into()),
+            }
+        }
     }
 }
 
@@ -366,4 +567,142 @@ async fn proxy_userspace(
         }
     }
     Ok(moved)
+}
+
+/// How a spliced direction ended.
+enum PumpEnd {
+    /// The source's end of stream (a worker's FIN, or a client's FIN without close_notify).
+    Eof,
+    /// The kTLS source has a record that is not application data next.
+    Control,
+}
+
+/// splice `src` -> pipe -> `dst` until the source ends. Returns how it ended and the bytes.
+async fn pump(src: &TcpStream, dst: &TcpStream, moved: &mut u64) -> io::Result<PumpEnd> {
+    let (pipe_r, pipe_w) = sys::ktls::pipe()?;
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    loop {
+        let n = match src
+            .async_io(Interest::READABLE, || {
+                sys::ktls::splice(src_fd, pipe_w.as_raw_fd(), COPY_CHUNK)
+            })
+            .await
+        {
+            Ok(0) => return Ok(PumpEnd::Eof),
+            Ok(n) => n,
+            // splice refuses a record that is not data (linux/net/tls: EINVAL).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(PumpEnd::Control),
+            Err(e) => return Err(e),
+        };
+        let mut left = n;
+        while left > 0 {
+            let m = dst
+                .async_io(Interest::WRITABLE, || {
+                    sys::ktls::splice(pipe_r.as_raw_fd(), dst_fd, left)
+                })
+                .await?;
+            left -= m;
+            *moved += m as u64;
+        }
+    }
+}
+
+/// kTLS both ways: the kernel decrypts what the client sends and encrypts what the worker
+/// answers; splice moves the bytes without copying them through this process.
+async fn proxy_ktls(sock: TcpStream, upstream: TcpStream, counters: &Counters) -> io::Result<u64> {
+    let client_to_worker = async {
+        let mut moved = 0u64;
+        loop {
+            match pump(&sock, &upstream, &mut moved).await? {
+                PumpEnd::Eof => {
+                    counters.control("eof without close_notify");
+                    break;
+                }
+                PumpEnd::Control => {
+                    let mut buf = [0u8; 16 * 1024 + 256];
+                    let (kind, n) = sock
+                        .async_io(Interest::READABLE, || {
+                            sys::ktls::recv_record(sock.as_raw_fd(), &mut buf)
+                        })
+                        .await?;
+                    match kind {
+                        sys::ktls::RECORD_APPLICATION_DATA => {
+                            write_all_shared(&upstream, &buf[..n]).await?;
+                            moved += n as u64;
+                        }
+                        sys::ktls::RECORD_ALERT if n >= 2 && buf[1] == 0 => {
+                            counters.control("close_notify");
+                            break;
+                        }
+                        sys::ktls::RECORD_ALERT => {
+                            counters.control("alert");
+                            return Err(io::Error::other("the client sent an alert"));
+                        }
+                        sys::ktls::RECORD_HANDSHAKE => {
+                            // A KeyUpdate (or anything else post-handshake): the kernel cannot
+                            // take new keys from a rustls that no longer exists. Close cleanly.
+                            counters.control("handshake (closed)");
+                            return Err(io::Error::other("post-handshake message"));
+                        }
+                        _ => {
+                            counters.control("other");
+                            return Err(io::Error::other("unexpected record type"));
+                        }
+                    }
+                }
+            }
+        }
+        // The client is done sending: a half-close towards the worker, which may still answer.
+        let _ = rustix::net::shutdown(&upstream, rustix::net::Shutdown::Write);
+        Ok::<u64, io::Error>(moved)
+    };
+    let worker_to_client = async {
+        let mut moved = 0u64;
+        let end = pump(&upstream, &sock, &mut moved).await;
+        // The worker is done (or failed): close_notify, then FIN.
+        let _ = sock
+            .async_io(Interest::WRITABLE, || {
+                sys::ktls::send_record(
+                    sock.as_raw_fd(),
+                    sys::ktls::RECORD_ALERT,
+                    &sys::ktls::CLOSE_NOTIFY,
+                )
+            })
+            .await;
+        let _ = rustix::net::shutdown(&sock, rustix::net::Shutdown::Write);
+        end.map(|_| moved)
+    };
+    tokio::pin!(client_to_worker);
+    tokio::pin!(worker_to_client);
+    let mut total = 0;
+    let mut client_done = false;
+    loop {
+        tokio::select! {
+            r = &mut client_to_worker, if !client_done => {
+                client_done = true;
+                match r {
+                    Ok(n) => total += n,
+                    Err(_) => break,
+                }
+            }
+            r = &mut worker_to_client => {
+                if let Ok(n) = r { total += n; }
+                break;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// write_all through a shared reference (both directions of a connection use the stream).
+async fn write_all_shared(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

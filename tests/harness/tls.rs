@@ -1,0 +1,131 @@
+//! A TLS client and certificates in Rust, for where there is no curl or openssl (the VM tier).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+/// A self-signed ECDSA P-256 certificate for `names`: (certificate PEM, key PEM).
+pub fn self_signed(names: &[&str]) -> (String, String) {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
+    (ck.cert.pem(), ck.key_pair.serialize_pem())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    V12,
+    V13,
+}
+
+/// What a TLS GET got back.
+pub struct TlsResponse {
+    pub head: String,
+    pub body: Vec<u8>,
+    pub version: Option<rustls::ProtocolVersion>,
+    pub cipher: Option<rustls::CipherSuite>,
+}
+
+fn client_config(ca_pem: &str, version: Tls) -> Arc<ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("CA PEM")).expect("add CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match version {
+        Tls::V12 => &[&rustls::version::TLS12],
+        Tls::V13 => &[&rustls::version::TLS13],
+    };
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// GET `path` over TLS with `Connection: close`, trusting only `ca_pem`. With
+/// `close_notify_first`, the client sends its close_notify right after the request (a
+/// half-close) and still expects the whole answer. The read must end with the server's
+/// close_notify: a bare TCP close is an error (rustls reports it as UnexpectedEof).
+pub fn get(
+    addr: SocketAddr,
+    name: &str,
+    ca_pem: &str,
+    version: Tls,
+    path: &str,
+    close_notify_first: bool,
+) -> Result<TlsResponse, String> {
+    let conn = ClientConnection::new(
+        client_config(ca_pem, version),
+        ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let sock =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut s = StreamOwned::new(conn, sock);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    s.flush().map_err(|e| format!("flush: {e}"))?;
+    if close_notify_first {
+        s.conn.send_close_notify();
+        s.flush().map_err(|e| format!("close_notify: {e}"))?;
+    }
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no response head in {} bytes", raw.len()))?;
+    Ok(TlsResponse {
+        head: String::from_utf8_lossy(&raw[..split]).into_owned(),
+        body: raw[split + 4..].to_vec(),
+        version: s.conn.protocol_version(),
+        cipher: s.conn.negotiated_cipher_suite().map(|c| c.suite()),
+    })
+}
+
+/// An open TLS connection that has sent half a request and waits (to look at the server's
+/// socket while it is served).
+pub fn open_idle(
+    addr: SocketAddr,
+    name: &str,
+    ca_pem: &str,
+) -> StreamOwned<ClientConnection, TcpStream> {
+    let conn = ClientConnection::new(
+        client_config(ca_pem, Tls::V13),
+        ServerName::try_from(name.to_string()).expect("name"),
+    )
+    .expect("client");
+    let sock = TcpStream::connect(addr).expect("connect");
+    let mut s = StreamOwned::new(conn, sock);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    s.flush().expect("flush");
+    // Complete the handshake (the write above only queued it).
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("handshake");
+    }
+    s
+}
+
+/// /proc/net/tls_stat as name -> value (empty without the tls module).
+pub fn tls_stat() -> std::collections::BTreeMap<String, u64> {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
