@@ -249,6 +249,24 @@ fn garbage_truncated_hellos_and_slowloris_do_not_disturb_other_clients() {
         "closed by the 1 s handshake timeout, not left open: {waited:?}"
     );
     drop(g);
+    drop(slow);
+    // Counted by kind in `corral status`.
+    let counted = wait_for(Duration::from_secs(10), "failure counters", || {
+        let st = s.agent.app_json("web.tls");
+        let c = |k: &str| st["tls"]["counters"][k].as_u64().unwrap_or(0);
+        (c("handshake_failed_protocol") >= 2
+            && c("handshake_failed_timeout") >= 1
+            && c("handshake_failed_eof") >= 1
+            && c("handshakes_userspace") >= 20)
+            .then_some(st)
+    });
+    let c = &counted["tls"]["counters"];
+    assert_eq!(c["handshakes_ktls"], 0, "{counted}");
+    assert!(
+        c["fallback_kernel_without_ktls"].as_u64().unwrap_or(0) >= 20,
+        "{counted}"
+    );
+    assert!(c["bytes_copied"].as_u64().unwrap_or(0) > 0, "{counted}");
 }
 
 #[test]

@@ -36,7 +36,19 @@ pub struct AppStatus {
     pub steering: String,
     /// The steering program's counters, when eBPF steers this app.
     pub steering_stats: Option<SteeringStats>,
+    /// A TLS front (`NAME.tls`): its processes' counters, and the kernel's.
+    #[serde(default)]
+    pub tls: Option<FrontStats>,
     pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FrontStats {
+    /// Since the front app started (exited processes included; `open_connections` is now).
+    /// Names in `tls::stats::NAMES`.
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// /proc/net/tls_stat (empty without the kernel's tls module).
+    pub kernel_tls_stat: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -283,6 +283,53 @@ fn render_status(apps: &[AppStatus]) -> String {
                 st.select_errors
             );
         }
+        if let Some(t) = &app.tls {
+            let c = |k: &str| t.counters.get(k).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "  tls: handshakes kTLS {}, userspace {} (ktls off {}, kernel without kTLS {}, \
+                 cipher not in kernel {}, ULP refused {}); open {}",
+                c("handshakes_ktls"),
+                c("handshakes_userspace"),
+                c("fallback_ktls_off"),
+                c("fallback_kernel_without_ktls"),
+                c("fallback_cipher_not_in_kernel"),
+                c("fallback_ulp_refused"),
+                c("open_connections"),
+            );
+            let _ = writeln!(
+                out,
+                "  tls: failed handshakes: eof {}, timeout {}, protocol {}, io {}; kTLS set-up \
+                 failed {}; upstream failed {}; redirects {}",
+                c("handshake_failed_eof"),
+                c("handshake_failed_timeout"),
+                c("handshake_failed_protocol"),
+                c("handshake_failed_io"),
+                c("ktls_setup_failed"),
+                c("upstream_failed"),
+                c("redirects"),
+            );
+            let _ = writeln!(
+                out,
+                "  tls: bytes spliced {}, copied {}; received close_notify {}, alerts {}, \
+                 post-handshake closes {}, EOF without close_notify {}",
+                c("bytes_spliced"),
+                c("bytes_copied"),
+                c("close_notify_received"),
+                c("alerts_received"),
+                c("post_handshake_closes"),
+                c("eof_without_close_notify"),
+            );
+            if !t.kernel_tls_stat.is_empty() {
+                let kv: Vec<String> = t
+                    .kernel_tls_stat
+                    .iter()
+                    .filter(|(_, v)| **v > 0)
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                let _ = writeln!(out, "  kernel /proc/net/tls_stat: {}", kv.join(", "));
+            }
+        }
         let _ = writeln!(
             out,
             "  {:<6} {:<8} {:<9} {:>9} {:>8} {:>16} {:>9} {:>8} {:>6}  LAST EXIT",

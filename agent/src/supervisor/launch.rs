@@ -13,6 +13,15 @@ use crate::sys::users;
 /// The default PATH for workers, as systemd gives services.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// A started process: its handle, the read ends of its stdout and stderr, and (a TLS front)
+/// the counters it keeps.
+pub struct Started {
+    pub process: Arc<Process>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    pub counters: Option<Arc<crate::sys::front::SharedCounters>>,
+}
+
 /// Everything needed to start a process of an app, resolved ahead of time.
 #[derive(Debug, Clone)]
 pub struct Launch {
@@ -74,18 +83,28 @@ impl Launch {
         fd3: Option<&OwnedFd>,
         extra: &[(String, String)],
         cgroup: Option<std::os::fd::BorrowedFd<'_>>,
-    ) -> Result<(Arc<Process>, OwnedFd, OwnedFd), String> {
+    ) -> Result<Started, String> {
         let (out_r, out_w) = spawn::output_pipe().map_err(|e| format!("pipe: {e}"))?;
         let (err_r, err_w) = spawn::output_pipe().map_err(|e| format!("pipe: {e}"))?;
         let mut env = self.env.clone();
         env.extend(extra.iter().cloned());
-        let fd4 = match &self.bundle {
-            Some((memfd, _)) => Some(
+        // A TLS front: fd 4 its certificates, fd 5 its counters.
+        let mut more: Vec<OwnedFd> = Vec::new();
+        let mut counters = None;
+        if let Some((memfd, _)) = &self.bundle {
+            more.push(
                 crate::sys::front::reopen(memfd)
                     .map_err(|e| format!("opening the certificate bundle: {e}"))?,
-            ),
-            None => None,
-        };
+            );
+            let (c, fd) = crate::sys::front::SharedCounters::create(
+                "corral-front-counters",
+                crate::tls::stats::COUNT,
+            )
+            .map_err(|e| format!("the counters memfd: {e}"))?;
+            more.push(fd);
+            counters = Some(Arc::new(c));
+        }
+        let more_fds: Vec<_> = more.iter().map(|f| f.as_fd()).collect();
         let spec = Spec {
             program: &self.program,
             argv: &self.argv,
@@ -95,13 +114,18 @@ impl Launch {
             uid: self.uid,
             gid: self.gid,
             fd3: fd3.map(|f| f.as_fd()),
-            fd4: fd4.as_ref().map(|f| f.as_fd()),
+            more_fds: &more_fds,
             stdout: out_w.as_fd(),
             stderr: err_w.as_fd(),
             cgroup,
         };
         let child = spawn::spawn(&spec).map_err(|e| e.to_string())?;
         let process = Process::new(child.pid, child.pidfd).map_err(|e| e.to_string())?;
-        Ok((Arc::new(process), out_r, err_r))
+        Ok(Started {
+            process: Arc::new(process),
+            stdout: out_r,
+            stderr: err_r,
+            counters,
+        })
     }
 }

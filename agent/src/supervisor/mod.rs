@@ -135,6 +135,8 @@ struct Worker {
     /// memory.events `high` when last looked at; it is being replaced for crossing it.
     high_seen: u64,
     recycling: bool,
+    /// A TLS front's counters (shared memory it updates).
+    counters: Option<Arc<crate::sys::front::SharedCounters>>,
 }
 
 impl Drop for Worker {
@@ -237,6 +239,8 @@ struct AppRt {
     steering: GroupSteering,
     /// `<root>/app-<name>`, when corral has a cgroup root.
     cg: Option<crate::sys::cgroup::App>,
+    /// A TLS front: what its exited processes counted.
+    front_totals: [u64; crate::tls::stats::COUNT],
 }
 
 /// What a config needs before it can be applied: sockets bound, programs found, the steering
@@ -619,6 +623,7 @@ impl Supervisor {
             cancel,
             steering,
             cg,
+            front_totals: [0; crate::tls::stats::COUNT],
         };
         self.apps.insert(name.clone(), rt);
         match refused {
@@ -925,7 +930,15 @@ impl Supervisor {
             Err(e) => Err(e),
         };
         match started_proc {
-            Ok(((process, out, err), leaf)) => {
+            Ok((
+                launch::Started {
+                    process,
+                    stdout: out,
+                    stderr: err,
+                    counters,
+                },
+                leaf,
+            )) => {
                 let pid = process.pid();
                 tracing::info!(app = %name, worker = slot_idx, pid, "worker started");
                 for (fd, stream) in [(out, "stdout"), (err, "stderr")] {
@@ -1007,6 +1020,7 @@ impl Supervisor {
                     memory_watch,
                     high_seen: 0,
                     recycling: false,
+                    counters,
                 });
             }
             Err(reason) => {
@@ -1067,7 +1081,15 @@ impl Supervisor {
         // An OOM kill shows as SIGKILL; the leaf's memory.events says who did it.
         let cap = app.cfg.workers.memory_max;
         let mut oom = None;
+        let mut final_counts = None;
         if let Some(w) = find_worker(app, id) {
+            if let Some(c) = w.counters.take() {
+                final_counts = Some(
+                    (0..crate::tls::stats::COUNT)
+                        .map(|i| c.get(i))
+                        .collect::<Vec<u64>>(),
+                );
+            }
             if let Some(leaf) = w.leaf.take() {
                 if let (Ok(ev), Some(cap)) = (leaf.read_memory_events(), cap) {
                     if ev.oom_kill > 0 || ev.oom_group_kill > 0 {
@@ -1075,6 +1097,14 @@ impl Supervisor {
                     }
                 }
                 teardown_leaf(leaf);
+            }
+        }
+        if let Some(counts) = final_counts {
+            // What an exited front counted stays in the app's totals (not what was open).
+            for (i, v) in counts.into_iter().enumerate() {
+                if i != crate::tls::stats::Stat::Open as usize {
+                    app.front_totals[i] += v;
+                }
             }
         }
         let describe = |status: &Result<WaitStatus, String>| match (&oom, status) {
@@ -1730,9 +1760,33 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             cgroup: w.leaf.as_ref().map(|l| l.path().display().to_string()),
         });
     }
+    let tls = matches!(app.cfg.role, config::Role::TlsFront { .. }).then(|| {
+        let mut totals = app.front_totals;
+        let live = app
+            .slots
+            .iter()
+            .flat_map(|s| s.current.iter().chain(s.retired.iter()))
+            .chain(app.removed.iter());
+        for w in live {
+            if let Some(c) = &w.counters {
+                for (i, t) in totals.iter_mut().enumerate() {
+                    *t += c.get(i);
+                }
+            }
+        }
+        crate::control::FrontStats {
+            counters: crate::tls::stats::NAMES
+                .iter()
+                .zip(totals)
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+            kernel_tls_stat: machine::tls_stat(),
+        }
+    });
     AppStatus {
         name: name.to_string(),
         state: state.to_string(),
+        tls,
         reason,
         address: app.cfg.listen.address.to_string(),
         steering: app.steering.describe(),

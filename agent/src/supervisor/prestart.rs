@@ -30,7 +30,12 @@ async fn run_in(
     for (step, launch) in steps {
         let started = std::time::Instant::now();
         tracing::info!(app = %app, step = %step.name, "pre-start: running {}", crate::sys::spawn::display_argv(&step.command));
-        let (process, out, err) = launch
+        let super::launch::Started {
+            process,
+            stdout: out,
+            stderr: err,
+            ..
+        } = launch
             .start(None, &[], leaf.map(|l| l.dir_fd()))
             .map_err(|e| format!("pre-start {} ({}) could not start: {e}", step.name, step.at))?;
         for (fd, stream) in [(out, "stdout"), (err, "stderr")] {

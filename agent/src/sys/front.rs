@@ -78,3 +78,93 @@ pub fn reopen(memfd: &OwnedFd) -> io::Result<OwnedFd> {
     let path = format!("/proc/self/fd/{}", memfd.as_raw_fd());
     Ok(OwnedFd::from(File::open(path)?))
 }
+
+/// Counters a front process updates and the agent reads: an array of u64 in a memfd mapped
+/// shared by both (fd 5 in the front). Plain numbers, no parsing: a misbehaving front can only
+/// make its own counters wrong.
+pub struct SharedCounters {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only accessed through atomics and lives until Drop.
+unsafe impl Send for SharedCounters {}
+// SAFETY: as above.
+unsafe impl Sync for SharedCounters {}
+
+impl SharedCounters {
+    fn map(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<SharedCounters> {
+        let bytes = len * 8;
+        // SAFETY: a fresh shared mapping of `bytes` of the memfd; checked for failure below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap: null"))?;
+        Ok(SharedCounters { ptr, len })
+    }
+
+    /// The agent's side: `len` zeroed counters, and the memfd to pass to the front.
+    pub fn create(name: &str, len: usize) -> io::Result<(SharedCounters, OwnedFd)> {
+        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, (len * 8) as u64)?;
+        let m = SharedCounters::map(std::os::fd::AsFd::as_fd(&fd), len)?;
+        Ok((m, fd))
+    }
+
+    /// The front's side: the counters on fd 5 (the descriptor is closed after mapping).
+    pub fn inherited(len: usize) -> io::Result<SharedCounters> {
+        // SAFETY: F_GETFD only inspects the descriptor.
+        if unsafe { libc::fcntl(5, libc::F_GETFD) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd 5 is open (checked above) and ours alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(5) };
+        let size = rustix::fs::fstat(&fd)?.st_size as usize;
+        if size < len * 8 {
+            return Err(io::Error::other(format!(
+                "counters memfd of {size} bytes, want {}",
+                len * 8
+            )));
+        }
+        SharedCounters::map(std::os::fd::AsFd::as_fd(&fd), len)
+    }
+
+    fn at(&self, i: usize) -> Option<&std::sync::atomic::AtomicU64> {
+        // SAFETY: i < len, inside the mapping, which is 8-byte aligned (page-aligned).
+        (i < self.len).then(|| unsafe { &*self.ptr.as_ptr().add(i) })
+    }
+
+    pub fn add(&self, i: usize, v: u64) {
+        if let Some(a) = self.at(i) {
+            a.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn sub(&self, i: usize, v: u64) {
+        if let Some(a) = self.at(i) {
+            a.fetch_sub(v, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, i: usize) -> u64 {
+        self.at(i)
+            .map_or(0, |a| a.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Drop for SharedCounters {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * 8) };
+    }
+}

@@ -127,3 +127,15 @@ pub fn set_child_nofile(l: NofileLimit) {
 pub fn child_nofile() -> Option<NofileLimit> {
     CHILD_NOFILE.get().copied()
 }
+
+/// /proc/net/tls_stat as name -> value (empty when the kernel has no tls module loaded).
+pub fn tls_stat() -> std::collections::BTreeMap<String, u64> {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}

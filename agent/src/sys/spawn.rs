@@ -97,6 +97,9 @@ impl fmt::Display for Stage {
     }
 }
 
+/// stdin, stdout, stderr, the socket (3), and what `more_fds` adds.
+const MAX_FDS: usize = 8;
+
 /// What to start and how.
 pub struct Spec<'a> {
     /// Absolute path of the program (see [`resolve_program`]).
@@ -111,8 +114,8 @@ pub struct Spec<'a> {
     pub gid: u32,
     /// Becomes fd 3 in the child (the listening socket).
     pub fd3: Option<BorrowedFd<'a>>,
-    /// Becomes fd 4 (a TLS front's certificate bundle); only with `fd3`.
-    pub fd4: Option<BorrowedFd<'a>>,
+    /// Become fd 4, 5, ... (a TLS front's certificate bundle and counters); only with `fd3`.
+    pub more_fds: &'a [BorrowedFd<'a>],
     pub stdout: BorrowedFd<'a>,
     pub stderr: BorrowedFd<'a>,
     /// Start the child inside this cgroup (a directory fd of a cgroup v2 leaf): with
@@ -168,7 +171,7 @@ struct Plan {
     gid: libc::gid_t,
     parent: libc::pid_t,
     /// (source, target) in the order they must be installed.
-    fds: [(RawFd, RawFd); 5],
+    fds: [(RawFd, RawFd); MAX_FDS],
     nfds: usize,
     report: RawFd,
     /// RLIMIT_NOFILE to restore before exec (the agent raised its own).
@@ -207,7 +210,7 @@ impl Plan {
         let workdir = cstring(spec.workdir.as_os_str().as_bytes(), || {
             format!("working directory {}", spec.workdir.display())
         })?;
-        let mut fds = [(-1, -1); 5];
+        let mut fds = [(-1, -1); MAX_FDS];
         fds[0] = (stdin, 0);
         fds[1] = (spec.stdout.as_raw_fd(), 1);
         fds[2] = (spec.stderr.as_raw_fd(), 2);
@@ -215,9 +218,18 @@ impl Plan {
         if let Some(fd) = spec.fd3 {
             fds[3] = (fd.as_raw_fd(), 3);
             nfds = 4;
-            if let Some(fd) = spec.fd4 {
-                fds[4] = (fd.as_raw_fd(), 4);
-                nfds = 5;
+            for (i, fd) in spec.more_fds.iter().enumerate() {
+                if nfds == MAX_FDS {
+                    return Err(SpawnError::Parent {
+                        call: "passing descriptors",
+                        source: std::io::Error::other(format!(
+                            "at most {} descriptors above 3",
+                            MAX_FDS - 4
+                        )),
+                    });
+                }
+                fds[4 + i] = (fd.as_raw_fd(), 4 + i as RawFd);
+                nfds = 5 + i;
             }
         }
         Ok(Plan {
@@ -465,7 +477,7 @@ unsafe fn child(plan: &Plan, listen_pid_buf: *mut u8) -> ! {
         // fds: first lift every source to >= 10 so no dup2 target clobbers a later source, then
         // install 0..=4 (dup2 clears close-on-exec on the target), then mark the rest
         // close-on-exec (the report pipe must stay open until exec).
-        let mut lifted = [-1; 5];
+        let mut lifted = [-1; MAX_FDS];
         for (i, (src, _)) in plan.fds[..plan.nfds].iter().enumerate() {
             let fd = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 10);
             check!(Stage::Fds, fd);

@@ -7,12 +7,11 @@
 //! Handshakes read one TLS record at a time, so nothing past the client's Finished is ever
 //! buffered in userspace (what kTLS needs: the kernel must see every record after it).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -23,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::bundle::Bundle;
+use super::stats::{Stat, COUNT, NAMES};
 use crate::config::KtlsMode;
 use crate::sys;
 use crate::sys::ktls::{Cipher, Direction, Version};
@@ -42,39 +42,38 @@ const MAX_RECORD: usize = 16384 + 2048;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const COPY_CHUNK: usize = 64 * 1024;
 
-#[derive(Default)]
-struct Counters {
-    handshakes_ktls: AtomicU64,
-    handshakes_userspace: AtomicU64,
-    /// Why a connection went to userspace rustls.
-    fallbacks: Mutex<BTreeMap<String, u64>>,
-    handshake_failures: AtomicU64,
-    /// kTLS set up failed after the secrets left rustls: the connection was closed.
-    ktls_failures: AtomicU64,
-    upstream_failures: AtomicU64,
-    bytes_copied: AtomicU64,
-    bytes_spliced: AtomicU64,
-    /// Non-data records read from kTLS sockets, by what they were.
-    control_records: Mutex<BTreeMap<&'static str, u64>>,
-}
+/// This process's counters: the shared memfd the agent reads (fd 5).
+struct Counters(sys::front::SharedCounters);
 
 impl Counters {
-    fn fallback(&self, why: String) {
-        *self
-            .fallbacks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(why)
-            .or_default() += 1;
+    fn add(&self, s: Stat, v: u64) {
+        self.0.add(s as usize, v);
     }
 
-    fn control(&self, what: &'static str) {
-        *self
-            .control_records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(what)
-            .or_default() += 1;
+    fn one(&self, s: Stat) {
+        self.add(s, 1);
+    }
+
+    /// "name value, ..." of the non-zero counters, for the log line at exit.
+    fn summary(&self) -> String {
+        NAMES
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let v = self.0.get(i);
+                (v > 0).then(|| format!("{n} {v}"))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Counts a connection in `open_connections` while it lives.
+struct OpenGuard<'a>(&'a Counters);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0 .0.sub(Stat::Open as usize, 1);
     }
 }
 
@@ -217,7 +216,9 @@ async fn serve(
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
     let args = Arc::new(args);
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Counters(
+        sys::front::SharedCounters::inherited(COUNT).context("the counters memfd on fd 5")?,
+    ));
     let handshakes = Arc::new(Semaphore::new(args.max_handshakes));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     eprintln!(
@@ -257,21 +258,7 @@ async fn serve(
     // Draining: no new connections; the open ones finish (the agent's stop timeout bounds it).
     drop(listener);
     while open.join_next().await.is_some() {}
-    let c = &counters;
-    eprintln!(
-        "corral front: drained; handshakes: ktls {}, userspace {} (why: {:?}); failed \
-         handshakes {}, kTLS set-up failures {}, upstream failures {}; bytes spliced {}, \
-         copied {}; control records {:?}",
-        c.handshakes_ktls.load(Ordering::Relaxed),
-        c.handshakes_userspace.load(Ordering::Relaxed),
-        c.fallbacks.lock().unwrap_or_else(|e| e.into_inner()),
-        c.handshake_failures.load(Ordering::Relaxed),
-        c.ktls_failures.load(Ordering::Relaxed),
-        c.upstream_failures.load(Ordering::Relaxed),
-        c.bytes_spliced.load(Ordering::Relaxed),
-        c.bytes_copied.load(Ordering::Relaxed),
-        c.control_records.lock().unwrap_or_else(|e| e.into_inner()),
-    );
+    eprintln!("corral front: drained; {}", counters.summary());
     Ok(())
 }
 
@@ -302,12 +289,22 @@ async fn connection(
         .await;
         return;
     }
+    counters.one(Stat::Open);
+    let _open = OpenGuard(counters);
     let _ = sock.set_nodelay(true);
     let conn =
         match tokio::time::timeout(args.handshake_timeout, handshake(&mut sock, config)).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(_)) | Err(_) => {
-                counters.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            Err(_) => {
+                counters.one(Stat::FailTimeout);
+                return;
+            }
+            Ok(Err(e)) => {
+                counters.one(match e.kind() {
+                    io::ErrorKind::UnexpectedEof => Stat::FailEof,
+                    io::ErrorKind::InvalidData => Stat::FailProtocol,
+                    _ => Stat::FailIo,
+                });
                 return;
             }
         };
@@ -318,7 +315,7 @@ async fn connection(
         {
             Ok(Ok(u)) => u,
             _ => {
-                counters.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                counters.one(Stat::UpstreamFailures);
                 let _ = bad_gateway(&mut sock, conn).await;
                 return;
             }
@@ -327,28 +324,26 @@ async fn connection(
     let reason = fallback_reason(&conn, ktls);
     let conn = match start_ktls(&sock, conn, ktls) {
         Err(conn) => {
-            counters.fallback(reason.unwrap_or_else(|| "TCP_ULP \"tls\" refused".into()));
+            counters.one(reason.unwrap_or(Stat::FallbackUlp));
             *conn
         }
         Ok(Ok(())) => {
-            counters.handshakes_ktls.fetch_add(1, Ordering::Relaxed);
+            counters.one(Stat::HandshakesKtls);
             if let Ok(n) = proxy_ktls(sock, upstream, counters).await {
-                counters.bytes_spliced.fetch_add(n, Ordering::Relaxed);
+                counters.add(Stat::BytesSpliced, n);
             }
             return;
         }
         Ok(Err(why)) => {
             // The secrets have left rustls: there is no userspace path to fall back to.
             eprintln!("corral front: kTLS set-up failed after the handshake ({why}); closing");
-            counters.ktls_failures.fetch_add(1, Ordering::Relaxed);
+            counters.one(Stat::KtlsSetupFailures);
             return;
         }
     };
-    counters
-        .handshakes_userspace
-        .fetch_add(1, Ordering::Relaxed);
+    counters.one(Stat::HandshakesUserspace);
     if let Ok(n) = proxy_userspace(sock, conn, upstream).await {
-        counters.bytes_copied.fetch_add(n, Ordering::Relaxed);
+        counters.add(Stat::BytesCopied, n);
     }
 }
 
@@ -395,10 +390,10 @@ fn start_ktls(
 }
 
 /// Why this connection will not use kTLS, or `None` when it will.
-fn fallback_reason(conn: &ServerConnection, ktls: &Ktls) -> Option<String> {
+fn fallback_reason(conn: &ServerConnection, ktls: &Ktls) -> Option<Stat> {
     match ktls {
-        Ktls::Off => Some("ktls = off".into()),
-        Ktls::Unavailable(why) => Some(format!("kernel: {why}")),
+        Ktls::Off => Some(Stat::FallbackOff),
+        Ktls::Unavailable(_) => Some(Stat::FallbackKernel),
         Ktls::Available(both) => {
             let v = conn.protocol_version().and_then(version_of);
             let c = conn
@@ -406,8 +401,7 @@ fn fallback_reason(conn: &ServerConnection, ktls: &Ktls) -> Option<String> {
                 .and_then(|s| suite_of(s.suite()));
             match (v, c) {
                 (Some(v), Some(c)) if both.contains(&(v, c)) => None,
-                (Some(v), Some(c)) => Some(format!("the kernel does not take {v} {c} both ways")),
-                _ => Some("a protocol version or cipher suite kTLS does not know".into()),
+                _ => Some(Stat::FallbackSuite),
             }
         }
     }
@@ -431,6 +425,15 @@ async fn read_record(sock: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<bool
             };
         }
         got += n;
+    }
+    // Content types 20..=24 (RFC 8446 B.1, 24 = heartbeat) and protocol major version 3: plain
+    // HTTP ("GET /...") or noise is refused at once instead of waiting for a "record" of
+    // whatever length its bytes spell.
+    if !(20..=24).contains(&header[0]) || header[1] != 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a TLS record",
+        ));
     }
     let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
     if len > MAX_RECORD {
@@ -615,7 +618,7 @@ async fn proxy_ktls(sock: TcpStream, upstream: TcpStream, counters: &Counters) -
         loop {
             match pump(&sock, &upstream, &mut moved).await? {
                 PumpEnd::Eof => {
-                    counters.control("eof without close_notify");
+                    counters.one(Stat::EofWithoutCloseNotify);
                     break;
                 }
                 PumpEnd::Control => {
@@ -631,21 +634,21 @@ async fn proxy_ktls(sock: TcpStream, upstream: TcpStream, counters: &Counters) -
                             moved += n as u64;
                         }
                         sys::ktls::RECORD_ALERT if n >= 2 && buf[1] == 0 => {
-                            counters.control("close_notify");
+                            counters.one(Stat::CloseNotifyReceived);
                             break;
                         }
                         sys::ktls::RECORD_ALERT => {
-                            counters.control("alert");
+                            counters.one(Stat::AlertsReceived);
                             return Err(io::Error::other("the client sent an alert"));
                         }
                         sys::ktls::RECORD_HANDSHAKE => {
                             // A KeyUpdate (or anything else post-handshake): the kernel cannot
                             // take new keys from a rustls that no longer exists. Close cleanly.
-                            counters.control("handshake (closed)");
+                            counters.one(Stat::PostHandshakeCloses);
                             return Err(io::Error::other("post-handshake message"));
                         }
                         _ => {
-                            counters.control("other");
+                            counters.one(Stat::AlertsReceived);
                             return Err(io::Error::other("unexpected record type"));
                         }
                     }

@@ -3,3 +3,4 @@
 
 pub mod bundle;
 pub mod front;
+pub mod stats;

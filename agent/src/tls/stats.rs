@@ -1,0 +1,63 @@
+//! The TLS front's counters: what each `corral front` process counts in its shared memfd
+//! (`sys::front::SharedCounters`), in this order, and what `corral status` shows.
+
+/// Index of each counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Stat {
+    HandshakesKtls,
+    HandshakesUserspace,
+    /// Userspace because `ktls = "off"`.
+    FallbackOff,
+    /// Userspace because the kernel has no kTLS.
+    FallbackKernel,
+    /// Userspace because the kernel does not take the negotiated version/cipher both ways.
+    FallbackSuite,
+    /// Userspace because `TCP_ULP "tls"` was refused on the connection.
+    FallbackUlp,
+    /// Handshake failures: the client closed first.
+    FailEof,
+    FailTimeout,
+    /// Not TLS, a bad record, or a TLS alert (rustls refused).
+    FailProtocol,
+    FailIo,
+    /// kTLS set-up failed after the secrets left rustls (the connection was closed).
+    KtlsSetupFailures,
+    UpstreamFailures,
+    BytesSpliced,
+    BytesCopied,
+    CloseNotifyReceived,
+    AlertsReceived,
+    /// A post-handshake message (KeyUpdate) on a kTLS connection: closed.
+    PostHandshakeCloses,
+    EofWithoutCloseNotify,
+    /// Connections open now (handshaking or proxied).
+    Open,
+    /// Plain HTTP requests answered with a redirect to https.
+    Redirects,
+}
+
+pub const COUNT: usize = Stat::Redirects as usize + 1;
+
+pub const NAMES: [&str; COUNT] = [
+    "handshakes_ktls",
+    "handshakes_userspace",
+    "fallback_ktls_off",
+    "fallback_kernel_without_ktls",
+    "fallback_cipher_not_in_kernel",
+    "fallback_ulp_refused",
+    "handshake_failed_eof",
+    "handshake_failed_timeout",
+    "handshake_failed_protocol",
+    "handshake_failed_io",
+    "ktls_setup_failed",
+    "upstream_failed",
+    "bytes_spliced",
+    "bytes_copied",
+    "close_notify_received",
+    "alerts_received",
+    "post_handshake_closes",
+    "eof_without_close_notify",
+    "open_connections",
+    "redirects",
+];
