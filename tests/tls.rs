@@ -32,6 +32,8 @@ fn make_cert(dir: &Path, stem: &str, names: &[&str]) {
         .arg(format!("/CN={}", names[0]))
         .arg("-addext")
         .arg(format!("subjectAltName={san}"))
+        // A server certificate, not a CA (rustls refuses a CA certificate as the server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
         .arg("-keyout")
         .arg(dir.join(format!("{stem}.key")))
         .arg("-out")
@@ -402,4 +404,76 @@ fn ktls_require_refuses_to_start_where_the_kernel_cannot() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("require") && err.contains("TCP_ULP"), "{err}");
+}
+
+/// Replace `<stem>.crt`/`<stem>.key` in `dir` with those of `from` the way renewal tools do:
+/// written beside, then renamed over (key first, so the pair is briefly mismatched).
+fn swap_cert(dir: &Path, from: &str, stem: &str) {
+    for ext in ["key", "crt"] {
+        let tmp = dir.join(format!("{stem}.{ext}.new"));
+        std::fs::copy(dir.join(format!("{from}.{ext}")), &tmp).expect("copy");
+        std::fs::rename(&tmp, dir.join(format!("{stem}.{ext}"))).expect("rename");
+    }
+}
+
+#[test]
+fn a_certificate_file_change_rolls_the_fronts_under_load_without_a_failed_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let s = start("tls-watch", "");
+    let dir = s.agent.dir.path().to_path_buf();
+    make_cert(&dir, "new", &["a.test", "localhost"]);
+    let old_ca = std::fs::read_to_string(dir.join("a.crt")).expect("old cert");
+    let new_ca = std::fs::read_to_string(dir.join("new.crt")).expect("new cert");
+    let both = format!("{old_ca}{new_ca}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failures, both, front) =
+                (stop.clone(), ok.clone(), failures.clone(), both.clone(), s.tls);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tls::get(front, "a.test", &both, tls::Tls::V13, "/?bytes=3000", false) {
+                        Ok(r) if r.body.len() == 3000 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures.lock().unwrap().push(format!("short: {}", r.head)),
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // An unusable change (garbage certificate): refused, the old one keeps serving.
+    std::fs::write(dir.join("a.crt.new"), "garbage\n").expect("write");
+    std::fs::rename(dir.join("a.crt.new"), dir.join("a.crt")).expect("rename");
+    wait_for(Duration::from_secs(10), "the refusal in the log", || {
+        s.agent.log().contains("cannot be used").then_some(())
+    });
+    tls::get(s.tls, "a.test", &old_ca, tls::Tls::V13, "/", false).expect("old cert still served");
+
+    // The renewal proper: the new pair replaces the files; new handshakes get it.
+    swap_cert(&dir, "new", "a");
+    wait_for(Duration::from_secs(30), "the new certificate served", || {
+        tls::get(s.tls, "a.test", &new_ca, tls::Tls::V13, "/", false).ok()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client");
+    }
+    let failures = failures.lock().unwrap();
+    let served = ok.load(Ordering::Relaxed);
+    assert!(failures.is_empty(), "{} failed of {}: {:?}", failures.len(), served, &failures[..failures.len().min(5)]);
+    assert!(served > 50, "the load ran: {served}");
+    assert!(
+        s.agent.log().contains("certificates changed: replacing the front processes"),
+        "{}",
+        s.agent.log()
+    );
 }

@@ -91,6 +91,10 @@ enum Event {
         app: AppName,
         id: u64,
     },
+    /// Something changed where a TLS front's certificate or key files are.
+    CertsChanged {
+        app: AppName,
+    },
     Control {
         request: Request,
         reply: oneshot::Sender<Response>,
@@ -241,7 +245,44 @@ struct AppRt {
     cg: Option<crate::sys::cgroup::App>,
     /// A TLS front: what its exited processes counted.
     front_totals: [u64; crate::tls::stats::COUNT],
+    /// A TLS front: the watch of its certificate files' directories.
+    cert_watch: Option<AbortOnDrop>,
 }
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The directories a front's certificate and key files are in (and, for symlinks, where they
+/// point: certbot's live/ links into archive/).
+fn cert_dirs(tls: &config::Tls) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for pair in tls.cert_pairs() {
+        for f in [&pair.cert, &pair.key] {
+            let mut candidates = vec![f.clone()];
+            if let Ok(real) = std::fs::canonicalize(f) {
+                candidates.push(real);
+            }
+            for c in candidates {
+                if let Some(d) = c.parent() {
+                    if !dirs.iter().any(|x| x == d) {
+                        dirs.push(d.to_path_buf());
+                    }
+                }
+            }
+        }
+    }
+    dirs
+}
+
+/// How long a certificate change settles before it is read: a renewal writes the certificate
+/// and the key one after the other.
+const CERT_SETTLE: Duration = Duration::from_millis(500);
 
 /// What a config needs before it can be applied: sockets bound, programs found, the steering
 /// program loaded (not attached: attaching is part of applying).
@@ -624,8 +665,10 @@ impl Supervisor {
             steering,
             cg,
             front_totals: [0; crate::tls::stats::COUNT],
+            cert_watch: None,
         };
         self.apps.insert(name.clone(), rt);
+        self.watch_certs(&name);
         match refused {
             Some(why) => {
                 if let Some(app) = self.apps.get_mut(&name) {
@@ -754,6 +797,7 @@ impl Supervisor {
                 self.on_prestart_done(&app, token, result)
             }
             Event::MemoryEvents { app, id } => self.on_memory_events(&app, id),
+            Event::CertsChanged { app } => self.on_certs_changed(&app),
             Event::Control { request, reply } => {
                 let response = self.control(request);
                 let _ = reply.send(response);
@@ -1427,6 +1471,7 @@ impl Supervisor {
                         steering: p.steering,
                     };
                     self.begin_prestart(&name, Some(Box::new(rollout)));
+                    self.watch_certs(&name);
                 }
                 Change::Remove => {
                     summary.push(format!("removed {name}"));
@@ -1449,6 +1494,83 @@ impl Supervisor {
             Ok("no changes".into())
         } else {
             Ok(summary.join(", "))
+        }
+    }
+
+    /// (Re)start the watch of a TLS front's certificate directories, for its current config.
+    fn watch_certs(&mut self, name: &AppName) {
+        let tx = self.tx.clone();
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        app.cert_watch = None;
+        let tls = match &app.cfg.role {
+            config::Role::TlsFront { tls, .. } => tls,
+            config::Role::Workers => return,
+        };
+        let dirs = cert_dirs(tls);
+        match crate::sys::inotify::Watch::dirs(&dirs) {
+            Ok(watch) => {
+                let app_name = name.clone();
+                let task = tokio::spawn(async move {
+                    while watch.changed().await.is_ok() {
+                        tokio::time::sleep(CERT_SETTLE).await;
+                        if tx
+                            .send(Event::CertsChanged {
+                                app: app_name.clone(),
+                            })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                app.cert_watch = Some(AbortOnDrop(task.abort_handle()));
+            }
+            Err(e) => tracing::warn!(
+                app = %name,
+                "certificate changes are not picked up without a reload: {e}"
+            ),
+        }
+    }
+
+    /// A front's certificate files changed: if they now hold something else that is valid,
+    /// replace its processes one by one (open connections finish on the old certificate);
+    /// if invalid, say so and keep serving the old one.
+    fn on_certs_changed(&mut self, name: &AppName) {
+        let Some(app) = self.apps.get(name) else {
+            return;
+        };
+        if !matches!(app.phase, Phase::Running) {
+            return;
+        }
+        let cfg = app.cfg.clone();
+        match bundle_changed(app, &cfg) {
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!(
+                    app = %name,
+                    "certificate files changed but cannot be used: {e}; still serving the \
+                     previous certificate"
+                );
+                return;
+            }
+            Ok(true) => {}
+        }
+        let existing: Vec<_> = app.slots.iter().map(|s| s.socket.clone()).collect();
+        let count = existing.len() as u32;
+        match prepare(&cfg, count, &existing, true, &self.config.agent.bpf_pin_dir) {
+            Ok(p) => {
+                tracing::info!(app = %name, "certificates changed: replacing the front processes one by one");
+                let rollout = Rollout {
+                    cfg,
+                    launch: p.launch,
+                    sockets: p.sockets,
+                    steering: p.steering,
+                };
+                self.begin_prestart(name, Some(Box::new(rollout)));
+            }
+            Err(e) => tracing::error!(app = %name, "certificate change not applied: {e}"),
         }
     }
 
