@@ -432,8 +432,13 @@ fn a_certificate_file_change_rolls_the_fronts_under_load_without_a_failed_reques
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
     let clients: Vec<_> = (0..4)
         .map(|_| {
-            let (stop, ok, failures, both, front) =
-                (stop.clone(), ok.clone(), failures.clone(), both.clone(), s.tls);
+            let (stop, ok, failures, both, front) = (
+                stop.clone(),
+                ok.clone(),
+                failures.clone(),
+                both.clone(),
+                s.tls,
+            );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match tls::get(front, "a.test", &both, tls::Tls::V13, "/?bytes=3000", false) {
@@ -459,9 +464,11 @@ fn a_certificate_file_change_rolls_the_fronts_under_load_without_a_failed_reques
 
     // The renewal proper: the new pair replaces the files; new handshakes get it.
     swap_cert(&dir, "new", "a");
-    wait_for(Duration::from_secs(30), "the new certificate served", || {
-        tls::get(s.tls, "a.test", &new_ca, tls::Tls::V13, "/", false).ok()
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "the new certificate served",
+        || tls::get(s.tls, "a.test", &new_ca, tls::Tls::V13, "/", false).ok(),
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -469,11 +476,74 @@ fn a_certificate_file_change_rolls_the_fronts_under_load_without_a_failed_reques
     }
     let failures = failures.lock().unwrap();
     let served = ok.load(Ordering::Relaxed);
-    assert!(failures.is_empty(), "{} failed of {}: {:?}", failures.len(), served, &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        served,
+        &failures[..failures.len().min(5)]
+    );
     assert!(served > 50, "the load ran: {served}");
     assert!(
-        s.agent.log().contains("certificates changed: replacing the front processes"),
+        s.agent
+            .log()
+            .contains("certificates changed: replacing the front processes"),
         "{}",
         s.agent.log()
+    );
+}
+
+#[test]
+fn redirect_http_answers_plain_http_with_a_308_to_https() {
+    let redirect_port = free_port();
+    let s = start(
+        "tls-redirect",
+        &format!("redirect_http = \"127.0.0.1:{redirect_port}\""),
+    );
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "--max-time",
+            "10",
+        ])
+        .arg(format!("http://127.0.0.1:{redirect_port}/path?q=1"))
+        .args(["-H", "Host: a.test"])
+        .output()
+        .expect("curl");
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(got, format!("308 https://a.test:{}/path?q=1", s.tls.port()));
+    // Followed, it lands on the TLS front.
+    let out = Command::new("curl")
+        .args(["-sS", "-L", "--max-time", "10", "--cacert"])
+        .arg(s.agent.dir.path().join("a.crt"))
+        .arg("--resolve")
+        .arg(format!("a.test:{redirect_port}:127.0.0.1"))
+        .arg("--resolve")
+        .arg(format!("a.test:{}:127.0.0.1", s.tls.port()))
+        .arg(format!("http://a.test:{redirect_port}/?bytes=5"))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        out.stdout.len(),
+        5,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A request it cannot redirect safely gets a 400 that says why.
+    let mut c = TcpStream::connect(("127.0.0.1", redirect_port)).expect("connect");
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n")
+        .expect("write");
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).expect("read");
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("malformed Host"), "{resp}");
+    let st = s.agent.app_json("web.tls");
+    assert!(
+        st["tls"]["counters"]["redirects"].as_u64().unwrap_or(0) >= 2,
+        "{st}"
     );
 }

@@ -98,6 +98,9 @@ enum Command {
         handshake_timeout_ms: u64,
         #[arg(long)]
         max_handshakes: usize,
+        /// Answer plain HTTP on fd 6 with a 308 to https on this port.
+        #[arg(long)]
+        redirect_to_port: Option<u16>,
     },
 }
 
@@ -186,6 +189,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ktls,
             handshake_timeout_ms,
             max_handshakes,
+            redirect_to_port,
         } => {
             corral::tls::front::run(corral::tls::front::FrontArgs {
                 app,
@@ -197,6 +201,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 handshake_timeout: Duration::from_millis(handshake_timeout_ms),
                 max_handshakes: max_handshakes.max(1),
+                redirect_to_port,
             })?;
             Ok(ExitCode::SUCCESS)
         }

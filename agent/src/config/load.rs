@@ -1360,7 +1360,7 @@ pub const FRONT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// proxying to the app's listen address, supervised like workers.
 pub fn front_app(app: &App, tls: &Tls) -> App {
     let name = app.name.front();
-    let command = vec![
+    let mut command = vec![
         SELF_EXE.to_string(),
         "front".to_string(),
         "--app".to_string(),
@@ -1379,6 +1379,11 @@ pub fn front_app(app: &App, tls: &Tls) -> App {
         "--max-handshakes".to_string(),
         tls.max_handshakes.to_string(),
     ];
+    if tls.redirect_http.is_some() {
+        // The plain listener comes as fd 6; redirects go to this port.
+        command.push("--redirect-to-port".to_string());
+        command.push(tls.address.port().to_string());
+    }
     App {
         name,
         defined_at: tls.address_at.clone(),

@@ -34,6 +34,8 @@ pub struct Launch {
     pub gid: u32,
     /// A TLS front's certificate bundle (a sealed memfd), passed as fd 4, and its digest.
     pub bundle: Option<(Arc<OwnedFd>, u64)>,
+    /// A TLS front's plain-HTTP listener for `redirect_http`, passed as fd 6.
+    pub redirect: Option<Arc<OwnedFd>>,
 }
 
 impl Launch {
@@ -73,6 +75,7 @@ impl Launch {
             uid: app.identity.uid,
             gid: app.identity.gid,
             bundle: None,
+            redirect: None,
         })
     }
 
@@ -104,7 +107,9 @@ impl Launch {
             more.push(fd);
             counters = Some(Arc::new(c));
         }
-        let more_fds: Vec<_> = more.iter().map(|f| f.as_fd()).collect();
+        let redirect = self.redirect.as_ref().map(|r| r.as_fd());
+        let mut more_fds: Vec<_> = more.iter().map(|f| f.as_fd()).collect();
+        more_fds.extend(redirect);
         let spec = Spec {
             program: &self.program,
             argv: &self.argv,

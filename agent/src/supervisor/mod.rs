@@ -306,11 +306,10 @@ fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
     if let config::Role::TlsFront { tls, .. } = &cfg.role {
         launch.bundle = Some(front_bundle(cfg, tls)?);
         if let Some(r) = tls.redirect_http {
-            tracing::warn!(
-                app = %cfg.name,
-                "redirect_http = {r} is not served by this version: plain HTTP there gets no \
-                 redirect (nothing listens)"
-            );
+            // SO_REUSEPORT, so a rolling replacement's new fronts can bind beside the old ones.
+            let fd = socket::reuseport_listener(r, cfg.listen.backlog)
+                .map_err(|e| format!("{}: app {}: redirect_http: {e}", tls.address_at, cfg.name))?;
+            launch.redirect = Some(Arc::new(fd));
         }
     }
     Ok(launch)

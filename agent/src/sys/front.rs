@@ -39,6 +39,18 @@ pub fn inherited_listener() -> io::Result<TcpListener> {
     Ok(l)
 }
 
+/// A listening socket the agent passed on `fd` (beyond fd 3).
+pub fn inherited_fd_listener(fd: i32) -> io::Result<TcpListener> {
+    // SAFETY: F_GETFD only inspects the descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open (checked above) and handed to us by the agent; nothing else owns it.
+    let l = TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    l.local_addr()?;
+    Ok(l)
+}
+
 /// The certificate bundle on fd 4, read whole; the descriptor is closed after.
 pub fn read_bundle() -> io::Result<Zeroizing<Vec<u8>>> {
     // SAFETY: F_GETFD only inspects the descriptor.

@@ -35,6 +35,8 @@ pub struct FrontArgs {
     pub ktls: KtlsMode,
     pub handshake_timeout: Duration,
     pub max_handshakes: usize,
+    /// `redirect_http`: the plain listener is fd 6; redirect to https on this port.
+    pub redirect_to_port: Option<u16>,
 }
 
 /// A TLS record's payload may be 2^14 bytes plus expansion (RFC 8446 5.2: 2^14 + 256).
@@ -143,6 +145,12 @@ pub fn run(args: FrontArgs) -> Result<()> {
     sys::front::make_undumpable().context("making the front process undumpable")?;
     let listener = sys::front::inherited_listener().context("the listening socket on fd 3")?;
     let bundle_bytes = sys::front::read_bundle().context("the certificate bundle on fd 4")?;
+    let redirect = match args.redirect_to_port {
+        Some(_) => Some(
+            sys::front::inherited_fd_listener(6).context("the redirect_http listener on fd 6")?,
+        ),
+        None => None,
+    };
     let bundle = Bundle::decode(&bundle_bytes).map_err(anyhow::Error::msg)?;
     drop(bundle_bytes);
     let ktls = match args.ktls {
@@ -204,11 +212,12 @@ pub fn run(args: FrontArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(serve(listener, config, args, Arc::new(ktls)))
+    rt.block_on(serve(listener, redirect, config, args, Arc::new(ktls)))
 }
 
 async fn serve(
     listener: std::net::TcpListener,
+    redirect: Option<std::net::TcpListener>,
     config: Arc<ServerConfig>,
     args: FrontArgs,
     ktls: Arc<Ktls>,
@@ -221,6 +230,15 @@ async fn serve(
     ));
     let handshakes = Arc::new(Semaphore::new(args.max_handshakes));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let redirects = match (redirect, args.redirect_to_port) {
+        (Some(l), Some(port)) => {
+            l.set_nonblocking(true)?;
+            let l = TcpListener::from_std(l)?;
+            let counters = counters.clone();
+            Some(tokio::spawn(serve_redirects(l, port, counters)))
+        }
+        _ => None,
+    };
     eprintln!(
         "corral front: serving TLS for app {} on {}, upstream {}",
         args.app,
@@ -257,6 +275,9 @@ async fn serve(
     }
     // Draining: no new connections; the open ones finish (the agent's stop timeout bounds it).
     drop(listener);
+    if let Some(r) = redirects {
+        r.abort();
+    }
     while open.join_next().await.is_some() {}
     eprintln!("corral front: drained; {}", counters.summary());
     Ok(())
@@ -708,4 +729,51 @@ async fn write_all_shared(stream: &TcpStream, mut data: &[u8]) -> io::Result<()>
         }
     }
     Ok(())
+}
+
+/// `redirect_http`: answer each plain HTTP request with a 308 to https (or a 400 saying why
+/// not). One request per connection; a client that sends nothing for 5 s is dropped.
+async fn serve_redirects(listener: TcpListener, https_port: u16, counters: Arc<Counters>) {
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(redirect_one(sock, https_port, counters.clone()));
+    }
+}
+
+async fn redirect_one(mut sock: TcpStream, https_port: u16, counters: Arc<Counters>) {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = sock.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            head.extend_from_slice(&buf[..n]);
+            if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Ok(at + 4);
+            }
+            if head.len() > super::redirect::MAX_HEAD {
+                return Err(io::Error::from(io::ErrorKind::InvalidData));
+            }
+        }
+    })
+    .await;
+    let response = match read {
+        Ok(Ok(end)) => super::redirect::response(&head[..end], https_port),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n"
+                .to_string()
+        }
+        _ => return,
+    };
+    if response.starts_with("HTTP/1.1 308") {
+        counters.one(Stat::Redirects);
+    }
+    let _ = sock.write_all(response.as_bytes()).await;
+    let _ = sock.shutdown().await;
 }

@@ -3,4 +3,5 @@
 
 pub mod bundle;
 pub mod front;
+pub mod redirect;
 pub mod stats;
