@@ -547,3 +547,48 @@ fn redirect_http_answers_plain_http_with_a_308_to_https() {
         "{st}"
     );
 }
+
+#[test]
+fn proxy_protocol_v2_tells_the_worker_the_client_address() {
+    let (app_port, tls_port) = (free_port(), free_port());
+    let apps = config(app_port, tls_port, "proxy_protocol = \"v2\"").replace(
+        "command = [\"@DEMO@\"]",
+        "command = [\"@DEMO@\"]\nenv = { DEMO_PROXY_PROTOCOL = \"1\" }",
+    );
+    let agent = Agent::start_with("tls-proxy", &apps, |dir| {
+        make_cert(dir.path(), "a", &["a.test", "localhost"]);
+        make_cert(dir.path(), "b", &["b.test"]);
+    });
+    agent.wait_ready("web", 2, Duration::from_secs(20));
+    agent.wait_ready("web.tls", 2, Duration::from_secs(20));
+    let s = Setup {
+        agent,
+        app: SocketAddr::from(([127, 0, 0, 1], app_port)),
+        tls: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+    };
+    // curl from a known source port: the worker must see it, not the front's.
+    let port = free_port();
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "10", "--local-port"])
+        .arg(port.to_string())
+        .arg("--cacert")
+        .arg(s.agent.dir.path().join("a.crt"))
+        .arg("--resolve")
+        .arg(format!("a.test:{tls_port}:127.0.0.1"))
+        .arg(format!("https://a.test:{tls_port}/"))
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        body.contains(&format!("\"proxy_client\":\"127.0.0.1:{port}\"")),
+        "{body}"
+    );
+    // Byte-identical bodies still (the header is consumed by the worker, not echoed).
+    let big = curl_https(&s, "a.test", "a.crt", "/?bytes=100000").expect("https");
+    assert_eq!(big.len(), 100_000);
+}

@@ -101,6 +101,9 @@ enum Command {
         /// Answer plain HTTP on fd 6 with a 308 to https on this port.
         #[arg(long)]
         redirect_to_port: Option<u16>,
+        /// Start each upstream connection with a PROXY protocol v2 header.
+        #[arg(long)]
+        proxy_protocol_v2: bool,
     },
 }
 
@@ -190,6 +193,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             handshake_timeout_ms,
             max_handshakes,
             redirect_to_port,
+            proxy_protocol_v2,
         } => {
             corral::tls::front::run(corral::tls::front::FrontArgs {
                 app,
@@ -202,6 +206,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 handshake_timeout: Duration::from_millis(handshake_timeout_ms),
                 max_handshakes: max_handshakes.max(1),
                 redirect_to_port,
+                proxy_protocol_v2,
             })?;
             Ok(ExitCode::SUCCESS)
         }

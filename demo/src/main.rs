@@ -84,6 +84,9 @@ ENVIRONMENT:
                              arrives and queues it for the DEMO_THREADS serving threads (an
                              asyncio/uvicorn or gunicorn gthread accept loop). Sets O_NONBLOCK
                              on the listening socket (shared with any process it came from)
+    DEMO_PROXY_PROTOCOL      1: every connection starts with a PROXY protocol v2 header (as
+                             corral's TLS front sends with proxy_protocol = \"v2\"); the JSON
+                             answer then has \"proxy_client\":\"IP:PORT\" (default 0)
     DEMO_DELAY_MS            default delay_ms for every request (default 0)
     DEMO_BURN_MS             default burn_ms for every request (default 0)
     DEMO_PAD_BYTES           default pad for JSON responses (default 0)
@@ -127,6 +130,7 @@ struct Settings {
     worker: Option<u32>,
     threads: usize,
     greedy: bool,
+    proxy_protocol: bool,
     delay_ms: u64,
     burn_ms: u64,
     pad: u64,
@@ -238,6 +242,7 @@ impl Settings {
             app: env_var("CORRAL_APP")?.unwrap_or_else(|| "demo".into()),
             worker,
             threads: threads as usize,
+            proxy_protocol: env_bool("DEMO_PROXY_PROTOCOL")?,
             greedy: match env_var("DEMO_ACCEPT")?.as_deref() {
                 None | Some("free-thread") => false,
                 Some("greedy") => true,
@@ -438,6 +443,7 @@ fn main() {
         burn_ms: settings.burn_ms,
         pad: settings.pad,
         keepalive: Duration::from_millis(settings.keepalive_ms),
+        proxy_protocol: settings.proxy_protocol,
     });
     let backlog = Arc::new(server::Backlog::default());
     if settings.greedy {

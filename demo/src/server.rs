@@ -42,6 +42,8 @@ pub struct Server {
     pub burn_ms: u64,
     pub pad: u64,
     pub keepalive: Duration,
+    /// Every connection starts with a PROXY protocol v2 header (DEMO_PROXY_PROTOCOL=1).
+    pub proxy_protocol: bool,
 }
 
 impl Server {
@@ -228,6 +230,8 @@ struct Conn<'a> {
     served: u64,
     /// Shutdown began before this connection's first request: it has a short grace.
     grace: bool,
+    /// The client's address from the PROXY protocol header, when there is one.
+    proxy_client: Option<SocketAddr>,
 }
 
 impl<'a> Conn<'a> {
@@ -241,10 +245,25 @@ impl<'a> Conn<'a> {
             buf: Vec::with_capacity(READ_CHUNK),
             served: 0,
             grace: false,
+            proxy_client: None,
         }
     }
 
     fn run(mut self) {
+        if self.server.proxy_protocol {
+            let _ = self.stream.set_read_timeout(Some(IO_TIMEOUT));
+            match read_proxy_v2(&mut self.stream) {
+                Ok(client) => self.proxy_client = client,
+                Err(e) => {
+                    warn(format_args!(
+                        "corral-demo: {}: bad PROXY protocol header: {e}",
+                        self.peer_str()
+                    ));
+                    return;
+                }
+            }
+            let _ = self.stream.set_read_timeout(None);
+        }
         loop {
             match self.serve_one() {
                 Next::KeepAlive => continue,
@@ -540,6 +559,9 @@ impl<'a> Conn<'a> {
         );
         http::json_str(&mut j, path);
         let _ = write!(j, ",\"requests\":{}", REQUESTS.load(Ordering::Relaxed));
+        if let Some(c) = self.proxy_client {
+            let _ = write!(j, ",\"proxy_client\":\"{c}\"");
+        }
         j.push_str(extra);
         if pad > 0 {
             j.push_str(",\"pad\":\"");
@@ -632,6 +654,42 @@ impl<'a> Conn<'a> {
             started.elapsed().as_secs_f64() * 1000.0
         ));
     }
+}
+
+/// The PROXY protocol v2 header (haproxy's proxy-protocol.txt, section 2.2): the 12-byte
+/// signature, version 2 and a command, family, length, addresses. Returns the source address
+/// for PROXY over TCP/IPv4 or IPv6, `None` for LOCAL or another family.
+fn read_proxy_v2(stream: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
+    const SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    let mut head = [0u8; 16];
+    stream.read_exact(&mut head)?;
+    if &head[..12] != SIG || head[12] >> 4 != 2 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a PROXY v2 header",
+        ));
+    }
+    let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+    let mut rest = vec![0u8; len];
+    stream.read_exact(&mut rest)?;
+    if head[12] & 0x0f == 0 {
+        return Ok(None); // LOCAL
+    }
+    Ok(match head[13] {
+        0x11 if len >= 12 => Some(SocketAddr::from((
+            [rest[0], rest[1], rest[2], rest[3]],
+            u16::from_be_bytes([rest[8], rest[9]]),
+        ))),
+        0x21 if len >= 36 => {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&rest[..16]);
+            Some(SocketAddr::from((
+                ip,
+                u16::from_be_bytes([rest[32], rest[33]]),
+            )))
+        }
+        _ => None,
+    })
 }
 
 /// Memory allocated by `alloc_mb` and `DEMO_ALLOC_MB`: kept (and resident) for the process's

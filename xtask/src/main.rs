@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod bench_steering;
+mod bench_tls;
 mod vm;
 
 const USAGE: &str = "\
@@ -27,20 +28,27 @@ tasks:
   demo              build release binaries and run `corral agent` on
                     packaging/examples/demo.toml in the foreground (root); then in another
                     terminal: curl http://127.0.0.1:8080/
-  vm-test [--kernel bookworm|trixie|all] [--keep] [--timeout SECS] [--tests NAME]
+  vm-test [--kernel bookworm|trixie|all] [--keep] [--timeout SECS] [--tests NAME] [--release]
                     the VM tier: Debian's kernels (bookworm 6.1, trixie 6.12; fetched with apt
                     once, cached in target/vm/cache) boot under qemu (TCG) with an initramfs of
                     busybox, the debug binaries and tests/vm.rs, which run inside, where cgroup
                     v2 has every controller and kTLS loads; serial logs in
                     target/vm/<kernel>.log; --keep keeps target/vm/work (the initramfs and a
                     script that boots it again); --timeout per kernel in seconds, default 600;
-                    --tests NAME runs tests/NAME.rs instead of tests/vm.rs
+                    --tests NAME runs tests/NAME.rs instead of tests/vm.rs; --release packs
+                    release builds (benchmarks)
   bench restart [--kills N]
                     time from SIGKILL of a worker to its replacement running, over N kills
                     (default 200), side by side with a `while :; do app; done` shell loop
   bench cgroup      in bookworm's VM (vm-test --tests vm_bench): 16 workers respawned after
                     SIGKILL with a cgroup leaf (memory_max) vs. without a cgroup root, median
                     and p90; the agent's VmRSS with 16 and 256 workers in cgroup mode
+  bench tls [--quick] [--host]
+                    the TLS front vs nginx (Debian's binary, unpacked under target/, never
+                    installed) in front of the same demo workers, ECDSA P-256, TLS 1.3:
+                    handshakes/s, requests/s (100 B), 1 MiB responses MB/s; on the host
+                    (userspace rustls vs nginx), then in bookworm's VM (kTLS + splice vs
+                    userspace vs nginx); release builds. --host: skip the VM
   bench steering [--quick] [--rate R] [--threads T] [--accept greedy|free-thread]
                     4 workers of corral-demo, T threads each (default 1), accepting greedily
                     (default: every connection at once, queued for the threads, as an asyncio
@@ -64,6 +72,7 @@ fn main() -> Result<()> {
         ["bench", "restart", rest @ ..] => bench::restart(rest),
         ["bench", "cgroup", rest @ ..] => vm::bench_cgroup(rest),
         ["bench", "steering", rest @ ..] => bench_steering::steering(rest),
+        ["bench", "tls", rest @ ..] => bench_tls::tls(rest),
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");
             Ok(())

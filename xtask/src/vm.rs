@@ -53,6 +53,8 @@ struct Options {
     timeout: Duration,
     /// The corral-tests test target to run inside (tests/<NAME>.rs).
     tests: String,
+    /// Release builds of the binaries and the tests (benchmarks).
+    release: bool,
 }
 
 fn parse(args: &[&str]) -> Result<Options> {
@@ -61,6 +63,7 @@ fn parse(args: &[&str]) -> Result<Options> {
         keep: false,
         timeout: Duration::from_secs(600),
         tests: "vm".into(),
+        release: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -77,6 +80,7 @@ fn parse(args: &[&str]) -> Result<Options> {
                 }
             }
             "--keep" => o.keep = true,
+            "--release" => o.release = true,
             "--timeout" => {
                 let secs: u64 = it
                     .next()
@@ -158,8 +162,14 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
-    let tests = build(&target, &opts.tests)?;
-    let payload = Payload::collect(&target, &tests)?;
+    let tests = build(&target, &opts.tests, opts.release)?;
+    // The TLS benchmark compares against nginx (Debian's binary, fetched, not installed).
+    let mut extra: Vec<(PathBuf, &str)> = Vec::new();
+    if opts.tests == "tls_bench" {
+        extra.push((crate::bench_tls::nginx_binary()?, "usr/sbin/nginx"));
+    }
+    let profile = if opts.release { "release" } else { "debug" };
+    let payload = Payload::collect(&target, profile, &tests, &extra)?;
 
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -223,14 +233,17 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
 
 /// Build the workspace binaries and the test executable `test` (`vm` unless --tests) in the
 /// workspace's target/; returns the test executables by target name.
-fn build(target: &Path, test: &str) -> Result<Vec<(String, PathBuf)>> {
+fn build(target: &Path, test: &str, release: bool) -> Result<Vec<(String, PathBuf)>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let cargo = || {
         let mut c = Command::new(&cargo);
         c.current_dir(root()).env("CARGO_TARGET_DIR", target);
         c
     };
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let profile: &[&str] = if release { &["--release"] } else { &[] };
+    run(cargo()
+        .args(["build", "--workspace", "--bins"])
+        .args(profile))?;
     eprintln!("xtask: building the VM tier's test executable (tests/{test}.rs)");
     let out = cargo()
         .args([
@@ -242,6 +255,7 @@ fn build(target: &Path, test: &str) -> Result<Vec<(String, PathBuf)>> {
             "--no-run",
             "--message-format=json",
         ])
+        .args(profile)
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo test --no-run")?;
@@ -286,7 +300,12 @@ struct Payload {
 }
 
 impl Payload {
-    fn collect(target: &Path, tests: &[(String, PathBuf)]) -> Result<Payload> {
+    fn collect(
+        target: &Path,
+        profile: &str,
+        tests: &[(String, PathBuf)],
+        extra: &[(PathBuf, &str)],
+    ) -> Result<Payload> {
         let mut p = Payload {
             files: BTreeMap::new(),
             symlinks: BTreeMap::new(),
@@ -307,9 +326,12 @@ impl Payload {
         if !p.symlinks.contains_key("bin/sh") {
             bail!("/bin/busybox has no sh applet");
         }
-        let debug = target.join("debug");
+        let bins = target.join(profile);
         for bin in ["corral", "corral-demo"] {
-            p.elf(&debug.join(bin), &format!("{VM_BIN_DIR}/{bin}"))?;
+            p.elf(&bins.join(bin), &format!("{VM_BIN_DIR}/{bin}"))?;
+        }
+        for (host, at) in extra {
+            p.elf(host, at)?;
         }
         for (name, exe) in tests {
             let at = format!("{VM_BIN_DIR}/deps/{name}");
@@ -436,6 +458,10 @@ echo "corral-vm: kernel $(uname -r) ({package})"
 echo "corral-vm: cgroup.controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 # tls.ko and what it depends on (modules.dep); other modules load on demand.
 modprobe tls || failed modprobe-tls
+# The CPU's crypto drivers, which a booted Debian system's udev loads from the CPU's modalias
+# at boot (no udev here): without them the kernel's AES-GCM is the generic C code while
+# userspace uses AES-NI, and kTLS would be measured against a handicap no real machine has.
+for m in aesni_intel ghash_clmulni_intel; do modprobe $m 2>/dev/null; done
 echo "corral-vm: modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 for t in {tests}; do
     name=$(basename "$t")

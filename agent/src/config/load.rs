@@ -1287,6 +1287,12 @@ fn convert_app(
                 raw_tls.handshake_timeout.as_ref(),
                 Duration::from_secs(10),
             )?;
+            let proxy_protocol = tt.choice(
+                "proxy_protocol",
+                raw_tls.proxy_protocol.as_ref(),
+                false,
+                &[("off", false), ("v2", true)],
+            )?;
             let max_handshakes = match &raw_tls.max_handshakes {
                 Some(v) => tt.int_in("max_handshakes", v, 1..=65536)? as u32,
                 None => 1024,
@@ -1327,6 +1333,7 @@ fn convert_app(
                 processes_at,
                 handshake_timeout,
                 max_handshakes,
+                proxy_protocol,
             })
         }
     };
@@ -1379,6 +1386,9 @@ pub fn front_app(app: &App, tls: &Tls) -> App {
         "--max-handshakes".to_string(),
         tls.max_handshakes.to_string(),
     ];
+    if tls.proxy_protocol {
+        command.push("--proxy-protocol-v2".to_string());
+    }
     if tls.redirect_http.is_some() {
         // The plain listener comes as fd 6; redirects go to this port.
         command.push("--redirect-to-port".to_string());

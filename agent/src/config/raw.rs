@@ -119,6 +119,7 @@ pub struct RawTls {
     pub processes: Option<Spanned<RawCount>>,
     pub handshake_timeout: Option<Spanned<RawDuration>>,
     pub max_handshakes: Option<Spanned<i64>>,
+    pub proxy_protocol: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

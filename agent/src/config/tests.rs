@@ -277,6 +277,7 @@ fn full_config_round_trips() {
             processes_at: loc(MAIN, 48, 11),
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
+            proxy_protocol: false,
         }),
         role: Role::Workers,
     };

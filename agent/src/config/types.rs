@@ -208,6 +208,8 @@ pub struct Tls {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once, per front process; more wait in the accept queue.
     pub max_handshakes: u32,
+    /// Send the client's address to the worker in a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

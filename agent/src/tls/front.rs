@@ -37,6 +37,8 @@ pub struct FrontArgs {
     pub max_handshakes: usize,
     /// `redirect_http`: the plain listener is fd 6; redirect to https on this port.
     pub redirect_to_port: Option<u16>,
+    /// Start each upstream connection with a PROXY protocol v2 header.
+    pub proxy_protocol_v2: bool,
 }
 
 /// A TLS record's payload may be 2^14 bytes plus expansion (RFC 8446 5.2: 2^14 + 256).
@@ -342,6 +344,18 @@ async fn connection(
             }
         };
     let _ = upstream.set_nodelay(true);
+    if args.proxy_protocol_v2 {
+        let (Ok(client), Ok(local)) = (sock.peer_addr(), sock.local_addr()) else {
+            return;
+        };
+        if write_all_shared(&upstream, &super::proxy::v2_header(client, local))
+            .await
+            .is_err()
+        {
+            counters.one(Stat::UpstreamFailures);
+            return;
+        }
+    }
     let reason = fallback_reason(&conn, ktls);
     let conn = match start_ktls(&sock, conn, ktls) {
         Err(conn) => {

@@ -3,5 +3,6 @@
 
 pub mod bundle;
 pub mod front;
+pub mod proxy;
 pub mod redirect;
 pub mod stats;
