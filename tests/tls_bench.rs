@@ -176,6 +176,37 @@ fn run_load(
     )
 }
 
+/// utime + stime of a process, in clock ticks (0 if it is gone).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// The children of `parent` (nginx's workers).
+fn children(parent: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<i32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 struct Nginx(Child);
 
 impl Drop for Nginx {
@@ -296,34 +327,50 @@ processes = 2
     for app in ["u", "k", "u.tls", "k.tls"] {
         agent.wait_ready(app, 2, Duration::from_secs(60));
     }
-    let _nginx = start_nginx(agent.dir.path(), kn, SocketAddr::from(([127, 0, 0, 1], ku)));
+    let nginx = start_nginx(agent.dir.path(), kn, SocketAddr::from(([127, 0, 0, 1], ku)));
+    let nginx_pid = nginx.0.id() as i32;
+    let front_pids = |app: &str| -> Vec<i32> {
+        agent
+            .app(app)
+            .workers
+            .iter()
+            .filter_map(|w| w.pid)
+            .collect()
+    };
     let cfg = client_config(&cert);
     let ktls_on = agent.log().contains("TLS1.3 AES-256-GCM: tx+rx")
         || agent.log().contains("TLS1.3 AES-128-GCM: tx+rx");
-    let mut variants: Vec<(&str, SocketAddr)> = Vec::new();
+    let mut variants: Vec<(&str, SocketAddr, Vec<i32>)> = Vec::new();
     if ktls_on {
         variants.push((
             "corral kTLS + splice",
             SocketAddr::from(([127, 0, 0, 1], tk)),
+            front_pids("k.tls"),
         ));
     }
     variants.push((
         "corral userspace rustls",
         SocketAddr::from(([127, 0, 0, 1], tu)),
+        front_pids("u.tls"),
     ));
+    let mut nginx_pids = children(nginx_pid);
+    nginx_pids.push(nginx_pid);
     variants.push((
         "nginx 1.22 (OpenSSL 3)",
         SocketAddr::from(([127, 0, 0, 1], kn)),
+        nginx_pids,
     ));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     // Warm-up: every variant, every load, once briefly.
-    for (name, addr) in &variants {
+    for (name, addr, _) in &variants {
         for load in [Load::Handshakes, Load::Requests, Load::MiB] {
             let r = run_load(*addr, &cfg, load, Duration::from_millis(500));
             eprintln!("bench tls: warm-up {load:?} {name}: {r:?}");
         }
     }
-    // results[(load, variant)] = per-round (ops/s, MB/s, errors)
-    let mut results: BTreeMap<(Load, usize), Vec<(f64, f64, u64)>> = BTreeMap::new();
+    // results[(load, variant)] = per-round (ops/s, MB/s, errors, TLS-side CPU seconds per op)
+    let mut results: BTreeMap<(Load, usize), Vec<(f64, f64, u64, f64)>> = BTreeMap::new();
     for r in 0..rounds {
         for load in [Load::Handshakes, Load::Requests, Load::MiB] {
             let order: Vec<usize> = if r % 2 == 0 {
@@ -332,9 +379,12 @@ processes = 2
                 (0..variants.len()).rev().collect()
             };
             for v in order {
+                let cpu = |pids: &[i32]| pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
+                let cpu0 = cpu(&variants[v].2);
                 let t = Instant::now();
                 let (ops, bytes, errors) = run_load(variants[v].1, &cfg, load, round);
                 let secs = t.elapsed().as_secs_f64();
+                let cpu_s = (cpu(&variants[v].2) - cpu0) as f64 / hz;
                 eprintln!(
                     "bench tls: round {} {load:?} {}: {ops} in {secs:.1} s, {errors} errors",
                     r + 1,
@@ -344,6 +394,7 @@ processes = 2
                     ops as f64 / secs,
                     bytes as f64 / secs / 1e6,
                     errors,
+                    cpu_s / ops.max(1) as f64,
                 ));
             }
         }
@@ -361,7 +412,7 @@ processes = 2
     println!("| variant | handshakes/s | requests/s (100 B) | 1 MiB responses: MB/s | errors |");
     println!("| --- | --- | --- | --- | --- |");
     let mut med: BTreeMap<(Load, usize), f64> = BTreeMap::new();
-    for (i, (name, _)) in variants.iter().enumerate() {
+    for (i, (name, _, _)) in variants.iter().enumerate() {
         let get = |l: Load, mb: bool| {
             median(
                 results[&(l, i)]
@@ -400,7 +451,33 @@ processes = 2
             med[&(Load::MiB, 0)] / med[&(Load::MiB, 1)]
         );
     }
-    for (i, (name, _)) in variants.iter().enumerate() {
+    println!(
+        "\nCPU of the TLS side (corral's front processes / nginx's master and workers), \
+         median of rounds:"
+    );
+    println!("| variant | per handshake | per request (100 B) | per 1 MiB response |");
+    println!("| --- | --- | --- | --- |");
+    let mut cpu_med: BTreeMap<(Load, usize), f64> = BTreeMap::new();
+    for (i, (name, _, _)) in variants.iter().enumerate() {
+        let c = |l: Load| median(results[&(l, i)].iter().map(|r| r.3).collect());
+        let (h, q, m) = (c(Load::Handshakes), c(Load::Requests), c(Load::MiB));
+        cpu_med.insert((Load::Handshakes, i), h);
+        cpu_med.insert((Load::Requests, i), q);
+        cpu_med.insert((Load::MiB, i), m);
+        println!(
+            "| {name} | {:.0} µs | {:.0} µs | {:.2} ms |",
+            h * 1e6,
+            q * 1e6,
+            m * 1e3
+        );
+    }
+    if ktls_on {
+        println!(
+            "TLS-side CPU per 1 MiB response, userspace rustls / kTLS + splice: {:.2}",
+            cpu_med[&(Load::MiB, 1)] / cpu_med[&(Load::MiB, 0)]
+        );
+    }
+    for (i, (name, _, _)) in variants.iter().enumerate() {
         for l in [Load::Handshakes, Load::Requests, Load::MiB] {
             let per: Vec<String> = results[&(l, i)]
                 .iter()

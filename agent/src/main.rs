@@ -83,6 +83,12 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Shell completions for bash, zsh or fish, on stdout (the packages install them).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// The man page (roff), on stdout (the packages install it as corral(1)).
+    #[command(hide = true)]
+    Manpage,
     /// A TLS front process, started by the agent for `[app.NAME.tls]` (never by hand): the
     /// listening socket on fd 3, the certificate bundle on fd 4.
     #[command(hide = true)]
@@ -186,6 +192,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => check(&config),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "corral", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .context("writing the man page")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Front {
             app,
             upstream,

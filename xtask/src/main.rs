@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 mod bench;
 mod bench_steering;
 mod bench_tls;
+mod package;
 mod vm;
 
 const USAGE: &str = "\
@@ -43,6 +44,10 @@ tasks:
   bench cgroup      in bookworm's VM (vm-test --tests vm_bench): 16 workers respawned after
                     SIGKILL with a cgroup leaf (memory_max) vs. without a cgroup root, median
                     and p90; the agent's VmRSS with 16 and 256 workers in cgroup mode
+  package [--version V]
+                    target/package/corral_<V>_amd64.deb and corral-<V>-1.x86_64.rpm (release
+                    build, completions, man page; cargo-deb and cargo-generate-rpm are installed
+                    into target/tools the first time); --version overrides the crate's
   bench tls [--quick] [--host]
                     the TLS front vs nginx (Debian's binary, unpacked under target/, never
                     installed) in front of the same demo workers, ECDSA P-256, TLS 1.3:
@@ -73,6 +78,7 @@ fn main() -> Result<()> {
         ["bench", "cgroup", rest @ ..] => vm::bench_cgroup(rest),
         ["bench", "steering", rest @ ..] => bench_steering::steering(rest),
         ["bench", "tls", rest @ ..] => bench_tls::tls(rest),
+        ["package", rest @ ..] => package::package(rest),
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");
             Ok(())
