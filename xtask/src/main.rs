@@ -126,6 +126,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     // The TLS tests generate certificates and speak TLS with `openssl s_client`.
     ("openssl", "/usr/bin/openssl"),
+    // The package tests read the .rpm's file flags and scriptlets.
+    ("rpm", "/usr/bin/rpm"),
 ];
 
 /// Install what is missing from [`PACKAGES`] (as root, with apt-get), or say exactly what is
@@ -185,6 +187,8 @@ fn test(rest: &[&str]) -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // tests/packages.rs reads the .deb and the .rpm.
+    package::build(None)?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     vm::vm_test(&[])?;
     eprintln!("xtask: all tests passed");

@@ -25,7 +25,10 @@ fn tool(name: &str, version: &str) -> Result<PathBuf> {
     if bin.exists() && stamp.exists() {
         return Ok(bin);
     }
-    eprintln!("xtask: package: installing {name} {version} into {}", tools.display());
+    eprintln!(
+        "xtask: package: installing {name} {version} into {}",
+        tools.display()
+    );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(cargo)
         .args(["install", "--locked", "--quiet", "--root"])
@@ -69,13 +72,19 @@ pub fn build(version: Option<&str>) -> Result<Packages> {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
     let corral = root.join("target/release/corral");
-    for (shell, file) in [("bash", "corral.bash"), ("zsh", "_corral"), ("fish", "corral.fish")] {
+    for (shell, file) in [
+        ("bash", "corral.bash"),
+        ("zsh", "_corral"),
+        ("fish", "corral.fish"),
+    ] {
         let text = capture(Command::new(&corral).args(["completions", shell]))?;
         std::fs::write(out.join(file), text)?;
     }
     let man = capture(Command::new(&corral).arg("manpage"))?;
     std::fs::write(out.join("corral.1"), man)?;
-    run(Command::new("gzip").args(["-9nf"]).arg(out.join("corral.1")))?;
+    run(Command::new("gzip")
+        .args(["-9nf"])
+        .arg(out.join("corral.1")))?;
 
     let mut deb = Command::new(&cargo_deb);
     deb.current_dir(&root)
