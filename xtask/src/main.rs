@@ -30,6 +30,7 @@ tasks:
                     packaging/examples/demo.toml in the foreground (root); then in another
                     terminal: curl http://127.0.0.1:8080/
   vm-test [--kernel bookworm|trixie|all] [--keep] [--timeout SECS] [--tests NAME] [--release]
+          [--system]
                     the VM tier: Debian's kernels (bookworm 6.1, trixie 6.12; fetched with apt
                     once, cached in target/vm/cache) boot under qemu (TCG) with an initramfs of
                     busybox, the debug binaries and tests/vm.rs, which run inside, where cgroup
@@ -37,7 +38,11 @@ tasks:
                     target/vm/<kernel>.log; --keep keeps target/vm/work (the initramfs and a
                     script that boots it again); --timeout per kernel in seconds, default 600;
                     --tests NAME runs tests/NAME.rs instead of tests/vm.rs; --release packs
-                    release builds (benchmarks)
+                    release builds (benchmarks). --system: the system tier instead: a Debian
+                    bookworm root filesystem from debootstrap (cached in target/vm/system) boots
+                    under systemd, installs the freshly built .deb and runs vm/e2e.sh (install,
+                    reload, https, kill -9 of the agent, reboot, upgrade, remove, purge); log in
+                    target/vm/system.log
   bench restart [--kills N]
                     time from SIGKILL of a worker to its replacement running, over N kills
                     (default 200), side by side with a `while :; do app; done` shell loop
@@ -191,6 +196,8 @@ fn test(rest: &[&str]) -> Result<()> {
     package::build(None)?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     vm::vm_test(&[])?;
+    // The .deb installed in a booted Debian under systemd.
+    vm::vm_test(&["--system"])?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }

@@ -50,8 +50,14 @@ fn capture(cmd: &mut Command) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Build both packages; `version` overrides the crate's (an upgrade test needs a newer one).
+/// Build both packages into target/package.
 pub fn build(version: Option<&str>) -> Result<Packages> {
+    build_into(version, &root().join("target/package"))
+}
+
+/// Build both packages into `out`; `version` overrides the crate's (an upgrade test needs a
+/// newer one).
+pub fn build_into(version: Option<&str>, out: &Path) -> Result<Packages> {
     crate::ensure_packages()?;
     crate::ensure_these(
         &[
@@ -68,9 +74,11 @@ pub fn build(version: Option<&str>) -> Result<Packages> {
         .current_dir(&root)
         .env_remove("CARGO_TARGET_DIR")
         .args(["build", "--release", "-p", "corral"]))?;
-    let out = root.join("target/package");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out)?;
+    // The asset paths in agent/Cargo.toml name target/package/ for the generated files.
+    let gen = root.join("target/package");
+    std::fs::create_dir_all(&gen)?;
+    let _ = std::fs::remove_dir_all(out);
+    std::fs::create_dir_all(out)?;
     let corral = root.join("target/release/corral");
     for (shell, file) in [
         ("bash", "corral.bash"),
@@ -78,19 +86,19 @@ pub fn build(version: Option<&str>) -> Result<Packages> {
         ("fish", "corral.fish"),
     ] {
         let text = capture(Command::new(&corral).args(["completions", shell]))?;
-        std::fs::write(out.join(file), text)?;
+        std::fs::write(gen.join(file), text)?;
     }
     let man = capture(Command::new(&corral).arg("manpage"))?;
-    std::fs::write(out.join("corral.1"), man)?;
+    std::fs::write(gen.join("corral.1"), man)?;
     run(Command::new("gzip")
         .args(["-9nf"])
-        .arg(out.join("corral.1")))?;
+        .arg(gen.join("corral.1")))?;
 
     let mut deb = Command::new(&cargo_deb);
     deb.current_dir(&root)
         .env_remove("CARGO_TARGET_DIR")
         .args(["-p", "corral", "--no-build", "--no-strip", "--output"])
-        .arg(&out);
+        .arg(out);
     if let Some(v) = version {
         deb.args(["--deb-version", v]);
     }
@@ -99,13 +107,15 @@ pub fn build(version: Option<&str>) -> Result<Packages> {
     rpm.current_dir(&root)
         .env_remove("CARGO_TARGET_DIR")
         .args(["-p", "agent", "-o"])
-        .arg(&out);
+        .arg(out);
     if let Some(v) = version {
+        // An rpm version has no Debian revision ("0.1.1-1" is version 0.1.1, release 1).
+        let v = v.split('-').next().unwrap_or(v);
         rpm.args(["--set-metadata", &format!("version = \"{v}\"")]);
     }
     run(&mut rpm)?;
     let find = |ext: &str| -> Result<PathBuf> {
-        std::fs::read_dir(&out)?
+        std::fs::read_dir(out)?
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == ext))

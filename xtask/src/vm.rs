@@ -28,6 +28,7 @@ use crate::{root, run};
 
 mod cpio;
 mod kernel;
+mod system;
 
 use cpio::Cpio;
 use kernel::{Kernel, Release};
@@ -55,6 +56,8 @@ struct Options {
     tests: String,
     /// Release builds of the binaries and the tests (benchmarks).
     release: bool,
+    /// The system tier instead: the .deb in a booted Debian (vm/system.rs).
+    system: bool,
 }
 
 fn parse(args: &[&str]) -> Result<Options> {
@@ -64,6 +67,7 @@ fn parse(args: &[&str]) -> Result<Options> {
         timeout: Duration::from_secs(600),
         tests: "vm".into(),
         release: false,
+        system: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -81,6 +85,7 @@ fn parse(args: &[&str]) -> Result<Options> {
             }
             "--keep" => o.keep = true,
             "--release" => o.release = true,
+            "--system" => o.system = true,
             "--timeout" => {
                 let secs: u64 = it
                     .next()
@@ -131,6 +136,9 @@ impl Outcome {
 
 pub fn vm_test(args: &[&str]) -> Result<()> {
     let opts = parse(args)?;
+    if opts.system {
+        return system::run_system(opts.timeout.max(Duration::from_secs(1200)), opts.keep);
+    }
     let started = Instant::now();
     ensure_vm_packages()?;
     crate::ensure_packages()?;
@@ -571,7 +579,6 @@ fn boot(
     timeout: Duration,
     work: &Path,
 ) -> Result<Outcome> {
-    let name = kernel.release.name();
     let mut args: Vec<String> =
         "-accel tcg -M q35 -cpu max -m 3G -smp 2 -nographic -nic none -no-reboot"
             .split_whitespace()
@@ -585,6 +592,29 @@ fn boot(
         "-append".into(),
         "console=ttyS0 panic=-1 rdinit=/init".into(),
     ]);
+    run_qemu(
+        kernel.release,
+        &kernel.version,
+        &kernel.package,
+        args,
+        log_path,
+        timeout,
+        work,
+    )
+}
+
+/// Run qemu with `args` (the serial console on stdout), log every line to `log_path`, and
+/// come back with the result line's words, or after `timeout`.
+fn run_qemu(
+    release: Release,
+    version: &str,
+    package: &str,
+    args: Vec<String>,
+    log_path: &Path,
+    timeout: Duration,
+    work: &Path,
+) -> Result<Outcome> {
+    let name = release.name();
     let mut cmd = Command::new("qemu-system-x86_64");
     // No monitor: the serial console alone on stdout.
     cmd.args(&args).args(["-monitor", "none"]);
@@ -601,9 +631,7 @@ fn boot(
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
 
     eprintln!(
-        "xtask: vm: booting {name} ({}, {}) under qemu TCG; serial log {}",
-        kernel.version,
-        kernel.package,
+        "xtask: vm: booting {name} ({version}, {package}) under qemu TCG; serial log {}",
         log_path.display()
     );
     let mut log =
@@ -681,8 +709,8 @@ fn boot(
     )?;
     log.flush()?;
     let outcome = Outcome {
-        release: kernel.release,
-        version: kernel.version.clone(),
+        release,
+        version: version.to_string(),
         result,
         boot,
         guest_boot,

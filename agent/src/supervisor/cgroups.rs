@@ -22,11 +22,14 @@ pub struct Cgroups {
     summary: String,
 }
 
-/// Whether systemd delegated `dir` (it sets the `trusted.delegate` xattr for Delegate=yes).
+/// Whether systemd delegated `dir`: for Delegate=yes it sets the `trusted.delegate` xattr
+/// and, since systemd 252, `user.delegate` too. Reading `trusted.*` needs CAP_SYS_ADMIN, which
+/// corral's unit does not give the agent, so `user.delegate` is what the packaged agent sees.
 fn delegated(dir: &Path) -> bool {
-    let mut buf = [0u8; 8];
-    rustix::fs::getxattr(dir, "trusted.delegate", &mut buf[..])
-        .is_ok_and(|n| buf[..n].starts_with(b"1"))
+    ["trusted.delegate", "user.delegate"].iter().any(|name| {
+        let mut buf = [0u8; 8];
+        rustix::fs::getxattr(dir, *name, &mut buf[..]).is_ok_and(|n| buf[..n].starts_with(b"1"))
+    })
 }
 
 /// The controllers an app's limits need.

@@ -320,13 +320,19 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
         unsafe { child(&plan, listen_pid_buf) }
     }
     if ret < 0 {
+        let source = last_os_error();
         return Err(SpawnError::Parent {
-            call: if spec.cgroup.is_some() {
-                "clone3 into the worker's cgroup"
-            } else {
-                "clone3"
+            call: match (source.raw_os_error(), spec.cgroup.is_some()) {
+                // systemd's RestrictNamespaces= (and older container seccomp profiles) make
+                // clone3 fail with ENOSYS, since a filter cannot read its flags from memory.
+                (Some(libc::ENOSYS), _) => {
+                    "clone3 (refused by a seccomp filter? systemd's RestrictNamespaces= blocks \
+                     clone3 with ENOSYS; corral needs it for CLONE_PIDFD and CLONE_INTO_CGROUP)"
+                }
+                (_, true) => "clone3 into the worker's cgroup",
+                (_, false) => "clone3",
             },
-            source: last_os_error(),
+            source,
         });
     }
     let pid = ret as i32;

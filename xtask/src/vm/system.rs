@@ -1,0 +1,234 @@
+//! `cargo xtask vm-test --system`: the .deb installed in a booted Debian bookworm, under
+//! systemd, each step of an operator's life asserted (vm/e2e.sh).
+//!
+//! The root filesystem comes from debootstrap (minbase plus systemd, Debian's kernel with its
+//! initramfs, curl, openssl), made once from the Debian archive this machine's apt uses and
+//! cached under target/vm/system/rootfs-base. Each run copies it, adds the freshly built
+//! packages (0.1.0 and a 0.1.1 for the upgrade), corral-demo, the test script and the unit that
+//! runs it at boot, makes an ext4 image of it, and boots the rootfs's own kernel and initramfs
+//! under qemu TCG with the image as its disk. The script reboots the VM once (start at boot);
+//! it prints `CORRAL-VM-RESULT: PASS` or `FAIL <step>` and powers off.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::kernel::Release;
+use crate::{root, run};
+
+const E2E_SCRIPT: &str = include_str!("e2e.sh");
+
+const PACKAGES: &[(&str, &str)] = &[
+    ("debootstrap", "/usr/sbin/debootstrap"),
+    ("e2fsprogs", "/sbin/mkfs.ext4"),
+];
+
+/// What debootstrap adds to minbase.
+const INCLUDE: &str = "systemd,systemd-sysv,dbus,udev,kmod,linux-image-amd64,initramfs-tools,\
+                       curl,openssl,ca-certificates,iproute2,procps,man-db";
+
+const UNIT: &str = "[Unit]
+Description=corral's VM system tier
+After=multi-user.target
+[Service]
+Type=oneshot
+ExecStart=/bin/bash /root/e2e/e2e.sh
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/ttyS0
+[Install]
+WantedBy=multi-user.target
+";
+
+const DEMO: &str = r#"# The demo app of the VM system tier.
+[app.demo]
+command = ["/usr/local/bin/corral-demo"]
+user = "nobody"
+group = "nogroup"
+[app.demo.listen]
+address = "127.0.0.1:8080"
+[app.demo.workers]
+count = 4
+memory_max = "256MiB"
+pids_max = 64
+stop_timeout = "5s"
+"#;
+
+const DEMO_TLS: &str = r#"
+[app.demo.tls]
+address = "127.0.0.1:8443"
+cert = "/etc/corral/tls/demo.crt"
+key = "/etc/corral/tls/demo.key"
+user = "corral"
+processes = 2
+"#;
+
+/// The cached root filesystem (debootstrap once).
+fn rootfs(dir: &Path) -> Result<PathBuf> {
+    // The name says what is in it: a change of INCLUDE makes a new one.
+    let base = dir.join(format!("rootfs-{:08x}", fnv(INCLUDE)));
+    if base.join(".complete").exists() {
+        return Ok(base);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    let mirror = super::kernel::debian_mirror()?;
+    eprintln!(
+        "xtask: vm system: debootstrap bookworm (minbase + {INCLUDE}) into {}",
+        base.display()
+    );
+    let t = Instant::now();
+    run(Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            &format!("--include={INCLUDE}"),
+            "bookworm",
+        ])
+        .arg(&base)
+        .arg(&mirror))?;
+    // A console root without a password (the VM has no network), a hostname, the root disk.
+    run(Command::new("chroot")
+        .arg(&base)
+        .args(["passwd", "-d", "root"]))?;
+    std::fs::write(base.join("etc/hostname"), "corral-e2e\n")?;
+    std::fs::write(base.join("etc/fstab"), "/dev/vda / ext4 defaults 0 1\n")?;
+    std::fs::write(base.join(".complete"), "")?;
+    eprintln!(
+        "xtask: vm system: root filesystem ready in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(base)
+}
+
+fn fnv(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn single(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .with_context(|| format!("no {prefix}* in {}", dir.display()))
+}
+
+pub fn run_system(timeout: Duration, keep: bool) -> Result<()> {
+    crate::ensure_these(PACKAGES, "the VM system tier")?;
+    super::ensure_vm_packages()?;
+    let root = root();
+    let dir = root.join("target/vm/system");
+    std::fs::create_dir_all(&dir)?;
+    let base = rootfs(&dir)?;
+
+    let p1 = crate::package::build_into(None, &dir.join("pkg-0.1.0"))?;
+    let p2 = crate::package::build_into(Some("0.1.1-1"), &dir.join("pkg-0.1.1"))?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(&cargo)
+        .current_dir(&root)
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["build", "--release", "-p", "corral-demo"]))?;
+
+    let stage = dir.join("stage");
+    let _ = std::fs::remove_dir_all(&stage);
+    run(Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(&base)
+        .arg(&stage))?;
+    let e2e = stage.join("root/e2e");
+    std::fs::create_dir_all(&e2e)?;
+    std::fs::write(e2e.join("e2e.sh"), E2E_SCRIPT)?;
+    std::fs::write(e2e.join("demo.toml"), DEMO)?;
+    std::fs::write(e2e.join("demo-tls.toml"), DEMO_TLS)?;
+    std::fs::copy(&p1.deb, e2e.join("corral_0.1.0-1_amd64.deb"))?;
+    std::fs::copy(&p2.deb, e2e.join("corral_0.1.1-1_amd64.deb"))?;
+    std::fs::copy(
+        root.join("target/release/corral-demo"),
+        stage.join("usr/local/bin/corral-demo"),
+    )?;
+    let units = stage.join("etc/systemd/system");
+    std::fs::write(units.join("corral-e2e.service"), UNIT)?;
+    let wants = units.join("multi-user.target.wants");
+    std::fs::create_dir_all(&wants)?;
+    let link = wants.join("corral-e2e.service");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/systemd/system/corral-e2e.service", &link)?;
+    // A persistent journal, to read after a failed run (vm-test --system --keep).
+    std::fs::create_dir_all(stage.join("var/log/journal"))?;
+    // No login prompt on the serial console: a getty's vhangup would cut the script's output.
+    let getty = units.join("serial-getty@ttyS0.service");
+    let _ = std::fs::remove_file(&getty);
+    std::os::unix::fs::symlink("/dev/null", &getty)?;
+
+    let image = dir.join("disk.ext4");
+    let _ = std::fs::remove_file(&image);
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "corral-e2e", "-d"])
+        .arg(&stage)
+        .arg(&image)
+        .arg("4G"))?;
+    let vmlinuz = single(&stage.join("boot"), "vmlinuz-")?;
+    let initrd = single(&stage.join("boot"), "initrd.img-")?;
+    let version = vmlinuz
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_start_matches("vmlinuz-")
+                .to_string()
+        })
+        .unwrap_or_default();
+    // Boot files outside the stage, so the stage can go.
+    let (k, i) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    std::fs::copy(&vmlinuz, &k)?;
+    std::fs::copy(&initrd, &i)?;
+    if !keep {
+        let _ = std::fs::remove_dir_all(&stage);
+    }
+
+    let mut args: Vec<String> = "-accel tcg -M q35 -cpu max -m 3G -smp 2 -nographic -nic none"
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    args.extend([
+        "-kernel".into(),
+        k.display().to_string(),
+        "-initrd".into(),
+        i.display().to_string(),
+        "-append".into(),
+        "console=ttyS0 root=/dev/vda rw panic=-1 systemd.show_status=0".into(),
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw", image.display()),
+    ]);
+    let log = root.join("target/vm/system.log");
+    let outcome = super::run_qemu(
+        Release::Bookworm,
+        &version,
+        "debootstrap bookworm + the .deb",
+        args,
+        &log,
+        timeout,
+        &dir,
+    )?;
+    if !keep {
+        let _ = std::fs::remove_file(&image);
+    }
+    eprintln!(
+        "xtask: vm system: {} in {:.0} s (log {})",
+        if outcome.passed() { "PASS" } else { "FAIL" },
+        outcome.total.as_secs_f64(),
+        log.display()
+    );
+    if !outcome.passed() {
+        bail!(
+            "the VM system tier failed: {} (serial log {})",
+            outcome.result.as_deref().unwrap_or("no result line"),
+            log.display()
+        );
+    }
+    Ok(())
+}
