@@ -17,6 +17,14 @@ pub fn make_undumpable() -> io::Result<()> {
     Ok(())
 }
 
+/// Name the process `corral-front` (it is exec'd as /proc/self/exe, which `ps` would show as
+/// `exe`).
+pub fn set_name() {
+    let name = b"corral-front\0";
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+}
+
 /// The listening socket on fd 3, as the worker contract passes it (LISTEN_FDS=1 and our pid).
 pub fn inherited_listener() -> io::Result<TcpListener> {
     let fds = std::env::var("LISTEN_FDS").unwrap_or_default();

@@ -144,6 +144,7 @@ pub fn server_config(
 }
 
 pub fn run(args: FrontArgs) -> Result<()> {
+    sys::front::set_name();
     sys::front::make_undumpable().context("making the front process undumpable")?;
     let listener = sys::front::inherited_listener().context("the listening socket on fd 3")?;
     let bundle_bytes = sys::front::read_bundle().context("the certificate bundle on fd 4")?;

@@ -73,8 +73,10 @@ if [ "$phase" = 1 ]; then
     check "systemctl reload corral (TLS section added)" systemctl reload corral
     wait_for "curl over https through the TLS front" curl -fsS --cacert /etc/corral/tls/demo.crt \
         --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/
-    front=$(corral status --json | grep -o '"name":"demo.tls"' | head -1)
-    check "the TLS front runs as an app of its own" [ -n "$front" ]
+    check "the TLS front runs as an app of its own (corral status demo.tls)" \
+        bash -c "corral status demo.tls | grep -q '^demo.tls  running'"
+    check "the TLS front processes run as the package's corral user" \
+        bash -c "ps -o user= -C corral-front | sort -u | grep -qx corral"
     echo "CORRAL-E2E: $(corral status demo.tls | grep 'tls: handshakes' | head -1)"
 
     old=$(main_pid)
