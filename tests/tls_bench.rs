@@ -207,6 +207,9 @@ fn children(parent: i32) -> Vec<i32> {
     out
 }
 
+/// One round of one load on one variant: ops/s, MB/s, errors, TLS-side CPU seconds per op.
+type Round = (f64, f64, u64, f64);
+
 struct Nginx(Child);
 
 impl Drop for Nginx {
@@ -370,7 +373,7 @@ processes = 2
         }
     }
     // results[(load, variant)] = per-round (ops/s, MB/s, errors, TLS-side CPU seconds per op)
-    let mut results: BTreeMap<(Load, usize), Vec<(f64, f64, u64, f64)>> = BTreeMap::new();
+    let mut results: BTreeMap<(Load, usize), Vec<Round>> = BTreeMap::new();
     for r in 0..rounds {
         for load in [Load::Handshakes, Load::Requests, Load::MiB] {
             let order: Vec<usize> = if r % 2 == 0 {
