@@ -118,14 +118,5 @@ pub fn open_idle(
     s
 }
 
-/// /proc/net/tls_stat as name -> value (empty without the tls module).
-pub fn tls_stat() -> std::collections::BTreeMap<String, u64> {
-    std::fs::read_to_string("/proc/net/tls_stat")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect()
-}
+/// /proc/net/tls_stat as name -> value (empty without the tls module): the agent's reader.
+pub use corral::sys::machine::tls_stat;
