@@ -482,8 +482,9 @@ fn tree_is_as_designed_and_removed_on_shutdown() {
         let pids_current: u64 = cgroup_read(leaf, "pids.current")
             .parse()
             .expect("pids.current");
+        // Read a moment apart: a worker still starting its threads may have one more by now.
         assert!(
-            (1..=32).contains(&tasks) && tasks == pids_current,
+            (1..=32).contains(&tasks) && tasks.abs_diff(pids_current) <= 1,
             "\"pids\" {tasks} of {at}: pids.current is {pids_current}"
         );
     }
