@@ -1002,22 +1002,10 @@ fn socket_ulps(pid: i32) -> Vec<String> {
         if fd < 0 {
             continue;
         }
-        let mut buf = [0u8; 16];
-        let mut len = buf.len() as libc::socklen_t;
-        // SAFETY: getsockopt into a buffer of the length passed.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_TCP,
-                TCP_ULP,
-                buf.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        if r == 0 {
-            let s = &buf[..len as usize];
-            let s = s.split(|b| *b == 0).next().unwrap_or_default();
-            out.push(String::from_utf8_lossy(s).into_owned());
+        // SAFETY: fd is open (from pidfd_getfd) until the close below.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if let Ok(ulp) = corral::sys::ktls::ulp(borrowed) {
+            out.push(ulp);
         }
         // SAFETY: fd is ours (from pidfd_getfd).
         unsafe { libc::close(fd) };

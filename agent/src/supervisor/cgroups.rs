@@ -22,16 +22,6 @@ pub struct Cgroups {
     summary: String,
 }
 
-/// Whether systemd delegated `dir`: for Delegate=yes it sets the `trusted.delegate` xattr
-/// and, since systemd 252, `user.delegate` too. Reading `trusted.*` needs CAP_SYS_ADMIN, which
-/// corral's unit does not give the agent, so `user.delegate` is what the packaged agent sees.
-fn delegated(dir: &Path) -> bool {
-    ["trusted.delegate", "user.delegate"].iter().any(|name| {
-        let mut buf = [0u8; 8];
-        rustix::fs::getxattr(dir, *name, &mut buf[..]).is_ok_and(|n| buf[..n].starts_with(b"1"))
-    })
-}
-
 /// The controllers an app's limits need.
 pub fn needed(app: &App) -> Vec<Controller> {
     let w = &app.workers;
@@ -95,37 +85,38 @@ impl Cgroups {
             ),
             Kind::Legacy => format!("cgroup v1 only at {MOUNT}"),
         };
-        let root_path: PathBuf =
-            match &agent.cgroup_root {
-                CgroupRoot::Path(p) => p.clone(),
-                CgroupRoot::Auto => match (&detected.kind, &detected.root) {
-                    (Kind::Unified, Some(root)) if delegated(root) => root.clone(),
-                    (Kind::Unified, Some(root)) => {
-                        return Cgroups::none(
-                            format!(
+        let root_path: PathBuf = match &agent.cgroup_root {
+            CgroupRoot::Path(p) => p.clone(),
+            CgroupRoot::Auto => match (&detected.kind, &detected.root) {
+                (Kind::Unified, Some(root)) if crate::sys::cgroup::delegated(root) => root.clone(),
+                (Kind::Unified, Some(root)) => {
+                    return Cgroups::none(
+                        format!(
                             "the agent's cgroup {} is not delegated to it (run corral as a systemd \
                              service with Delegate=yes, or set [agent] cgroup_root to a cgroup v2 \
                              directory made for it)",
                             root.display()
                         ),
-                            summary,
-                        )
-                    }
-                    (Kind::Hybrid { .. }, _) => return Cgroups::none(
+                        summary,
+                    )
+                }
+                (Kind::Hybrid { .. }, _) => {
+                    return Cgroups::none(
                         "this machine mounts cgroups in hybrid mode: the memory controller is on \
                          cgroup v1, where corral does not manage limits (boot with \
                          systemd.unified_cgroup_hierarchy=1 for cgroup v2)"
                             .to_string(),
                         summary,
-                    ),
-                    _ => {
-                        return Cgroups::none(
-                            "no cgroup v2 hierarchy for the agent".to_string(),
-                            summary,
-                        )
-                    }
-                },
-            };
+                    )
+                }
+                _ => {
+                    return Cgroups::none(
+                        "no cgroup v2 hierarchy for the agent".to_string(),
+                        summary,
+                    )
+                }
+            },
+        };
         let mut root = match Root::open(&root_path) {
             Ok(r) => r,
             Err(e) => return Cgroups::none(format!("cgroup_root: {e}"), summary),

@@ -1334,6 +1334,16 @@ impl Leaf {
 
 // ---------------------------------------------------------------------------------------------
 
+/// Whether systemd delegated `dir`: for Delegate=yes it sets the `trusted.delegate` xattr
+/// and, since systemd 252, `user.delegate` too. Reading `trusted.*` needs CAP_SYS_ADMIN, which
+/// corral's unit does not give the agent, so `user.delegate` is what the packaged agent sees.
+pub fn delegated(dir: &Path) -> bool {
+    ["trusted.delegate", "user.delegate"].iter().any(|name| {
+        let mut buf = [0u8; 8];
+        rustix::fs::getxattr(dir, *name, &mut buf[..]).is_ok_and(|n| buf[..n].starts_with(b"1"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -324,5 +324,10 @@ pub fn send_record(fd: RawFd, record_type: u8, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// shutdown(SHUT_WR): a FIN after whatever is queued (a half-close).
+pub fn shutdown_write(fd: BorrowedFd<'_>) {
+    let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Write);
+}
+
 /// The alert record for close_notify: level warning (1), description close_notify (0).
 pub const CLOSE_NOTIFY: [u8; 2] = [1, 0];

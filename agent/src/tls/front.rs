@@ -692,7 +692,7 @@ async fn proxy_ktls(sock: TcpStream, upstream: TcpStream, counters: &Counters) -
             }
         }
         // The client is done sending: a half-close towards the worker, which may still answer.
-        let _ = rustix::net::shutdown(&upstream, rustix::net::Shutdown::Write);
+        sys::ktls::shutdown_write(upstream.as_fd());
         Ok::<u64, io::Error>(moved)
     };
     let worker_to_client = async {
@@ -708,7 +708,7 @@ async fn proxy_ktls(sock: TcpStream, upstream: TcpStream, counters: &Counters) -
                 )
             })
             .await;
-        let _ = rustix::net::shutdown(&sock, rustix::net::Shutdown::Write);
+        sys::ktls::shutdown_write(sock.as_fd());
         end.map(|_| moved)
     };
     tokio::pin!(client_to_worker);
