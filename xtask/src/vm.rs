@@ -305,6 +305,8 @@ struct Payload {
     symlinks: BTreeMap<String, String>,
     /// Archive paths of the test executables, run in this order.
     tests: Vec<String>,
+    /// Load the CPU's crypto drivers at boot (the TLS benchmark).
+    crypto_drivers: bool,
 }
 
 impl Payload {
@@ -318,6 +320,8 @@ impl Payload {
             files: BTreeMap::new(),
             symlinks: BTreeMap::new(),
             tests: Vec::new(),
+            // Extra programs (nginx) come only with the TLS benchmark.
+            crypto_drivers: !extra.is_empty(),
         };
         p.elf(Path::new("/bin/busybox"), "bin/busybox")?;
         let list = Command::new("/bin/busybox")
@@ -433,7 +437,16 @@ exit $rc
 "#;
 
 /// /init: mount, load tls.ko, run the tests, print the result, power off.
-fn init_script(kernel: &Kernel, tests: &[String]) -> String {
+fn init_script(kernel: &Kernel, tests: &[String], crypto_drivers: bool) -> String {
+    // For the TLS benchmark only: the CPU's crypto drivers, which a booted Debian system's udev
+    // loads from the CPU's modalias at boot (no udev here); without them the kernel's AES-GCM
+    // is the generic C code while userspace uses AES-NI. Not in test runs: a trixie guest once
+    // crashed in the scheduler under TCG with them loaded, and the tests do not need them.
+    let crypto = if crypto_drivers {
+        "for m in aesni_intel ghash_clmulni_intel; do modprobe $m 2>/dev/null; done"
+    } else {
+        ""
+    };
     let tests = tests
         .iter()
         .map(|t| format!("/{t}"))
@@ -466,10 +479,7 @@ echo "corral-vm: kernel $(uname -r) ({package})"
 echo "corral-vm: cgroup.controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 # tls.ko and what it depends on (modules.dep); other modules load on demand.
 modprobe tls || failed modprobe-tls
-# The CPU's crypto drivers, which a booted Debian system's udev loads from the CPU's modalias
-# at boot (no udev here): without them the kernel's AES-GCM is the generic C code while
-# userspace uses AES-NI, and kTLS would be measured against a handicap no real machine has.
-for m in aesni_intel ghash_clmulni_intel; do modprobe $m 2>/dev/null; done
+{crypto}
 echo "corral-vm: modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 for t in {tests}; do
     name=$(basename "$t")
@@ -519,7 +529,7 @@ fn write_initramfs(path: &Path, kernel: &Kernel, modules: &Path, payload: &Paylo
     c.file(
         "init",
         0o755,
-        init_script(kernel, &payload.tests).as_bytes(),
+        init_script(kernel, &payload.tests, payload.crypto_drivers).as_bytes(),
     )?;
     let out = c.finish()?;
     let size = out.get_ref().metadata()?.len();
