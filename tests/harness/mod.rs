@@ -209,6 +209,7 @@ impl Agent {
         agent_extra: &str,
     ) -> Agent {
         require_root();
+        remember_panic_messages();
         let dir = TempDir::new(tag);
         prepare(&dir);
         let config = dir.path().join("corral.toml");
@@ -460,8 +461,40 @@ impl Drop for Agent {
         }
         if std::thread::panicking() {
             eprintln!("---- agent log ----\n{}", self.log());
+            // CI shows the tail of the output: say again what failed, below the log.
+            if let Some(msg) = LAST_PANIC.with(|m| m.borrow().clone()) {
+                eprintln!("---- end of agent log; the test failed with ----\n{msg}");
+            }
         }
     }
+}
+
+thread_local! {
+    /// This thread's last panic message, for [`Agent`]'s drop to repeat below the agent log.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keep each panic's message (and location) in [`LAST_PANIC`], then report it as before.
+fn remember_panic_messages() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let text = format!("{msg}{at}");
+            let _ = LAST_PANIC.try_with(|m| *m.borrow_mut() = Some(text));
+            report(info);
+        }));
+    });
 }
 
 /// A plain HTTP/1.1 GET on a new connection; returns (status, body).
