@@ -102,11 +102,35 @@ fn request(r: &mut BufReader<Tls>, path: &str, close: bool) -> std::io::Result<u
     Ok(len)
 }
 
+/// The loads to run: `CORRAL_BENCH_LOADS` (handshakes,requests,mib), all by default.
+fn selected_loads() -> Vec<Load> {
+    let all = [Load::Handshakes, Load::Requests, Load::MiB];
+    let Ok(list) = std::env::var("CORRAL_BENCH_LOADS") else {
+        return all.to_vec();
+    };
+    let loads: Vec<Load> = all
+        .into_iter()
+        .filter(|l| list.split(',').any(|w| w == l.name()))
+        .collect();
+    assert!(!loads.is_empty(), "CORRAL_BENCH_LOADS={list:?} names no load");
+    loads
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Load {
     Handshakes,
     Requests,
     MiB,
+}
+
+impl Load {
+    fn name(self) -> &'static str {
+        match self {
+            Load::Handshakes => "handshakes",
+            Load::Requests => "requests",
+            Load::MiB => "mib",
+        }
+    }
 }
 
 /// (operations, bytes, errors) of CLIENTS threads for `round`.
@@ -281,6 +305,7 @@ fn tls_bench() {
     let in_vm = std::env::var("CORRAL_VM").as_deref() == Ok("1");
     let round = env_secs("CORRAL_BENCH_ROUND", 3);
     let rounds = env_secs("CORRAL_BENCH_ROUNDS", 4).as_secs() as usize;
+    let loads = selected_loads();
     let (cert, key) = tls::self_signed(&["a.test"]);
     let (ku, kk, kn, tu, tk) = (
         free_port(),
@@ -367,7 +392,7 @@ processes = 2
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     // Warm-up: every variant, every load, once briefly.
     for (name, addr, _) in &variants {
-        for load in [Load::Handshakes, Load::Requests, Load::MiB] {
+        for &load in &loads {
             let r = run_load(*addr, &cfg, load, Duration::from_millis(500));
             eprintln!("bench tls: warm-up {load:?} {name}: {r:?}");
         }
@@ -375,7 +400,7 @@ processes = 2
     // results[(load, variant)] = per-round (ops/s, MB/s, errors, TLS-side CPU seconds per op)
     let mut results: BTreeMap<(Load, usize), Vec<Round>> = BTreeMap::new();
     for r in 0..rounds {
-        for load in [Load::Handshakes, Load::Requests, Load::MiB] {
+        for &load in &loads {
             let order: Vec<usize> = if r % 2 == 0 {
                 (0..variants.len()).collect()
             } else {
@@ -412,46 +437,54 @@ processes = 2
         if in_vm { "VM" } else { "host" },
         round.as_secs()
     );
+    // Medians of rounds per (load, variant): the load's rate (ops/s, or MB/s for 1 MiB) and
+    // the TLS side's CPU seconds per operation.
+    let mut rate: BTreeMap<(Load, usize), f64> = BTreeMap::new();
+    let mut cpu: BTreeMap<(Load, usize), f64> = BTreeMap::new();
+    for ((l, i), rs) in &results {
+        let mb = *l == Load::MiB;
+        rate.insert(
+            (*l, *i),
+            median(rs.iter().map(|r| if mb { r.1 } else { r.0 }).collect()),
+        );
+        cpu.insert((*l, *i), median(rs.iter().map(|r| r.3).collect()));
+    }
+    let cell = |m: &BTreeMap<(Load, usize), f64>, l: Load, i: usize, f: &dyn Fn(f64) -> String| {
+        m.get(&(l, i)).map(|v| f(*v)).unwrap_or_else(|| "-".into())
+    };
     println!("| variant | handshakes/s | requests/s (100 B) | 1 MiB responses: MB/s | errors |");
     println!("| --- | --- | --- | --- | --- |");
-    let mut med: BTreeMap<(Load, usize), f64> = BTreeMap::new();
     for (i, (name, _, _)) in variants.iter().enumerate() {
-        let get = |l: Load, mb: bool| {
-            median(
-                results[&(l, i)]
-                    .iter()
-                    .map(|r| if mb { r.1 } else { r.0 })
-                    .collect(),
-            )
-        };
-        let (h, q, m) = (
-            get(Load::Handshakes, false),
-            get(Load::Requests, false),
-            get(Load::MiB, true),
-        );
-        med.insert((Load::Handshakes, i), h);
-        med.insert((Load::Requests, i), q);
-        med.insert((Load::MiB, i), m);
-        let errors: u64 = [Load::Handshakes, Load::Requests, Load::MiB]
+        let errors: u64 = results
             .iter()
-            .map(|l| results[&(*l, i)].iter().map(|r| r.2).sum::<u64>())
+            .filter(|((_, v), _)| *v == i)
+            .map(|(_, rs)| rs.iter().map(|r| r.2).sum::<u64>())
             .sum();
-        println!("| {name} | {h:.0} | {q:.0} | {m:.1} | {errors} |");
+        println!(
+            "| {name} | {} | {} | {} | {errors} |",
+            cell(&rate, Load::Handshakes, i, &|v| format!("{v:.0}")),
+            cell(&rate, Load::Requests, i, &|v| format!("{v:.0}")),
+            cell(&rate, Load::MiB, i, &|v| format!("{v:.1}")),
+        );
     }
     let n = variants.len() - 1; // nginx
-    let best = |l: Load| (0..n).map(|i| med[&(l, i)]).fold(0.0, f64::max);
-    println!(
-        "\nhandshakes/s corral (best path) / nginx: {:.2} (target >= 1.0)",
-        best(Load::Handshakes) / med[&(Load::Handshakes, n)]
-    );
-    println!(
-        "requests/s corral (best path) / nginx: {:.2}",
-        best(Load::Requests) / med[&(Load::Requests, n)]
-    );
-    if ktls_on {
+    let best = |l: Load| (0..n).filter_map(|i| rate.get(&(l, i))).fold(0.0, |a, b| b.max(a));
+    if loads.contains(&Load::Handshakes) {
+        println!(
+            "\nhandshakes/s corral (best path) / nginx: {:.2} (target >= 1.0)",
+            best(Load::Handshakes) / rate[&(Load::Handshakes, n)]
+        );
+    }
+    if loads.contains(&Load::Requests) {
+        println!(
+            "requests/s corral (best path) / nginx: {:.2}",
+            best(Load::Requests) / rate[&(Load::Requests, n)]
+        );
+    }
+    if ktls_on && loads.contains(&Load::MiB) {
         println!(
             "1 MiB throughput kTLS + splice / userspace rustls: {:.2} (target >= 1.3)",
-            med[&(Load::MiB, 0)] / med[&(Load::MiB, 1)]
+            rate[&(Load::MiB, 0)] / rate[&(Load::MiB, 1)]
         );
     }
     println!(
@@ -460,35 +493,242 @@ processes = 2
     );
     println!("| variant | per handshake | per request (100 B) | per 1 MiB response |");
     println!("| --- | --- | --- | --- |");
-    let mut cpu_med: BTreeMap<(Load, usize), f64> = BTreeMap::new();
     for (i, (name, _, _)) in variants.iter().enumerate() {
-        let c = |l: Load| median(results[&(l, i)].iter().map(|r| r.3).collect());
-        let (h, q, m) = (c(Load::Handshakes), c(Load::Requests), c(Load::MiB));
-        cpu_med.insert((Load::Handshakes, i), h);
-        cpu_med.insert((Load::Requests, i), q);
-        cpu_med.insert((Load::MiB, i), m);
         println!(
-            "| {name} | {:.0} µs | {:.0} µs | {:.2} ms |",
-            h * 1e6,
-            q * 1e6,
-            m * 1e3
+            "| {name} | {} | {} | {} |",
+            cell(&cpu, Load::Handshakes, i, &|v| format!("{:.0} µs", v * 1e6)),
+            cell(&cpu, Load::Requests, i, &|v| format!("{:.0} µs", v * 1e6)),
+            cell(&cpu, Load::MiB, i, &|v| format!("{:.2} ms", v * 1e3)),
         );
     }
-    if ktls_on {
+    if ktls_on && loads.contains(&Load::MiB) {
         println!(
             "TLS-side CPU per 1 MiB response, userspace rustls / kTLS + splice: {:.2}",
-            cpu_med[&(Load::MiB, 1)] / cpu_med[&(Load::MiB, 0)]
+            cpu[&(Load::MiB, 1)] / cpu[&(Load::MiB, 0)]
         );
     }
-    for (i, (name, _, _)) in variants.iter().enumerate() {
-        for l in [Load::Handshakes, Load::Requests, Load::MiB] {
-            let per: Vec<String> = results[&(l, i)]
-                .iter()
-                .map(|r| format!("{:.0}", if l == Load::MiB { r.1 } else { r.0 }))
-                .collect();
-            println!("  rounds {name} {l:?}: {}", per.join(" "));
-        }
+    for ((l, i), rs) in &results {
+        let per: Vec<String> = rs
+            .iter()
+            .map(|r| format!("{:.0}", if *l == Load::MiB { r.1 } else { r.0 }))
+            .collect();
+        println!("  rounds {} {l:?}: {}", variants[*i].0, per.join(" "));
     }
     let st = agent.app_json("k.tls");
     println!("  k.tls counters: {}", st["tls"]["counters"]);
+}
+
+/// CPU seconds the calling thread has used.
+fn thread_cpu() -> f64 {
+    // SAFETY: a zeroed rusage is valid; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage into a valid rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+const MIB: usize = 1 << 20;
+/// Bytes each cost below is measured over.
+const SAMPLE: usize = 32 * MIB;
+
+/// CPU milliseconds per MiB of `f`, which moves SAMPLE bytes on this thread.
+fn ms_per_mib(f: impl FnOnce()) -> f64 {
+    let t = thread_cpu();
+    f();
+    (thread_cpu() - t) * 1e3 / (SAMPLE / MIB) as f64
+}
+
+/// A connected loopback TCP pair (client, server side).
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (b, _) = l.accept().expect("accept");
+    (a, b)
+}
+
+/// Read and drop everything `s` receives, on a thread of its own.
+fn discard(mut s: TcpStream) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; MIB];
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    })
+}
+
+/// `TCP_ULP "tls"` and a TLS 1.3 TX key (not a secret: the peer only discards) on `s`.
+fn ktls_tx(s: &TcpStream, cipher: corral::sys::ktls::Cipher) {
+    use corral::sys::ktls::{self, Cipher, CryptoInfo, Direction, Version};
+    use std::os::fd::AsFd;
+    let key = vec![7u8; if cipher == Cipher::Aes128Gcm { 16 } else { 32 }];
+    let info = CryptoInfo::new(Version::Tls13, cipher, &key, &[1u8; 12], 0).expect("info");
+    ktls::set_ulp(s.as_fd()).expect("TCP_ULP tls");
+    ktls::set_crypto(s.as_fd(), Direction::Tx, &info).expect("TLS_TX");
+}
+
+/// The sender's CPU for SAMPLE bytes written to loopback TCP in 64 KiB writes, through kTLS
+/// with `cipher` or plain.
+fn write_cost(cipher: Option<corral::sys::ktls::Cipher>) -> f64 {
+    let (mut a, b) = tcp_pair();
+    if let Some(c) = cipher {
+        ktls_tx(&a, c);
+    }
+    let sink = discard(b);
+    let buf = vec![0x41u8; 64 * 1024];
+    let cost = ms_per_mib(|| {
+        for _ in 0..SAMPLE / buf.len() {
+            a.write_all(&buf).expect("write");
+        }
+    });
+    drop(a);
+    sink.join().expect("sink");
+    cost
+}
+
+/// The front's kTLS data path without TLS handshakes: SAMPLE bytes arrive on a plain socket
+/// (written by another thread) and are spliced through a pipe into a kTLS socket with
+/// `cipher` (or a plain one); the splicing thread's CPU.
+fn splice_cost(cipher: Option<corral::sys::ktls::Cipher>) -> f64 {
+    use corral::sys::ktls;
+    use std::os::fd::AsRawFd;
+    let (mut feed, from) = tcp_pair();
+    let (to, b) = tcp_pair();
+    if let Some(c) = cipher {
+        ktls_tx(&to, c);
+    }
+    let sink = discard(b);
+    let feeder = std::thread::spawn(move || {
+        let buf = vec![0x41u8; MIB];
+        for _ in 0..SAMPLE / MIB {
+            feed.write_all(&buf).expect("feed");
+        }
+    });
+    let (pipe_r, pipe_w) = ktls::pipe().expect("pipe");
+    // Non-blocking splices (as the front's): wait for readiness with poll.
+    let wait = |fd: i32, events: i16| {
+        let mut p = libc::pollfd { fd, events, revents: 0 };
+        // SAFETY: poll on one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 10_000) };
+    };
+    let cost = ms_per_mib(|| {
+        let mut moved = 0;
+        while moved < SAMPLE {
+            let n = match ktls::splice(from.as_raw_fd(), pipe_w.as_raw_fd(), 64 * 1024) {
+                Ok(0) => panic!("the feeder ended early"),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wait(from.as_raw_fd(), libc::POLLIN);
+                    continue;
+                }
+                Err(e) => panic!("splice in: {e}"),
+            };
+            let mut left = n;
+            while left > 0 {
+                match ktls::splice(pipe_r.as_raw_fd(), to.as_raw_fd(), left) {
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        wait(to.as_raw_fd(), libc::POLLOUT)
+                    }
+                    Err(e) => panic!("splice out: {e}"),
+                }
+            }
+            moved += n;
+        }
+    });
+    feeder.join().expect("feeder");
+    drop(to);
+    sink.join().expect("sink");
+    cost
+}
+
+/// rustls's record encryption alone: ring's AEAD sealing SAMPLE bytes as 16 KiB records.
+fn seal_cost(alg: &'static ring::aead::Algorithm) -> f64 {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+    let key = LessSafeKey::new(UnboundKey::new(alg, &vec![7u8; alg.key_len()]).expect("key"));
+    // A TLS 1.3 record's plaintext: 16 KiB of data and its content type.
+    let mut record = vec![0x41u8; 16 * 1024 + 1];
+    ms_per_mib(|| {
+        for seq in 0..(SAMPLE / (16 * 1024)) as u64 {
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&seq.to_be_bytes());
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from([23u8, 3, 3, 0x40, 0x11]),
+                    &mut record,
+                )
+                .expect("seal");
+            std::hint::black_box(tag.as_ref());
+        }
+    })
+}
+
+/// Where a 1 MiB response's CPU goes on the sending side, per cipher: the AEAD in userspace
+/// (what rustls pays) against the kernel's (what kTLS pays), and the copies and syscalls
+/// around them. The throughput table above is bounded by these: kTLS + splice can only save
+/// the copies and syscalls, and pays the kernel's AEAD instead of ring's.
+#[test]
+#[ignore = "benchmark: cargo xtask bench tls"]
+fn tls_cost_per_mib() {
+    use corral::sys::ktls::{self, Cipher};
+    let copy = ms_per_mib(|| {
+        let src = vec![1u8; MIB];
+        let mut dst = vec![0u8; MIB];
+        for _ in 0..SAMPLE / MIB {
+            dst.copy_from_slice(&src);
+            std::hint::black_box(&dst);
+        }
+    });
+    let write = write_cost(None);
+    let splice = splice_cost(None);
+    println!(
+        "\ncost per MiB ({}), CPU of the sending thread: memcpy {copy:.2} ms; write(2) to \
+         loopback TCP {write:.2} ms; splice socket -> pipe -> socket {splice:.2} ms",
+        if std::env::var("CORRAL_VM").as_deref() == Ok("1") {
+            "VM"
+        } else {
+            "host"
+        }
+    );
+    let kernel = ktls::probe();
+    if let Err(why) = &kernel {
+        println!("cost per MiB: no kTLS on this kernel ({why}): userspace AEAD only");
+    }
+    println!("| cost per MiB | AES-128-GCM | AES-256-GCM | CHACHA20-POLY1305 |");
+    println!("| --- | --- | --- | --- |");
+    let ring_algs = [
+        &ring::aead::AES_128_GCM,
+        &ring::aead::AES_256_GCM,
+        &ring::aead::CHACHA20_POLY1305,
+    ];
+    let seal: Vec<String> = ring_algs
+        .iter()
+        .map(|a| format!("{:.2} ms", seal_cost(a)))
+        .collect();
+    println!(
+        "| userspace AEAD (ring, 16 KiB records) | {} |",
+        seal.join(" | ")
+    );
+    if kernel.is_ok() {
+        let ciphers = [
+            Cipher::Aes128Gcm,
+            Cipher::Aes256Gcm,
+            Cipher::Chacha20Poly1305,
+        ];
+        let w: Vec<String> = ciphers
+            .iter()
+            .map(|c| format!("{:.2} ms", write_cost(Some(*c)) - write))
+            .collect();
+        println!(
+            "| kTLS write(2), minus a plain write(2) | {} |",
+            w.join(" | ")
+        );
+        let s: Vec<String> = ciphers
+            .iter()
+            .map(|c| format!("{:.2} ms", splice_cost(Some(*c)) - splice))
+            .collect();
+        println!(
+            "| kTLS splice, minus a plain splice | {} |",
+            s.join(" | ")
+        );
+    }
 }

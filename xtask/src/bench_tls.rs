@@ -48,14 +48,34 @@ pub fn nginx_binary() -> Result<PathBuf> {
 }
 
 pub fn tls(args: &[&str]) -> Result<()> {
-    let mut quick = false;
-    let mut host_only = false;
-    for a in args {
+    let (mut quick, mut host_only, mut vm_only) = (false, false, false);
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
         match *a {
             "--quick" => quick = true,
             "--host" => host_only = true,
+            "--vm" => vm_only = true,
+            "--loads" => {
+                let list = args
+                    .next()
+                    .context("--loads takes a list: handshakes,requests,mib")?;
+                for l in list.split(',') {
+                    if !["handshakes", "requests", "mib"].contains(&l) {
+                        bail!("--loads: {l:?} is not one of handshakes, requests, mib");
+                    }
+                }
+                // The tests read it, on the host and in the VM (vm-test exports CORRAL_BENCH_*).
+                std::env::set_var("CORRAL_BENCH_LOADS", list);
+            }
             other => bail!("bench tls: unexpected argument {other}"),
         }
+    }
+    if host_only && vm_only {
+        bail!("bench tls: --host and --vm exclude each other");
+    }
+    if quick {
+        std::env::set_var("CORRAL_BENCH_ROUNDS", "1");
+        std::env::set_var("CORRAL_BENCH_ROUND", "2");
     }
     if !is_root() {
         bail!("the benchmark runs corral agents and nginx: run it as root");
@@ -81,12 +101,12 @@ pub fn tls(args: &[&str]) -> Result<()> {
             "--",
             "--ignored",
             "--nocapture",
+            // The throughput and the cost measurements must not share the CPUs.
+            "--test-threads=1",
         ]);
-    if quick {
-        host.env("CORRAL_BENCH_ROUNDS", "1")
-            .env("CORRAL_BENCH_ROUND", "2");
+    if !vm_only {
+        run(&mut host)?;
     }
-    run(&mut host)?;
     if host_only {
         return Ok(());
     }
@@ -110,6 +130,7 @@ pub fn tls(args: &[&str]) -> Result<()> {
                 || l.starts_with("handshakes/s")
                 || l.starts_with("requests/s")
                 || l.starts_with("1 MiB")
+                || l.starts_with("cost per MiB")
                 || l.starts_with("rounds")
                 || l.contains("counters:")
                 || l.contains("kernel TLS:")

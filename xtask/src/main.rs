@@ -53,12 +53,13 @@ tasks:
                     target/package/corral_<V>_amd64.deb and corral-<V>-1.x86_64.rpm (release
                     build, completions, man page; cargo-deb and cargo-generate-rpm are installed
                     into target/tools the first time); --version overrides the crate's
-  bench tls [--quick] [--host]
+  bench tls [--quick] [--host | --vm] [--loads handshakes,requests,mib]
                     the TLS front vs nginx (Debian's binary, unpacked under target/, never
                     installed) in front of the same demo workers, ECDSA P-256, TLS 1.3:
                     handshakes/s, requests/s (100 B), 1 MiB responses MB/s; on the host
                     (userspace rustls vs nginx), then in bookworm's VM (kTLS + splice vs
-                    userspace vs nginx); release builds. --host: skip the VM
+                    userspace vs nginx); release builds. --host: skip the VM; --vm: skip the
+                    host; --loads: only these loads; --quick: one round of 2 s
   bench steering [--quick] [--rate R] [--threads T] [--accept greedy|free-thread]
                     4 workers of corral-demo, T threads each (default 1), accepting greedily
                     (default: every connection at once, queued for the threads, as an asyncio

@@ -347,6 +347,9 @@ struct Payload {
     tests: Vec<String>,
     /// Load the CPU's crypto drivers at boot (the TLS benchmark).
     crypto_drivers: bool,
+    /// `CORRAL_BENCH_*` variables of xtask's environment, exported to the tests (a benchmark's
+    /// rounds and loads).
+    env: Vec<(String, String)>,
 }
 
 impl Payload {
@@ -362,6 +365,7 @@ impl Payload {
             tests: Vec::new(),
             // Extra programs (nginx) come only with the TLS benchmark.
             crypto_drivers: !extra.is_empty(),
+            env: bench_env()?,
         };
         p.elf(Path::new("/bin/busybox"), "bin/busybox")?;
         let list = Command::new("/bin/busybox")
@@ -477,7 +481,29 @@ exit $rc
 "#;
 
 /// /init: mount, load tls.ko, run the tests, print the result, power off.
-fn init_script(kernel: &Kernel, tests: &[String], crypto_drivers: bool) -> String {
+/// The `CORRAL_BENCH_*` variables of this environment, for the tests in the VM.
+fn bench_env() -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (k, v) in std::env::vars() {
+        if !k.starts_with("CORRAL_BENCH_") {
+            continue;
+        }
+        // They go into /init single-quoted.
+        if v.contains('\'') || v.contains('\n') {
+            bail!("{k}={v:?}: a value for the VM may not hold a quote or a newline");
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn init_script(kernel: &Kernel, payload: &Payload) -> String {
+    let (tests, crypto_drivers) = (&payload.tests, payload.crypto_drivers);
+    let env: String = payload
+        .env
+        .iter()
+        .map(|(k, v)| format!("export {k}='{v}'\n"))
+        .collect();
     // For the TLS benchmark only: the CPU's crypto drivers, which a booted Debian system's udev
     // loads from the CPU's modalias at boot (no udev here); without them the kernel's AES-GCM
     // is the generic C code while userspace uses AES-NI. Not in test runs: a trixie guest once
@@ -496,7 +522,7 @@ fn init_script(kernel: &Kernel, tests: &[String], crypto_drivers: bool) -> Strin
         r#"#!/bin/sh
 # corral's VM tier, written by `cargo xtask vm-test` for {package}.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
-fail=""
+{env}fail=""
 failed() {{ fail="$fail $1"; echo "corral-vm: FAILED: $1"; }}
 mount -t proc proc /proc || failed mount-proc
 echo "{INIT_MARKER} uptime $(cut -d' ' -f1 /proc/uptime)s"
@@ -569,7 +595,7 @@ fn write_initramfs(path: &Path, kernel: &Kernel, modules: &Path, payload: &Paylo
     c.file(
         "init",
         0o755,
-        init_script(kernel, &payload.tests, payload.crypto_drivers).as_bytes(),
+        init_script(kernel, payload).as_bytes(),
     )?;
     let out = c.finish()?;
     let size = out.get_ref().metadata()?.len();
