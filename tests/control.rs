@@ -247,6 +247,78 @@ fn ipv6_http_and_notify_readiness() {
     );
 }
 
+/// The agent's abstract notify sockets (`@corral/<agent pid>/notify/<worker id>`), from
+/// /proc/net/unix.
+fn notify_sockets(agent_pid: i32) -> Vec<String> {
+    let prefix = format!("@corral/{agent_pid}/notify/");
+    std::fs::read_to_string("/proc/net/unix")
+        .expect("/proc/net/unix")
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Anyone in the network namespace can send to an abstract socket: READY=1 counts only from
+/// the worker or its own processes.
+#[test]
+fn notify_readiness_ignores_strangers_and_takes_the_workers_children() {
+    use std::os::linux::net::SocketAddrExt;
+    let (p1, p2) = (free_port(), free_port());
+    let apps = format!(
+        "{}{}",
+        demo_app("late", &format!("127.0.0.1:{p1}"), 1, "ready = \"notify\""),
+        demo_app("wrapped", &format!("127.0.0.1:{p2}"), 1, "ready = \"notify\""),
+    )
+    .replace(
+        "[app.late]\ncommand = [\"@DEMO@\"]\n",
+        "[app.late]\ncommand = [\"@DEMO@\"]\nenv = { DEMO_NOTIFY = \"1\", DEMO_START_DELAY_MS = \"3000\" }\n",
+    )
+    // The worker is a shell; the demo, which sends READY=1, is its child.
+    .replace(
+        "[app.wrapped]\ncommand = [\"@DEMO@\"]\n",
+        "[app.wrapped]\ncommand = [\"/bin/sh\", \"-c\", \"sh -c 'export LISTEN_PID=$$; exec @DEMO@' & wait\"]\nenv = { DEMO_NOTIFY = \"1\" }\n",
+    );
+    let agent = Agent::start("notifyfrom", &apps);
+    let t0 = std::time::Instant::now();
+    let sockets = wait_for(Duration::from_secs(10), "two notify sockets", || {
+        let s = notify_sockets(agent.pid());
+        (s.len() == 2).then_some(s)
+    });
+    // A stranger (this test, the agent's parent) says READY=1 on every worker's socket.
+    let stranger = UnixDatagram::unbound().expect("socket");
+    for name in &sockets {
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(
+            name.trim_start_matches('@').as_bytes(),
+        )
+        .expect("abstract name");
+        stranger
+            .send_to_addr(b"READY=1", &addr)
+            .expect("send READY=1");
+    }
+    // The wrapped app's child reports for it.
+    agent.wait_ready("wrapped", 1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let late = agent.app("late");
+    assert_eq!(
+        late.workers[0].state, "starting",
+        "a stranger's READY=1 made the worker ready: {late:?}"
+    );
+    agent.wait_ready("late", 1, Duration::from_secs(20));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(2500),
+        "ready before its 3 s start delay: {:?}",
+        t0.elapsed()
+    );
+    let me = std::process::id();
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("ignoring READY=1 from pid {me}")),
+        "{log}"
+    );
+}
+
 #[test]
 fn on_failure_and_never_policies() {
     let p1 = free_port();

@@ -112,7 +112,10 @@ fn selected_loads() -> Vec<Load> {
         .into_iter()
         .filter(|l| list.split(',').any(|w| w == l.name()))
         .collect();
-    assert!(!loads.is_empty(), "CORRAL_BENCH_LOADS={list:?} names no load");
+    assert!(
+        !loads.is_empty(),
+        "CORRAL_BENCH_LOADS={list:?} names no load"
+    );
     loads
 }
 
@@ -468,7 +471,11 @@ processes = 2
         );
     }
     let n = variants.len() - 1; // nginx
-    let best = |l: Load| (0..n).filter_map(|i| rate.get(&(l, i))).fold(0.0, |a, b| b.max(a));
+    let best = |l: Load| {
+        (0..n)
+            .filter_map(|i| rate.get(&(l, i)))
+            .fold(0.0, |a, b| b.max(a))
+    };
     if loads.contains(&Load::Handshakes) {
         println!(
             "\nhandshakes/s corral (best path) / nginx: {:.2} (target >= 1.0)",
@@ -605,7 +612,11 @@ fn splice_cost(cipher: Option<corral::sys::ktls::Cipher>) -> f64 {
     let (pipe_r, pipe_w) = ktls::pipe().expect("pipe");
     // Non-blocking splices (as the front's): wait for readiness with poll.
     let wait = |fd: i32, events: i16| {
-        let mut p = libc::pollfd { fd, events, revents: 0 };
+        let mut p = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
         // SAFETY: poll on one valid pollfd.
         unsafe { libc::poll(&mut p, 1, 10_000) };
     };
@@ -726,9 +737,6 @@ fn tls_cost_per_mib() {
             .iter()
             .map(|c| format!("{:.2} ms", splice_cost(Some(*c)) - splice))
             .collect();
-        println!(
-            "| kTLS splice, minus a plain splice | {} |",
-            s.join(" | ")
-        );
+        println!("| kTLS splice, minus a plain splice | {} |", s.join(" | "));
     }
 }

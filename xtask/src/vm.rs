@@ -592,11 +592,7 @@ fn write_initramfs(path: &Path, kernel: &Kernel, modules: &Path, payload: &Paylo
     }
     let count = add_tree(&mut c, modules, modules)?;
     c.file("bin/corral-vm-modprobe", 0o755, MODPROBE.as_bytes())?;
-    c.file(
-        "init",
-        0o755,
-        init_script(kernel, payload).as_bytes(),
-    )?;
+    c.file("init", 0o755, init_script(kernel, payload).as_bytes())?;
     let out = c.finish()?;
     let size = out.get_ref().metadata()?.len();
     out.into_inner()

@@ -1012,6 +1012,10 @@ impl Supervisor {
                     slot.socket.clone(),
                 );
                 let app_name = name.clone();
+                let notify = notify.map(|sock| ready::Notify {
+                    sock,
+                    worker_pid: pid,
+                });
                 let probe = tokio::spawn(async move {
                     let result =
                         ready::wait_ready(&ready_cfg, address, slot_idx, listener, timeout, notify)

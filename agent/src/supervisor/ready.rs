@@ -53,7 +53,7 @@ pub async fn wait_ready(
     slot: u32,
     listener: Arc<OwnedFd>,
     timeout: Duration,
-    notify: Option<UnixDatagram>,
+    notify: Option<Notify>,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let limit = crate::policy::restart::format_duration(timeout);
@@ -63,13 +63,10 @@ pub async fn wait_ready(
             Ok(())
         }
         Ready::Notify => {
-            let Some(sock) = notify else {
+            let Some(notify) = notify else {
                 return Err("no notify socket was set up for this worker".into());
             };
-            match tokio::time::timeout_at(deadline, wait_notify_ready(&sock)).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("did not send READY=1 within {limit}")),
-            }
+            wait_notify_ready(&notify, deadline, &limit).await
         }
         Ready::Tcp => {
             match tokio::time::timeout_at(deadline, probe(address, slot, &listener, None)).await {
@@ -192,31 +189,78 @@ async fn probe(
 }
 
 /// A per-worker `NOTIFY_SOCKET`: an abstract unix datagram socket named after the agent's pid
-/// and the worker's id, so no file needs permissions for the unprivileged worker.
+/// and the worker's id, so no file needs permissions for the unprivileged worker. Anyone in the
+/// network namespace can send to an abstract name, so each datagram's sender is checked (see
+/// [`Notify`]).
 pub fn notify_socket(worker_id: u64) -> Result<(UnixDatagram, String), String> {
-    use std::os::linux::net::SocketAddrExt;
     let name = format!("corral/{}/notify/{worker_id}", std::process::id());
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-        .map_err(|e| format!("notify socket name: {e}"))?;
-    let std_sock = std::os::unix::net::UnixDatagram::bind_addr(&addr)
+    let std_sock = crate::sys::notify::bind_receiver(&name)
         .map_err(|e| format!("binding notify socket @{name}: {e}"))?;
-    std_sock
-        .set_nonblocking(true)
-        .map_err(|e| format!("notify socket: {e}"))?;
     let sock = UnixDatagram::from_std(std_sock).map_err(|e| format!("notify socket: {e}"))?;
     Ok((sock, format!("@{name}")))
 }
 
-async fn wait_notify_ready(sock: &UnixDatagram) -> Result<(), String> {
+/// A worker's notify socket and the worker's pid: `READY=1` counts only from that process or
+/// one of its descendants (systemd's `NotifyAccess=main`, widened to the worker's own children,
+/// as a gunicorn arbiter or a shell wrapper's child may be the one that reports). A datagram
+/// from anyone else is ignored and remembered for the timeout's message.
+pub struct Notify {
+    pub sock: UnixDatagram,
+    pub worker_pid: i32,
+}
+
+async fn wait_notify_ready(n: &Notify, deadline: Instant, limit: &str) -> Result<(), String> {
+    use crate::sys::notify::{is_same_or_descendant, recv_with_sender};
     let mut buf = vec![0u8; 4096];
+    let mut strangers: Vec<String> = Vec::new();
     loop {
-        let n = sock
-            .recv(&mut buf)
-            .await
-            .map_err(|e| format!("reading the notify socket: {e}"))?;
-        let text = String::from_utf8_lossy(&buf[..n]);
-        if text.lines().any(|l| l.trim() == "READY=1") {
-            return Ok(());
+        let received = n.sock.async_io(tokio::io::Interest::READABLE, || {
+            recv_with_sender(n.sock.as_fd(), &mut buf)
+        });
+        let (len, sender) = match tokio::time::timeout_at(deadline, received).await {
+            Ok(Ok(r)) => r,
+            Err(_) => {
+                return Err(format!(
+                    "did not send READY=1 within {limit}{}",
+                    ignored(&strangers)
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "reading the notify socket: {e}{}",
+                    ignored(&strangers)
+                ))
+            }
+        };
+        let text = String::from_utf8_lossy(&buf[..len]);
+        if !text.lines().any(|l| l.trim() == "READY=1") {
+            continue;
         }
+        match sender {
+            Some(pid) if is_same_or_descendant(pid, n.worker_pid) => return Ok(()),
+            other => {
+                let who = other.map_or("an unknown sender".to_string(), |p| format!("pid {p}"));
+                tracing::warn!(
+                    worker_pid = n.worker_pid,
+                    "ignoring READY=1 from {who} on the worker's notify socket: not the worker \
+                     or one of its processes"
+                );
+                if strangers.len() < 8 {
+                    strangers.push(who);
+                }
+            }
+        }
+    }
+}
+
+/// " (ignored READY=1 from pid 7, pid 9: not the worker's)" or nothing.
+fn ignored(strangers: &[String]) -> String {
+    if strangers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (ignored READY=1 from {}: not the worker's processes)",
+            strangers.join(", ")
+        )
     }
 }

@@ -1,6 +1,10 @@
-//! sd_notify: tell systemd (Type=notify) about the agent's state over `NOTIFY_SOCKET`.
+//! sd_notify both ways: tell systemd (Type=notify) about the agent's state over
+//! `NOTIFY_SOCKET`, and receive a worker's `READY=1` on a socket of the agent's, with the
+//! sender's pid as the kernel reports it.
 
 use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixDatagram;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,4 +61,110 @@ impl Notifier {
 pub fn monotonic_usec() -> u64 {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// Bind the abstract unix datagram socket `name` (no leading `@`), non-blocking, with
+/// `SO_PASSCRED`: every datagram then arrives with its sender's pid, uid and gid, checked by the
+/// kernel, so a `READY=1` can be told from a stranger's.
+pub fn bind_receiver(name: &str) -> io::Result<UnixDatagram> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let sock = UnixDatagram::bind_addr(&addr)?;
+    sock.set_nonblocking(true)?;
+    rustix::net::sockopt::set_socket_passcred(&sock, true)?;
+    Ok(sock)
+}
+
+/// Receive one datagram into `buf` without blocking (`WouldBlock` when there is none): its
+/// length and the sender's pid (`None` if the kernel attached no credentials, which does not
+/// happen on a socket from [`bind_receiver`]).
+pub fn recv_with_sender(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<i32>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = rustix::net::recvmsg(
+        fd,
+        &mut iov,
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut sender = None;
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmCredentials(cred) = m {
+            sender = Some(cred.pid.as_raw_nonzero().get());
+        }
+    }
+    Ok((msg.bytes, sender))
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants (its parent chain in /proc reaches
+/// `ancestor`). False when the chain cannot be read (a process that already exited).
+pub fn is_same_or_descendant(pid: i32, ancestor: i32) -> bool {
+    let mut p = pid;
+    // A chain deeper than this is not a worker's process tree.
+    for _ in 0..64 {
+        if p == ancestor {
+            return true;
+        }
+        if p <= 1 {
+            return false;
+        }
+        match parent_of(p) {
+            Some(pp) => p = pp,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// The parent pid of `pid` from /proc/PID/stat (field 4, after the parenthesised name).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_descends_from_its_parents_and_not_from_strangers() {
+        let me = std::process::id() as i32;
+        let parent = parent_of(me).expect("own parent");
+        assert!(is_same_or_descendant(me, me));
+        assert!(is_same_or_descendant(me, parent));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep");
+        let c = child.id() as i32;
+        assert!(is_same_or_descendant(c, me));
+        assert!(!is_same_or_descendant(me, c));
+        assert!(!is_same_or_descendant(i32::MAX, me), "no such process");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn datagrams_arrive_with_their_senders_pid() {
+        let name = format!("corral-test/notify/{}", std::process::id());
+        let rx = bind_receiver(&name).expect("bind");
+        let mut buf = [0u8; 64];
+        let err = recv_with_sender(std::os::fd::AsFd::as_fd(&rx), &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        Notifier {
+            socket: Some(format!("@{name}")),
+        }
+        .notify("READY=1")
+        .expect("send");
+        let (n, pid) = recv_with_sender(std::os::fd::AsFd::as_fd(&rx), &mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"READY=1");
+        assert_eq!(pid, Some(std::process::id() as i32));
+    }
 }
