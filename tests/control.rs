@@ -28,6 +28,13 @@ fn restart_scale_reload_and_status_from_the_cli() {
     let port = free_port();
     let agent = Agent::start("cli", &demo_app("web", &format!("127.0.0.1:{port}"), 2, ""));
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+    // Only root (the agent's owner) may drive it.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&agent.socket)
+        .expect("control socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
 
     let (code, out, err) = corral(&agent, &["restart", "web/1"]);
     assert_eq!(code, 0, "{out}{err}");

@@ -541,11 +541,9 @@ fn bind_control(path: &Path) -> Result<UnixListener, StartError> {
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    // Created 0600 from the start: the umask decides the mode at bind time.
-    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
-    let listener = UnixListener::bind(path);
-    rustix::process::umask(old);
-    listener.map_err(err)
+    // Created 0600 from the start.
+    let listener = crate::sys::socket::bind_unix_private(path).map_err(err)?;
+    UnixListener::from_std(listener).map_err(err)
 }
 
 async fn serve_control(listener: UnixListener, tx: mpsc::UnboundedSender<Event>) {

@@ -284,3 +284,41 @@ pub fn accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
         buf[UNACKED + 3],
     ]))
 }
+
+/// A listening unix stream socket at `path` whose file is created with mode 0600 (owner only),
+/// non-blocking and close-on-exec. The mode is set on the socket before `bind` (the kernel
+/// creates the file from the socket inode's mode), not through the process-wide umask, which
+/// would also narrow whatever another thread creates at the same moment.
+pub fn bind_unix_private(path: &std::path::Path) -> io::Result<std::os::unix::net::UnixListener> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o600))?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    rustix::net::listen(&fd, 128)?;
+    Ok(std::os::unix::net::UnixListener::from(fd))
+}
+
+#[cfg(test)]
+mod unix_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_private_socket_file_is_owner_only() {
+        let dir = std::env::temp_dir().join(format!("corral-unix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("control.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = super::bind_unix_private(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        assert!(listener.accept().is_ok());
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
