@@ -1419,14 +1419,7 @@ pub fn front_app(app: &App, tls: &Tls) -> App {
             ready: Ready::Tcp,
             ready_timeout: Duration::from_secs(10),
         },
-        restart: Restart {
-            policy: RestartMode::Always,
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(30),
-            max_restarts: 5,
-            window: Duration::from_secs(60),
-            reset_after: Duration::from_secs(10),
-        },
+        restart: Restart::DEFAULT,
         pre_start: Vec::new(),
         tls: None,
         role: Role::TlsFront {
@@ -1655,10 +1648,11 @@ fn restart(
         ),
     };
     let r = Table::new(src, &["app", n, "restart"], span.clone());
+    let d = Restart::DEFAULT;
     let policy = r.choice(
         "policy",
         raw.policy.as_ref(),
-        RestartMode::Always,
+        d.policy,
         &[
             ("always", RestartMode::Always),
             ("on-failure", RestartMode::OnFailure),
@@ -1668,13 +1662,9 @@ fn restart(
     let backoff_initial = r.duration(
         "backoff_initial",
         raw.backoff_initial.as_ref(),
-        Duration::from_millis(100),
+        d.backoff_initial,
     )?;
-    let backoff_max = r.duration(
-        "backoff_max",
-        raw.backoff_max.as_ref(),
-        Duration::from_secs(30),
-    )?;
+    let backoff_max = r.duration("backoff_max", raw.backoff_max.as_ref(), d.backoff_max)?;
     if backoff_initial > backoff_max {
         let span = match (&raw.backoff_initial, &raw.backoff_max) {
             (Some(v), _) => v.span(),
@@ -1693,14 +1683,10 @@ fn restart(
     }
     let max_restarts = match &raw.max_restarts {
         Some(v) => r.int_in("max_restarts", v, 0..=i64::from(u32::MAX))?,
-        None => 5,
+        None => i64::from(d.max_restarts),
     };
-    let window = r.positive_duration("window", raw.window.as_ref(), Duration::from_secs(60))?;
-    let reset_after = r.duration(
-        "reset_after",
-        raw.reset_after.as_ref(),
-        Duration::from_secs(10),
-    )?;
+    let window = r.positive_duration("window", raw.window.as_ref(), d.window)?;
+    let reset_after = r.duration("reset_after", raw.reset_after.as_ref(), d.reset_after)?;
     Ok(Restart {
         policy,
         backoff_initial,

@@ -170,6 +170,18 @@ pub struct Restart {
     pub reset_after: Duration,
 }
 
+impl Restart {
+    /// What `[app.NAME.restart]` gives when it says nothing (and what TLS fronts get).
+    pub const DEFAULT: Restart = Restart {
+        policy: RestartMode::Always,
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(30),
+        max_restarts: 5,
+        window: Duration::from_secs(60),
+        reset_after: Duration::from_secs(10),
+    };
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreStart {
     /// `step N` (1-based) or the optional `name` key.
