@@ -79,6 +79,36 @@ fn workers_get_their_own_socket_on_fd3_and_requests_reach_all() {
     assert_eq!(answered, expected, "200 connections reach every worker");
 }
 
+/// Under a seccomp filter that refuses clone3 (systemd's RestrictNamespaces=, older container
+/// profiles), workers still start with a pidfd, unprivileged, and come back after a kill.
+#[test]
+fn workers_start_and_restart_when_clone3_is_refused() {
+    let port = free_port();
+    let agent = Agent::start_without_clone3("noclone3", "", &demo_app("web", port, 2));
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+    let (status, body) = http_get(addr(port), "/").expect("GET");
+    assert_eq!(status, 200, "{body}");
+    for pid in &pids {
+        let st: BTreeMap<_, _> = proc_status(*pid).into_iter().collect();
+        assert_eq!(st["Seccomp"], "2", "{pid} runs under the test's filter");
+        assert_eq!(st["CapEff"], "0000000000000000", "CapEff of {pid}");
+        assert!(st["Uid"].split_whitespace().all(|u| u == "65534"), "{st:?}");
+    }
+    // SAFETY: pids[0] is one of this test's workers.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let after = wait_for(Duration::from_secs(5), "worker 0 replaced", || {
+        let now = agent.wait_ready("web", 2, Duration::from_secs(5));
+        (now[0] != pids[0]).then_some(now)
+    });
+    assert_eq!(after[1], pids[1]);
+    let log = agent.log();
+    assert_eq!(
+        log.matches("clone3 is refused with ENOSYS").count(),
+        1,
+        "said once: {log}"
+    );
+}
+
 #[test]
 fn workers_run_unprivileged_with_no_capabilities() {
     let port = free_port();

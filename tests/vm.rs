@@ -946,6 +946,45 @@ fn a_restarted_agent_removes_the_cgroups_a_crashed_one_left() {
     );
 }
 
+/// With clone3 refused (no CLONE_INTO_CGROUP), a worker joins its leaf itself before it drops
+/// its privileges: the tree, the limits and the accounting are the same.
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+fn without_clone3_workers_still_run_in_their_own_leaves() {
+    in_vm();
+    let root = vm_cgroup_root("noclone3");
+    let port = free_port();
+    let apps = demo_app(
+        "web",
+        &format!("127.0.0.1:{port}"),
+        2,
+        "memory_max = \"64MiB\"\npids_max = 32\n",
+    );
+    let agent = Agent::start_without_clone3("cg-noclone3", &root.agent_line(), &apps);
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(60));
+    let root_dir = root.path().to_path_buf();
+    for w in workers_json(&agent.app_json("web")) {
+        let pid = json_pid(&w).expect("a ready worker has a pid");
+        let leaf = leaf_dir(&root_dir, &w);
+        assert_eq!(cgroup_procs(&leaf), vec![pid], "{}", leaf.display());
+        assert_eq!(proc_cgroup(pid), Some(cgroup_name(&leaf)));
+        assert_eq!(cgroup_read(&leaf, "memory.max"), "67108864");
+        assert_eq!(cgroup_read(&leaf, "pids.max"), "32");
+    }
+    assert_eq!(cgroup_procs(&root_dir.join("app-web")), Vec::<i32>::new());
+    assert!(
+        pids.iter().all(|p| proc_status(*p)
+            .iter()
+            .any(|(k, v)| k == "Seccomp" && v == "2")),
+        "the workers run under the test's filter"
+    );
+    assert!(
+        agent.log().contains("clone3 is refused with ENOSYS"),
+        "{}",
+        agent.log()
+    );
+}
+
 // ---- The TLS front through kTLS + splice -------------------------------------------------
 
 const TLS_SIZES: [u64; 6] = [0, 1, 16383, 16384, 16385, 1 << 20];

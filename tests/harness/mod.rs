@@ -124,6 +124,8 @@ pub struct Agent {
     child: Option<Child>,
     seen_pids: Mutex<BTreeSet<i32>>,
     wrapper: Vec<String>,
+    /// Started under [`deny_clone3`].
+    no_clone3: bool,
     /// Lines added to the `[agent]` table (see [`agent_table_with`]).
     agent_extra: String,
 }
@@ -197,11 +199,34 @@ impl Agent {
         Self::build_with(tag, apps, |_| {}, &[], agent_extra)
     }
 
+    /// Like [`Agent::start_with_agent_extra`], with the agent (and so everything it starts)
+    /// under a seccomp filter that fails clone3 with ENOSYS, as systemd's RestrictNamespaces=
+    /// and older container profiles do.
+    pub fn start_without_clone3(tag: &str, agent_extra: &str, apps: &str) -> Agent {
+        let mut agent = Self::configure(tag, apps, |_| {}, &[], agent_extra);
+        agent.no_clone3 = true;
+        agent.spawn();
+        agent
+    }
+
     fn build(tag: &str, apps: &str, prepare: impl FnOnce(&TempDir), wrapper: &[&str]) -> Agent {
         Self::build_with(tag, apps, prepare, wrapper, "")
     }
 
     fn build_with(
+        tag: &str,
+        apps: &str,
+        prepare: impl FnOnce(&TempDir),
+        wrapper: &[&str],
+        agent_extra: &str,
+    ) -> Agent {
+        let mut agent = Self::configure(tag, apps, prepare, wrapper, agent_extra);
+        agent.spawn();
+        agent
+    }
+
+    /// The test directory and config, not started yet.
+    fn configure(
         tag: &str,
         apps: &str,
         prepare: impl FnOnce(&TempDir),
@@ -221,7 +246,7 @@ impl Agent {
         std::fs::write(&config, text).expect("write config");
         let socket = dir.path().join("run/control.sock");
         let log = dir.path().join("agent.log");
-        let mut agent = Agent {
+        Agent {
             dir,
             config,
             socket,
@@ -230,9 +255,8 @@ impl Agent {
             seen_pids: Mutex::new(BTreeSet::new()),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             agent_extra: agent_extra.to_string(),
-        };
-        agent.spawn();
-        agent
+            no_clone3: false,
+        }
     }
 
     /// Start the agent process (again) on this directory's config; wait for its control socket.
@@ -251,6 +275,11 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("log");
+        if self.no_clone3 {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: deny_clone3 only makes a prctl call on stack memory.
+            unsafe { cmd.pre_exec(deny_clone3) };
+        }
         let child = cmd
             .args(["agent", "--config"])
             .arg(&self.config)
@@ -467,6 +496,65 @@ impl Drop for Agent {
             }
         }
     }
+}
+
+/// In a child before exec: a seccomp filter that fails clone3 with ENOSYS (every other call is
+/// allowed). Inherited across exec and fork, so the agent and all it starts live under it.
+fn deny_clone3() -> std::io::Result<()> {
+    #[repr(C)]
+    struct SockFilter {
+        code: u16,
+        jt: u8,
+        jf: u8,
+        k: u32,
+    }
+    #[repr(C)]
+    struct SockFprog {
+        len: u16,
+        filter: *const SockFilter,
+    }
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let filter = [
+        // seccomp_data.nr
+        SockFilter {
+            code: LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        SockFilter {
+            code: JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_clone3 as u32,
+        },
+        SockFilter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: RET_ERRNO | libc::ENOSYS as u32,
+        },
+        SockFilter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: RET_ALLOW,
+        },
+    ];
+    let prog = SockFprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr(),
+    };
+    // SAFETY: PR_SET_SECCOMP with a valid filter program that outlives the call (root has
+    // CAP_SYS_ADMIN, so no_new_privs is not needed).
+    if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 thread_local! {

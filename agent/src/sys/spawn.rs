@@ -1,4 +1,5 @@
-//! Starting processes: `clone3(CLONE_PIDFD)` then `execve`, so the caller gets a pidfd atomically
+//! Starting processes: `clone3(CLONE_PIDFD)` (or `clone(CLONE_PIDFD)` where a seccomp filter
+//! refuses clone3) then `execve`, so the caller gets a pidfd atomically
 //! with the child and never holds a bare pid that could be reused.
 //!
 //! Everything the child needs (argv, envp, paths, the `LISTEN_PID=` buffer) is built before the
@@ -11,6 +12,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::{fmt, io, ptr};
 
 use super::{cvt_retry, last_os_error};
@@ -39,6 +41,9 @@ pub enum SpawnError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Stage {
+    /// Joining the worker's cgroup by writing cgroup.procs (only when clone3, and with it
+    /// CLONE_INTO_CGROUP, is refused).
+    Cgroup = 14,
     Signals = 1,
     Setsid,
     Fds,
@@ -58,6 +63,7 @@ impl Stage {
     fn from_u32(v: u32) -> Option<Stage> {
         use Stage::*;
         [
+            Cgroup,
             Signals,
             Setsid,
             Fds,
@@ -80,6 +86,7 @@ impl Stage {
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Stage::Cgroup => "joining the worker's cgroup (cgroup.procs)",
             Stage::Signals => "resetting signals",
             Stage::Setsid => "setsid",
             Stage::Fds => "setting up fds 0-3",
@@ -176,6 +183,9 @@ struct Plan {
     report: RawFd,
     /// RLIMIT_NOFILE to restore before exec (the agent raised its own).
     nofile: Option<libc::rlimit>,
+    /// The worker leaf's cgroup.procs, which the child writes itself into first when it was
+    /// started with clone instead of clone3 (-1: not needed).
+    cgroup_procs: RawFd,
 }
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
@@ -251,6 +261,7 @@ impl Plan {
                 rlim_cur: l.soft,
                 rlim_max: l.hard,
             }),
+            cgroup_procs: -1,
         })
     }
 }
@@ -273,18 +284,12 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// Start the process described by `spec`. Returns once the child has exec'd (or failed to).
-pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
-    let parent = |call| move |source| SpawnError::Parent { call, source };
-    let devnull = open_devnull().map_err(parent("open /dev/null"))?;
-    let (report_r, report_w) = pipe_cloexec().map_err(parent("pipe2"))?;
-    let mut plan = Plan::new(spec, devnull.as_raw_fd(), report_w.as_raw_fd())?;
-    let listen_pid_buf: *mut u8 = match plan.listen_pid.as_mut() {
-        Some(b) => b.as_mut_ptr(),
-        None => ptr::null_mut(),
-    };
+/// Set once clone3 has failed with ENOSYS: later spawns go straight to [`clone_legacy`].
+static CLONE3_REFUSED: AtomicBool = AtomicBool::new(false);
 
-    let mut pidfd: RawFd = -1;
+/// clone3(CLONE_PIDFD [| CLONE_INTO_CGROUP]): 0 in the child, the pid in the parent, -1 with
+/// errno set on failure.
+fn clone3(spec: &Spec<'_>, pidfd: &mut RawFd) -> libc::c_long {
     let mut flags = libc::CLONE_PIDFD as u64;
     let mut cgroup = 0;
     if let Some(fd) = spec.cgroup {
@@ -293,7 +298,7 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
     }
     let mut args = CloneArgs {
         flags,
-        pidfd: &mut pidfd as *mut RawFd as u64,
+        pidfd: pidfd as *mut RawFd as u64,
         child_tid: 0,
         parent_tid: 0,
         exit_signal: libc::SIGCHLD as u64,
@@ -307,30 +312,113 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
     // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a copy of this address
     // space and continues here with a return value of 0. `args` is a valid clone_args of the
     // size passed.
-    let ret = unsafe {
+    unsafe {
         libc::syscall(
             libc::SYS_clone3,
             &mut args as *mut CloneArgs,
             std::mem::size_of::<CloneArgs>(),
         )
+    }
+}
+
+/// clone(CLONE_PIDFD | SIGCHLD), fork-like; the pidfd is stored through the parent_tid
+/// argument. Returns like [`clone3`].
+fn clone_legacy(pidfd: &mut RawFd) -> libc::c_long {
+    let flags = (libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: as for clone3: no CLONE_VM, so the child runs on a copy of this address space
+    // (stack 0 = the same stack pointer, as fork). The pointer is valid for the kernel's
+    // write of the pidfd; child_tid and tls are unused (0), whatever their order on this
+    // architecture.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0usize,
+            pidfd as *mut RawFd,
+            0usize,
+            0usize,
+        )
+    }
+}
+
+/// `cgroup.procs` of the cgroup directory `dir`, for writing, close-on-exec.
+fn open_cgroup_procs(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: openat relative to a valid directory fd with a C string path.
+    let fd = cvt_retry(|| unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Start the process described by `spec`. Returns once the child has exec'd (or failed to).
+pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
+    let parent = |call| move |source| SpawnError::Parent { call, source };
+    let devnull = open_devnull().map_err(parent("open /dev/null"))?;
+    let (report_r, report_w) = pipe_cloexec().map_err(parent("pipe2"))?;
+    let mut plan = Plan::new(spec, devnull.as_raw_fd(), report_w.as_raw_fd())?;
+    let listen_pid_buf: *mut u8 = match plan.listen_pid.as_mut() {
+        Some(b) => b.as_mut_ptr(),
+        None => ptr::null_mut(),
+    };
+
+    let mut pidfd: RawFd = -1;
+    let mut ret = if CLONE3_REFUSED.load(Ordering::Relaxed) {
+        -1
+    } else {
+        clone3(spec, &mut pidfd)
     };
     if ret == 0 {
         // SAFETY: we are the child of a fork-like clone; `child` only makes async-signal-safe
         // syscalls on memory prepared in `plan` and never returns.
         unsafe { child(&plan, listen_pid_buf) }
     }
+    // systemd's RestrictNamespaces= (and older container seccomp profiles) make clone3 fail
+    // with ENOSYS, since a seccomp filter cannot read its flags from memory. clone takes
+    // CLONE_PIDFD too (5.2); the child then joins its cgroup itself, briefly in the agent's
+    // cgroup first, before it drops its privileges.
+    let mut _cgroup_procs = None;
+    if ret < 0
+        && (CLONE3_REFUSED.load(Ordering::Relaxed)
+            || last_os_error().raw_os_error() == Some(libc::ENOSYS))
+    {
+        if !CLONE3_REFUSED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "clone3 is refused with ENOSYS (a seccomp filter: systemd's \
+                 RestrictNamespaces=, or a container's profile); starting processes with clone \
+                 instead, which puts a worker in its cgroup just after it starts rather than at \
+                 its creation"
+            );
+        }
+        if let Some(dir) = spec.cgroup {
+            let procs = open_cgroup_procs(dir)
+                .map_err(parent("opening the worker cgroup's cgroup.procs"))?;
+            plan.cgroup_procs = procs.as_raw_fd();
+            _cgroup_procs = Some(procs);
+        }
+        ret = clone_legacy(&mut pidfd);
+        if ret == 0 {
+            // SAFETY: as above: the child of a fork-like clone.
+            unsafe { child(&plan, listen_pid_buf) }
+        }
+        if ret < 0 {
+            return Err(SpawnError::Parent {
+                call: "clone (clone3 is refused with ENOSYS by a seccomp filter)",
+                source: last_os_error(),
+            });
+        }
+    }
     if ret < 0 {
         let source = last_os_error();
         return Err(SpawnError::Parent {
-            call: match (source.raw_os_error(), spec.cgroup.is_some()) {
-                // systemd's RestrictNamespaces= (and older container seccomp profiles) make
-                // clone3 fail with ENOSYS, since a filter cannot read its flags from memory.
-                (Some(libc::ENOSYS), _) => {
-                    "clone3 (refused by a seccomp filter? systemd's RestrictNamespaces= blocks \
-                     clone3 with ENOSYS; corral needs it for CLONE_PIDFD and CLONE_INTO_CGROUP)"
-                }
-                (_, true) => "clone3 into the worker's cgroup",
-                (_, false) => "clone3",
+            call: if spec.cgroup.is_some() {
+                "clone3 into the worker's cgroup"
+            } else {
+                "clone3"
             },
             source,
         });
@@ -466,6 +554,11 @@ unsafe fn child(plan: &Plan, listen_pid_buf: *mut u8) -> ! {
     // SAFETY (whole body): raw libc calls with valid arguments built before the clone; see the
     // function's contract.
     unsafe {
+        // Started with clone, not clone3 into the cgroup: join it before anything else.
+        if plan.cgroup_procs >= 0 {
+            let n = libc::write(plan.cgroup_procs, b"0".as_ptr().cast(), 1);
+            check!(Stage::Cgroup, n as libc::c_int);
+        }
         // Signals: empty mask, default dispositions (Rust ignores SIGPIPE; exec keeps ignores).
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
