@@ -178,7 +178,7 @@ fn sd_notify_states_and_no_agent_variables_leak_into_workers() {
         Duration::from_secs(20),
         "two ready workers",
         || match status()? {
-            Response::Status { apps } => {
+            Response::Status { apps, .. } => {
                 let ws = &apps.first()?.workers;
                 (ws.len() == 2 && ws.iter().all(|w| w.state == "ready"))
                     .then(|| ws.iter().filter_map(|w| w.pid).collect::<Vec<_>>())
@@ -323,6 +323,26 @@ fn notify_readiness_ignores_strangers_and_takes_the_workers_children() {
     assert!(
         log.contains(&format!("ignoring READY=1 from pid {me}")),
         "{log}"
+    );
+    // The wrapped worker's child serves; it is not the worker, and it goes when the worker
+    // goes (its process group is killed at the worker's exit: this host has no cgroup root).
+    let (status, body) = http_get(format!("127.0.0.1:{p2}").parse().expect("addr"), "/")
+        .expect("GET the wrapped app");
+    assert_eq!(status, 200, "{body}");
+    let child: i32 = body
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {body}"));
+    let wrapper = agent.app("wrapped").workers[0].pid.expect("worker pid");
+    assert_ne!(child, wrapper, "the demo runs as the shell's child");
+    let mut agent = agent;
+    assert_eq!(agent.stop(Duration::from_secs(20)), Some(0));
+    wait_for(
+        Duration::from_secs(5),
+        "the wrapped worker's child gone",
+        || (!pid_alive(child)).then_some(()),
     );
 }
 

@@ -459,6 +459,78 @@ fn pins_are_replaced_after_a_crash_and_removed_on_a_clean_stop() {
     );
 }
 
+/// `corral reexec` restarts the agent while its workers stay alive: the new image finds the
+/// group, replaces the pinned program and maps with its own, and steers the same workers.
+#[test]
+fn an_agent_restarted_in_place_keeps_its_workers_and_steers_them() {
+    let _serial = one_at_a_time();
+    let port = free_port();
+    let mut mount = None;
+    let slow = "if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=100 DEMO_THREADS=2; fi;";
+    let mut agent = Agent::start_with("pins-reexec", &app(port, 4, slow, ""), |dir| {
+        mount = Some(BpfMount::new(&dir.path().join("bpf")));
+    });
+    let _mount = mount.expect("mounted");
+    let pin_root = agent.dir.path().join("bpf");
+    let pids = agent.wait_ready("web", 4, Duration::from_secs(20));
+    let old_inodes: Vec<u64> = pins_under(&pin_root).iter().map(|p| inode(p)).collect();
+    assert!(!old_inodes.is_empty(), "pinned before");
+    let agent_pid = agent.pid();
+
+    let out = std::process::Command::new(bin("corral"))
+        .args(["reexec", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("corral reexec");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("re-executed 1 time"), "{said}");
+    let info = agent.agent_info();
+    assert_eq!((info.pid as i32, info.generation), (agent_pid, 1));
+    assert_eq!(
+        agent.wait_ready("web", 4, Duration::from_secs(5)),
+        pids,
+        "the same workers, alive"
+    );
+    // The new image's program steers them: least-loaded keeps the slow one's share low.
+    let (counts, errors) = load(addr(port), "/", 1200, 12);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(pids.iter().all(|p| counts.contains_key(p)), "{counts:?}");
+    let total: usize = counts.values().sum();
+    let slow_share = counts[&pids[3]] as f64 / total as f64;
+    assert!(
+        slow_share < 0.08,
+        "least-loaded after the re-exec: {counts:?}"
+    );
+    let st = agent.app("web");
+    assert!(
+        st.steering.starts_with("least-loaded (eBPF"),
+        "{}",
+        st.steering
+    );
+    assert!(
+        st.steering_stats.expect("stats").selected >= 1200,
+        "the new program counted the connections"
+    );
+    let new_inodes: Vec<u64> = pins_under(&pin_root).iter().map(|p| inode(p)).collect();
+    assert_eq!(new_inodes.len(), old_inodes.len());
+    assert!(
+        new_inodes.iter().all(|i| !old_inodes.contains(i)),
+        "the new image pinned its own program and maps: {old_inodes:?} -> {new_inodes:?}"
+    );
+    assert_eq!(agent.stop(Duration::from_secs(20)), Some(0));
+    assert_eq!(
+        pins_under(&pin_root),
+        Vec::<PathBuf>::new(),
+        "no pins after a clean stop"
+    );
+    assert!(pids.iter().all(|p| !pid_alive(*p)));
+}
+
 #[test]
 fn without_bpf_privileges_the_agent_falls_back_to_the_kernel_hash() {
     let _serial = one_at_a_time();

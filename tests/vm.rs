@@ -985,6 +985,74 @@ fn without_clone3_workers_still_run_in_their_own_leaves() {
     );
 }
 
+/// `corral reexec` keeps each worker in its leaf: the new image adopts the app's cgroup (it is
+/// not stale), a worker killed afterwards gets a leaf of its own, a stop removes the tree.
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test"]
+fn reexec_keeps_workers_in_their_leaves() {
+    in_vm();
+    let root = vm_cgroup_root("reexec");
+    let port = free_port();
+    let apps = demo_app(
+        "web",
+        &format!("127.0.0.1:{port}"),
+        2,
+        "memory_max = \"64MiB\"\nmemory_high = \"48MiB\"\n",
+    );
+    let (mut agent, root_dir) = cgroup_agent("cg-reexec", &root, "", &apps);
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(60));
+    let leaves = |agent: &Agent| -> Vec<(i32, PathBuf)> {
+        workers_json(&agent.app_json("web"))
+            .iter()
+            .map(|w| (json_pid(w).expect("pid"), leaf_dir(&root_dir, w)))
+            .collect()
+    };
+    let before = leaves(&agent);
+    let out = std::process::Command::new(bin("corral"))
+        .args(["reexec", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("corral reexec");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(20)), pids);
+    let after = leaves(&agent);
+    assert_eq!(after, before, "the same workers in the same leaves");
+    for (pid, leaf) in &after {
+        assert_eq!(cgroup_procs(leaf), vec![*pid], "{}", leaf.display());
+        assert_eq!(cgroup_read(leaf, "memory.max"), "67108864");
+    }
+    assert!(
+        !agent.log().contains("removed stale cgroup"),
+        "{}",
+        agent.log()
+    );
+    // SAFETY: pids[0] is one of this test's workers.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let now = wait_for(Duration::from_secs(20), "worker 0 replaced", || {
+        let now = agent.wait_ready("web", 2, Duration::from_secs(20));
+        (now[0] != pids[0]).then_some(now)
+    });
+    let replaced = leaves(&agent);
+    let (_, new_leaf) = replaced
+        .iter()
+        .find(|(p, _)| *p == now[0])
+        .expect("new worker");
+    assert_ne!(new_leaf, &before[0].1, "a new leaf for the new worker");
+    wait_for(Duration::from_secs(10), "the old leaf removed", || {
+        (!before[0].1.exists()).then_some(())
+    });
+    assert_eq!(agent.stop(Duration::from_secs(30)), Some(0));
+    assert!(
+        !root_dir.join("app-web").exists(),
+        "the app's cgroup removed at stop"
+    );
+}
+
 // ---- The TLS front through kTLS + splice -------------------------------------------------
 
 const TLS_SIZES: [u64; 6] = [0, 1, 16383, 16384, 16385, 1 << 20];

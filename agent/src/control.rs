@@ -11,18 +11,51 @@ use std::time::Duration;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    Status { app: Option<String> },
-    Reload { app: Option<String> },
-    Restart { app: String, worker: Option<u32> },
-    Scale { app: String, count: u32 },
+    Status {
+        app: Option<String>,
+    },
+    Reload {
+        app: Option<String>,
+    },
+    Restart {
+        app: String,
+        worker: Option<u32>,
+    },
+    Scale {
+        app: String,
+        count: u32,
+    },
+    /// Re-execute the agent in place, keeping every worker (see `supervisor::handoff`).
+    Reexec,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "result", rename_all = "lowercase")]
 pub enum Response {
-    Ok { message: String },
-    Status { apps: Vec<AppStatus> },
-    Error { message: String },
+    Ok {
+        message: String,
+    },
+    Status {
+        apps: Vec<AppStatus>,
+        /// The agent itself (absent from agents before `corral reexec` existed).
+        #[serde(default)]
+        agent: Option<AgentInfo>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// The agent process answering.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentInfo {
+    pub pid: u32,
+    /// corral's version of the running image.
+    pub version: String,
+    /// How many times this agent re-executed itself (`corral reexec`) since it started.
+    pub generation: u32,
+    /// Why the last `corral reexec` failed, when it did (the agent kept running as it was).
+    pub reexec_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

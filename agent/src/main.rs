@@ -83,6 +83,24 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Restart the agent itself in place, keeping every worker serving: it re-executes its
+    /// binary (the new one after a package upgrade) under the same pid and hands over the
+    /// workers, their sockets, output and cgroups; no pre-start step runs again, no worker
+    /// restarts, no connection is lost. Refused, saying why, while pre-start steps or a rolling
+    /// replacement run, while a worker starts or stops, or when the config on disk differs
+    /// from the running one (apply it with `corral reload` first). Waits until the new image
+    /// answers.
+    Reexec {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Run by the agent before `corral reexec` execs this binary: load the config and print
+    /// the handoff format this binary takes.
+    #[command(hide = true)]
+    ReexecCheck {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Shell completions for bash, zsh or fish, on stdout (the packages install them).
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -262,6 +280,68 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Scale { app, count, target } => {
             simple(target.call(&Request::Scale { app, count })?)
         }
+        Command::Reexec { target } => reexec(&target),
+        Command::ReexecCheck { config } => {
+            let cfg = load(&config)?;
+            check_budget(
+                &cfg,
+                supervisor::cgroups::Cgroups::inspect(&cfg.agent).root_memory_max(),
+            )?;
+            println!("{}", supervisor::handoff::check_line());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The agent answering on `target`.
+fn agent_info(target: &Target) -> Result<control::AgentInfo> {
+    match target.call(&Request::Status { app: None })? {
+        Response::Status {
+            agent: Some(info), ..
+        } => Ok(info),
+        Response::Status { agent: None, .. } => {
+            bail!("this agent predates `corral reexec`: restart it instead (systemctl restart corral)")
+        }
+        Response::Error { message } => bail!("{message}"),
+        Response::Ok { message } => bail!("unexpected answer: {message}"),
+    }
+}
+
+/// `corral reexec`: ask, then wait for the new image (or the reason the old one stayed).
+fn reexec(target: &Target) -> Result<ExitCode> {
+    let before = agent_info(target)?;
+    match target.call(&Request::Reexec)? {
+        Response::Ok { message } => println!("{message}"),
+        Response::Error { message } => bail!("{message}"),
+        Response::Status { .. } => bail!("the agent answered with a status where none was asked"),
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // The control socket stays open across the exec: requests wait in its backlog until
+        // the new image accepts them.
+        match agent_info(target) {
+            Ok(now) if now.generation > before.generation => {
+                println!(
+                    "the agent (pid {}) runs corral {} now, re-executed {} time(s) since it started",
+                    now.pid, now.version, now.generation
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(now) => {
+                // The agent handles requests in order: one answered by the same image after
+                // the reply means the exec failed (and it says why).
+                bail!(
+                    "the re-exec failed and the agent runs on as it was: {}",
+                    now.reexec_error.as_deref().unwrap_or("no reason given")
+                );
+            }
+            Err(_) if std::time::Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the agent did not come back from its re-exec within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -278,7 +358,7 @@ fn simple(response: Response) -> Result<ExitCode> {
 
 fn status_apps(response: Response) -> Result<Vec<AppStatus>> {
     match response {
-        Response::Status { apps } => Ok(apps),
+        Response::Status { apps, .. } => Ok(apps),
         Response::Error { message } => bail!("{message}"),
         Response::Ok { message } => bail!("unexpected answer: {message}"),
     }
@@ -451,7 +531,7 @@ fn probe_bind(cfg: &Config, app: &config::App) -> Result<(), String> {
     )
     .ok()
     .and_then(|r| match r {
-        Response::Status { apps } => Some(apps),
+        Response::Status { apps, .. } => Some(apps),
         _ => None,
     })
     .is_some_and(|apps| {

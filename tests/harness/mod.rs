@@ -126,6 +126,8 @@ pub struct Agent {
     wrapper: Vec<String>,
     /// Started under [`deny_clone3`].
     no_clone3: bool,
+    /// The corral binary to run, when not the build's.
+    binary: Option<PathBuf>,
     /// Lines added to the `[agent]` table (see [`agent_table_with`]).
     agent_extra: String,
 }
@@ -199,6 +201,15 @@ impl Agent {
         Self::build_with(tag, apps, |_| {}, &[], agent_extra)
     }
 
+    /// Like [`Agent::start`], running the agent from `binary` (a copy of corral, which a test
+    /// may replace as a package upgrade does) instead of the build's.
+    pub fn start_binary(tag: &str, apps: &str, binary: &Path) -> Agent {
+        let mut agent = Self::configure(tag, apps, |_| {}, &[], "");
+        agent.binary = Some(binary.to_path_buf());
+        agent.spawn();
+        agent
+    }
+
     /// Like [`Agent::start_with_agent_extra`], with the agent (and so everything it starts)
     /// under a seccomp filter that fails clone3 with ENOSYS, as systemd's RestrictNamespaces=
     /// and older container profiles do.
@@ -256,17 +267,19 @@ impl Agent {
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             agent_extra: agent_extra.to_string(),
             no_clone3: false,
+            binary: None,
         }
     }
 
     /// Start the agent process (again) on this directory's config; wait for its control socket.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "agent already running");
+        let corral = self.binary.clone().unwrap_or_else(|| bin("corral"));
         let mut cmd = match self.wrapper.split_first() {
-            None => Command::new(bin("corral")),
+            None => Command::new(&corral),
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(bin("corral"));
+                c.args(rest).arg(&corral);
                 c
             }
         };
@@ -357,7 +370,7 @@ impl Agent {
 
     pub fn try_status(&self) -> Option<Vec<AppStatus>> {
         match self.call(&Request::Status { app: None })? {
-            Response::Status { apps } => {
+            Response::Status { apps, .. } => {
                 let mut seen = self.seen_pids.lock().expect("lock");
                 for a in &apps {
                     seen.extend(a.workers.iter().filter_map(|w| w.pid));
@@ -464,6 +477,20 @@ impl Agent {
     }
 
     /// Every worker pid any status call has shown.
+    /// The agent's own status (pid, version, re-exec generation).
+    pub fn agent_info(&self) -> corral::control::AgentInfo {
+        match corral::control::call(
+            &self.socket,
+            &Request::Status { app: None },
+            Duration::from_secs(10),
+        ) {
+            Ok(Response::Status {
+                agent: Some(info), ..
+            }) => info,
+            other => panic!("agent status: {other:?}"),
+        }
+    }
+
     pub fn seen_pids(&self) -> BTreeSet<i32> {
         self.seen_pids.lock().expect("lock").clone()
     }

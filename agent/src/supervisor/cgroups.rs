@@ -54,16 +54,18 @@ impl Cgroups {
     /// Find and prepare corral's subtree (creating `supervisor` and enabling memory, pids and
     /// cpu where they are delegated). Never fails: without a usable root, every worker runs in
     /// the agent's cgroup and [`Cgroups::refusal`] says what that means for capped apps.
-    pub fn setup(agent: &config::Agent) -> Cgroups {
-        Self::find(agent, false)
+    /// `keep`: apps whose cgroups hold workers adopted from the agent's previous image (`corral
+    /// reexec`); every other app cgroup is stale and removed.
+    pub fn setup(agent: &config::Agent, keep: &[String]) -> Cgroups {
+        Self::find(agent, false, keep)
     }
 
     /// What [`Cgroups::setup`] would find, changing nothing (for `corral check`).
     pub fn inspect(agent: &config::Agent) -> Cgroups {
-        Self::find(agent, true)
+        Self::find(agent, true, &[])
     }
 
-    fn find(agent: &config::Agent, dry: bool) -> Cgroups {
+    fn find(agent: &config::Agent, dry: bool, keep: &[String]) -> Cgroups {
         let detected = match cgroup::detect(Path::new(MOUNT)) {
             Ok(d) => d,
             Err(e) => return Cgroups::none(format!("cannot read {MOUNT}: {e}"), String::new()),
@@ -152,11 +154,15 @@ impl Cgroups {
                 return Cgroups::none(format!("preparing {}: {e}", root_path.display()), summary)
             }
         };
-        // Nothing of a previous agent survives it (workers die with it), but its cgroups do:
-        // remove every app-* tree before making new ones.
+        // Nothing of a crashed agent survives it (workers die with it), but its cgroups do:
+        // remove every app-* tree before making new ones, except those of workers handed over
+        // by a re-exec.
         match root.existing_apps() {
             Ok(apps) => {
-                for app in apps {
+                for app in apps
+                    .into_iter()
+                    .filter(|a| !keep.iter().any(|k| k == a.name()))
+                {
                     for leaf in app.existing_leaves().unwrap_or_default() {
                         super::teardown_leaf(leaf);
                     }

@@ -20,6 +20,8 @@ pub struct Started {
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     pub counters: Option<Arc<crate::sys::front::SharedCounters>>,
+    /// The counters' memfd (kept to hand the mapping to the agent's next image).
+    pub counters_fd: Option<OwnedFd>,
 }
 
 /// Everything needed to start a process of an app, resolved ahead of time.
@@ -94,6 +96,7 @@ impl Launch {
         // A TLS front: fd 4 its certificates, fd 5 its counters.
         let mut more: Vec<OwnedFd> = Vec::new();
         let mut counters = None;
+        let mut counters_fd = None;
         if let Some((memfd, _)) = &self.bundle {
             more.push(
                 crate::sys::front::reopen(memfd)
@@ -104,6 +107,10 @@ impl Launch {
                 crate::tls::stats::COUNT,
             )
             .map_err(|e| format!("the counters memfd: {e}"))?;
+            counters_fd = Some(
+                fd.try_clone()
+                    .map_err(|e| format!("the counters memfd: {e}"))?,
+            );
             more.push(fd);
             counters = Some(Arc::new(c));
         }
@@ -131,6 +138,7 @@ impl Launch {
             stdout: out_r,
             stderr: err_r,
             counters,
+            counters_fd,
         })
     }
 }

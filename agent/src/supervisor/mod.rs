@@ -3,6 +3,7 @@
 //! report back as [`Event`]s. Policy decides, this module executes.
 
 pub mod cgroups;
+pub mod handoff;
 pub mod launch;
 mod output;
 mod prestart;
@@ -99,6 +100,8 @@ enum Event {
         request: Request,
         reply: oneshot::Sender<Response>,
     },
+    /// The reply to `corral reexec` went out: exec now.
+    ReexecNow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +144,10 @@ struct Worker {
     recycling: bool,
     /// A TLS front's counters (shared memory it updates).
     counters: Option<Arc<crate::sys::front::SharedCounters>>,
+    /// What `corral reexec` hands to the agent's next image besides the pidfd: dups of the read
+    /// ends of its stdout and stderr (the forwarding tasks own the originals) and a front's
+    /// counters memfd.
+    handover: handoff::WorkerFds,
 }
 
 impl Drop for Worker {
@@ -410,6 +417,13 @@ struct Supervisor {
     shutting_down: bool,
     rng: u64,
     cgroups: Cgroups,
+    /// A dup of the control socket's listener, to hand to the next image.
+    control_fd: Option<OwnedFd>,
+    /// Re-execs since the agent started (`corral reexec`).
+    generation: u32,
+    /// Why the last re-exec failed.
+    reexec_error: Option<String>,
+    pending_reexec: Option<handoff::Pending>,
 }
 
 /// Run the agent until SIGTERM or SIGINT. Errors before the first worker starts are returned
@@ -432,7 +446,18 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
     ready::init_accept_signal();
-    let cgroups = Cgroups::setup(&config.agent);
+    // Started by `corral reexec`: the previous image's workers, sockets and cgroups to adopt.
+    let mut handed = handoff::take();
+    if let Some(st) = handed.as_mut() {
+        handoff::stop_unknown(st, &|name| {
+            AppName::new(name).is_ok_and(|n| config.apps.contains_key(&n))
+        });
+    }
+    let keep: Vec<String> = handed
+        .iter()
+        .flat_map(|st| st.apps.iter().map(|a| a.name.clone()))
+        .collect();
+    let cgroups = Cgroups::setup(&config.agent, &keep);
     tracing::info!("cgroups: {}", cgroups.describe());
     for dir in steering::remove_stale_pins(&config.agent.bpf_pin_dir) {
         tracing::info!("removed stale steering pins {}", dir.display());
@@ -440,6 +465,9 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     // Everything fallible first: sockets and programs for every app, then the control socket.
     let mut prepared = BTreeMap::new();
     for (name, cfg) in &config.apps {
+        if keep.iter().any(|k| k == name.as_str()) {
+            continue;
+        }
         let p = prepare(
             cfg,
             worker_count(cfg),
@@ -451,7 +479,21 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         prestart_plan(cfg).map_err(StartError::App)?;
         prepared.insert(name.clone(), p);
     }
-    let control = bind_control(&config.agent.control_socket)?;
+    let control = match handed.as_ref() {
+        Some(st) => crate::sys::handoff::adopt(st.control)
+            .map(std::os::unix::net::UnixListener::from)
+            .and_then(UnixListener::from_std)
+            .map_err(|source| StartError::Control {
+                path: config.agent.control_socket.clone(),
+                source,
+            })?,
+        None => bind_control(&config.agent.control_socket)?,
+    };
+    // SAFETY-free: a dup of the listener, kept to hand over on `corral reexec`.
+    let control_fd = std::os::fd::AsFd::as_fd(&control)
+        .try_clone_to_owned()
+        .map_err(|e| tracing::warn!("keeping the control socket for a re-exec: {e}"))
+        .ok();
 
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -468,19 +510,43 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         shutting_down: false,
         rng: seed,
         cgroups,
+        control_fd,
+        generation: handed.as_ref().map_or(0, |st| st.generation),
+        reexec_error: None,
+        pending_reexec: None,
     };
+    if let Some(st) = handed {
+        sup.next_id = sup.next_id.max(st.next_id);
+        for app in st.apps {
+            let Some(cfg) = AppName::new(&app.name)
+                .ok()
+                .and_then(|n| config.apps.get(&n).cloned())
+            else {
+                continue;
+            };
+            if let Err(e) = sup.adopt_app(cfg, app) {
+                tracing::error!("{e}");
+            }
+        }
+    }
     for (name, p) in prepared {
         let cfg = config.apps[&name].clone();
         sup.add_app(cfg, p);
     }
+    sup.sync_steering();
     tokio::spawn(serve_control(control, tx.clone()));
     tracing::info!(
         config = %sup.config_path.display(),
         apps = sup.apps.len(),
         control = %config.agent.control_socket.display(),
+        generation = sup.generation,
         "agent started"
     );
     sup.notify("READY=1");
+    // Handlers are in place: a signal that arrived during a re-exec is delivered now.
+    if let Err(e) = crate::sys::handoff::unblock_signals() {
+        tracing::warn!("unblocking signals: {e}");
+    }
 
     let mut next_tick = tokio::time::Instant::now();
     loop {
@@ -559,11 +625,13 @@ async fn serve_control(listener: UnixListener, tx: mpsc::UnboundedSender<Event>)
             if reader.read_line(&mut line).await.is_err() {
                 return;
             }
+            let mut reexec = false;
             let response = match serde_json::from_str::<Request>(&line) {
                 Err(e) => Response::Error {
                     message: format!("invalid request: {e}"),
                 },
                 Ok(request) => {
+                    reexec = request == Request::Reexec;
                     let (reply, rx) = oneshot::channel();
                     if tx.send(Event::Control { request, reply }).is_err() {
                         return;
@@ -577,6 +645,10 @@ async fn serve_control(listener: UnixListener, tx: mpsc::UnboundedSender<Event>)
             if let Ok(mut text) = serde_json::to_string(&response) {
                 text.push('\n');
                 let _ = w.write_all(text.as_bytes()).await;
+            }
+            if reexec && matches!(response, Response::Ok { .. }) {
+                // The reply is in the socket's buffer; the client reads it after the exec too.
+                let _ = tx.send(Event::ReexecNow);
             }
         });
     }
@@ -619,6 +691,12 @@ impl Supervisor {
     }
 
     fn add_app(&mut self, cfg: App, p: Prepared) {
+        self.add_app_as(cfg, p, true);
+    }
+
+    /// Add an app; `prestart` runs its pre-start steps and starts its workers (an app adopted
+    /// from the agent's previous image has them running already).
+    fn add_app_as(&mut self, cfg: App, p: Prepared, prestart: bool) {
         let (cancel, _) = watch::channel(false);
         let name = cfg.name.clone();
         let mut steering = p
@@ -672,7 +750,8 @@ impl Supervisor {
                     app.phase = Phase::Failed(why);
                 }
             }
-            None => self.begin_prestart(&name, None),
+            None if prestart => self.begin_prestart(&name, None),
+            None => {}
         }
     }
 
@@ -799,6 +878,7 @@ impl Supervisor {
                 let response = self.control(request);
                 let _ = reply.send(response);
             }
+            Event::ReexecNow => self.reexec_now(),
         }
     }
 
@@ -977,32 +1057,20 @@ impl Supervisor {
                     stdout: out,
                     stderr: err,
                     counters,
+                    counters_fd,
                 },
                 leaf,
             )) => {
                 let pid = process.pid();
                 tracing::info!(app = %name, worker = slot_idx, pid, "worker started");
-                for (fd, stream) in [(out, "stdout"), (err, "stderr")] {
-                    output::forward(
-                        fd,
-                        Tag {
-                            app: name.to_string(),
-                            who: format!("worker={slot_idx}"),
-                            pid,
-                            stream,
-                        },
-                    );
-                }
-                let waiter = process.clone();
-                let (app_name, tx2) = (name.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let status = waiter.wait().await.map_err(|e| e.to_string());
-                    let _ = tx2.send(Event::Exited {
-                        app: app_name,
-                        id,
-                        status,
-                    });
-                });
+                let handover = match handoff::WorkerFds::keep(&out, &err, counters_fd) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(app = %name, worker = slot_idx, "{e}; `corral reexec` will restart this worker");
+                        handoff::WorkerFds::default()
+                    }
+                };
+                follow(&tx, name, slot_idx, id, &process, out, err);
                 let (ready_cfg, address, timeout, listener) = (
                     app.cfg.workers.ready.clone(),
                     app.cfg.listen.address,
@@ -1024,33 +1092,7 @@ impl Supervisor {
                         result,
                     });
                 });
-                let memory_watch = match (&leaf, app.cfg.workers.memory_high) {
-                    (Some(leaf), Some(_)) => {
-                        let path = leaf.events_path(crate::sys::cgroup::EventsFile::Memory);
-                        match crate::sys::inotify::Watch::new(&path) {
-                            Ok(watch) => {
-                                let (tx3, app_name) = (self.tx.clone(), name.clone());
-                                let task = tokio::spawn(async move {
-                                    while watch.changed().await.is_ok() {
-                                        let ev = Event::MemoryEvents {
-                                            app: app_name.clone(),
-                                            id,
-                                        };
-                                        if tx3.send(ev).is_err() {
-                                            break;
-                                        }
-                                    }
-                                });
-                                Some(task.abort_handle())
-                            }
-                            Err(e) => {
-                                tracing::warn!(app = %name, worker = slot_idx, "memory_high will not recycle it: {e}");
-                                None
-                            }
-                        }
-                    }
-                    _ => None,
-                };
+                let memory_watch = watch_memory(&self.tx, name, &app.cfg, slot_idx, id, &leaf);
                 slot.current = Some(Worker {
                     id,
                     slot: slot_idx,
@@ -1066,6 +1108,7 @@ impl Supervisor {
                     high_seen: 0,
                     recycling: false,
                     counters,
+                    handover,
                 });
             }
             Err(reason) => {
@@ -1630,8 +1673,22 @@ impl Supervisor {
                         return err(format!("no app named `{a}`"));
                     }
                 }
-                Response::Status { apps }
+                Response::Status {
+                    apps,
+                    agent: Some(crate::control::AgentInfo {
+                        pid: std::process::id(),
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                        generation: self.generation,
+                        reexec_error: self.reexec_error.clone(),
+                    }),
+                }
             }
+            Request::Reexec => match self.prepare_reexec() {
+                Ok(message) => Response::Ok { message },
+                Err(message) => Response::Error {
+                    message: format!("re-exec refused, nothing changed: {message}"),
+                },
+            },
             Request::Reload { app } => {
                 let name = match app.as_deref().map(app_name).transpose() {
                     Ok(n) => n,
@@ -1721,6 +1778,82 @@ impl Supervisor {
 
 /// Remove the slots from `keep` on: their workers are told to stop and wait in `removed` until
 /// they exit (their sockets close with them).
+/// Log a worker's output and report its exit (started here, or adopted from the agent's
+/// previous image).
+fn follow(
+    tx: &mpsc::UnboundedSender<Event>,
+    name: &AppName,
+    slot_idx: u32,
+    id: u64,
+    process: &Arc<Process>,
+    out: OwnedFd,
+    err: OwnedFd,
+) {
+    let pid = process.pid();
+    for (fd, stream) in [(out, "stdout"), (err, "stderr")] {
+        output::forward(
+            fd,
+            Tag {
+                app: name.to_string(),
+                who: format!("worker={slot_idx}"),
+                pid,
+                stream,
+            },
+        );
+    }
+    let waiter = process.clone();
+    let (app_name, tx) = (name.clone(), tx.clone());
+    tokio::spawn(async move {
+        // Without a cgroup this is what removes the worker's leftover children.
+        let status = waiter
+            .wait_and_kill_group()
+            .await
+            .map_err(|e| e.to_string());
+        let _ = tx.send(Event::Exited {
+            app: app_name,
+            id,
+            status,
+        });
+    });
+}
+
+/// With `memory_high`, watch the worker leaf's memory.events so crossing it recycles the
+/// worker.
+fn watch_memory(
+    tx: &mpsc::UnboundedSender<Event>,
+    name: &AppName,
+    cfg: &App,
+    slot_idx: u32,
+    id: u64,
+    leaf: &Option<crate::sys::cgroup::Leaf>,
+) -> Option<tokio::task::AbortHandle> {
+    let (Some(leaf), Some(_)) = (leaf, cfg.workers.memory_high) else {
+        return None;
+    };
+    let path = leaf.events_path(crate::sys::cgroup::EventsFile::Memory);
+    match crate::sys::inotify::Watch::new(&path) {
+        Ok(watch) => {
+            let (tx, app_name) = (tx.clone(), name.clone());
+            let task = tokio::spawn(async move {
+                while watch.changed().await.is_ok() {
+                    let ev = Event::MemoryEvents {
+                        app: app_name.clone(),
+                        id,
+                    };
+                    if tx.send(ev).is_err() {
+                        break;
+                    }
+                }
+            });
+            Some(task.abort_handle())
+        }
+        Err(e) => {
+            tracing::warn!(app = %name, worker = slot_idx, "memory_high will not recycle it: {e}");
+            None
+        }
+    }
+}
+
 fn remove_slots(tx: &mpsc::UnboundedSender<Event>, name: &AppName, app: &mut AppRt, keep: usize) {
     while app.slots.len() > keep {
         let Some(mut slot) = app.slots.pop() else {

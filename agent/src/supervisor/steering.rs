@@ -148,6 +148,20 @@ impl GroupSteering {
         }
     }
 
+    /// Take the first `n` slots' sockets out of this program's socket array, so the agent's
+    /// next image can put them in its own (`corral reexec`). Until it attaches its program,
+    /// this one finds no socket to select and leaves every connection to the kernel's hash
+    /// over the group, which still holds every socket.
+    pub fn release(&mut self, n: u32) -> Result<(), String> {
+        if let Mode::Ebpf(s) = &mut self.mode {
+            for slot in 0..n {
+                s.clear_socket(slot)
+                    .map_err(|e| format!("slot {slot}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// A new or replaced socket for `slot` (the group's order is irrelevant to the eBPF map).
     pub fn set_socket(&mut self, slot: u32, fd: &Arc<OwnedFd>) -> Result<(), String> {
         match &mut self.mode {

@@ -932,6 +932,15 @@ impl App {
         })
     }
 
+    /// An existing worker leaf by its directory name (`worker-...`), populated or not: the
+    /// leaf of a worker the agent's previous image handed over.
+    pub fn open_leaf(&self, name: &str) -> Result<Leaf, CgroupError> {
+        let id = name.strip_prefix(WORKER_PREFIX).unwrap_or("");
+        validate_name(id)?;
+        let node = self.node.open_child(name)?;
+        self.leaf_from(node, name.to_string())
+    }
+
     /// The worker leaves that exist, populated or not (for cleanup after a previous agent).
     pub fn existing_leaves(&self) -> Result<Vec<Leaf>, CgroupError> {
         let mut leaves = Vec::new();

@@ -149,14 +149,20 @@ impl SharedCounters {
         }
         // SAFETY: fd 5 is open (checked above) and ours alone.
         let fd = unsafe { OwnedFd::from_raw_fd(5) };
-        let size = rustix::fs::fstat(&fd)?.st_size as usize;
+        SharedCounters::from_fd(std::os::fd::AsFd::as_fd(&fd), len)
+    }
+
+    /// Map `len` counters of an existing counters memfd (a front's, handed over by the
+    /// agent's previous image).
+    pub fn from_fd(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<SharedCounters> {
+        let size = rustix::fs::fstat(fd)?.st_size as usize;
         if size < len * 8 {
             return Err(io::Error::other(format!(
                 "counters memfd of {size} bytes, want {}",
                 len * 8
             )));
         }
-        SharedCounters::map(std::os::fd::AsFd::as_fd(&fd), len)
+        SharedCounters::map(fd, len)
     }
 
     fn at(&self, i: usize) -> Option<&std::sync::atomic::AtomicU64> {

@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod diag;
 pub mod front;
+pub mod handoff;
 pub mod inotify;
 pub mod ktls;
 pub mod machine;

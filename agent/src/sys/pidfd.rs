@@ -55,6 +55,11 @@ impl Process {
         self.pid
     }
 
+    /// The pidfd itself (to hand it to the agent's next image).
+    pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+
     /// Wait until the process exits and reap it.
     pub async fn wait(&self) -> Result<WaitStatus, PidfdError> {
         loop {
@@ -66,6 +71,32 @@ impl Process {
                     pid: self.pid,
                     source,
                 })?;
+            match self.try_wait()? {
+                Some(status) => return Ok(status),
+                None => guard.clear_ready(),
+            }
+        }
+    }
+
+    /// Like [`Process::wait`] for a process that leads its own process group (a worker: it
+    /// starts its own session): once it has exited, and before it is reaped, SIGKILL what is
+    /// left in its group (children a shell wrapper or an arbiter started), as cgroup.kill does
+    /// where there is a cgroup. Unreaped, its pid cannot name any other group.
+    pub async fn wait_and_kill_group(&self) -> Result<WaitStatus, PidfdError> {
+        loop {
+            let mut guard = self
+                .fd
+                .readable()
+                .await
+                .map_err(|source| PidfdError::Wait {
+                    pid: self.pid,
+                    source,
+                })?;
+            // Readable: the process has exited (a zombie until try_wait reaps it).
+            if self.pid > 1 {
+                // SAFETY: kill with a negative pid signals a process group; no memory involved.
+                unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+            }
             match self.try_wait()? {
                 Some(status) => return Ok(status),
                 None => guard.clear_ready(),

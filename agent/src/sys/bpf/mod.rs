@@ -203,6 +203,19 @@ impl Steering {
         self.socks.set(slot, &raw, 0).map_err(map_err("socks"))
     }
 
+    /// Take slot `slot`'s socket out of the socket array (a socket can be in one array at a
+    /// time: the agent's next image puts it in its own). An empty slot is not an error.
+    pub fn clear_socket(&mut self, slot: u32) -> Result<(), BpfError> {
+        match self.socks.clear_index(&slot) {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            r => r.map_err(map_err("socks")),
+        }
+    }
+
     /// Publish the set of slots whose worker is ready: written to the inactive buffer, then
     /// the program is switched to it in one map write.
     pub fn publish_eligible(&mut self, slots: &[u32]) -> Result<(), BpfError> {
