@@ -87,6 +87,7 @@ fn the_rpm_holds_the_files_config_flags_and_scriptlets() {
         "postinstall scriptlet",
         "systemctl enable --now corral.service",
         "systemctl try-restart corral.service",
+        "/usr/bin/corral reexec",
         "preuninstall scriptlet",
         "systemctl disable --now corral.service",
         "postuninstall scriptlet",
@@ -133,6 +134,7 @@ fn the_deb_holds_the_files_conffiles_and_maintainer_scripts() {
     let postinst = out(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("postinst"));
     for want in [
         "deb-systemd-helper enable corral.service",
+        "/usr/bin/corral reexec",
         "try-restart",
         "systemd-sysusers",
     ] {

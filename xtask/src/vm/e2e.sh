@@ -32,6 +32,9 @@ wait_for() {
 }
 main_pid() { systemctl show -P MainPID corral; }
 active_with_new_pid() { local p; p=$(main_pid); [ "$p" != "$1" ] && [ "$p" != 0 ] && systemctl is-active -q corral; }
+# The pids of every worker and front process, sorted, from corral status.
+worker_pids() { corral status --json | grep -o '"pid": *[0-9]*' | grep -o '[0-9]*' | sort -n | tr '\n' ' '; }
+same_pid_active() { [ "$(main_pid)" = "$1" ] && systemctl is-active -q corral; }
 distinct_workers() {
     for _ in $(seq 1 40); do curl -fsS http://127.0.0.1:8080/ | grep -o '"pid":[0-9]*'; done | sort -u | wc -l
 }
@@ -103,10 +106,20 @@ if [ "$phase" = 2 ]; then
     wait_for "https serves after the reboot" curl -fsS --cacert /etc/corral/tls/demo.crt \
         --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/
     old=$(main_pid)
+    wait_for "every worker and front is ready before the upgrade" bash -c "! corral status | grep -qE ' (starting|stopping) '"
+    workers=$(worker_pids)
+    echo "CORRAL-E2E: before the upgrade: agent $old, workers and fronts $workers"
+    check "the running binary is the installed one" bash -c "readlink /proc/$old/exe | grep -qx /usr/bin/corral"
     check "apt install ./corral_0.1.1-1_amd64.deb (upgrade)" apt-get install -y -q $E/corral_0.1.1-1_amd64.deb
     check "0.1.1 is installed" bash -c "dpkg-query -W -f='\${Version}' corral | grep -qx 0.1.1-1"
     check "the edit of /etc/corral/corral.toml survives the upgrade" grep -q "edited by the e2e test" /etc/corral/corral.toml
-    wait_for "the upgrade try-restarted corral" active_with_new_pid "$old"
+    check "the upgrade re-executed the agent in place (main pid $old kept)" same_pid_active "$old"
+    check "the agent runs the upgraded file, not the deleted one" bash -c "readlink /proc/$old/exe | grep -qx /usr/bin/corral"
+    check "every worker and front kept running through the upgrade" [ "$(worker_pids)" = "$workers" ]
+    check "the journal says it adopted them" bash -c "journalctl -u corral --no-pager | grep -q 'adopted 4 running workers'"
+    check "curl serves after the upgrade" curl -fsS http://127.0.0.1:8080/
+    check "https serves after the upgrade" curl -fsS --cacert /etc/corral/tls/demo.crt \
+        --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/
     check "apt remove corral" apt-get remove -y -q corral
     check "corral is stopped after remove" bash -c "! systemctl is-active -q corral"
     check "/etc/corral is kept on remove" test -f /etc/corral/corral.toml
