@@ -358,3 +358,43 @@ redirect_http = "127.0.0.1:{http_port}"
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
 }
+
+/// The agent raises its own open-file limit and gives workers the original back; a re-exec
+/// starts with the raised one, and workers started after it must still get the original.
+#[test]
+fn workers_started_after_a_reexec_get_the_original_open_file_limit() {
+    let port = free_port();
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let hard = lim.rlim_max.to_string();
+    assert!(
+        lim.rlim_max > 256,
+        "this test needs a hard open-file limit above 256"
+    );
+    let nofile = format!("--nofile=256:{hard}");
+    let agent = Agent::start_wrapped(
+        "reexec-nofile",
+        &demo_app("web", &format!("127.0.0.1:{port}"), 2, ""),
+        &["prlimit", &nofile, "--"],
+    );
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+    let (code, said) = reexec(&agent);
+    assert_eq!(code, 0, "{said}");
+    // SAFETY: pids[0] is one of this test's workers.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let now = wait_for(Duration::from_secs(10), "worker 0 replaced", || {
+        let now = agent.wait_ready("web", 2, Duration::from_secs(10));
+        (now[0] != pids[0]).then_some(now)
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", now[0])).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&fields[3..5], &["256", hard.as_str()], "{line}");
+}

@@ -80,6 +80,9 @@ pub struct State {
     /// The next worker id, so new leaves never take an adopted worker's name.
     pub next_id: u64,
     pub control: RawFd,
+    /// The open-file limit the agent started with (soft, hard), which children get back: the
+    /// new image starts with the raised one.
+    pub child_nofile: Option<[u64; 2]>,
     pub apps: Vec<HandedApp>,
 }
 
@@ -320,6 +323,7 @@ impl Supervisor {
                 generation: self.generation + 1,
                 next_id: self.next_id,
                 control,
+                child_nofile: crate::sys::machine::child_nofile().map(|l| [l.soft, l.hard]),
                 apps,
             },
             fds,
@@ -454,10 +458,13 @@ impl Supervisor {
                 *total = *t;
             }
         }
-        app.phase = match handed.failed {
-            Some(why) => Phase::Failed(why),
-            None => Phase::Running,
-        };
+        // Failed if it had failed, or if this image refuses it (its workers are adopted all
+        // the same: they run, and are better supervised than orphaned); running otherwise.
+        if let Some(why) = handed.failed {
+            app.phase = Phase::Failed(why);
+        } else if !matches!(app.phase, Phase::Failed(_)) {
+            app.phase = Phase::Running;
+        }
         let mut adopted = 0;
         let mut to_start = Vec::new();
         for (i, hs) in handed.slots.into_iter().enumerate() {
@@ -614,6 +621,7 @@ mod tests {
             generation: 2,
             next_id: 9,
             control: 7,
+            child_nofile: Some([1024, 4096]),
             apps: vec![HandedApp {
                 name: "web".into(),
                 failed: None,

@@ -434,6 +434,12 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
 
+    // Started by `corral reexec`: the previous image's workers, sockets and cgroups to adopt.
+    let mut handed = handoff::take();
+    if let Some([soft, hard]) = handed.as_ref().and_then(|st| st.child_nofile) {
+        // Children get the limit the first image started with, not the one it raised.
+        machine::set_child_nofile(machine::NofileLimit { soft, hard });
+    }
     match machine::raise_nofile() {
         Ok(old) => {
             machine::set_child_nofile(old);
@@ -446,8 +452,6 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
     ready::init_accept_signal();
-    // Started by `corral reexec`: the previous image's workers, sockets and cgroups to adopt.
-    let mut handed = handoff::take();
     if let Some(st) = handed.as_mut() {
         handoff::stop_unknown(st, &|name| {
             AppName::new(name).is_ok_and(|n| config.apps.contains_key(&n))
