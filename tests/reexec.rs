@@ -364,15 +364,9 @@ redirect_http = "127.0.0.1:{http_port}"
 #[test]
 fn workers_started_after_a_reexec_get_the_original_open_file_limit() {
     let port = free_port();
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-    let hard = lim.rlim_max.to_string();
+    let hard = hard_nofile();
     assert!(
-        lim.rlim_max > 256,
+        hard > 256,
         "this test needs a hard open-file limit above 256"
     );
     let nofile = format!("--nofile=256:{hard}");
@@ -390,11 +384,5 @@ fn workers_started_after_a_reexec_get_the_original_open_file_limit() {
         let now = agent.wait_ready("web", 2, Duration::from_secs(10));
         (now[0] != pids[0]).then_some(now)
     });
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", now[0])).expect("limits");
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .expect("open files line");
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(&fields[3..5], &["256", hard.as_str()], "{line}");
+    assert_eq!(nofile_of(now[0]), ["256".to_string(), hard.to_string()]);
 }

@@ -593,30 +593,18 @@ fn many_workers_fit_a_small_open_file_limit_and_workers_get_it_back() {
         "group = \"nogroup\"\n",
         "group = \"nogroup\"\nenv = { DEMO_THREADS = \"1\" }\n",
     );
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-    let hard = lim.rlim_max.to_string();
+    let hard = hard_nofile();
     assert!(
-        lim.rlim_max > 1024,
+        hard > 1024,
         "this test needs a hard open-file limit above 1024"
     );
     let nofile = format!("--nofile=256:{hard}");
     let agent = Agent::start_wrapped("nofile", &apps, &["prlimit", &nofile, "--"]);
     let pids = agent.wait_ready("web", 60, Duration::from_secs(60));
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", pids[59])).expect("limits");
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .expect("open files line");
-    let fields: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(
-        &fields[3..5],
-        &["256", hard.as_str()],
-        "workers get the agent's original limit: {line}"
+        nofile_of(pids[59]),
+        ["256".to_string(), hard.to_string()],
+        "workers get the agent's original limit"
     );
     assert_eq!(agent.app("web").state, "running");
 }

@@ -525,6 +525,28 @@ impl Drop for Agent {
     }
 }
 
+/// This process's hard open-file limit (tests start agents with a lower soft one).
+pub fn hard_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    lim.rlim_max
+}
+
+/// The soft and hard "Max open files" of `pid`, from /proc/PID/limits.
+pub fn nofile_of(pid: i32) -> [String; 2] {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    [fields[3].to_string(), fields[4].to_string()]
+}
+
 /// In a child before exec: a seccomp filter that fails clone3 with ENOSYS (every other call is
 /// allowed). Inherited across exec and fork, so the agent and all it starts live under it.
 fn deny_clone3() -> std::io::Result<()> {

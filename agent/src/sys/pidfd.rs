@@ -62,20 +62,7 @@ impl Process {
 
     /// Wait until the process exits and reap it.
     pub async fn wait(&self) -> Result<WaitStatus, PidfdError> {
-        loop {
-            let mut guard = self
-                .fd
-                .readable()
-                .await
-                .map_err(|source| PidfdError::Wait {
-                    pid: self.pid,
-                    source,
-                })?;
-            match self.try_wait()? {
-                Some(status) => return Ok(status),
-                None => guard.clear_ready(),
-            }
-        }
+        self.wait_then(false).await
     }
 
     /// Like [`Process::wait`] for a process that leads its own process group (a worker: it
@@ -83,6 +70,10 @@ impl Process {
     /// left in its group (children a shell wrapper or an arbiter started), as cgroup.kill does
     /// where there is a cgroup. Unreaped, its pid cannot name any other group.
     pub async fn wait_and_kill_group(&self) -> Result<WaitStatus, PidfdError> {
+        self.wait_then(true).await
+    }
+
+    async fn wait_then(&self, kill_group: bool) -> Result<WaitStatus, PidfdError> {
         loop {
             let mut guard = self
                 .fd
@@ -93,7 +84,7 @@ impl Process {
                     source,
                 })?;
             // Readable: the process has exited (a zombie until try_wait reaps it).
-            if self.pid > 1 {
+            if kill_group && self.pid > 1 {
                 // SAFETY: kill with a negative pid signals a process group; no memory involved.
                 unsafe { libc::kill(-self.pid, libc::SIGKILL) };
             }
