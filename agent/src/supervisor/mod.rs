@@ -493,7 +493,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
             })?,
         None => bind_control(&config.agent.control_socket)?,
     };
-    // SAFETY-free: a dup of the listener, kept to hand over on `corral reexec`.
+    // A dup of the listener, kept to hand over on `corral reexec`.
     let control_fd = std::os::fd::AsFd::as_fd(&control)
         .try_clone_to_owned()
         .map_err(|e| tracing::warn!("keeping the control socket for a re-exec: {e}"))
@@ -1780,8 +1780,6 @@ impl Supervisor {
     }
 }
 
-/// Remove the slots from `keep` on: their workers are told to stop and wait in `removed` until
-/// they exit (their sockets close with them).
 /// Log a worker's output and report its exit (started here, or adopted from the agent's
 /// previous image).
 fn follow(
@@ -1858,6 +1856,8 @@ fn watch_memory(
     }
 }
 
+/// Remove the slots from `keep` on: their workers are told to stop and wait in `removed` until
+/// they exit (their sockets close with them).
 fn remove_slots(tx: &mpsc::UnboundedSender<Event>, name: &AppName, app: &mut AppRt, keep: usize) {
     while app.slots.len() > keep {
         let Some(mut slot) = app.slots.pop() else {
