@@ -322,8 +322,11 @@ fn reexec(target: &Target) -> Result<ExitCode> {
         match agent_info(target) {
             Ok(now) if now.generation > before.generation => {
                 println!(
-                    "the agent (pid {}) runs corral {} now, re-executed {} time(s) since it started",
-                    now.pid, now.version, now.generation
+                    "the agent (pid {}) runs corral {} now, re-executed {} time{} since it started",
+                    now.pid,
+                    now.version,
+                    now.generation,
+                    if now.generation == 1 { "" } else { "s" }
                 );
                 return Ok(ExitCode::SUCCESS);
             }
