@@ -125,8 +125,10 @@ struct Outcome {
     guest_boot: Option<String>,
     total: Duration,
     timed_out: bool,
+    /// The console fell silent for longer than any test takes (qemu was killed).
+    hung: Option<Duration>,
     log: PathBuf,
-    /// The crash of the first boot, when this is the second.
+    /// Why the first boot failed (a crash or a hang), when this is the second.
     retried_after: Option<String>,
 }
 
@@ -135,13 +137,26 @@ const CRASH_SIGNS: &[&str] = &["Kernel panic", "Oops:", "BUG: ", "general protec
 
 impl Outcome {
     fn passed(&self) -> bool {
-        self.result.as_deref() == Some("PASS") && !self.timed_out
+        self.result.as_deref() == Some("PASS") && !self.timed_out && self.hung.is_none()
+    }
+
+    /// Why the guest, not a test, ended the run: its kernel crashed, or it hung (the console
+    /// silent far longer than any test takes, both vCPUs busy: seen once under TCG in the cgroup
+    /// tree test, where the other observed crash was).
+    fn guest_failure(&self) -> Option<String> {
+        if let Some(silent) = self.hung {
+            return Some(format!(
+                "the guest hung: no console output for {} s",
+                silent.as_secs()
+            ));
+        }
+        self.guest_crash()
     }
 
     /// The guest kernel's first crash line, when the run ended without a result because the
     /// kernel crashed (not a test failure, not a timeout).
     fn guest_crash(&self) -> Option<String> {
-        if self.result.is_some() || self.timed_out {
+        if self.result.is_some() || self.timed_out || self.hung.is_some() {
             return None;
         }
         let text = std::fs::read_to_string(&self.log).ok()?;
@@ -203,21 +218,24 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
         let initrd = work.join(format!("{}.cpio", k.release.name()));
         write_initramfs(&initrd, k, modules, &payload)?;
         let log = vm_dir.join(format!("{}{suffix}.log", k.release.name()));
-        let mut outcome = boot(k, &initrd, &log, opts.timeout, &work)?;
-        if let Some(oops) = outcome.guest_crash() {
+        // The test tier's tests each end well within a minute; a console silent for this long
+        // is a hung guest (benchmarks run longer rounds and are not watched).
+        let silence = (opts.tests == "vm").then_some(GUEST_SILENCE);
+        let mut outcome = boot(k, &initrd, &log, opts.timeout, silence, &work)?;
+        if let Some(why) = outcome.guest_failure() {
             // Seen under TCG with two vCPUs: trixie's kernel trapped on an int3 in the
             // scheduler while patching its own text (a qemu TCG cross-modifying-code race,
-            // not corral's doing). One more boot, said loudly; a second crash fails the tier.
-            let kept = vm_dir.join(format!("{}{suffix}-crashed.log", k.release.name()));
+            // not corral's doing), and once a bookworm guest spun on both vCPUs with no output
+            // in the same test. One more boot, said loudly; a second failure fails the tier.
+            let kept = vm_dir.join(format!("{}{suffix}-failed.log", k.release.name()));
             let _ = std::fs::rename(&log, &kept);
             eprintln!(
-                "\nxtask: vm: WARNING: {}'s guest kernel crashed ({oops}); its log is kept in {}. \
-                 Booting it once more.\n",
+                "\nxtask: vm: WARNING: {}: {why}; its log is kept in {}. Booting it once more.\n",
                 k.release.name(),
                 kept.display()
             );
-            outcome = boot(k, &initrd, &log, opts.timeout, &work)?;
-            outcome.retried_after = Some(oops);
+            outcome = boot(k, &initrd, &log, opts.timeout, silence, &work)?;
+            outcome.retried_after = Some(why);
         }
         outcomes.push(outcome);
     }
@@ -256,13 +274,13 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
         .iter()
         .filter(|o| !o.passed())
         .map(|o| {
-            let why = match (&o.result, o.timed_out, o.guest_crash()) {
+            let why = match (&o.result, o.timed_out, o.guest_failure()) {
                 (_, true, _) => format!("timed out after {:.0} s", o.total.as_secs_f64()),
-                (Some(r), false, _) => r.clone(),
-                (None, false, Some(oops)) => match &o.retried_after {
-                    Some(first) => format!("the guest kernel crashed twice ({first}; {oops})"),
-                    None => format!("the guest kernel crashed ({oops})"),
+                (_, false, Some(why)) => match &o.retried_after {
+                    Some(first) => format!("twice: {first}; then {why}"),
+                    None => why,
                 },
+                (Some(r), false, None) => r.clone(),
                 (None, false, None) => "no CORRAL-VM-RESULT line (/init died)".into(),
             };
             format!("{}: {why}", o.release.name())
@@ -643,12 +661,17 @@ enum Event {
     Eof,
 }
 
-/// Boot `kernel` with `initrd`, the serial console into `log`; kill qemu after `timeout`.
+/// How long the test tier's console may stay silent before the guest counts as hung.
+const GUEST_SILENCE: Duration = Duration::from_secs(240);
+
+/// Boot `kernel` with `initrd`, the serial console into `log`; kill qemu after `timeout`, or
+/// when the console has been silent for `silence`.
 fn boot(
     kernel: &Kernel,
     initrd: &Path,
     log_path: &Path,
     timeout: Duration,
+    silence: Option<Duration>,
     work: &Path,
 ) -> Result<Outcome> {
     let mut args: Vec<String> =
@@ -673,12 +696,15 @@ fn boot(
         args,
         log_path,
         timeout,
+        silence,
         work,
     )
 }
 
 /// Run qemu with `args` (the serial console on stdout), log every line to `log_path`, and
-/// come back with the result line's words, or after `timeout`.
+/// come back with the result line's words, or after `timeout`, or once the console has been
+/// silent for `silence` (a hung guest).
+#[allow(clippy::too_many_arguments)]
 fn run_qemu(
     release: Release,
     version: &str,
@@ -686,6 +712,7 @@ fn run_qemu(
     args: Vec<String>,
     log_path: &Path,
     timeout: Duration,
+    silence: Option<Duration>,
     work: &Path,
 ) -> Result<Outcome> {
     let name = release.name();
@@ -737,6 +764,8 @@ fn run_qemu(
     let mut result: Option<String> = None;
     let mut result_at: Option<Instant> = None;
     let mut timed_out = false;
+    let mut hung = None;
+    let mut last_line = start;
     while readers > 0 {
         let now = Instant::now();
         // After the result line qemu should power off at once; give it a minute at most.
@@ -744,12 +773,21 @@ fn run_qemu(
             Some(t) => deadline.min(t + Duration::from_secs(60)),
             None => deadline,
         };
+        let quiet_until = silence
+            .filter(|_| result_at.is_none())
+            .map(|s| last_line + s);
+        if quiet_until.is_some_and(|q| now >= q && q < until) {
+            hung = silence;
+            break;
+        }
         if now >= until {
             timed_out = result_at.is_none();
             break;
         }
-        match rx.recv_timeout(until - now) {
+        let wake = quiet_until.map_or(until, |q| q.min(until));
+        match rx.recv_timeout(wake.saturating_duration_since(now)) {
             Ok(Event::Line(at, line)) => {
+                last_line = at;
                 writeln!(log, "{line}")?;
                 if let Some(i) = line.find(INIT_MARKER) {
                     boot = Some(at - start);
@@ -771,7 +809,7 @@ fn run_qemu(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    if readers > 0 || timed_out {
+    if readers > 0 || timed_out || hung.is_some() {
         let _ = child.kill();
     }
     let status = child.wait().context("waiting for qemu")?;
@@ -790,9 +828,16 @@ fn run_qemu(
         guest_boot,
         total,
         timed_out,
+        hung,
         log: log_path.to_path_buf(),
         retried_after: None,
     };
+    if let Some(s) = hung {
+        eprintln!(
+            "xtask: vm: {name}: no console output for {} s: the guest hung; qemu killed",
+            s.as_secs()
+        );
+    }
     if timed_out {
         eprintln!(
             "xtask: vm: {name}: no result after {} s: qemu killed",
@@ -879,6 +924,7 @@ mod tests {
             guest_boot: None,
             total: Duration::ZERO,
             timed_out,
+            hung: None,
             log: path.clone(),
             retried_after: None,
         };
@@ -906,6 +952,16 @@ mod tests {
         // /init died without the kernel crashing: a failure, not retried.
         let (o, p) = outcome("corral-vm: running vm\nsh: /vm: not found\n", None, false);
         assert_eq!(o.guest_crash(), None);
+        assert_eq!(o.guest_failure(), None);
+        // A silent guest is retried too.
+        let (mut o, p2) = outcome("corral-vm: running vm\n", None, false);
+        o.hung = Some(Duration::from_secs(240));
+        assert_eq!(
+            o.guest_failure().as_deref(),
+            Some("the guest hung: no console output for 240 s")
+        );
+        assert!(!o.passed());
         let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(p2);
     }
 }

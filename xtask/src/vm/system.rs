@@ -212,6 +212,7 @@ pub fn run_system(timeout: Duration, keep: bool) -> Result<()> {
         args,
         &log,
         timeout,
+        None,
         &dir,
     )?;
     if !keep {
