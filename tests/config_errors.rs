@@ -833,6 +833,48 @@ fn port_in_use_is_reported_at_the_address() {
 }
 
 #[test]
+fn metrics_port_in_use_is_reported_at_its_location() {
+    require_root();
+    let dir = TempDir::new("cfg-metrics-inuse");
+    let (port, listener) = (0..20)
+        .find_map(|_| {
+            let port = free_port();
+            TcpListener::bind(("127.0.0.1", port))
+                .ok()
+                .map(|l| (port, l))
+        })
+        .expect("bind the test's listener on a free port");
+    let (text, line, col) = main_config(
+        dir.path(),
+        free_port(),
+        &[
+            (
+                "include = []\n",
+                &format!("include = []\nmetrics = @@\"127.0.0.1:{port}\"\n"),
+            ),
+            (
+                "command = [\"/bin/true\"]",
+                "command = [\"/bin/sh\", \"-c\", \"sleep 600\", \"@DIR@/worker\"]",
+            ),
+        ],
+    );
+    let config = dir.path().join("corral.toml");
+    std::fs::write(&config, &text).expect("write config");
+    let expect = vec![format!("metrics endpoint 127.0.0.1:{port}")];
+    let result = assert_refused(&dir, &config, &config, line, col, &expect);
+    for pid in processes_mentioning(&format!("{}/", dir.path().display())) {
+        terminate(pid);
+    }
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    drop(listener);
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", lossy(&out.stderr));
+    assert!(lossy(&out.stdout).contains(&format!("metrics: http://127.0.0.1:{port}/metrics")));
+}
+
+#[test]
 fn missing_config_file_says_cannot_read() {
     let dir = TempDir::new("cfg-missing");
     let config = dir.path().join("nope.toml");

@@ -568,6 +568,13 @@ fn oom_kill_is_attributed_and_restarted() {
     );
     assert_eq!(app.workers.len(), 3, "{app:#?}");
     for w in &app.workers {
+        // Counted per slot (corral status --json, and corral_worker_oom_kills_total).
+        assert_eq!(
+            w.oom_kills,
+            u64::from(w.slot == slot),
+            "oom_kills of slot {}",
+            w.slot
+        );
         if w.slot == slot {
             continue;
         }

@@ -115,6 +115,9 @@ pub struct WorkerStatus {
     pub uptime_ms: Option<u64>,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// Workers of this slot the kernel killed at memory.max.
+    #[serde(default)]
+    pub oom_kills: u64,
     pub rss_bytes: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
     pub memory_max: Option<u64>,

@@ -522,6 +522,36 @@ fn check_budget(cfg: &Config, ceiling: Option<config::ByteSize>) -> Result<budge
     Ok(b)
 }
 
+/// Can the agent bind its metrics address? An agent answering on the control socket is taken
+/// to be the one serving it; otherwise a plain bind must work.
+fn probe_metrics(cfg: &Config, address: std::net::SocketAddr) -> Result<(), String> {
+    let running = control::call(
+        &cfg.agent.control_socket,
+        &Request::Status { app: None },
+        Duration::from_secs(2),
+    )
+    .is_ok();
+    if running {
+        return Ok(());
+    }
+    std::net::TcpListener::bind(address).map(drop).map_err(|e| {
+        let at = cfg
+            .agent
+            .metrics_at
+            .as_ref()
+            .map_or_else(|| "[agent] metrics".to_string(), |l| l.to_string());
+        match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                format!("{at}: metrics endpoint {address} is already in use by another process")
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                format!("{at}: metrics endpoint {address} is not an address of this machine")
+            }
+            _ => format!("{at}: metrics endpoint {address}: {e}"),
+        }
+    })
+}
+
 /// Can the agent bind this address? A running agent serving it already is fine; otherwise try a
 /// plain bind (never SO_REUSEPORT, so the check can't join a live group and steal connections).
 fn probe_bind(cfg: &Config, app: &config::App) -> Result<(), String> {
@@ -582,6 +612,12 @@ fn check(path: &Path) -> Result<ExitCode> {
         cfg.agent.control_socket.display(),
         cfg.agent.bpf_pin_dir.display()
     );
+    if let Some(address) = cfg.agent.metrics {
+        println!("metrics: http://{address}/metrics (Prometheus text format)");
+        if let Err(e) = probe_metrics(&cfg, address) {
+            problems.push(e);
+        }
+    }
     let cgroups = supervisor::cgroups::Cgroups::inspect(&cfg.agent);
     println!("cgroups: {}", cgroups.describe());
     if cfg.apps.is_empty() {

@@ -288,7 +288,9 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub bpf_pin_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// The Prometheus endpoint (`GET /metrics`), and where it is written.
     pub metrics: Option<SocketAddr>,
+    pub metrics_at: Option<Location>,
     pub enforce_limits: bool,
     pub allow_overcommit: bool,
     pub cgroup_root: CgroupRoot,

@@ -3,7 +3,7 @@
 //! the workers stay its children (their parent-death signal does not fire: the exec'ing thread
 //! is the one that started them) and systemd keeps its main process.
 //!
-//! What crosses the exec: the control socket, each slot's listening socket, each worker's
+//! What crosses the exec: the control socket, the metrics listener, each slot's listening socket, each worker's
 //! pidfd and the read ends of its stdout and stderr, a TLS front's counters memfd and
 //! redirect listener; close-on-exec is cleared on exactly those. A JSON [`State`] in a sealed
 //! memfd names them with what the descriptors cannot say (which app and slot, restarts, the
@@ -80,6 +80,8 @@ pub struct State {
     /// The next worker id, so new leaves never take an adopted worker's name.
     pub next_id: u64,
     pub control: RawFd,
+    /// The `[agent] metrics` listener.
+    pub metrics: Option<RawFd>,
     /// The open-file limit the agent started with (soft, hard), which children get back: the
     /// new image starts with the raised one.
     pub child_nofile: Option<[u64; 2]>,
@@ -106,6 +108,7 @@ pub struct HandedApp {
 pub struct HandedSlot {
     pub socket: RawFd,
     pub restarts: u32,
+    pub oom_kills: u64,
     pub last_exit: Option<String>,
     pub gave_up: Option<String>,
     pub worker: Option<HandedWorker>,
@@ -296,6 +299,7 @@ impl Supervisor {
                 slots.push(HandedSlot {
                     socket: raw(slot.socket.as_fd(), &mut fds),
                     restarts: slot.restarts,
+                    oom_kills: slot.oom_kills,
                     last_exit: slot.last_exit.clone(),
                     gave_up: slot.gave_up.clone(),
                     worker,
@@ -323,6 +327,7 @@ impl Supervisor {
                 generation: self.generation + 1,
                 next_id: self.next_id,
                 control,
+                metrics: self.metrics_fd.as_ref().map(|f| raw(f.as_fd(), &mut fds)),
                 child_nofile: crate::sys::machine::child_nofile().map(|l| [l.soft, l.hard]),
                 apps,
             },
@@ -472,6 +477,7 @@ impl Supervisor {
                 break;
             };
             slot.restarts = hs.restarts;
+            slot.oom_kills = hs.oom_kills;
             slot.last_exit = hs.last_exit;
             slot.gave_up = hs.gave_up;
             match hs.worker {
@@ -621,6 +627,7 @@ mod tests {
             generation: 2,
             next_id: 9,
             control: 7,
+            metrics: None,
             child_nofile: Some([1024, 4096]),
             apps: vec![HandedApp {
                 name: "web".into(),
@@ -631,6 +638,7 @@ mod tests {
                 slots: vec![HandedSlot {
                     socket: 8,
                     restarts: 1,
+                    oom_kills: 0,
                     last_exit: Some("killed by signal 9 (SIGKILL)".into()),
                     gave_up: None,
                     worker: Some(HandedWorker {

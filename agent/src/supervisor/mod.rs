@@ -5,6 +5,7 @@
 pub mod cgroups;
 pub mod handoff;
 pub mod launch;
+mod metrics;
 mod output;
 mod prestart;
 mod ready;
@@ -46,6 +47,13 @@ pub enum StartError {
     },
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("{at}: metrics endpoint {address}: {source}")]
+    Metrics {
+        at: String,
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How a pidfd wait ended, in policy terms.
@@ -194,6 +202,8 @@ struct Slot {
     history: SlotHistory,
     restarts: u32,
     last_exit: Option<String>,
+    /// Its workers the kernel killed at memory.max.
+    oom_kills: u64,
     /// A restart timer is armed with this token.
     waiting: Option<u64>,
     gave_up: Option<String>,
@@ -210,6 +220,7 @@ impl Slot {
             history: SlotHistory::default(),
             restarts: 0,
             last_exit: None,
+            oom_kills: 0,
             waiting: None,
             gave_up: None,
             pending_replace: false,
@@ -419,6 +430,8 @@ struct Supervisor {
     cgroups: Cgroups,
     /// A dup of the control socket's listener, to hand to the next image.
     control_fd: Option<OwnedFd>,
+    /// A dup of the metrics endpoint's listener, likewise.
+    metrics_fd: Option<OwnedFd>,
     /// Re-execs since the agent started (`corral reexec`).
     generation: u32,
     /// Why the last re-exec failed.
@@ -483,6 +496,43 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         prestart_plan(cfg).map_err(StartError::App)?;
         prepared.insert(name.clone(), p);
     }
+    let metrics_listener = match (
+        config.agent.metrics,
+        handed.as_ref().and_then(|st| st.metrics),
+    ) {
+        (None, None) => None,
+        // Not configured any more (cannot happen through `corral reexec`, which checks the
+        // config): close it.
+        (None, Some(fd)) => {
+            drop(crate::sys::handoff::adopt(fd));
+            None
+        }
+        (Some(address), Some(fd)) => Some(
+            crate::sys::handoff::adopt(fd)
+                .map(std::net::TcpListener::from)
+                .map_err(|source| StartError::Metrics {
+                    at: "the listener handed over".into(),
+                    address,
+                    source,
+                })?,
+        ),
+        (Some(address), None) => Some(bind_metrics(&config.agent, address)?),
+    };
+    let metrics_listener = match metrics_listener {
+        None => None,
+        Some(l) => {
+            let address = l.local_addr().ok();
+            let l = l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(l))
+                .map_err(|source| StartError::Metrics {
+                    at: "registering the listener".into(),
+                    address: address.unwrap_or(([0, 0, 0, 0], 0).into()),
+                    source,
+                })?;
+            Some(l)
+        }
+    };
     let control = match handed.as_ref() {
         Some(st) => crate::sys::handoff::adopt(st.control)
             .map(std::os::unix::net::UnixListener::from)
@@ -515,6 +565,12 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         rng: seed,
         cgroups,
         control_fd,
+        metrics_fd: metrics_listener.as_ref().and_then(|l| {
+            std::os::fd::AsFd::as_fd(l)
+                .try_clone_to_owned()
+                .map_err(|e| tracing::warn!("keeping the metrics listener for a re-exec: {e}"))
+                .ok()
+        }),
         generation: handed.as_ref().map_or(0, |st| st.generation),
         reexec_error: None,
         pending_reexec: None,
@@ -539,6 +595,12 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     }
     sup.sync_steering();
     tokio::spawn(serve_control(control, tx.clone()));
+    if let Some(l) = metrics_listener {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("metrics: http://{a}/metrics");
+        }
+        tokio::spawn(metrics::serve(l, tx.clone()));
+    }
     tracing::info!(
         config = %sup.config_path.display(),
         apps = sup.apps.len(),
@@ -590,6 +652,22 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let _ = std::fs::remove_dir(&pin_root); // only if empty
     tracing::info!("all workers stopped; agent exiting");
     Ok(())
+}
+
+/// The metrics endpoint's listener (SO_REUSEADDR, as std binds it, so a restarted agent can
+/// bind it while old connections linger in TIME_WAIT).
+fn bind_metrics(
+    agent: &config::Agent,
+    address: std::net::SocketAddr,
+) -> Result<std::net::TcpListener, StartError> {
+    std::net::TcpListener::bind(address).map_err(|source| StartError::Metrics {
+        at: agent
+            .metrics_at
+            .as_ref()
+            .map_or_else(|| "[agent] metrics".to_string(), |l| l.to_string()),
+        address,
+        source,
+    })
 }
 
 fn bind_control(path: &Path) -> Result<UnixListener, StartError> {
@@ -1173,6 +1251,7 @@ impl Supervisor {
         // An OOM kill shows as SIGKILL; the leaf's memory.events says who did it.
         let cap = app.cfg.workers.memory_max;
         let mut oom = None;
+        let mut oom_slot = None;
         let mut final_counts = None;
         if let Some(w) = find_worker(app, id) {
             if let Some(c) = w.counters.take() {
@@ -1186,9 +1265,16 @@ impl Supervisor {
                 if let (Ok(ev), Some(cap)) = (leaf.read_memory_events(), cap) {
                     if ev.oom_kill > 0 || ev.oom_group_kill > 0 {
                         oom = Some(format!("oom-killed at memory.max = {cap}"));
+                        oom_slot = Some(w.slot as usize);
                     }
                 }
                 teardown_leaf(leaf);
+            }
+        }
+        // A removed slot's worker is not counted: its slot is gone.
+        if let Some(slot) = oom_slot.and_then(|i| app.slots.get_mut(i)) {
+            if !app.removed.iter().any(|w| w.id == id) {
+                slot.oom_kills += 1;
             }
         }
         if let Some(counts) = final_counts {
@@ -1944,6 +2030,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             uptime_ms: Some(w.started.elapsed().as_millis() as u64),
             restarts: slot.restarts,
             last_exit: slot.last_exit.clone(),
+            oom_kills: slot.oom_kills,
             rss_bytes: cg
                 .as_ref()
                 .and_then(|c| c.memory_current)
@@ -1981,6 +2068,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
                 uptime_ms: None,
                 restarts: slot.restarts,
                 last_exit: slot.gave_up.clone().or_else(|| slot.last_exit.clone()),
+                oom_kills: slot.oom_kills,
                 rss_bytes: None,
                 peak_rss_bytes: None,
                 memory_max: mem_cap,
@@ -2010,6 +2098,7 @@ fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             uptime_ms: Some(w.started.elapsed().as_millis() as u64),
             restarts: 0,
             last_exit: None,
+            oom_kills: 0,
             rss_bytes: stats.map(|s| s.rss_bytes),
             peak_rss_bytes: stats.map(|s| s.peak_rss_bytes),
             memory_max: mem_cap,

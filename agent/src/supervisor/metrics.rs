@@ -1,0 +1,164 @@
+//! `[agent] metrics`: serve `GET /metrics` (the Prometheus text of `corral status`) over plain
+//! HTTP. The one place the privileged agent reads bytes from the network, so it reads as little
+//! as it can: at most [`MAX_REQUEST`] bytes within [`REQUEST_TIMEOUT`], up to the end of the
+//! headers, and only compares the request line with `GET /metrics` byte for byte; nothing is
+//! parsed beyond that. At most [`MAX_CONNECTIONS`] are served at once; more are closed at once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Event;
+use crate::control::{Request, Response};
+
+pub const MAX_REQUEST: usize = 8 * 1024;
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Accept and answer until the agent exits.
+pub async fn serve(listener: TcpListener, tx: mpsc::UnboundedSender<Event>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            drop(stream);
+            continue;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        let (tx, active) = (tx.clone(), active.clone());
+        tokio::spawn(async move {
+            let _ = answer(stream, &tx).await;
+            active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// What a request line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    Metrics,
+    /// Another path: 404.
+    Elsewhere,
+    /// Not a GET or not HTTP: 400.
+    Bad,
+}
+
+/// The request line, compared byte for byte: `GET /metrics HTTP/1.x` (or with a query).
+fn asked(head: &[u8]) -> Asked {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(rest) = line.strip_prefix(b"GET ") else {
+        return Asked::Bad;
+    };
+    if !(rest.ends_with(b" HTTP/1.1") || rest.ends_with(b" HTTP/1.0")) {
+        return Asked::Bad;
+    }
+    let target = &rest[..rest.len() - b" HTTP/1.1".len()];
+    if target == b"/metrics" || target.starts_with(b"/metrics?") {
+        Asked::Metrics
+    } else {
+        Asked::Elsewhere
+    }
+}
+
+async fn answer(mut stream: TcpStream, tx: &mpsc::UnboundedSender<Event>) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let complete = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        while head.len() < MAX_REQUEST {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            head.extend_from_slice(&buf[..n]);
+            if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await;
+    let (status, content_type, body) = match complete {
+        Err(_) | Ok(Err(_)) | Ok(Ok(false)) if head.is_empty() => return Ok(()),
+        Err(_) => (
+            "408 Request Timeout",
+            "text/plain",
+            "no complete request\n".to_string(),
+        ),
+        Ok(Ok(false)) => (
+            "400 Bad Request",
+            "text/plain",
+            format!("a request's head must end within {MAX_REQUEST} bytes\n"),
+        ),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(true)) => match asked(&head) {
+            Asked::Metrics => match snapshot(tx).await {
+                Some(text) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
+                None => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "the agent is stopping\n".to_string(),
+                ),
+            },
+            Asked::Elsewhere => (
+                "404 Not Found",
+                "text/plain",
+                "corral serves its metrics at /metrics\n".to_string(),
+            ),
+            Asked::Bad => (
+                "400 Bad Request",
+                "text/plain",
+                "corral's metrics endpoint answers GET /metrics over HTTP/1.x\n".to_string(),
+            ),
+        },
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The status, rendered; `None` when the agent no longer answers.
+async fn snapshot(tx: &mpsc::UnboundedSender<Event>) -> Option<String> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Event::Control {
+        request: Request::Status { app: None },
+        reply,
+    })
+    .ok()?;
+    match rx.await.ok()? {
+        Response::Status {
+            apps,
+            agent: Some(agent),
+        } => Some(crate::metrics::render(&apps, &agent)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_get_metrics_over_http_1_is_metrics() {
+        assert_eq!(
+            asked(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Asked::Metrics
+        );
+        assert_eq!(asked(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Asked::Metrics);
+        assert_eq!(asked(b"GET / HTTP/1.1\r\n\r\n"), Asked::Elsewhere);
+        assert_eq!(asked(b"GET /metricsX HTTP/1.1\r\n\r\n"), Asked::Elsewhere);
+        assert_eq!(asked(b"POST /metrics HTTP/1.1\r\n\r\n"), Asked::Bad);
+        assert_eq!(asked(b"GET /metrics\r\n\r\n"), Asked::Bad);
+        assert_eq!(asked(b"\x16\x03\x01\x00\xa5\x01\x00"), Asked::Bad);
+        assert_eq!(asked(b""), Asked::Bad);
+    }
+}
