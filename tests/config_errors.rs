@@ -776,20 +776,24 @@ fn bad_env_file_line_names_the_env_file() {
     }
 }
 
-#[test]
-fn port_in_use_is_reported_at_the_address() {
-    require_root();
-    let dir = TempDir::new("cfg-inuse");
-    // A plain listener (no SO_REUSEPORT): nobody else can join its port. The port was free a
-    // moment ago; another process on the machine may have taken it since, so try a few.
-    let (port, listener) = (0..20)
+/// A port held by a plain listener of this test (no SO_REUSEPORT: nobody else can join it).
+/// The port was free a moment ago; another process may have taken it since, so try a few.
+fn occupied_port() -> (u16, TcpListener) {
+    (0..20)
         .find_map(|_| {
             let port = free_port();
             TcpListener::bind(("127.0.0.1", port))
                 .ok()
                 .map(|l| (port, l))
         })
-        .expect("bind the test's listener on a free port");
+        .expect("bind the test's listener on a free port")
+}
+
+#[test]
+fn port_in_use_is_reported_at_the_address() {
+    require_root();
+    let dir = TempDir::new("cfg-inuse");
+    let (port, listener) = occupied_port();
     // Workers and pre-start steps that would linger, and name the test directory, if started.
     let (text, line, col) = main_config(
         dir.path(),
@@ -836,14 +840,7 @@ fn port_in_use_is_reported_at_the_address() {
 fn metrics_port_in_use_is_reported_at_its_location() {
     require_root();
     let dir = TempDir::new("cfg-metrics-inuse");
-    let (port, listener) = (0..20)
-        .find_map(|_| {
-            let port = free_port();
-            TcpListener::bind(("127.0.0.1", port))
-                .ok()
-                .map(|l| (port, l))
-        })
-        .expect("bind the test's listener on a free port");
+    let (port, listener) = occupied_port();
     let (text, line, col) = main_config(
         dir.path(),
         free_port(),

@@ -427,16 +427,8 @@ fn metrics_endpoint_serves_the_status_for_prometheus() {
     scrape();
     drop(idle);
     // The endpoint is handed over by a re-exec.
-    let out = Command::new(bin("corral"))
-        .args(["reexec", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .expect("corral reexec");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, said) = agent.reexec();
+    assert_eq!(code, 0, "{said}");
     let body = scrape();
     assert!(
         body.lines().any(|l| l == "corral_agent_reexecs_total 1"),

@@ -4,7 +4,6 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,23 +12,6 @@ use corral_tests::*;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// `corral reexec` against `agent`: (exit code, stdout + stderr).
-fn reexec(agent: &Agent) -> (i32, String) {
-    let out = Command::new(bin("corral"))
-        .args(["reexec", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .expect("run corral reexec");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Clients sending GETs on new connections until stopped: (ok, failed, first failures).
@@ -104,7 +86,7 @@ command = ["/bin/sh", "-c", "echo migrated >> @DIR@/order"]
     let pids = agent.wait_ready("web", 3, Duration::from_secs(20));
     let load = Load::start(addr(port), 4);
     std::thread::sleep(Duration::from_millis(300));
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
     assert!(said.contains("3 workers of 1 apps keep running"), "{said}");
     std::thread::sleep(Duration::from_millis(500));
@@ -156,7 +138,7 @@ command = ["/bin/sh", "-c", "echo migrated >> @DIR@/order"]
         Some("killed by signal 9 (SIGKILL)")
     );
     // And a second re-exec hands over the replacement too.
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
     assert_eq!(agent.wait_ready("web", 3, Duration::from_secs(5)), now);
     let w1 = agent
@@ -189,7 +171,7 @@ count = 2
         let a = agent.app("web");
         (a.workers.len() == 2 && a.workers.iter().all(|w| w.pid.is_some())).then_some(())
     });
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_ne!(code, 0, "{said}");
     assert!(
         said.contains("re-exec refused, nothing changed: worker web/"),
@@ -201,14 +183,14 @@ count = 2
 
     // The config on disk is not what runs: refused (the new image would not find its apps).
     agent.rewrite_config(&late.replace("count = 2", "count = 3"));
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_ne!(code, 0, "{said}");
     assert!(said.contains("differs from the running one"), "{said}");
     assert_eq!(agent.agent_info().generation, 0);
     assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(5)), pids);
     // Back as it runs: the re-exec goes through.
     agent.rewrite_config(&late);
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
     assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(5)), pids);
 }
@@ -253,7 +235,7 @@ fn reexec_runs_the_upgraded_binary_and_refuses_one_that_cannot_take_over() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::rename(&broken, &binary).expect("rename over");
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_ne!(code, 0, "{said}");
     assert!(
         said.contains("cannot take over") && said.contains("unsupported config"),
@@ -273,7 +255,7 @@ fn reexec_runs_the_upgraded_binary_and_refuses_one_that_cannot_take_over() {
         "{}",
         exe(agent.pid())
     );
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
     assert_eq!(exe(agent.pid()), binary.display().to_string());
     assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(5)), pids);
@@ -329,7 +311,7 @@ redirect_http = "127.0.0.1:{http_port}"
     };
     let before = handshakes(&agent);
     assert!(before >= 5, "{before}");
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
     assert_eq!(
         agent.wait_ready("web.tls", 2, Duration::from_secs(5)),
@@ -376,7 +358,7 @@ fn workers_started_after_a_reexec_get_the_original_open_file_limit() {
         &["prlimit", &nofile, "--"],
     );
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
-    let (code, said) = reexec(&agent);
+    let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
     // SAFETY: pids[0] is one of this test's workers.
     unsafe { libc::kill(pids[0], libc::SIGKILL) };

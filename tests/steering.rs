@@ -477,17 +477,8 @@ fn an_agent_restarted_in_place_keeps_its_workers_and_steers_them() {
     assert!(!old_inodes.is_empty(), "pinned before");
     let agent_pid = agent.pid();
 
-    let out = std::process::Command::new(bin("corral"))
-        .args(["reexec", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .expect("corral reexec");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{said}");
+    let (code, said) = agent.reexec();
+    assert_eq!(code, 0, "{said}");
     assert!(said.contains("re-executed 1 time"), "{said}");
     let info = agent.agent_info();
     assert_eq!((info.pid as i32, info.generation), (agent_pid, 1));

@@ -1015,17 +1015,8 @@ fn reexec_keeps_workers_in_their_leaves() {
             .collect()
     };
     let before = leaves(&agent);
-    let out = std::process::Command::new(bin("corral"))
-        .args(["reexec", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .expect("corral reexec");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, said) = agent.reexec();
+    assert_eq!(code, 0, "{said}");
     assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(20)), pids);
     let after = leaves(&agent);
     assert_eq!(after, before, "the same workers in the same leaves");

@@ -477,6 +477,23 @@ impl Agent {
     }
 
     /// Every worker pid any status call has shown.
+    /// `corral reexec` against this agent: (exit code, stdout and stderr).
+    pub fn reexec(&self) -> (i32, String) {
+        let out = Command::new(bin("corral"))
+            .args(["reexec", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .expect("run corral reexec");
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
     /// The agent's own status (pid, version, re-exec generation).
     pub fn agent_info(&self) -> corral::control::AgentInfo {
         match corral::control::call(
