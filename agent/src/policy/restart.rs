@@ -249,14 +249,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> Restart {
-        Restart {
-            policy: RestartMode::Always,
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(30),
-            max_restarts: 5,
-            window: Duration::from_secs(60),
-            reset_after: Duration::from_secs(10),
-        }
+        Restart::DEFAULT
     }
 
     const CRASH: ExitStatus = ExitStatus::Exited(1);

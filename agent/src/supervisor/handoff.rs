@@ -421,6 +421,16 @@ impl Supervisor {
     /// read again). Its sockets, workers, leaves and counters become this image's; a slot
     /// without a worker starts one.
     pub(super) fn adopt_app(&mut self, cfg: App, handed: HandedApp) -> Result<(), String> {
+        // Nothing this image could check beforehand should fail here (the old image ran
+        // `reexec-check` with this config), but if it does, the workers must not run on
+        // unsupervised: they are stopped, and the app starts afresh on the next reload.
+        let launch = match super::launch_for(&cfg, &cfg.command) {
+            Ok(l) => l,
+            Err(e) => {
+                stop_handed(handed);
+                return Err(format!("{e}; its handed-over workers were stopped"));
+            }
+        };
         let name = cfg.name.clone();
         let sockets: Vec<Arc<OwnedFd>> = handed
             .slots
@@ -441,7 +451,7 @@ impl Supervisor {
                 std::num::NonZeroU32::new(handed.count).unwrap_or(std::num::NonZeroU32::MIN),
             );
         }
-        let mut launch = super::launch_for(&cfg, &cfg.command)?;
+        let mut launch = launch;
         if redirect.is_some() {
             launch.redirect = redirect;
         }
@@ -603,14 +613,19 @@ pub fn stop_unknown(state: &mut State, known: &dyn Fn(&str) -> bool) {
     state.apps = keep;
     for app in gone {
         tracing::warn!(app = %app.name, "handed over but not in the config: stopping its workers");
-        for w in app.slots.into_iter().filter_map(|s| s.worker) {
-            if let Ok(fd) = sys::adopt(w.pidfd) {
-                if let Ok(p) = Process::new(w.pid, fd) {
-                    let _ = p.signal(libc::SIGTERM);
-                    tokio::spawn(async move {
-                        let _ = p.wait().await;
-                    });
-                }
+        stop_handed(app);
+    }
+}
+
+/// SIGTERM to a handed-over app's workers, reaped when they exit.
+fn stop_handed(app: HandedApp) {
+    for w in app.slots.into_iter().filter_map(|s| s.worker) {
+        if let Ok(fd) = sys::adopt(w.pidfd) {
+            if let Ok(p) = Process::new(w.pid, fd) {
+                let _ = p.signal(libc::SIGTERM);
+                tokio::spawn(async move {
+                    let _ = p.wait().await;
+                });
             }
         }
     }

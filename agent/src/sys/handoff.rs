@@ -6,22 +6,15 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 /// The environment variable with the state memfd's number; the new image removes it at once.
 pub const STATE_ENV: &str = "CORRAL_HANDOFF_FD";
 
-/// Let `fd` survive exec (`inherit`) or close with it again.
-pub fn set_inherit(fd: BorrowedFd<'_>, inherit: bool) -> io::Result<()> {
-    let mut flags = rustix::io::fcntl_getfd(fd)?;
-    flags.set(rustix::io::FdFlags::CLOEXEC, !inherit);
-    rustix::io::fcntl_setfd(fd, flags)?;
-    Ok(())
-}
-
-/// [`set_inherit`] on a descriptor number (the supervisor collects the numbers it hands over
-/// while owning the descriptors). A number that is not open fails with EBADF.
+/// Let descriptor `fd` survive exec (`inherit`) or close with it again. By number: the
+/// supervisor collects the numbers it hands over while owning the descriptors. A number that
+/// is not open fails with EBADF.
 pub fn set_inherit_raw(fd: RawFd, inherit: bool) -> io::Result<()> {
     // SAFETY: F_GETFD/F_SETFD only read and change the close-on-exec flag of the number.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
@@ -40,7 +33,7 @@ pub fn set_inherit_raw(fd: RawFd, inherit: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// The state for the next image, in a sealed memfd (close-on-exec until [`set_inherit`]).
+/// The state for the next image, in a sealed memfd (close-on-exec until [`set_inherit_raw`]).
 pub fn state_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
     super::front::sealed_memfd("corral-handoff", bytes)
 }
@@ -82,7 +75,7 @@ pub fn adopt(raw: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: the descriptor is open (checked above) and the old image handed it to this
     // image alone; the caller adopts each number once.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_inherit(std::os::fd::AsFd::as_fd(&fd), false)?;
+    set_inherit_raw(raw, false)?;
     Ok(fd)
 }
 
