@@ -3,3 +3,4 @@
 
 pub mod budget;
 pub mod restart;
+pub mod rollout;

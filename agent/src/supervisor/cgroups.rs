@@ -6,6 +6,7 @@
 //! `<root>/supervisor` only if they sit in `<root>` itself (the no-internal-processes rule).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::config::{self, App, ByteSize, CgroupRoot};
 use crate::sys::cgroup::{self, Controller, Controllers, Kind, Limits, Root};
@@ -36,6 +37,30 @@ pub fn needed(app: &App) -> Vec<Controller> {
         v.push(Controller::Cpu);
     }
     v
+}
+
+/// Kill whatever is left in a leaf (grandchildren the worker left behind), wait until it is
+/// empty, remove it. The worker's own process has exited by now, so this is immediate unless
+/// it left children; those get cgroup.kill's SIGKILL and die within milliseconds.
+pub(super) fn teardown_leaf(leaf: cgroup::Leaf) {
+    if let Err(e) = leaf.kill() {
+        tracing::warn!("killing what is left in {}: {e}", leaf.path().display());
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while leaf.populated().unwrap_or(false) {
+        if Instant::now() > deadline {
+            tracing::error!(
+                "{} still has processes after cgroup.kill",
+                leaf.path().display()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let path = leaf.path().to_path_buf();
+    if let Err(e) = leaf.remove() {
+        tracing::warn!("removing {}: {e}", path.display());
+    }
 }
 
 /// A worker's limits from its app's config.
@@ -164,10 +189,10 @@ impl Cgroups {
                     .filter(|a| !keep.iter().any(|k| k == a.name()))
                 {
                     for leaf in app.existing_leaves().unwrap_or_default() {
-                        super::teardown_leaf(leaf);
+                        teardown_leaf(leaf);
                     }
                     if let Ok(leaf) = app.named_leaf("prestart") {
-                        super::teardown_leaf(leaf);
+                        teardown_leaf(leaf);
                     }
                     let path = app.path().to_path_buf();
                     match app.remove() {

@@ -33,8 +33,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{follow, watch_memory, AppRt, Phase, Prepared, Supervisor, Worker, WorkerState};
+use super::apps::{launch_for, worker_count};
+use super::events::Event;
+use super::state::{AppRt, Handles, Lifecycle, Prepared, Supervisor, Worker};
+use super::workers::{follow, watch_memory};
 use crate::config::{self, App, AppName, WorkerCount};
+use crate::policy::rollout::{Effect, Phase, WorkerState};
 use crate::sys::handoff as sys;
 use crate::sys::pidfd::Process;
 use crate::sys::users::SystemLookup;
@@ -175,7 +179,7 @@ impl Supervisor {
     /// `corral reexec`: check that a handover is possible now and that the binary can take it.
     /// The exec itself follows the reply ([`Supervisor::reexec_now`]).
     pub(super) fn prepare_reexec(&mut self) -> Result<String, String> {
-        if self.pending_reexec.is_some() {
+        if matches!(self.lifecycle, Lifecycle::Reexecuting(_)) {
             return Err("a re-exec is already under way".into());
         }
         let on_disk = config::load(&self.config_path, &SystemLookup).map_err(|e| {
@@ -195,7 +199,7 @@ impl Supervisor {
         let workers = self
             .apps
             .values()
-            .flat_map(|a| &a.slots)
+            .flat_map(|a| &a.state.slots)
             .filter(|s| s.current.is_some())
             .count();
         let message = format!(
@@ -204,7 +208,7 @@ impl Supervisor {
             std::process::id(),
             self.apps.len()
         );
-        self.pending_reexec = Some(Pending { binary });
+        self.lifecycle = Lifecycle::Reexecuting(Pending { binary });
         self.reexec_error = None;
         Ok(message)
     }
@@ -215,44 +219,17 @@ impl Supervisor {
             return Err("the control socket cannot be handed over".into());
         }
         for (name, app) in &self.apps {
-            match &app.phase {
-                Phase::Running | Phase::Failed(_) => {}
-                Phase::PreStart { .. } => {
+            app.state.steady(name.as_str())?;
+            for (i, slot) in app.state.slots.iter().enumerate() {
+                if slot
+                    .current
+                    .as_ref()
+                    .is_some_and(|w| w.res.handover.outputs.is_none())
+                {
                     return Err(format!(
-                        "app {name} is running its pre-start steps: try again when it runs"
-                    ))
-                }
-                Phase::Stopping => return Err(format!("app {name} is stopping")),
-            }
-            if !app.removed.is_empty() {
-                return Err(format!(
-                    "app {name} has workers of removed slots still stopping: try again in a moment"
-                ));
-            }
-            for (i, slot) in app.slots.iter().enumerate() {
-                if !slot.retired.is_empty() || slot.pending_replace {
-                    return Err(format!(
-                        "app {name} is being replaced one worker at a time: try again when \
-                         it is done"
+                        "worker {name}/{i}'s output pipes could not be kept for a re-exec: \
+                         restart it first (`corral restart {name}/{i}`)"
                     ));
-                }
-                if let Some(w) = &slot.current {
-                    if w.state != WorkerState::Ready || w.recycling {
-                        return Err(format!(
-                            "worker {name}/{i} is {}: try again when it is ready",
-                            if w.recycling {
-                                "being recycled"
-                            } else {
-                                w.state.as_str()
-                            }
-                        ));
-                    }
-                    if w.handover.outputs.is_none() {
-                        return Err(format!(
-                            "worker {name}/{i}'s output pipes could not be kept for a re-exec: \
-                             restart it first (`corral restart {name}/{i}`)"
-                        ));
-                    }
                 }
             }
         }
@@ -270,24 +247,26 @@ impl Supervisor {
         let mut apps = Vec::new();
         for (name, app) in &self.apps {
             let mut slots = Vec::new();
-            for slot in &app.slots {
+            for slot in &app.state.slots {
                 let worker = match &slot.current {
                     None => None,
                     Some(w) => {
                         let [out, err] = w
+                            .res
                             .handover
                             .outputs
                             .as_ref()
                             .ok_or("a worker's output pipes were not kept")?;
                         Some(HandedWorker {
                             id: w.id,
-                            pid: w.process.pid(),
-                            pidfd: raw(w.process.pidfd(), &mut fds),
+                            pid: w.pid,
+                            pidfd: raw(w.res.process.pidfd(), &mut fds),
                             stdout: raw(out.as_fd(), &mut fds),
                             stderr: raw(err.as_fd(), &mut fds),
                             uptime_ms: w.started.elapsed().as_millis() as u64,
-                            leaf: w.leaf.as_ref().map(|l| l.name().to_string()),
+                            leaf: w.res.leaf.as_ref().map(|l| l.name().to_string()),
                             counters: w
+                                .res
                                 .handover
                                 .counters
                                 .as_ref()
@@ -307,12 +286,12 @@ impl Supervisor {
             }
             apps.push(HandedApp {
                 name: name.to_string(),
-                failed: match &app.phase {
+                failed: match &app.state.phase {
                     Phase::Failed(why) => Some(why.clone()),
                     _ => None,
                 },
-                count: app.slots.len() as u32,
-                front_totals: app.front_totals.to_vec(),
+                count: app.state.slots.len() as u32,
+                front_totals: app.front.totals.to_vec(),
                 redirect: app
                     .launch
                     .redirect
@@ -337,8 +316,12 @@ impl Supervisor {
 
     /// After the reply to `corral reexec` went out: exec, or undo and say why.
     pub(super) fn reexec_now(&mut self) {
-        let Some(pending) = self.pending_reexec.take() else {
-            return;
+        let pending = match std::mem::replace(&mut self.lifecycle, Lifecycle::Running) {
+            Lifecycle::Reexecuting(p) => p,
+            other => {
+                self.lifecycle = other;
+                return;
+            }
         };
         match self.exec_into(&pending.binary) {
             Ok(never) => match never {},
@@ -367,7 +350,7 @@ impl Supervisor {
             fds.len() + 1
         );
         for app in self.apps.values_mut() {
-            let n = app.slots.len() as u32;
+            let n = app.state.slots.len() as u32;
             if let Err(e) = app.steering.release(n) {
                 self.restore_steering();
                 return Err(format!("releasing the steering sockets: {e}"));
@@ -409,7 +392,8 @@ impl Supervisor {
     /// After a failed exec: every socket back in its program's array, the ready set again.
     fn restore_steering(&mut self) {
         for (name, app) in self.apps.iter_mut() {
-            let sockets: Vec<Arc<OwnedFd>> = app.slots.iter().map(|s| s.socket.clone()).collect();
+            let sockets: Vec<Arc<OwnedFd>> =
+                app.state.slots.iter().map(|s| s.socket.clone()).collect();
             if let Err(e) = app.steering.install(&sockets) {
                 tracing::error!(app = %name, "re-attaching connection steering: {e}");
             }
@@ -424,7 +408,7 @@ impl Supervisor {
         // Nothing this image could check beforehand should fail here (the old image ran
         // `reexec-check` with this config), but if it does, the workers must not run on
         // unsupervised: they are stopped, and the app starts afresh on the next reload.
-        let launch = match super::launch_for(&cfg, &cfg.command) {
+        let launch = match launch_for(&cfg, &cfg.command) {
             Ok(l) => l,
             Err(e) => {
                 stop_handed(handed);
@@ -445,7 +429,7 @@ impl Supervisor {
             .map_err(|e| format!("app {name}: its redirect_http listener: {e}"))?
             .map(Arc::new);
         let mut cfg = cfg;
-        if super::worker_count(&cfg) != handed.count {
+        if worker_count(&cfg) != handed.count {
             // `corral scale` had changed it; it lasts until the next reload, as before.
             cfg.workers.count = WorkerCount::Fixed(
                 std::num::NonZeroU32::new(handed.count).unwrap_or(std::num::NonZeroU32::MIN),
@@ -463,27 +447,27 @@ impl Supervisor {
                 &self.config.agent.bpf_pin_dir,
             )),
         };
-        self.add_app_as(cfg, prepared, false);
+        self.add_app_idle(cfg, prepared);
         let tx = self.tx.clone();
         let Some(app) = self.apps.get_mut(&name) else {
             return Ok(());
         };
         for (i, t) in handed.front_totals.iter().enumerate() {
-            if let Some(total) = app.front_totals.get_mut(i) {
+            if let Some(total) = app.front.totals.get_mut(i) {
                 *total = *t;
             }
         }
         // Failed if it had failed, or if this image refuses it (its workers are adopted all
         // the same: they run, and are better supervised than orphaned); running otherwise.
         if let Some(why) = handed.failed {
-            app.phase = Phase::Failed(why);
-        } else if !matches!(app.phase, Phase::Failed(_)) {
-            app.phase = Phase::Running;
+            app.state.phase = Phase::Failed(why);
+        } else if !matches!(app.state.phase, Phase::Failed(_)) {
+            app.state.phase = Phase::Running;
         }
         let mut adopted = 0;
         let mut to_start = Vec::new();
         for (i, hs) in handed.slots.into_iter().enumerate() {
-            let Some(slot) = app.slots.get_mut(i) else {
+            let Some(slot) = app.state.slots.get_mut(i) else {
                 break;
             };
             slot.restarts = hs.restarts;
@@ -493,7 +477,7 @@ impl Supervisor {
             match hs.worker {
                 Some(hw) => match adopt_worker(&tx, &name, app, i as u32, hw) {
                     Ok(w) => {
-                        app.slots[i].current = Some(w);
+                        app.state.slots[i].current = Some(w);
                         adopted += 1;
                     }
                     Err(e) => {
@@ -506,10 +490,12 @@ impl Supervisor {
             }
         }
         tracing::info!(app = %name, "adopted {adopted} running workers from the agent's previous image");
-        if matches!(self.apps.get(&name).map(|a| &a.phase), Some(Phase::Running)) {
-            for slot in to_start {
-                self.start_worker(&name, slot);
-            }
+        if matches!(
+            self.apps.get(&name).map(|a| &a.state.phase),
+            Some(Phase::Running)
+        ) {
+            let starts = to_start.into_iter().map(|slot| Effect::Start { slot });
+            self.execute(&name, starts.collect());
         }
         Ok(())
     }
@@ -517,7 +503,7 @@ impl Supervisor {
 
 /// A worker of the previous image, as this image's: its pidfd, output, leaf and counters.
 fn adopt_worker(
-    tx: &tokio::sync::mpsc::UnboundedSender<super::Event>,
+    tx: &tokio::sync::mpsc::UnboundedSender<Event>,
     name: &AppName,
     app: &mut AppRt,
     slot_idx: u32,
@@ -549,27 +535,30 @@ fn adopt_worker(
     let handover = WorkerFds::keep(&out, &err, counters_fd)?;
     follow(tx, name, slot_idx, hw.id, &process, out, err);
     let memory_watch = watch_memory(tx, name, &app.cfg, slot_idx, hw.id, &leaf);
-    let socket = app.slots[slot_idx as usize].socket.clone();
+    let socket = app.state.slots[slot_idx as usize].socket.clone();
     tracing::info!(app = %name, worker = slot_idx, pid = hw.pid, "adopted");
     Ok(Worker {
         id: hw.id,
         slot: slot_idx,
-        process,
+        pid: hw.pid,
         state: WorkerState::Ready,
         started: Instant::now()
             .checked_sub(Duration::from_millis(hw.uptime_ms))
             .unwrap_or_else(Instant::now),
-        _socket: socket,
         expected_exit: false,
         not_ready: None,
-        // Ready already: no probe runs.
-        probe: tokio::spawn(async {}).abort_handle(),
-        leaf,
-        memory_watch,
         high_seen: hw.high_seen,
         recycling: false,
-        counters,
-        handover,
+        res: Handles {
+            process,
+            _socket: socket,
+            // Ready already: no probe runs.
+            probe: tokio::spawn(async {}).abort_handle(),
+            leaf,
+            memory_watch,
+            counters,
+            handover,
+        },
     })
 }
 

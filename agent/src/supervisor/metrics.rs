@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use super::Event;
+use super::events::Event;
 use crate::control::{Request, Response};
 
 pub const MAX_REQUEST: usize = 8 * 1024;
