@@ -494,3 +494,68 @@ policy = "never"
         "{log}"
     );
 }
+
+/// The memory budget is checked wherever the plan changes, not only at start: a reload or a
+/// `corral scale` that would exceed it is refused with the start's message and changes nothing.
+#[test]
+fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let fits = demo_app("web", &address, 2, "memory_max = \"4GiB\"\n");
+    // This host cannot enforce memory caps (hybrid cgroups); the budget is checked all the same.
+    let mut agent = Agent::start_with_agent_extra("budget", "enforce_limits = false\n", &fits);
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+
+    // 1000 x 4GiB does not fit in any machine this runs on.
+    let (code, out, err) = corral(&agent, &["scale", "web", "1000"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("scale refused, nothing changed: memory budget exceeded: web 1000 x 4GiB"),
+        "{err}"
+    );
+
+    let over = demo_app("web", &address, 2, "memory_max = \"512GiB\"\n");
+    agent.rewrite_config(&over);
+    let (code, out, err) = corral(&agent, &["reload"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(
+            "reload refused, running apps untouched: memory budget exceeded: web 2 x 512GiB"
+        ),
+        "{err}"
+    );
+    let (code, out, err) = corral(&agent, &["reload", "web"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("memory budget exceeded"), "{err}");
+    // SIGHUP reads the same file: refused the same way, in the log.
+    agent.signal(libc::SIGHUP);
+    wait_for(Duration::from_secs(10), "the SIGHUP reload refused", || {
+        agent
+            .log()
+            .contains("reload refused, running apps untouched: memory budget exceeded")
+            .then_some(())
+    });
+
+    let app = agent.app_json("web");
+    assert_eq!(app["state"], "running", "{app}");
+    assert_eq!(
+        app["workers"][0]["memory_max"].as_u64(),
+        Some(4 << 30),
+        "the running config is the old one"
+    );
+    assert_eq!(
+        agent.wait_ready("web", 2, Duration::from_secs(5)),
+        pids,
+        "no worker was started or stopped"
+    );
+
+    // Back within budget, the same commands work.
+    agent.rewrite_config(&fits.replace("count = 2", "count = 3"));
+    let (code, out, err) = corral(&agent, &["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        &agent.wait_ready("web", 3, Duration::from_secs(20))[..2],
+        &pids[..]
+    );
+    agent.stop(Duration::from_secs(20));
+}
