@@ -222,7 +222,7 @@ pub struct Exit {
 }
 
 impl<S, H> App<S, H> {
-    /// An app with one slot per socket, none started: [`App::first_start`] or adoption follows.
+    /// An app with one slot per socket, none started: [`App::prestart_succeeded`] or adoption follows.
     pub fn new(sockets: impl IntoIterator<Item = S>) -> App<S, H> {
         App {
             phase: Phase::Running,
