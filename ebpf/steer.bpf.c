@@ -4,9 +4,13 @@
  * group (one listening socket per worker slot).
  *
  *   - A connection from a probe source port reaches exactly the slot it names, ready or not.
- *   - Any other connection goes to a ready ("eligible") slot: the less loaded of two random
- *     ones (power of two choices) on the load the agent publishes plus the picks made since, so
- *     a stale load does not make every CPU herd onto one slot; or round-robin.
+ *   - Any other connection goes to a ready ("eligible") slot: least-loaded takes the slot with
+ *     the fewest open connections (counted live by the tracker below, plus those picked and still
+ *     in their handshake, so a burst does not herd onto one slot) of all ready slots, up to
+ *     CORRAL_FULL_SCAN of them, ties to the one picked least since the agent's last publish; of a
+ *     larger set, the less loaded of two random ones. Or round-robin.
+ *   - The shared policy sends every connection to entry 0: one socket, one accept queue, which
+ *     every worker accepts from (workers that serve one request at a time).
  *   - A select that fails tries the other candidate, then the next slots; if nothing works the
  *     program returns SK_PASS without a selection and the kernel hashes. It never drops: a
  *     dropped SYN is a reset for the client.
@@ -202,6 +206,18 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 	if (!cfg || !st)
 		return SK_PASS;
 
+	if (cfg->policy == CORRAL_POLICY_SHARED) {
+		/* Ready or not, every worker accepts from this one queue; a starting worker takes
+		 * nothing until it accepts. */
+		if (try_slot(ctx, 0) != 0) {
+			st->select_errors++;
+			st->fallbacks++;
+			return SK_PASS;
+		}
+		the_pick = 0;
+		goto selected;
+	}
+
 	if (!migrating) {
 		__u16 sport_be;
 
@@ -239,6 +255,35 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		}
 		first = slot_at(set, start);
 		second = slot_at(set, (start + 1) % n);
+	} else if (n <= CORRAL_FULL_SCAN) {
+		/* Every ready slot, from a random one on, so equal slots take turns. On a tie (common
+		 * when workers keep up: all 0), the slot sent fewer connections since the last
+		 * publish: even within each 5 ms, without a long memory that would make a slow worker
+		 * catch up later. */
+		__u32 best_score, best_recent;
+
+		start = bpf_get_prandom_u32() % n;
+		first = slot_at(set, start);
+		second = first;
+		best_score = score(cfg, first);
+		best_recent = recent_picks(first);
+		for (i = 1; i < CORRAL_FULL_SCAN; i++) {
+			__u32 slot, sc, rc;
+
+			if (i >= n)
+				break;
+			slot = slot_at(set, (start + i) % n);
+			sc = score(cfg, slot);
+			if (sc > best_score)
+				continue;
+			rc = recent_picks(slot);
+			if (sc == best_score && rc >= best_recent)
+				continue;
+			second = first;
+			first = slot;
+			best_score = sc;
+			best_recent = rc;
+		}
 	} else {
 		__u32 a = bpf_get_prandom_u32() % n;
 		__u32 b = n > 1 ? (a + 1 + bpf_get_prandom_u32() % (n - 1)) % n : a;
@@ -247,9 +292,6 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 
 		__u32 score_a = score(cfg, sa), score_b = score(cfg, sb);
 
-		/* On a tie (common when workers keep up: both 0), the slot sent fewer connections
-		 * since the last publish: even within each 5 ms, without a long memory that would
-		 * make a slow worker catch up later. */
 		if (score_b < score_a ||
 		    (score_b == score_a && recent_picks(sb) < recent_picks(sa))) {
 			first = sb;

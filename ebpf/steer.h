@@ -7,7 +7,7 @@
 #ifndef CORRAL_STEER_H
 #define CORRAL_STEER_H
 
-#define CORRAL_ABI_VERSION 2
+#define CORRAL_ABI_VERSION 3
 
 /* Slots per app; a power of two so `slot & (CORRAL_MAX_SLOTS - 1)` bounds array indices. */
 #define CORRAL_MAX_SLOTS 1024
@@ -15,6 +15,13 @@
 /* config.policy */
 #define CORRAL_POLICY_LEAST_LOADED 0
 #define CORRAL_POLICY_ROUND_ROBIN 1
+/* Every connection, probes too, goes to the socket in entry 0, which every worker shares: one
+ * accept queue for workers that serve one request at a time (an idle worker takes the next). */
+#define CORRAL_POLICY_SHARED 2
+
+/* Least-loaded scans a ready set of up to this many slots whole; a larger one compares two
+ * random slots (power of two choices). */
+#define CORRAL_FULL_SCAN 64
 
 /* The one entry of the `config` map. */
 struct corral_config {

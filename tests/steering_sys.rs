@@ -285,3 +285,54 @@ fn closing_a_listener_migrates_its_queue() {
     assert_eq!(g.steering.stats().expect("stats").migrations, 20);
     drop(conns);
 }
+
+/// Least-loaded looks at every ready slot (up to `abi::FULL_SCAN`), not two random ones: an idle
+/// worker gets the next connection whatever the others are doing. With power of two choices,
+/// slot 7 would be a candidate for a quarter of the connections only.
+#[test]
+fn least_loaded_finds_the_one_idle_slot_among_many_busy_ones() {
+    let mut g = group(8, Policy::LeastLoaded);
+    g.steering.tracker().as_ref().expect("tracker attached");
+    // Slots 0-6 each hold five accepted, open connections; slot 7 none.
+    let mut held = Vec::new();
+    let mut clients = Vec::new();
+    for slot in 0..7u32 {
+        g.steering.publish_eligible(&[slot]).expect("eligible");
+        for _ in 0..5 {
+            clients.push(connect_from(g.addr, None));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        while let Ok((s, _)) = g.listeners[slot as usize].accept() {
+            held.push(s);
+        }
+    }
+    assert_eq!(held.len(), 35);
+    g.steering
+        .publish_eligible(&[0, 1, 2, 3, 4, 5, 6, 7])
+        .expect("eligible");
+    // Five new connections: each finds slot 7 the least loaded (0..4 open against 5).
+    let more: Vec<_> = (0..5).map(|_| connect_from(g.addr, None)).collect();
+    let counts = drain(&g);
+    drop((more, clients, held));
+    assert_eq!(
+        counts,
+        vec![0, 0, 0, 0, 0, 0, 0, 5],
+        "slot 7 was the idle one"
+    );
+}
+
+/// The shared policy: one accept queue, entry 0's socket, for every connection (probes too),
+/// whatever the ready set says.
+#[test]
+fn shared_sends_every_connection_to_the_one_shared_socket() {
+    let mut g = group(3, Policy::Shared);
+    let conns: Vec<_> = (0..100).map(|_| connect_from(g.addr, None)).collect();
+    assert_eq!(drain(&g), vec![100, 0, 0]);
+    g.steering.publish_eligible(&[1, 2]).expect("eligible");
+    let probe = connect_from(g.addr, Some(PROBE_PORT_BASE + 2));
+    assert_eq!(drain(&g), vec![1, 0, 0]);
+    drop((conns, probe));
+    let st = g.steering.stats().expect("stats");
+    assert_eq!(st.selected, 101);
+    assert_eq!(st.probes, 0);
+}

@@ -52,6 +52,8 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
 pub enum Policy {
     LeastLoaded,
     RoundRobin,
+    /// Every connection to slot 0's socket, which every worker shares (one accept queue).
+    Shared,
 }
 
 const SELECT_OR_MIGRATE: &str = "corral_select_or_migrate";
@@ -136,6 +138,7 @@ impl Steering {
         let policy = match policy {
             Policy::LeastLoaded => abi::POLICY_LEAST_LOADED,
             Policy::RoundRobin => abi::POLICY_ROUND_ROBIN,
+            Policy::Shared => abi::POLICY_SHARED,
         };
         let mut s = Steering {
             ebpf,
