@@ -6,6 +6,11 @@
 //! into the accept queue); sock_diag shows whether the connection left the queue (it gains a
 //! socket inode on accept). `http:/path`: the same connection then carries `GET /path` and
 //! the worker is ready on a 2xx or 3xx answer.
+//!
+//! Where the workers share one socket (one accept queue), a probe cannot be sent to one worker:
+//! whoever accepts it first takes it. The probe then also asks whose process tree holds the
+//! accepted socket (its inode among the worker's fds); one taken by another worker is closed
+//! and the next probe tried, until the worker takes one or its time is up.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,7 +22,7 @@ use tokio::net::{TcpSocket, TcpStream, UnixDatagram};
 use tokio::time::{sleep, Instant};
 
 use crate::config::Ready;
-use crate::sys::{diag, socket};
+use crate::sys::{diag, holder, socket};
 
 /// How a probe learns that the worker accepted it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,18 +50,36 @@ pub fn init_accept_signal() -> AcceptSignal {
     })
 }
 
+/// Which worker a probe is for.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub address: SocketAddr,
+    pub slot: u32,
+    /// The workers share one socket: the probe counts only when this process (the worker) or
+    /// one of its descendants accepted it.
+    pub shared_by: Option<i32>,
+}
+
 /// Wait until the worker in `slot` of the group on `address` is ready, or say why not.
 /// `listener` is the slot's listening socket.
 pub async fn wait_ready(
     ready: &Ready,
-    address: SocketAddr,
-    slot: u32,
+    target: Target,
     listener: Arc<OwnedFd>,
     timeout: Duration,
     notify: Option<Notify>,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let limit = crate::policy::restart::format_duration(timeout);
+    // Probes another worker took (shared socket only), for the timeout's message.
+    let mut missed = 0u32;
+    let others = |missed: u32| {
+        if missed == 0 {
+            String::new()
+        } else {
+            format!(" ({missed} probes were accepted by the other workers sharing its socket)")
+        }
+    };
     match ready {
         Ready::Delay(d) => {
             sleep(*d).await;
@@ -68,26 +91,51 @@ pub async fn wait_ready(
             };
             wait_notify_ready(&notify, deadline, &limit).await
         }
-        Ready::Tcp => {
-            match tokio::time::timeout_at(deadline, probe(address, slot, &listener, None)).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("did not accept a probe connection within {limit}")),
+        Ready::Tcp => loop {
+            match tokio::time::timeout_at(deadline, probe(target, &listener, None)).await {
+                Ok(Ok(Probe::Accepted)) => return Ok(()),
+                Ok(Ok(Probe::TakenByAnother)) => {
+                    missed += 1;
+                    sleep(Duration::from_millis(5)).await;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(format!(
+                        "did not accept a probe connection within {limit}{}",
+                        others(missed)
+                    ))
+                }
             }
-        }
+        },
         Ready::Http(path) => loop {
-            match tokio::time::timeout_at(deadline, probe(address, slot, &listener, Some(path)))
-                .await
-            {
-                Ok(Ok(())) => return Ok(()),
+            match tokio::time::timeout_at(deadline, probe(target, &listener, Some(path))).await {
+                Ok(Ok(Probe::Accepted)) => return Ok(()),
+                Ok(Ok(Probe::TakenByAnother)) => {
+                    missed += 1;
+                    sleep(Duration::from_millis(5)).await;
+                }
                 Ok(Err(e)) if Instant::now() + Duration::from_millis(100) < deadline => {
-                    tracing::debug!(slot, "http probe: {e}");
+                    tracing::debug!(slot = target.slot, "http probe: {e}");
                     sleep(Duration::from_millis(100)).await;
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(format!("GET {path} did not succeed within {limit}")),
+                Err(_) => {
+                    return Err(format!(
+                        "GET {path} did not succeed within {limit}{}",
+                        others(missed)
+                    ))
+                }
             }
         },
     }
+}
+
+/// How a probe that reached an accept ended.
+enum Probe {
+    /// The worker accepted it (and answered the GET, for an http probe).
+    Accepted,
+    /// Another worker sharing the socket accepted it.
+    TakenByAnother,
 }
 
 async fn connect(address: SocketAddr, slot: u32) -> Result<TcpStream, String> {
@@ -115,11 +163,15 @@ async fn connect(address: SocketAddr, slot: u32) -> Result<TcpStream, String> {
 }
 
 async fn probe(
-    address: SocketAddr,
-    slot: u32,
+    target: Target,
     listener: &Arc<OwnedFd>,
     http: Option<&str>,
-) -> Result<(), String> {
+) -> Result<Probe, String> {
+    let Target {
+        address,
+        slot,
+        shared_by,
+    } = target;
     let mut stream = connect(address, slot).await?;
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     let server_end = stream.peer_addr().map_err(|e| e.to_string())?;
@@ -134,7 +186,18 @@ async fn probe(
         let accepted = match signal {
             AcceptSignal::Diag => {
                 match diag::tcp_connection(server_end, local).map_err(|e| e.to_string())? {
-                    Some(c) => c.inode != 0,
+                    Some(c) if c.inode != 0 => match shared_by {
+                        None => true,
+                        Some(pid) => {
+                            let ours = holder::tree_holds_socket(pid, c.inode)
+                                .map_err(|e| format!("whose probe connection: {e}"))?;
+                            if !ours {
+                                return Ok(Probe::TakenByAnother);
+                            }
+                            true
+                        }
+                    },
+                    Some(_) => false,
                     None => {
                         return Err("the probe connection was closed before it was accepted".into())
                     }
@@ -153,7 +216,7 @@ async fn probe(
         pause = (pause * 2).min(Duration::from_millis(20));
     }
     let Some(path) = http else {
-        return Ok(());
+        return Ok(Probe::Accepted);
     };
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: corral-probe\r\nConnection: close\r\n\r\n",
@@ -182,7 +245,7 @@ async fn probe(
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("GET {path}: not an HTTP answer: {status_line:?}"))?;
     if (200..400).contains(&code) {
-        Ok(())
+        Ok(Probe::Accepted)
     } else {
         Err(format!("GET {path} answered {code}"))
     }

@@ -29,6 +29,8 @@ pub struct GroupSteering {
     /// Pins of this group, removed when it is dropped.
     pins: Option<PathBuf>,
     kind: SteeringKind,
+    /// What the program was asked to do (`None`: the kernel's hash).
+    policy: Option<Policy>,
 }
 
 /// Logged once per agent: eBPF steering is unavailable.
@@ -125,6 +127,7 @@ impl GroupSteering {
             last_seen: 0,
             pins,
             kind: cfg.listen.steering,
+            policy,
         }
     }
 
@@ -182,6 +185,11 @@ impl GroupSteering {
             }
         }
         self.published = Some(eligible);
+    }
+
+    /// Every worker accepts from one shared socket (slot 0's): one accept queue.
+    pub fn shared(&self) -> bool {
+        self.policy == Some(Policy::Shared)
     }
 
     /// Queued connections move to another worker when a listener closes (eBPF migrate

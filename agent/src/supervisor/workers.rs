@@ -102,19 +102,19 @@ impl Supervisor {
             }
         };
         follow(&tx, name, slot_idx, id, &process, out, err);
-        let (ready_cfg, address, timeout) = (
-            app.cfg.workers.ready.clone(),
-            app.cfg.listen.address,
-            app.cfg.workers.ready_timeout,
-        );
+        let (ready_cfg, timeout) = (app.cfg.workers.ready.clone(), app.cfg.workers.ready_timeout);
+        let target = ready::Target {
+            address: app.cfg.listen.address,
+            slot: slot_idx,
+            shared_by: app.steering.shared().then_some(pid),
+        };
         let notify = notify.map(|sock| ready::Notify {
             sock,
             worker_pid: pid,
         });
         let (listener, app_name) = (socket.clone(), name.clone());
         let probe = tokio::spawn(async move {
-            let result =
-                ready::wait_ready(&ready_cfg, address, slot_idx, listener, timeout, notify).await;
+            let result = ready::wait_ready(&ready_cfg, target, listener, timeout, notify).await;
             let _ = tx.send(Event::Ready {
                 app: app_name,
                 id,

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod diag;
 pub mod front;
 pub mod handoff;
+pub mod holder;
 pub mod inotify;
 pub mod ktls;
 pub mod machine;
