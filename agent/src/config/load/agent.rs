@@ -21,11 +21,7 @@ pub(super) fn convert_agent(
     src: &Source<'_>,
     raw: Option<Spanned<RawAgent>>,
 ) -> Result<(Agent, Vec<Pattern>), ConfigError> {
-    let (span, raw) = match raw {
-        Some(r) => (r.span(), r.into_inner()),
-        None => (0..0, RawAgent::default()),
-    };
-    let t = Table::new(src, &["agent"], span);
+    let (t, raw) = Table::or_default(src, &["agent"], raw);
 
     let include = match raw.include {
         None => vec![Pattern {

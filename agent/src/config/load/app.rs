@@ -20,7 +20,7 @@ use crate::config::{
     Steering,
 };
 
-const DEFAULT_BACKLOG: i64 = 1024;
+const DEFAULT_BACKLOG: u32 = 1024;
 const DEFAULT_PRE_START_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// `[app.NAME]`, defined at `defined_at`; its sockets are recorded in `endpoints`.
@@ -94,10 +94,9 @@ fn listen(
         .required("address", raw.address)
         .map_err(|e| e.with_hint("the workers' socket, e.g. `address = \"127.0.0.1:8000\"`"))?;
     let (address, address_at) = endpoints.claim(&lt, "address", &address_v, true)?;
-    let backlog = match &raw.backlog {
-        Some(v) => lt.int_in("backlog", v, 1..=i64::from(MAX_BACKLOG))?,
-        None => DEFAULT_BACKLOG,
-    };
+    let backlog = lt
+        .u32_in("backlog", raw.backlog.as_ref(), 1..=MAX_BACKLOG)?
+        .unwrap_or(DEFAULT_BACKLOG);
     let steering = lt.choice(
         "steering",
         raw.steering.as_ref(),
@@ -111,8 +110,7 @@ fn listen(
     Ok(Listen {
         address,
         address_at,
-        // In 1..=MAX_BACKLOG, checked above.
-        backlog: backlog as u32,
+        backlog,
         steering,
     })
 }
@@ -123,11 +121,7 @@ fn restart(
     n: &str,
     raw: Option<Spanned<RawRestart>>,
 ) -> Result<Restart, ConfigError> {
-    let (span, raw) = match raw {
-        Some(r) => (r.span(), r.into_inner()),
-        None => (0..0, RawRestart::default()),
-    };
-    let r = Table::new(src, &["app", n, "restart"], span.clone());
+    let (r, raw) = Table::or_default(src, &["app", n, "restart"], raw);
     let d = Restart::DEFAULT;
     let policy = r.choice(
         "policy",
@@ -149,7 +143,7 @@ fn restart(
         let span = match (&raw.backoff_initial, &raw.backoff_max) {
             (Some(v), _) => v.span(),
             (None, Some(v)) => v.span(),
-            (None, None) => span,
+            (None, None) => r.span.clone(),
         };
         return Err(r
             .err(
@@ -161,18 +155,16 @@ fn restart(
             )
             .with_hint("the delay starts at backoff_initial and doubles up to backoff_max"));
     }
-    let max_restarts = match &raw.max_restarts {
-        Some(v) => r.int_in("max_restarts", v, 0..=i64::from(u32::MAX))?,
-        None => i64::from(d.max_restarts),
-    };
+    let max_restarts = r
+        .u32_in("max_restarts", raw.max_restarts.as_ref(), 0..=u32::MAX)?
+        .unwrap_or(d.max_restarts);
     let window = r.positive_duration("window", raw.window.as_ref(), d.window)?;
     let reset_after = r.duration("reset_after", raw.reset_after.as_ref(), d.reset_after)?;
     Ok(Restart {
         policy,
         backoff_initial,
         backoff_max,
-        // In 0..=u32::MAX, checked above.
-        max_restarts: max_restarts as u32,
+        max_restarts,
         window,
         reset_after,
     })

@@ -37,6 +37,21 @@ impl<'s> Table<'s> {
         }
     }
 
+    /// A table that may be left out, and its contents: when it is, every key takes its default
+    /// (`T::default()` is all `None`) and the table is nowhere (only a missing required key
+    /// would point at it, and such a table has none).
+    pub(super) fn or_default<T: Default>(
+        src: &'s Source<'s>,
+        path: &[&str],
+        raw: Option<Spanned<T>>,
+    ) -> (Self, T) {
+        let (span, raw) = match raw {
+            Some(r) => (r.span(), r.into_inner()),
+            None => (0..0, T::default()),
+        };
+        (Table::new(src, path, span), raw)
+    }
+
     /// The same, for an element of an array of tables (`[[app.api.pre_start]]`).
     pub(super) fn array_item(src: &'s Source<'s>, path: &[&str], span: Range<usize>) -> Self {
         Table {
@@ -265,15 +280,20 @@ impl<'s> Table<'s> {
         Ok(Some(ByteSize(bytes)))
     }
 
-    pub(super) fn int_in(
+    /// An integer in `range`, if written.
+    pub(super) fn u32_in(
         &self,
         key: &str,
-        v: &Spanned<i64>,
-        range: RangeInclusive<i64>,
-    ) -> Result<i64, ConfigError> {
+        v: Option<&Spanned<i64>>,
+        range: RangeInclusive<u32>,
+    ) -> Result<Option<u32>, ConfigError> {
+        let Some(v) = v else {
+            return Ok(None);
+        };
         let n = *v.get_ref();
-        if !range.contains(&n) {
-            return Err(self.err(
+        match u32::try_from(n) {
+            Ok(u) if range.contains(&u) => Ok(Some(u)),
+            _ => Err(self.err(
                 v.span(),
                 key,
                 format!(
@@ -281,9 +301,8 @@ impl<'s> Table<'s> {
                     range.start(),
                     range.end()
                 ),
-            ));
+            )),
         }
-        Ok(n)
     }
 
     /// `count = N | "auto"` (or `processes`), defaulting to auto at `default_at`.

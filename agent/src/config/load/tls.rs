@@ -69,11 +69,9 @@ pub(super) fn tls(
         false,
         &[("off", false), ("v2", true)],
     )?;
-    let max_handshakes = match &raw.max_handshakes {
-        // In 1..=65536, checked by int_in.
-        Some(v) => tt.int_in("max_handshakes", v, 1..=65536)? as u32,
-        None => DEFAULT_MAX_HANDSHAKES,
-    };
+    let max_handshakes = tt
+        .u32_in("max_handshakes", raw.max_handshakes.as_ref(), 1..=65536)?
+        .unwrap_or(DEFAULT_MAX_HANDSHAKES);
     let ktls = tt.choice(
         "ktls",
         raw.ktls.as_ref(),

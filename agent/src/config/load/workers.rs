@@ -23,11 +23,7 @@ pub(super) fn workers(
     defined_at: &Location,
     raw: Option<Spanned<RawWorkers>>,
 ) -> Result<Workers, ConfigError> {
-    let (span, raw) = match raw {
-        Some(r) => (r.span(), r.into_inner()),
-        None => (0..0, RawWorkers::default()),
-    };
-    let w = Table::new(src, &["app", n, "workers"], span);
+    let (w, raw) = Table::or_default(src, &["app", n, "workers"], raw);
 
     let (count, count_at) = w.count("count", raw.count.as_ref(), defined_at)?;
 
@@ -50,21 +46,15 @@ pub(super) fn workers(
         }
     }
     let cpu_max = cpu_max(&w, raw.cpu_max.as_ref())?;
-    let pids_max = match &raw.pids_max {
-        None => None,
-        Some(v) => {
-            let p = w
-                .int_in("pids_max", v, 1..=i64::from(MAX_PIDS))
-                .map_err(|e| {
-                    e.with_hint(format!(
-                        "pids.max counts a worker's processes and threads; the kernel takes at \
-                         most {MAX_PIDS}"
-                    ))
-                })?;
-            // In 1..=MAX_PIDS, checked above.
-            NonZeroU32::new(p as u32)
-        }
-    };
+    let pids_max = w
+        .u32_in("pids_max", raw.pids_max.as_ref(), 1..=MAX_PIDS)
+        .map_err(|e| {
+            e.with_hint(format!(
+                "pids.max counts a worker's processes and threads; the kernel takes at most \
+                 {MAX_PIDS}"
+            ))
+        })?
+        .and_then(NonZeroU32::new);
 
     let stop_timeout = w.duration(
         "stop_timeout",
