@@ -52,7 +52,7 @@ impl<'s> Table<'s> {
         (Table::new(src, path, span), raw)
     }
 
-    /// The same, for an element of an array of tables (`[[app.api.pre_start]]`).
+    /// A table that is an element of an array of tables (`[[app.api.pre_start]]`).
     pub(super) fn array_item(src: &'s Source<'s>, path: &[&str], span: Range<usize>) -> Self {
         Table {
             src,
