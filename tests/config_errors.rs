@@ -175,6 +175,26 @@ const CASES: &[Case] = &[
         expect: &["`memory_high` in [app.web.workers]: 1GiB must be less than `memory_max` (64MiB)"],
     },
     Case {
+        name: "cpu_max below the kernel's minimum quota",
+        edits: &[("count = 2\n", "count = 2\ncpu_max = @@0.005\n")],
+        expect: &[
+            "`cpu_max` in [app.web.workers]: 0.005 is below the kernel's minimum of 0.01 CPU",
+            "cpu.max takes at least 1000us of CPU time per 100000us period",
+        ],
+    },
+    Case {
+        name: "pids_max above the kernel's PID_MAX_LIMIT",
+        edits: &[("count = 2\n", "count = 2\npids_max = @@5000000\n")],
+        expect: &[
+            "`pids_max` in [app.web.workers]: expected an integer from 1 to 4194304, found 5000000",
+        ],
+    },
+    Case {
+        name: "memory_max below one page",
+        edits: &[("memory_max = \"64MiB\"", "memory_max = @@\"4KiB\"")],
+        expect: &["`memory_max` in [app.web.workers]: 4KiB is below the minimum of 64KiB"],
+    },
+    Case {
         name: "missing command",
         edits: &[
             ("[app.web]\n", "@@[app.web]\n"),

@@ -3,6 +3,7 @@
 //! [`Lookup`], which `sys` implements.
 
 mod error;
+pub mod limits;
 mod load;
 mod raw;
 mod types;

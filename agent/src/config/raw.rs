@@ -1,6 +1,6 @@
 //! The TOML files as serde sees them: every table denies unknown keys, every value keeps its span.
 //!
-//! Required keys are `Option`s here so that `load.rs` can say what is missing in its own words;
+//! Required keys are `Option`s here so that `load/` can say what is missing in its own words;
 //! ranges, units and enumerations are checked there too. These types never leave the module.
 
 use std::collections::BTreeMap;
@@ -36,7 +36,7 @@ pub struct IncludedFile {
     pub app: Apps,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
     pub include: Option<StrList>,
@@ -73,7 +73,7 @@ pub struct RawListen {
     pub steering: Option<Str>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWorkers {
     pub count: Option<Spanned<RawCount>>,
@@ -86,7 +86,7 @@ pub struct RawWorkers {
     pub ready_timeout: Option<Spanned<RawDuration>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRestart {
     pub policy: Option<Str>,
@@ -129,7 +129,7 @@ pub struct RawCertPair {
     pub key: Option<Str>,
 }
 
-/// A TOML scalar that may be written as a number or a string; `load.rs` decides which forms are
+/// A TOML scalar that may be written as a number or a string; `load/` decides which forms are
 /// valid so that it can explain a wrong one (`count = 0`, `stop_timeout = 30`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scalar {

@@ -1,6 +1,6 @@
 //! Validated configuration: values of these types cannot be bad.
 //!
-//! `raw.rs` deserializes TOML into serde structs; `load.rs` converts them once into these.
+//! `raw.rs` deserializes TOML into serde structs; `load/` converts them once into these.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -11,6 +11,8 @@ use std::time::Duration;
 use super::load::{parse_duration, parse_size};
 use super::*;
 
+mod limits;
+
 /// A machine with the users root, api and nobody and the groups root, api and nogroup.
 struct FakeLookup;
 
