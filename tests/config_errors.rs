@@ -299,7 +299,7 @@ const CASES: &[Case] = &[
         name: "bad steering",
         edits: &[("steering = \"least-loaded\"", "steering = @@\"random\"")],
         expect: &[
-            "`steering` in [app.web.listen]: expected \"least-loaded\", \"round-robin\" or \"hash\", found \"random\"",
+            "`steering` in [app.web.listen]: expected \"auto\", \"least-loaded\", \"round-robin\", \"hash\" or \"shared\", found \"random\"",
         ],
     },
     Case {

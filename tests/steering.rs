@@ -580,3 +580,135 @@ fn without_bpf_privileges_the_agent_falls_back_to_the_kernel_hash() {
     let full = check(false);
     assert!(full.contains("steering    least-loaded (eBPF"), "{full}");
 }
+
+/// The socket on a worker's fd 3, as /proc names it (`socket:[INODE]`).
+fn fd3(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/3"))
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// GET on a new connection from a thread: (the answering pid, when it finished).
+fn get_later(a: SocketAddr, path: &str) -> std::thread::JoinHandle<(i32, Instant)> {
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let pid = get_pid(a, &path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        (pid, Instant::now())
+    })
+}
+
+/// gunicorn's sync workers serve one request at a time; `steering = "auto"` sees it in the
+/// command and gives the app one socket that every worker accepts from. A request then waits
+/// for the first worker to be free, never behind one long request; readiness probes through
+/// the shared queue still reach the worker they are for (a rolling restart loses nothing).
+#[test]
+fn one_at_a_time_workers_share_one_accept_queue() {
+    let _one = one_at_a_time();
+    let port = free_port();
+    let apps = format!(
+        r#"
+[app.web]
+command = ["@DIR@/bin/gunicorn"]
+user = "nobody"
+env = {{ DEMO_THREADS = "1" }}
+[app.web.listen]
+address = "127.0.0.1:{port}"
+[app.web.workers]
+count = 4
+stop_timeout = "5s"
+"#
+    );
+    // A gunicorn by name (the demo, one request at a time): what `auto` reads is the command.
+    let agent = Agent::start_with("shared", &apps, |dir| {
+        std::fs::create_dir_all(dir.path().join("bin")).expect("bin dir");
+        std::os::unix::fs::symlink(bin("corral-demo"), dir.path().join("bin/gunicorn"))
+            .expect("symlink");
+    });
+    let pids = agent.wait_ready("web", 4, Duration::from_secs(30));
+    let status = agent.app("web");
+    assert!(status.steering.starts_with("shared"), "{}", status.steering);
+    let socket = fd3(pids[0]);
+    assert!(socket.starts_with("socket:["), "{socket}");
+    for p in &pids {
+        assert_eq!(fd3(*p), socket, "every worker has the one socket on fd 3");
+    }
+    let a = addr(port);
+
+    // One long request and three short ones occupy the four workers.
+    let long = get_later(a, "/?delay_ms=8000");
+    wait_for(
+        Duration::from_secs(10),
+        "a worker took the long request",
+        || {
+            pids.iter()
+                .find(|p| accepted_connections(**p) == 1)
+                .copied()
+        },
+    );
+    let short: Vec<_> = (0..3).map(|_| get_later(a, "/?delay_ms=300")).collect();
+    wait_for(Duration::from_secs(10), "every worker busy", || {
+        pids.iter()
+            .all(|p| accepted_connections(*p) == 1)
+            .then_some(())
+    });
+    // Eight more wait in the one queue: the three workers that finish first serve them all,
+    // none waits for the long one (per-worker queues would have queued two of them behind it).
+    let queued: Vec<_> = (0..8).map(|_| get_later(a, "/")).collect();
+    let queued: Vec<(i32, Instant)> = queued.into_iter().map(|h| h.join().expect("GET")).collect();
+    let (long_pid, long_done) = long.join().expect("long GET");
+    for h in short {
+        h.join().expect("short GET");
+    }
+    for (pid, done) in &queued {
+        assert_ne!(
+            *pid, long_pid,
+            "a queued request waited for the busy worker"
+        );
+        assert!(
+            *done < long_done,
+            "a queued request finished after the long one"
+        );
+    }
+
+    // A rolling restart: each new worker's probe goes through the shared queue, where the idle
+    // old workers may take it first; it is ready only once it accepted one itself.
+    let (code, out) = {
+        let o = std::process::Command::new(bin("corral"))
+            .args(["restart", "web", "--socket"])
+            .arg(&agent.socket)
+            .output()
+            .expect("corral restart");
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(0), "{out}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let client = {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(e) = get_pid(a, "/?delay_ms=5") {
+                    failures.lock().expect("lock").push(e.to_string());
+                }
+            }
+        })
+    };
+    let after = wait_for(Duration::from_secs(60), "every worker replaced", || {
+        let now = agent.wait_ready("web", 4, Duration::from_secs(30));
+        now.iter().all(|p| !pids.contains(p)).then_some(now)
+    });
+    stop.store(true, Ordering::Relaxed);
+    client.join().expect("client");
+    assert!(failures.lock().expect("lock").is_empty(), "{failures:?}");
+    for p in &after {
+        assert_eq!(fd3(*p), socket, "new workers take the same socket");
+    }
+    assert!(
+        !agent.log().contains("did not accept a probe"),
+        "{}",
+        agent.log()
+    );
+}

@@ -149,6 +149,9 @@ pub fn run(path: &Path) -> Result<ExitCode> {
             )
         };
         println!("  steering    {steering}");
+        if let Some(why) = &app.listen.steering_auto {
+            println!("              auto: {why}");
+        }
         if count > u32::from(socket::PROBE_PORTS) {
             problems.push(format!(
                 "{}: app {}: {count} workers is more than the {} corral supports per app",

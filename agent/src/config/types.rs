@@ -104,11 +104,18 @@ pub struct Identity {
     pub gid: u32,
 }
 
+/// How new connections reach the app's workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Steering {
+    /// One socket per worker; the eBPF program picks the ready worker with the fewest open
+    /// connections.
     LeastLoaded,
     RoundRobin,
+    /// One socket per worker, spread by the kernel's hash.
     Hash,
+    /// One socket shared by every worker, one accept queue: for workers that serve one request
+    /// at a time (an idle worker takes the next connection).
+    Shared,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +124,8 @@ pub struct Listen {
     pub address_at: Location,
     pub backlog: u32,
     pub steering: Steering,
+    /// `steering = "auto"` (the default): why it chose what it did.
+    pub steering_auto: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -44,7 +44,8 @@ pub(super) fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
 }
 
 /// Bind `count` sockets for `cfg`, reusing `existing` (a group on the same address) for the
-/// first slots; load a steering program unless `keep_steering` (same group, same kind).
+/// first slots; load a steering program unless `keep_steering` (same group, same kind). With a
+/// shared socket every slot gets the same one (the first existing socket, or a new one).
 pub(super) fn prepare(
     cfg: &App,
     count: u32,
@@ -53,9 +54,21 @@ pub(super) fn prepare(
     pin_root: &Path,
 ) -> Result<Prepared, String> {
     let launch = launch_for(cfg, &cfg.command)?;
-    let mut sockets: Vec<Arc<OwnedFd>> = existing.iter().take(count as usize).cloned().collect();
+    // A shared socket stands in every slot of its group: each once.
+    let mut sockets: Vec<Arc<OwnedFd>> = Vec::new();
+    for s in existing {
+        if !sockets.iter().any(|k| Arc::ptr_eq(k, s)) {
+            sockets.push(s.clone());
+        }
+    }
     let fresh_group = sockets.is_empty();
-    while sockets.len() < count as usize {
+    let wanted = if cfg.listen.steering == config::Steering::Shared {
+        1
+    } else {
+        count as usize
+    };
+    sockets.truncate(wanted);
+    while sockets.len() < wanted {
         let fd = socket::reuseport_listener(cfg.listen.address, cfg.listen.backlog)
             .map_err(|e| format!("{}: app {}: {e}", cfg.listen.address_at, cfg.name))?;
         sockets.push(Arc::new(fd));
@@ -63,6 +76,9 @@ pub(super) fn prepare(
     for s in &sockets {
         socket::listen(std::os::fd::AsFd::as_fd(&**s), cfg.listen.backlog)
             .map_err(|e| format!("{}: app {}: listen: {e}", cfg.listen.address_at, cfg.name))?;
+    }
+    if wanted == 1 {
+        sockets = vec![sockets[0].clone(); count as usize];
     }
     let steering = (fresh_group || !keep_steering).then(|| GroupSteering::load(cfg, pin_root));
     Ok(Prepared {

@@ -162,7 +162,10 @@ impl Supervisor {
     /// Tell every app's steering which slots are ready.
     pub fn sync_steering(&mut self) {
         for app in self.apps.values_mut() {
-            app.steering.sync(app.state.ready_slots());
+            let ready = app
+                .state
+                .ready_slots(|w, socket| Arc::ptr_eq(&w.res.socket, socket));
+            app.steering.sync(ready);
         }
     }
 

@@ -416,12 +416,22 @@ impl Supervisor {
             }
         };
         let name = cfg.name.clone();
-        let sockets: Vec<Arc<OwnedFd>> = handed
-            .slots
-            .iter()
-            .map(|s| sys::adopt(s.socket).map(Arc::new))
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("app {name}: its sockets: {e}"))?;
+        // A shared socket stands in every slot under one number: adopted once.
+        let mut adopted: Vec<(RawFd, Arc<OwnedFd>)> = Vec::new();
+        let mut sockets: Vec<Arc<OwnedFd>> = Vec::new();
+        for s in &handed.slots {
+            let fd = match adopted.iter().find(|(n, _)| *n == s.socket) {
+                Some((_, fd)) => fd.clone(),
+                None => {
+                    let fd = sys::adopt(s.socket)
+                        .map(Arc::new)
+                        .map_err(|e| format!("app {name}: its sockets: {e}"))?;
+                    adopted.push((s.socket, fd.clone()));
+                    fd
+                }
+            };
+            sockets.push(fd);
+        }
         let redirect = handed
             .redirect
             .map(sys::adopt)
@@ -551,7 +561,7 @@ fn adopt_worker(
         recycling: false,
         res: Handles {
             process,
-            _socket: socket,
+            socket,
             // Ready already: no probe runs.
             probe: tokio::spawn(async {}).abort_handle(),
             leaf,

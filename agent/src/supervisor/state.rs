@@ -38,8 +38,8 @@ pub(super) enum Lifecycle {
 /// What a worker is besides its bookkeeping: the process and what lives as long as it does.
 pub(super) struct Handles {
     pub process: Arc<Process>,
-    /// Keeps the listening socket this worker was given open for as long as it runs.
-    pub _socket: Arc<OwnedFd>,
+    /// The listening socket this worker was given, kept open for as long as it runs.
+    pub socket: Arc<OwnedFd>,
     /// The readiness probe; it must not outlive the worker (it holds the probe's 4-tuple).
     pub probe: tokio::task::AbortHandle,
     /// Its cgroup leaf, when corral has a cgroup root.

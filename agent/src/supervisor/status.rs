@@ -13,8 +13,11 @@ pub(super) fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
     let (state, reason) = app.state.label();
     let n = app.state.slots.len() as u32;
     let mem_cap = app.cfg.workers.memory_max.map(|b| b.0);
-    let picks = app.steering.slot_picks(n);
-    let inflight = app.steering.inflight(n);
+    // With a shared socket every connection is counted on slot 0: per worker there is nothing
+    // to say (the app's totals are in its steering counters).
+    let shared = app.steering.shared();
+    let picks = app.steering.slot_picks(n).filter(|_| !shared);
+    let inflight = app.steering.inflight(n).filter(|_| !shared);
     let at =
         |v: &Option<Vec<u64>>, slot: u32| v.as_ref().and_then(|p| p.get(slot as usize).copied());
     let open = |slot: u32| {

@@ -29,8 +29,6 @@ pub struct GroupSteering {
     /// Pins of this group, removed when it is dropped.
     pins: Option<PathBuf>,
     kind: SteeringKind,
-    /// What the program was asked to do (`None`: the kernel's hash).
-    policy: Option<Policy>,
 }
 
 /// Logged once per agent: eBPF steering is unavailable.
@@ -70,6 +68,7 @@ impl GroupSteering {
             SteeringKind::Hash => None,
             SteeringKind::LeastLoaded => Some(Policy::LeastLoaded),
             SteeringKind::RoundRobin => Some(Policy::RoundRobin),
+            SteeringKind::Shared => Some(Policy::Shared),
         };
         let mut pins = None;
         let mode = match policy {
@@ -127,18 +126,19 @@ impl GroupSteering {
             last_seen: 0,
             pins,
             kind: cfg.listen.steering,
-            policy,
         }
     }
 
-    /// Attach to the group of `sockets` (slot order) and register every socket.
+    /// Attach to the group of `sockets` (slot order) and register every socket (with a shared
+    /// socket, the one).
     pub fn install(&mut self, sockets: &[Arc<OwnedFd>]) -> Result<(), String> {
         let Some(first) = sockets.first() else {
             return Ok(());
         };
+        let registered = if self.shared() { 1 } else { sockets.len() };
         match &mut self.mode {
             Mode::Ebpf(s) => {
-                for (slot, fd) in sockets.iter().enumerate() {
+                for (slot, fd) in sockets.iter().enumerate().take(registered) {
                     s.set_socket(slot as u32, fd.as_fd())
                         .map_err(|e| format!("slot {slot}: {e}"))?;
                 }
@@ -146,6 +146,8 @@ impl GroupSteering {
                 self.published = Some(Vec::new());
                 s.attach(first.as_fd()).map_err(|e| e.to_string())
             }
+            // One socket: probes reach it whatever the kernel picks.
+            Mode::Hash(_) if self.kind == SteeringKind::Shared => Ok(()),
             Mode::Hash(_) => socket::attach_probe_steering(first.as_fd(), self.address)
                 .map_err(|e| e.to_string()),
         }
@@ -166,7 +168,11 @@ impl GroupSteering {
     }
 
     /// A new or replaced socket for `slot` (the group's order is irrelevant to the eBPF map).
+    /// With a shared socket only slot 0's is the program's.
     pub fn set_socket(&mut self, slot: u32, fd: &Arc<OwnedFd>) -> Result<(), String> {
+        if self.shared() && slot > 0 {
+            return Ok(());
+        }
         match &mut self.mode {
             Mode::Ebpf(s) => s.set_socket(slot, fd.as_fd()).map_err(|e| e.to_string()),
             Mode::Hash(_) => Ok(()),
@@ -187,15 +193,17 @@ impl GroupSteering {
         self.published = Some(eligible);
     }
 
-    /// Every worker accepts from one shared socket (slot 0's): one accept queue.
+    /// Every worker accepts from one shared socket (slot 0's): one accept queue, whether the
+    /// eBPF program runs or not.
     pub fn shared(&self) -> bool {
-        self.policy == Some(Policy::Shared)
+        self.kind == SteeringKind::Shared
     }
 
     /// Queued connections move to another worker when a listener closes (eBPF migrate
-    /// program); otherwise a slot keeps its socket across worker restarts.
+    /// program); otherwise a slot keeps its socket across worker restarts. A shared socket has
+    /// no queue of one worker's to move: it stays.
     pub fn migrates(&self) -> bool {
-        matches!(&self.mode, Mode::Ebpf(s) if s.migrates())
+        !self.shared() && matches!(&self.mode, Mode::Ebpf(s) if s.migrates())
     }
 
     /// Sockets join a hash group in `listen()` order, which the classic-BPF probe program
@@ -228,6 +236,17 @@ impl GroupSteering {
 
     /// One line for status and check.
     pub fn describe(&self) -> String {
+        if self.shared() {
+            return format!(
+                "shared (one socket, one accept queue: an idle worker takes the next \
+                 connection{})",
+                match &self.mode {
+                    Mode::Ebpf(_) => String::new(),
+                    Mode::Hash(None) => String::new(),
+                    Mode::Hash(Some(why)) => format!("; {why}"),
+                }
+            );
+        }
         match &self.mode {
             Mode::Ebpf(s) => format!(
                 "{} (eBPF{}{})",
@@ -288,6 +307,7 @@ pub fn kind_name(k: SteeringKind) -> &'static str {
         SteeringKind::LeastLoaded => "least-loaded",
         SteeringKind::RoundRobin => "round-robin",
         SteeringKind::Hash => "hash",
+        SteeringKind::Shared => "shared",
     }
 }
 

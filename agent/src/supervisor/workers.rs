@@ -124,7 +124,7 @@ impl Supervisor {
         let memory_watch = watch_memory(&self.tx, name, &app.cfg, slot_idx, id, &leaf);
         let res = Handles {
             process,
-            _socket: socket,
+            socket,
             probe: probe.abort_handle(),
             leaf,
             memory_watch,

@@ -1,11 +1,13 @@
 //! One `[app.NAME]` table -> [`App`]: its command and identity here, each section in a function
 //! of its own (`listen`, `restart`, `pre_start` below; `workers`, `env`, `tls` in their files).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_spanned::Spanned;
 
+use super::concurrency;
 use super::endpoints::Endpoints;
 use super::env::app_env;
 use super::identity::identity;
@@ -43,7 +45,7 @@ pub(super) fn convert_app(
     };
     let identity = identity(&t, lookup, &name, raw.user.as_ref(), raw.group.as_ref())?;
     let env = app_env(&t, n, raw.env_file.as_ref(), raw.env)?;
-    let listen = listen(&t, &name, raw.listen, endpoints)?;
+    let listen = listen(&t, &name, raw.listen, endpoints, &command, &env)?;
     let workers = workers(src, n, &defined_at, raw.workers)?;
     let restart = restart(src, n, raw.restart)?;
     let pre_start = pre_start(src, n, raw.pre_start.unwrap_or_default())?;
@@ -69,12 +71,15 @@ pub(super) fn convert_app(
     })
 }
 
-/// `[app.NAME.listen]` (required), its address recorded as the app's worker socket.
+/// `[app.NAME.listen]` (required), its address recorded as the app's worker socket;
+/// `steering = "auto"` decided from the app's command and environment.
 fn listen(
     t: &Table<'_>,
     name: &AppName,
     raw: Option<Spanned<RawListen>>,
     endpoints: &mut Endpoints,
+    command: &[String],
+    env: &BTreeMap<String, String>,
 ) -> Result<Listen, ConfigError> {
     let path = ["app", name.as_str(), "listen"];
     let raw = raw.ok_or_else(|| {
@@ -97,21 +102,38 @@ fn listen(
     let backlog = lt
         .u32_in("backlog", raw.backlog.as_ref(), 1..=MAX_BACKLOG)?
         .unwrap_or(DEFAULT_BACKLOG);
-    let steering = lt.choice(
+    let chosen = lt.choice(
         "steering",
         raw.steering.as_ref(),
-        Steering::LeastLoaded,
+        None,
         &[
-            ("least-loaded", Steering::LeastLoaded),
-            ("round-robin", Steering::RoundRobin),
-            ("hash", Steering::Hash),
+            ("auto", None),
+            ("least-loaded", Some(Steering::LeastLoaded)),
+            ("round-robin", Some(Steering::RoundRobin)),
+            ("hash", Some(Steering::Hash)),
+            ("shared", Some(Steering::Shared)),
         ],
     )?;
+    let (steering, steering_auto) = match chosen {
+        Some(s) => (s, None),
+        None => match concurrency::one_at_a_time(command, env) {
+            Some(why) => (Steering::Shared, Some(why)),
+            None => (
+                Steering::LeastLoaded,
+                Some(
+                    "workers that serve many requests at once: least-loaded over one socket \
+                     each"
+                        .to_string(),
+                ),
+            ),
+        },
+    };
     Ok(Listen {
         address,
         address_at,
         backlog,
         steering,
+        steering_auto,
     })
 }
 

@@ -59,6 +59,7 @@ pub fn front_app(app: &App, tls: &Tls) -> App {
             address_at: tls.address_at.clone(),
             backlog: app.listen.backlog,
             steering: Steering::LeastLoaded,
+            steering_auto: None,
         },
         workers: Workers {
             count: tls.processes,

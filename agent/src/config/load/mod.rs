@@ -7,10 +7,11 @@
 //! One file per concern: `source` (spans and serde errors), `values` (sizes, durations),
 //! `table` (typed keys of a table), `agent`, `includes`, `endpoints` (the app set and socket
 //! overlaps), `app` (one `[app.NAME]`), its sections `identity`, `env`, `workers` (counts,
-//! limits, readiness) and `tls`, and `front` (the app a TLS front becomes).
+//! limits, readiness) and `tls`, `concurrency` (what `steering = "auto"` reads of the command), and `front` (the app a TLS front becomes).
 
 mod agent;
 mod app;
+mod concurrency;
 mod endpoints;
 mod env;
 mod front;

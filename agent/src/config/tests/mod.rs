@@ -223,6 +223,7 @@ fn full_config_round_trips() {
             address_at: loc(MAIN, 17, 11),
             backlog: 512,
             steering: Steering::RoundRobin,
+            steering_auto: None,
         },
         workers: Workers {
             count: WorkerCount::Fixed(NonZeroU32::new(4).unwrap()),
@@ -314,6 +315,10 @@ fn full_config_round_trips() {
             address_at: loc(MAIN, 59, 11),
             backlog: 1024,
             steering: Steering::LeastLoaded,
+            steering_auto: Some(
+                "workers that serve many requests at once: least-loaded over one socket each"
+                    .into(),
+            ),
         },
         workers: Workers {
             count: WorkerCount::Auto,
@@ -983,7 +988,7 @@ fn bad_steering() {
     assert_err(
         &app("", "steering = \"random\"\n"),
         "7:12",
-        "`steering` in [app.api.listen]: expected \"least-loaded\", \"round-robin\" or \"hash\", \
+        "`steering` in [app.api.listen]: expected \"auto\", \"least-loaded\", \"round-robin\", \"hash\" or \"shared\", \
          found \"random\"",
     );
 }

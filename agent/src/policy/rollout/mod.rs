@@ -263,12 +263,17 @@ impl<S, H> App<S, H> {
     }
 
     /// Slots that may get connections: their worker, or during a rolling replacement the
-    /// worker they replace, is ready (and not stopping).
-    pub fn ready_slots(&self) -> Vec<u32> {
+    /// worker they replace, is ready (and not stopping) and `serves` the slot's socket (a
+    /// worker serving an old socket of the slot, after a change of address or of steering, does
+    /// not take the new one's connections).
+    pub fn ready_slots(&self, serves: impl Fn(&Worker<H>, &S) -> bool) -> Vec<u32> {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.workers().any(|w| w.state == WorkerState::Ready))
+            .filter(|(_, s)| {
+                s.workers()
+                    .any(|w| w.state == WorkerState::Ready && serves(w, &s.socket))
+            })
             .map(|(i, _)| i as u32)
             .collect()
     }

@@ -131,9 +131,9 @@ fn a_first_start_starts_every_slot_at_once() {
 fn only_ready_slots_get_connections() {
     let (mut w, effects) = World::started(2);
     let (ids, _) = w.run(effects);
-    assert!(w.app.ready_slots().is_empty());
+    assert!(w.app.ready_slots(|_, _| true).is_empty());
     w.ready(ids[1]);
-    assert_eq!(w.app.ready_slots(), vec![1]);
+    assert_eq!(w.app.ready_slots(|_, _| true), vec![1]);
 }
 
 #[test]
@@ -144,7 +144,7 @@ fn a_rolling_restart_replaces_one_slot_at_a_time_and_stops_the_old_worker_once_t
     let (new0, _) = w.run(effects);
     // The old worker keeps serving, so the slot stays ready.
     assert_eq!(w.app.slots[0].retired[0].id, old[0]);
-    assert_eq!(w.app.ready_slots(), vec![0, 1, 2]);
+    assert_eq!(w.app.ready_slots(|_, _| true), vec![0, 1, 2]);
     // Nothing more happens until the replacement is ready.
     assert!(w.app.advance(&ctx!(w)).is_empty());
     let effects = w.ready(new0[0]);
@@ -222,7 +222,7 @@ fn a_crash_restarts_at_once_then_backs_off_then_gives_up() {
     let why = slot.gave_up.clone().expect("gave up");
     assert!(why.contains("gave up after 5 restarts"), "{why}");
     assert_eq!(w.app.label(), ("degraded", Some(why)));
-    assert_eq!(w.app.ready_slots(), vec![1]);
+    assert_eq!(w.app.ready_slots(|_, _| true), vec![1]);
 }
 
 #[test]
@@ -281,7 +281,7 @@ fn a_slot_that_gives_up_during_a_rolling_update_stops_the_update() {
     assert!(why.is_some_and(|r| r.contains("gave up")));
     // The old worker of slot 0 still serves, as do the other slots'.
     assert_eq!(w.app.slots[0].retired[0].id, old[0]);
-    assert_eq!(w.app.ready_slots(), vec![0, 1, 2]);
+    assert_eq!(w.app.ready_slots(|_, _| true), vec![0, 1, 2]);
 }
 
 #[test]
@@ -468,4 +468,34 @@ fn an_app_is_steady_only_with_every_worker_ready_and_nothing_replacing() {
     assert!(w.app.steady("api").unwrap_err().contains("being replaced"));
     w.app.begin_prestart(3);
     assert!(w.app.steady("api").unwrap_err().contains("pre-start"));
+}
+
+#[test]
+fn a_slot_takes_connections_only_from_a_ready_worker_on_its_own_socket() {
+    let (mut w, old) = World::all_ready(2);
+    // A new version on new sockets 10 and 11 (a new address, or shared -> per-worker): the old
+    // workers keep serving sockets 0 and 1 while slot 0's replacement starts.
+    w.app.begin_prestart(5);
+    let effects = w.app.new_version(vec![10, 11], &ctx!(w));
+    let (new, _) = w.run(effects);
+    let serves = |wk: &Worker<()>, socket: &u32| {
+        let on = if old.contains(&wk.id) {
+            wk.slot
+        } else {
+            wk.slot + 10
+        };
+        on == *socket
+    };
+    assert!(
+        w.app.ready_slots(serves).is_empty(),
+        "old workers serve old sockets"
+    );
+    w.ready(new[0]);
+    assert_eq!(w.app.ready_slots(serves), vec![0]);
+    // Where the socket is kept (an ordinary rolling restart), the old worker keeps its slot
+    // ready meanwhile.
+    let (mut w, _) = World::all_ready(2);
+    let effects = w.app.restart(None, &ctx!(w));
+    w.run(effects);
+    assert_eq!(w.app.ready_slots(|_, _| true), vec![0, 1]);
 }
