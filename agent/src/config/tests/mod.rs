@@ -1271,3 +1271,39 @@ fn cgroup_root_is_auto_or_an_absolute_path() {
         "{err}"
     );
 }
+
+#[test]
+fn steering_auto_shares_one_queue_for_gunicorn_sync_workers_only() {
+    let listen = |command: &str, steering: &str| {
+        let text = format!(
+            "[app.api]\ncommand = {command}\nuser = \"api\"\n[app.api.listen]\n\
+             address = \"127.0.0.1:8000\"\n{steering}"
+        );
+        let c = load_text(&text).unwrap_or_else(|e| panic!("{e}"));
+        c.apps.values().next().expect("one app").listen.clone()
+    };
+    let l = listen(r#"["/srv/.venv/bin/gunicorn", "-w", "1", "app:app"]"#, "");
+    assert_eq!(l.steering, Steering::Shared);
+    assert!(l
+        .steering_auto
+        .is_some_and(|w| w.contains("gunicorn's sync workers")));
+    let l = listen(
+        r#"["/srv/.venv/bin/gunicorn", "-k", "gthread", "app:app"]"#,
+        "",
+    );
+    assert_eq!(l.steering, Steering::LeastLoaded);
+    let l = listen(
+        r#"["/srv/.venv/bin/uvicorn", "main:app", "--fd", "3"]"#,
+        "steering = \"auto\"",
+    );
+    assert_eq!(l.steering, Steering::LeastLoaded);
+    assert!(l.steering_auto.is_some());
+    // Written out, it is what it says, and not "auto".
+    let l = listen(
+        r#"["/srv/.venv/bin/gunicorn", "app:app"]"#,
+        "steering = \"least-loaded\"",
+    );
+    assert_eq!((l.steering, l.steering_auto), (Steering::LeastLoaded, None));
+    let l = listen(r#"["/srv/server"]"#, "steering = \"shared\"");
+    assert_eq!(l.steering, Steering::Shared);
+}
