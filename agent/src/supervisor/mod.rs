@@ -165,32 +165,8 @@ impl Drop for Worker {
             w.abort();
         }
         if let Some(leaf) = self.leaf.take() {
-            teardown_leaf(leaf);
+            cgroups::spawn_teardown(leaf);
         }
-    }
-}
-
-/// Kill whatever is left in a leaf (grandchildren the worker left behind), wait until it is
-/// empty, remove it. The worker's own process has exited by now, so this is immediate unless
-/// it left children; those get cgroup.kill's SIGKILL and die within milliseconds.
-pub(crate) fn teardown_leaf(leaf: crate::sys::cgroup::Leaf) {
-    if let Err(e) = leaf.kill() {
-        tracing::warn!("killing what is left in {}: {e}", leaf.path().display());
-    }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while leaf.populated().unwrap_or(false) {
-        if Instant::now() > deadline {
-            tracing::error!(
-                "{} still has processes after cgroup.kill",
-                leaf.path().display()
-            );
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let path = leaf.path().to_path_buf();
-    if let Err(e) = leaf.remove() {
-        tracing::warn!("removing {}: {e}", path.display());
     }
 }
 
@@ -474,7 +450,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         .iter()
         .flat_map(|st| st.apps.iter().map(|a| a.name.clone()))
         .collect();
-    let cgroups = Cgroups::setup(&config.agent, &keep);
+    let cgroups = Cgroups::setup(&config.agent, &keep).await;
     tracing::info!("cgroups: {}", cgroups.describe());
     for dir in steering::remove_stale_pins(&config.agent.bpf_pin_dir) {
         tracing::info!("removed stale steering pins {}", dir.display());
@@ -641,13 +617,12 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     }
     let _ = std::fs::remove_file(&sup.config.agent.control_socket);
     let pin_root = sup.config.agent.bpf_pin_dir.clone();
-    for (name, app) in std::mem::take(&mut sup.apps) {
+    for (_, app) in std::mem::take(&mut sup.apps) {
         if let Some(cg) = app.cg {
-            if let Err(e) = cg.remove() {
-                tracing::warn!(app = %name, "removing its cgroup: {e}");
-            }
+            sup.cgroups.remove_app(cg);
         }
     }
+    sup.cgroups.removals_done().await;
     drop(sup); // unpins every group's steering maps
     let _ = std::fs::remove_dir(&pin_root); // only if empty
     tracing::info!("all workers stopped; agent exiting");
@@ -1268,7 +1243,7 @@ impl Supervisor {
                         oom_slot = Some(w.slot as usize);
                     }
                 }
-                teardown_leaf(leaf);
+                cgroups::spawn_teardown(leaf);
             }
         }
         // A removed slot's worker is not counted: its slot is gone.
@@ -1302,9 +1277,7 @@ impl Supervisor {
             {
                 if let Some(app) = self.apps.remove(name) {
                     if let Some(cg) = app.cg {
-                        if let Err(e) = cg.remove() {
-                            tracing::warn!(app = %name, "removing its cgroup: {e}");
-                        }
+                        self.cgroups.remove_app(cg);
                     }
                 }
             }

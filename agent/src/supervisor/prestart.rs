@@ -17,7 +17,7 @@ pub async fn run_steps(
 ) -> Result<(), String> {
     let result = run_in(&app, steps, leaf.as_ref()).await;
     if let Some(leaf) = leaf {
-        super::teardown_leaf(leaf);
+        super::cgroups::teardown(leaf).await;
     }
     result
 }
