@@ -506,7 +506,7 @@ fn check_budget(cfg: &Config, ceiling: Option<config::ByteSize>) -> Result<budge
             )
         })
         .collect();
-    let total = machine::mem_total().context("reading /proc/meminfo")?;
+    let total = machine::mem_total()?;
     let available = match ceiling {
         Some(c) if c.0 < total => c,
         _ => config::ByteSize(total),

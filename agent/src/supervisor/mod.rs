@@ -489,7 +489,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
                 .map_err(|source| StartError::Metrics {
                     at: "the listener handed over".into(),
                     address,
-                    source,
+                    source: std::io::Error::other(source),
                 })?,
         ),
         (Some(address), None) => Some(bind_metrics(&config.agent, address)?),
@@ -511,6 +511,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     };
     let control = match handed.as_ref() {
         Some(st) => crate::sys::handoff::adopt(st.control)
+            .map_err(std::io::Error::other)
             .map(std::os::unix::net::UnixListener::from)
             .and_then(UnixListener::from_std)
             .map_err(|source| StartError::Control {
