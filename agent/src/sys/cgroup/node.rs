@@ -1,6 +1,7 @@
 //! One cgroupfs directory held by an `O_PATH` fd: reading and writing its interface files,
 //! creating, opening, listing and removing child cgroups, all relative to the fd.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -107,6 +108,16 @@ impl Node {
             text,
             reason: "expected one pid per line",
         })
+    }
+
+    /// The pids in `cgroup.procs` that are not in `seen` (the rounds of moving or killing
+    /// them: a process may fork meanwhile).
+    pub(super) fn pids_except(&self, seen: &BTreeSet<i32>) -> Result<Vec<i32>, CgroupError> {
+        Ok(self
+            .pids()?
+            .into_iter()
+            .filter(|p| !seen.contains(p))
+            .collect())
     }
 
     pub(super) fn exists(&self, name: &str) -> Result<bool, CgroupError> {

@@ -122,12 +122,7 @@ impl Root {
                     Err(e) => return Err(leaf.write_error("cgroup.procs", value.trim_end(), e)),
                 }
             }
-            pending = self
-                .node
-                .pids()?
-                .into_iter()
-                .filter(|p| !seen.contains(p))
-                .collect();
+            pending = self.node.pids_except(&seen)?;
             if pending.is_empty() {
                 return Ok(moved);
             }

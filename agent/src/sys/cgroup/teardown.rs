@@ -34,12 +34,7 @@ impl Leaf {
         }
         let mut signalled = BTreeSet::new();
         for round in 0..KILL_ROUNDS {
-            let fresh: Vec<i32> = self
-                .node
-                .pids()?
-                .into_iter()
-                .filter(|p| !signalled.contains(p))
-                .collect();
+            let fresh = self.node.pids_except(&signalled)?;
             if fresh.is_empty() {
                 return Ok(());
             }

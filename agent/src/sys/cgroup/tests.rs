@@ -135,6 +135,23 @@ impl Drop for Fixture {
 
 const NEEDED: &[Controller] = &[Controller::Memory, Controller::Pids, Controller::Cpu];
 
+/// A fixture delegating `controllers`, without processes in the root, opened and prepared.
+fn prepared(controllers: &str) -> (Fixture, Root) {
+    let fx = Fixture::new(controllers, "");
+    let mut root = fx.open().unwrap();
+    root.prepare(NEEDED).unwrap();
+    (fx, root)
+}
+
+/// `app-<name>` and its `worker-0`, made as the kernel would, opened by the code under test.
+fn app_and_leaf(fx: &Fixture, root: &Root, name: &str) -> (App, Leaf) {
+    fx.mkdir(&format!("app-{name}"));
+    let app = root.app(name).unwrap();
+    fx.mkdir(&format!("app-{name}/worker-0"));
+    let leaf = app.leaf(0).unwrap();
+    (app, leaf)
+}
+
 #[test]
 fn prepare_moves_the_agent_and_enables_only_at_the_root() {
     let fx = Fixture::new("cpu io memory pids", "4242\n4243\n");
@@ -237,9 +254,7 @@ fn app_and_leaf_with_limits() {
 
 #[test]
 fn limits_of_controllers_not_delegated_are_skipped_and_reported() {
-    let fx = Fixture::new("memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
+    let (fx, root) = prepared("memory pids");
     fx.mkdir("app-api");
     let app = root.app("api").unwrap();
     assert_eq!(fx.read("app-api/cgroup.subtree_control"), "+memory +pids");
@@ -280,9 +295,7 @@ fn limits_of_controllers_not_delegated_are_skipped_and_reported() {
 
 #[test]
 fn bad_names_are_refused_and_create_nothing() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
     for bad in ["../x", "a/b", "", ".."] {
         assert!(
             matches!(root.app(bad), Err(CgroupError::InvalidName { .. })),
@@ -309,13 +322,8 @@ fn bad_names_are_refused_and_create_nothing() {
 
 #[test]
 fn errors_name_the_file_and_the_value() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
-    fx.mkdir("app-api");
-    let app = root.app("api").unwrap();
-    fx.mkdir("app-api/worker-0");
-    let leaf = app.leaf(0).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
+    let (_app, leaf) = app_and_leaf(&fx, &root, "api");
     let file = fx.root.join("app-api/worker-0/memory.max");
     fs::remove_file(&file).unwrap();
     fs::create_dir(&file).unwrap(); // any error will do: EISDIR
@@ -348,9 +356,7 @@ fn errors_name_the_file_and_the_value() {
 
 #[test]
 fn symlinks_are_not_followed() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
     // A symlink where an app cgroup should be (cgroupfs never has one; a plain fs might).
     std::os::unix::fs::symlink(&fx.above, fx.root.join("app-evil")).unwrap();
     assert!(matches!(
@@ -365,9 +371,7 @@ fn symlinks_are_not_followed() {
 
 #[test]
 fn leaves_are_reused_only_when_empty() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
     fx.mkdir("app-api");
     let app = root.app("api").unwrap();
     fx.mkdir("app-api/worker-2");
@@ -384,13 +388,8 @@ fn leaves_are_reused_only_when_empty() {
 
 #[test]
 fn kill_populated_events_stats_remove() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
-    fx.mkdir("app-web");
-    let app = root.app("web").unwrap();
-    fx.mkdir("app-web/worker-0");
-    let leaf = app.leaf(0).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
+    let (app, leaf) = app_and_leaf(&fx, &root, "web");
     let dir = fx.root.join("app-web/worker-0");
 
     leaf.kill().unwrap();
@@ -448,13 +447,8 @@ fn kill_populated_events_stats_remove() {
 
 #[test]
 fn kill_without_cgroup_kill_signals_each_process() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
-    fx.mkdir("app-old");
-    let app = root.app("old").unwrap();
-    fx.mkdir("app-old/worker-0");
-    let leaf = app.leaf(0).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
+    let (_app, leaf) = app_and_leaf(&fx, &root, "old");
     let dir = fx.root.join("app-old/worker-0");
     fs::remove_file(dir.join("cgroup.kill")).unwrap(); // kernel < 5.14
     let mut child = std::process::Command::new("sleep")
@@ -471,9 +465,7 @@ fn kill_without_cgroup_kill_signals_each_process() {
 
 #[test]
 fn existing_apps_and_leaves() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
     fx.mkdir("app-a");
     let a = root.app("a").unwrap();
     fx.mkdir("app-a/worker-0");
@@ -516,9 +508,7 @@ fn the_hierarchy_root_and_non_cgroup2_are_refused() {
 fn a_missing_cgroup_is_made_with_mkdir() {
     // No `Fixture::mkdir`: the directory the code creates is a plain one, without interface
     // files, so reading its cgroup.controllers fails, naming the file where it made it.
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
     let err = root.app("new").unwrap_err();
     let file = fx.root.join("app-new/cgroup.controllers");
     assert!(
@@ -539,13 +529,8 @@ fn a_missing_cgroup_is_made_with_mkdir() {
 
 #[tokio::test]
 async fn wait_unpopulated_returns_on_the_event() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
-    fx.mkdir("app-web");
-    let app = root.app("web").unwrap();
-    fx.mkdir("app-web/worker-0");
-    let leaf = app.leaf(0).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
+    let (_app, leaf) = app_and_leaf(&fx, &root, "web");
     let events = fx.root.join("app-web/worker-0/cgroup.events");
 
     // Empty already: at once.
@@ -568,13 +553,8 @@ async fn wait_unpopulated_returns_on_the_event() {
 
 #[tokio::test]
 async fn wait_unpopulated_times_out_naming_the_leaf() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
-    fx.mkdir("app-web");
-    let app = root.app("web").unwrap();
-    fx.mkdir("app-web/worker-0");
-    let leaf = app.leaf(0).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
+    let (_app, leaf) = app_and_leaf(&fx, &root, "web");
     let dir = fx.root.join("app-web/worker-0");
     fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
     let err = leaf
@@ -590,9 +570,7 @@ async fn wait_unpopulated_times_out_naming_the_leaf() {
 
 #[tokio::test]
 async fn an_app_sees_its_last_leaf_go() {
-    let fx = Fixture::new("cpu memory pids", "");
-    let mut root = fx.open().unwrap();
-    root.prepare(NEEDED).unwrap();
+    let (fx, root) = prepared("cpu memory pids");
     fx.mkdir("app-web");
     let app = root.app("web").unwrap();
     // No leaf: at once.
