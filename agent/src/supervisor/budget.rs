@@ -27,7 +27,7 @@ pub fn enforce(
     ceiling: Option<ByteSize>,
     allow_overcommit: bool,
 ) -> Result<Budget, String> {
-    let total = machine::mem_total().map_err(|e| format!("reading /proc/meminfo: {e}"))?;
+    let total = machine::mem_total().map_err(|e| e.to_string())?;
     let available = match ceiling {
         Some(c) if c.0 < total => c,
         _ => ByteSize(total),

@@ -5,14 +5,22 @@
 //! `<root>/app-<app>/prestart` for pre-start steps. The agent's own processes move into
 //! `<root>/supervisor` only if they sit in `<root>` itself (the no-internal-processes rule).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
 
 use crate::config::{self, App, ByteSize, CgroupRoot};
-use crate::sys::cgroup::{self, Controller, Controllers, Kind, Limits, Root};
+use crate::sys::cgroup::{self, Controller, Controllers, Kind, Leaf, Limits, Root};
 
 /// The cgroup mount corral looks at.
 const MOUNT: &str = "/sys/fs/cgroup";
+/// How long what is left in a leaf gets to die after cgroup.kill.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+/// How long an app cgroup's removal waits for its leaves' teardowns (each bounded by
+/// `KILL_WAIT`) before it tries anyway.
+const LEAVES_WAIT: Duration = Duration::from_secs(5);
 
 /// What this machine gives corral.
 pub struct Cgroups {
@@ -21,6 +29,73 @@ pub struct Cgroups {
     /// Why there is no root, or which controllers are missing, for messages.
     why_not: Option<String>,
     summary: String,
+    /// App cgroups being removed, by app name (see [`Cgroups::remove_app`]).
+    removing: BTreeMap<String, JoinHandle<()>>,
+}
+
+/// Kill whatever is left in a worker's leaf (grandchildren the worker left behind) now, then
+/// wait for it to be empty and remove it in a task of its own: the event loop never waits. The
+/// worker's own process has exited by now, so the wait is normally nil; what it left gets
+/// cgroup.kill's SIGKILL and dies within milliseconds. The app's cgroup is removed only after
+/// this task has dropped the leaf (see [`Cgroups::remove_app`]).
+pub fn spawn_teardown(leaf: Leaf) {
+    kill(&leaf);
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn(remove_when_empty(leaf))),
+        // Not in the agent, whose workers live and die inside its runtime.
+        Err(_) => tracing::warn!(
+            "{} is left for the next agent to remove (no runtime to wait in)",
+            leaf.path().display()
+        ),
+    }
+}
+
+/// [`spawn_teardown`] awaited in place: for the pre-start sequence's leaf (its end is reported
+/// after its leaf is gone, so a next sequence can make it again) and stale cgroups at start.
+pub async fn teardown(leaf: Leaf) {
+    kill(&leaf);
+    remove_when_empty(leaf).await
+}
+
+fn kill(leaf: &Leaf) {
+    if let Err(e) = leaf.kill() {
+        tracing::warn!("killing what is left in {}: {e}", leaf.path().display());
+    }
+}
+
+/// Wait for `populated 0` (the kernel's event, at most `KILL_WAIT`), then rmdir.
+async fn remove_when_empty(leaf: Leaf) {
+    match leaf.wait_unpopulated(KILL_WAIT).await {
+        Ok(()) => {}
+        Err(e @ cgroup::CgroupError::StillPopulated { .. }) => {
+            tracing::error!("after cgroup.kill: {e}");
+            return;
+        }
+        // Cannot watch or read it (gone already?): the rmdir says what is the matter.
+        Err(e) => tracing::warn!("waiting for {} to empty: {e}", leaf.path().display()),
+    }
+    let path = leaf.path().to_path_buf();
+    if let Err(e) = leaf.remove() {
+        tracing::warn!("removing {}: {e}", path.display());
+    }
+}
+
+/// Remove an app's cgroup once every leaf opened through it is gone: its rmdir fails (EBUSY)
+/// while a leaf directory exists, and leaf teardowns run in tasks of their own.
+async fn remove_app_when_empty(cg: cgroup::App) {
+    if tokio::time::timeout(LEAVES_WAIT, cg.leaves_gone())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            app = %cg.name(),
+            "its cgroup's leaves are still being torn down after {LEAVES_WAIT:?}"
+        );
+    }
+    let name = cg.name().to_string();
+    if let Err(e) = cg.remove() {
+        tracing::warn!(app = %name, "removing its cgroup: {e}");
+    }
 }
 
 /// The controllers an app's limits need.
@@ -37,30 +112,6 @@ pub fn needed(app: &App) -> Vec<Controller> {
         v.push(Controller::Cpu);
     }
     v
-}
-
-/// Kill whatever is left in a leaf (grandchildren the worker left behind), wait until it is
-/// empty, remove it. The worker's own process has exited by now, so this is immediate unless
-/// it left children; those get cgroup.kill's SIGKILL and die within milliseconds.
-pub(super) fn teardown_leaf(leaf: cgroup::Leaf) {
-    if let Err(e) = leaf.kill() {
-        tracing::warn!("killing what is left in {}: {e}", leaf.path().display());
-    }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while leaf.populated().unwrap_or(false) {
-        if Instant::now() > deadline {
-            tracing::error!(
-                "{} still has processes after cgroup.kill",
-                leaf.path().display()
-            );
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let path = leaf.path().to_path_buf();
-    if let Err(e) = leaf.remove() {
-        tracing::warn!("removing {}: {e}", path.display());
-    }
 }
 
 /// A worker's limits from its app's config.
@@ -81,16 +132,20 @@ impl Cgroups {
     /// the agent's cgroup and [`Cgroups::refusal`] says what that means for capped apps.
     /// `keep`: apps whose cgroups hold workers adopted from the agent's previous image (`corral
     /// reexec`); every other app cgroup is stale and removed.
-    pub fn setup(agent: &config::Agent, keep: &[String]) -> Cgroups {
-        Self::find(agent, false, keep)
+    pub async fn setup(agent: &config::Agent, keep: &[String]) -> Cgroups {
+        let cgroups = Self::find(agent, false);
+        if let Some(root) = &cgroups.root {
+            remove_stale(root, keep).await;
+        }
+        cgroups
     }
 
     /// What [`Cgroups::setup`] would find, changing nothing (for `corral check`).
     pub fn inspect(agent: &config::Agent) -> Cgroups {
-        Self::find(agent, true, &[])
+        Self::find(agent, true)
     }
 
-    fn find(agent: &config::Agent, dry: bool, keep: &[String]) -> Cgroups {
+    fn find(agent: &config::Agent, dry: bool) -> Cgroups {
         let detected = match cgroup::detect(Path::new(MOUNT)) {
             Ok(d) => d,
             Err(e) => return Cgroups::none(format!("cannot read {MOUNT}: {e}"), String::new()),
@@ -164,6 +219,7 @@ impl Cgroups {
                 ),
                 root: Some(root),
                 enabled,
+                removing: BTreeMap::new(),
                 why_not: (!missing.is_empty()).then(|| {
                     format!(
                         "{} does not have the {missing} controller(s) delegated to it",
@@ -179,30 +235,6 @@ impl Cgroups {
                 return Cgroups::none(format!("preparing {}: {e}", root_path.display()), summary)
             }
         };
-        // Nothing of a crashed agent survives it (workers die with it), but its cgroups do:
-        // remove every app-* tree before making new ones, except those of workers handed over
-        // by a re-exec.
-        match root.existing_apps() {
-            Ok(apps) => {
-                for app in apps
-                    .into_iter()
-                    .filter(|a| !keep.iter().any(|k| k == a.name()))
-                {
-                    for leaf in app.existing_leaves().unwrap_or_default() {
-                        teardown_leaf(leaf);
-                    }
-                    if let Ok(leaf) = app.named_leaf("prestart") {
-                        teardown_leaf(leaf);
-                    }
-                    let path = app.path().to_path_buf();
-                    match app.remove() {
-                        Ok(()) => tracing::info!("removed stale cgroup {}", path.display()),
-                        Err(e) => tracing::warn!("stale cgroup {}: {e}", path.display()),
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("listing stale cgroups under {}: {e}", root_path.display()),
-        }
         if !prepared.moved.is_empty() {
             tracing::info!(
                 "moved the agent's processes {:?} into {}/{}",
@@ -227,6 +259,7 @@ impl Cgroups {
             root: Some(root),
             enabled: prepared.enabled,
             why_not,
+            removing: BTreeMap::new(),
         }
     }
 
@@ -240,6 +273,7 @@ impl Cgroups {
                 format!("{summary}; no cgroup root: {why}")
             },
             why_not: Some(why),
+            removing: BTreeMap::new(),
         }
     }
 
@@ -272,9 +306,37 @@ impl Cgroups {
         ))
     }
 
-    /// The app's cgroup, created if needed; `None` without a root.
-    pub fn app(&self, name: &str) -> Option<Result<cgroup::App, cgroup::CgroupError>> {
+    /// The app's cgroup, created if needed; `None` without a root. An app added again while
+    /// its cgroup's removal waits for leaf teardowns keeps the directory: the removal is
+    /// called off (on this single-threaded runtime it is parked at an await, before its rmdir,
+    /// or finished).
+    pub fn app(&mut self, name: &str) -> Option<Result<cgroup::App, cgroup::CgroupError>> {
+        if let Some(removal) = self.removing.remove(name) {
+            removal.abort();
+        }
         self.root.as_ref().map(|r| r.app(name))
+    }
+
+    /// Remove a removed (or, at exit, every) app's cgroup. Ordering: its workers' leaves are
+    /// torn down in tasks ([`spawn_teardown`]) that may still run, and an rmdir of the app
+    /// cgroup before theirs fails with EBUSY; so the removal is a task too, which waits until
+    /// every `Leaf` opened through the app is dropped (`App::leaves_gone`; a teardown drops its
+    /// leaf after the rmdir), then removes the app's directory. Call it after the app's
+    /// workers are dropped or have their teardowns spawned. The agent's exit awaits these
+    /// tasks ([`Cgroups::removals_done`]).
+    pub fn remove_app(&mut self, cg: cgroup::App) {
+        self.removing.retain(|_, task| !task.is_finished());
+        let name = cg.name().to_string();
+        self.removing
+            .insert(name, tokio::spawn(remove_app_when_empty(cg)));
+    }
+
+    /// Wait for every app cgroup removal started by [`Cgroups::remove_app`] (at the agent's
+    /// exit: the runtime drops unfinished tasks when it ends).
+    pub async fn removals_done(&mut self) {
+        for (_, task) in std::mem::take(&mut self.removing) {
+            let _ = task.await;
+        }
     }
 
     /// memory.max of the root itself, when it is limited (the budget's ceiling).
@@ -282,5 +344,35 @@ impl Cgroups {
         let root = self.root.as_ref()?;
         let text = std::fs::read_to_string(root.path().join("memory.max")).ok()?;
         text.trim().parse::<u64>().ok().map(ByteSize)
+    }
+}
+
+/// Nothing of a crashed agent survives it (workers die with it), but its cgroups do: remove
+/// every app-* tree before making new ones, except those of workers handed over by a re-exec
+/// (`keep`). Awaited before any app starts, so no app of this agent meets a stale directory
+/// being removed.
+async fn remove_stale(root: &Root, keep: &[String]) {
+    let apps = match root.existing_apps() {
+        Ok(apps) => apps,
+        Err(e) => {
+            tracing::warn!("listing stale cgroups under {}: {e}", root.path().display());
+            return;
+        }
+    };
+    for app in apps
+        .into_iter()
+        .filter(|a| !keep.iter().any(|k| k == a.name()))
+    {
+        for leaf in app.existing_leaves().unwrap_or_default() {
+            teardown(leaf).await;
+        }
+        if let Ok(leaf) = app.named_leaf("prestart") {
+            teardown(leaf).await;
+        }
+        let path = app.path().to_path_buf();
+        match app.remove() {
+            Ok(()) => tracing::info!("removed stale cgroup {}", path.display()),
+            Err(e) => tracing::warn!("stale cgroup {}: {e}", path.display()),
+        }
     }
 }

@@ -134,12 +134,8 @@ impl Supervisor {
                 Vec::new()
             }
             Effect::Remove => {
-                if let Some(app) = self.apps.remove(name) {
-                    if let Some(cg) = app.cg {
-                        if let Err(e) = cg.remove() {
-                            tracing::warn!(app = %name, "removing its cgroup: {e}");
-                        }
-                    }
+                if let Some(cg) = self.apps.remove(name).and_then(|app| app.cg) {
+                    self.cgroups.remove_app(cg);
                 }
                 Vec::new()
             }
@@ -203,7 +199,7 @@ impl Supervisor {
                         oom = Some(format!("oom-killed at memory.max = {cap}"));
                     }
                 }
-                super::cgroups::teardown_leaf(leaf);
+                super::cgroups::spawn_teardown(leaf);
             }
         }
         let exit = match (&oom, &status) {

@@ -193,8 +193,8 @@ impl Supervisor {
             );
         }
         self.steady()?;
-        let binary = sys::running_binary()
-            .map_err(|e| format!("finding the agent's binary (/proc/self/exe): {e}"))?;
+        let binary =
+            sys::running_binary().map_err(|e| format!("finding the agent's binary: {e}"))?;
         preflight(&binary, &self.config_path)?;
         let workers = self
             .apps
@@ -369,7 +369,7 @@ impl Supervisor {
             if let Err(e) = sys::set_inherit_raw(*fd, true) {
                 undo(i);
                 self.restore_steering();
-                return Err(format!("descriptor {fd}: {e}"));
+                return Err(e.to_string());
             }
         }
         // Signals that arrive during the exec wait for the new image's handlers.
@@ -386,7 +386,7 @@ impl Supervisor {
         undo(inherit.len());
         self.restore_steering();
         self.notify("READY=1");
-        Err(format!("exec {}: {err}", binary.display()))
+        Err(err.to_string())
     }
 
     /// After a failed exec: every socket back in its program's array, the ready set again.

@@ -17,7 +17,7 @@ pub async fn run_steps(
 ) -> Result<(), String> {
     let result = run_in(&app, steps, leaf.as_ref()).await;
     if let Some(leaf) = leaf {
-        super::cgroups::teardown_leaf(leaf);
+        super::cgroups::teardown(leaf).await;
     }
     result
 }
@@ -61,7 +61,7 @@ async fn run_in(
                 ));
             }
         };
-        let status = super::workers::exit_status(status);
+        let status = super::exit_status(status);
         if !status.success() {
             return Err(format!("pre-start {} {status}", step.name));
         }

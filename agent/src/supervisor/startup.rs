@@ -81,7 +81,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         .iter()
         .flat_map(|st| st.apps.iter().map(|a| a.name.clone()))
         .collect();
-    let cgroups = Cgroups::setup(&config.agent, &keep);
+    let cgroups = Cgroups::setup(&config.agent, &keep).await;
     tracing::info!("cgroups: {}", cgroups.describe());
     for dir in steering::remove_stale_pins(&config.agent.bpf_pin_dir) {
         tracing::info!("removed stale steering pins {}", dir.display());
@@ -107,6 +107,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         metrics_listener(&config.agent, handed.as_ref().and_then(|st| st.metrics))?;
     let control = match handed.as_ref() {
         Some(st) => crate::sys::handoff::adopt(st.control)
+            .map_err(std::io::Error::other)
             .map(std::os::unix::net::UnixListener::from)
             .and_then(UnixListener::from_std)
             .map_err(|source| StartError::Control {
@@ -196,13 +197,12 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     }
     let _ = std::fs::remove_file(&sup.config.agent.control_socket);
     let pin_root = sup.config.agent.bpf_pin_dir.clone();
-    for (name, app) in std::mem::take(&mut sup.apps) {
+    for (_, app) in std::mem::take(&mut sup.apps) {
         if let Some(cg) = app.cg {
-            if let Err(e) = cg.remove() {
-                tracing::warn!(app = %name, "removing its cgroup: {e}");
-            }
+            sup.cgroups.remove_app(cg);
         }
     }
+    sup.cgroups.removals_done().await;
     drop(sup); // unpins every group's steering maps
     let _ = std::fs::remove_dir(&pin_root); // only if empty
     tracing::info!("all workers stopped; agent exiting");
@@ -247,7 +247,7 @@ fn metrics_listener(
             .map_err(|source| StartError::Metrics {
                 at: "the listener handed over".into(),
                 address,
-                source,
+                source: std::io::Error::other(source),
             })?,
         (Some(address), None) => bind_metrics(agent, address)?,
     };

@@ -59,7 +59,7 @@ impl Drop for Handles {
             w.abort();
         }
         if let Some(leaf) = self.leaf.take() {
-            super::cgroups::teardown_leaf(leaf);
+            super::cgroups::spawn_teardown(leaf);
         }
     }
 }

@@ -4,15 +4,70 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    #[error("{call}: {source}")]
+    Syscall {
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// A call on a descriptor the agent passed (3 to 6).
+    #[error("{call} on fd {fd}: {source}")]
+    Fd {
+        call: &'static str,
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "expected LISTEN_FDS=1 and LISTEN_PID={pid} (got `{fds}`, `{listen_pid}`): `corral front` \
+         is started by the agent"
+    )]
+    NotStartedByAgent {
+        pid: u32,
+        fds: String,
+        listen_pid: String,
+    },
+    #[error("counters memfd of {size} bytes, want {want}")]
+    CountersTooSmall { size: usize, want: usize },
+}
+
+fn syscall(call: &'static str) -> impl FnOnce(io::Error) -> FrontError {
+    move |source| FrontError::Syscall { call, source }
+}
+
+fn on_fd(call: &'static str, fd: RawFd) -> impl FnOnce(io::Error) -> FrontError {
+    move |source| FrontError::Fd { call, fd, source }
+}
+
+/// Check that `fd`, passed by the agent, is open (F_GETFD only inspects the number).
+fn passed_fd_open(fd: RawFd) -> Result<(), FrontError> {
+    // SAFETY: F_GETFD only inspects the descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(on_fd("fcntl(F_GETFD)", fd)(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// No core dumps and no ptrace by processes of the same uid: the front holds private keys.
-pub fn make_undumpable() -> io::Result<()> {
+pub fn make_undumpable() -> Result<(), FrontError> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
+        return Err(syscall("prctl(PR_SET_DUMPABLE, 0)")(
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -26,77 +81,70 @@ pub fn set_name() {
 }
 
 /// The listening socket on fd 3, as the worker contract passes it (LISTEN_FDS=1 and our pid).
-pub fn inherited_listener() -> io::Result<TcpListener> {
+pub fn inherited_listener() -> Result<TcpListener, FrontError> {
     let fds = std::env::var("LISTEN_FDS").unwrap_or_default();
-    let pid = std::env::var("LISTEN_PID").unwrap_or_default();
-    if fds != "1" || pid != std::process::id().to_string() {
-        return Err(io::Error::other(format!(
-            "expected LISTEN_FDS=1 and LISTEN_PID={} (got `{fds}`, `{pid}`): `corral front` is \
-             started by the agent",
-            std::process::id()
-        )));
+    let listen_pid = std::env::var("LISTEN_PID").unwrap_or_default();
+    let pid = std::process::id();
+    if fds != "1" || listen_pid != pid.to_string() {
+        return Err(FrontError::NotStartedByAgent {
+            pid,
+            fds,
+            listen_pid,
+        });
     }
-    // SAFETY: F_GETFD only inspects the descriptor.
-    if unsafe { libc::fcntl(3, libc::F_GETFD) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd 3 is open (checked above) and handed to us by the agent; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(3) };
-    let l = TcpListener::from(fd);
-    l.local_addr()?; // a socket, not something else on fd 3
-    Ok(l)
+    inherited_fd_listener(3)
 }
 
-/// A listening socket the agent passed on `fd` (beyond fd 3).
-pub fn inherited_fd_listener(fd: i32) -> io::Result<TcpListener> {
-    // SAFETY: F_GETFD only inspects the descriptor.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
+/// A listening socket the agent passed on `fd` (3, or 6 for `redirect_http`).
+pub fn inherited_fd_listener(fd: RawFd) -> Result<TcpListener, FrontError> {
+    passed_fd_open(fd)?;
     // SAFETY: `fd` is open (checked above) and handed to us by the agent; nothing else owns it.
     let l = TcpListener::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    l.local_addr()?;
+    // A socket, not something else on that number.
+    l.local_addr().map_err(on_fd("getsockname", fd))?;
     Ok(l)
 }
 
 /// The certificate bundle on fd 4, read whole; the descriptor is closed after.
-pub fn read_bundle() -> io::Result<Zeroizing<Vec<u8>>> {
-    // SAFETY: F_GETFD only inspects the descriptor.
-    if unsafe { libc::fcntl(4, libc::F_GETFD) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
+pub fn read_bundle() -> Result<Zeroizing<Vec<u8>>, FrontError> {
+    passed_fd_open(4)?;
     // SAFETY: fd 4 is open (checked above) and ours alone.
     let mut f = unsafe { File::from_raw_fd(4) };
     let mut buf = Zeroizing::new(Vec::new());
-    f.read_to_end(&mut buf)?;
+    f.read_to_end(&mut buf).map_err(on_fd("read", 4))?;
     Ok(buf)
 }
 
 /// A memfd holding `bytes`, sealed against any change, positioned at 0: each front process
 /// gets its own dup and reads it from the start (the agent re-opens it per process, see
 /// [`reopen`]).
-pub fn sealed_memfd(name: &str, bytes: &[u8]) -> io::Result<OwnedFd> {
+pub fn sealed_memfd(name: &str, bytes: &[u8]) -> Result<OwnedFd, FrontError> {
     let fd = rustix::fs::memfd_create(
         name,
         rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
-    )?;
+    )
+    .map_err(|e| syscall("memfd_create")(e.into()))?;
     let mut f = File::from(fd);
-    f.write_all(bytes)?;
+    f.write_all(bytes).map_err(syscall("write to the memfd"))?;
     rustix::fs::fcntl_add_seals(
         &f,
         rustix::fs::SealFlags::SHRINK
             | rustix::fs::SealFlags::GROW
             | rustix::fs::SealFlags::WRITE
             | rustix::fs::SealFlags::SEAL,
-    )?;
+    )
+    .map_err(|e| syscall("fcntl(F_ADD_SEALS)")(e.into()))?;
     Ok(OwnedFd::from(f))
 }
 
 /// A fresh open file description of a memfd (its own offset, read-only), through /proc.
-pub fn reopen(memfd: &OwnedFd) -> io::Result<OwnedFd> {
+pub fn reopen(memfd: &OwnedFd) -> Result<OwnedFd, FrontError> {
     use std::os::fd::AsRawFd;
-    let path = format!("/proc/self/fd/{}", memfd.as_raw_fd());
-    Ok(OwnedFd::from(File::open(path)?))
+    let path = PathBuf::from(format!("/proc/self/fd/{}", memfd.as_raw_fd()));
+    match File::open(&path) {
+        Ok(f) => Ok(OwnedFd::from(f)),
+        Err(source) => Err(FrontError::Open { path, source }),
+    }
 }
 
 /// Counters a front process updates and the agent reads: an array of u64 in a memfd mapped
@@ -113,7 +161,7 @@ unsafe impl Send for SharedCounters {}
 unsafe impl Sync for SharedCounters {}
 
 impl SharedCounters {
-    fn map(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<SharedCounters> {
+    fn map(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> Result<SharedCounters, FrontError> {
         let bytes = len * 8;
         // SAFETY: a fresh shared mapping of `bytes` of the memfd; checked for failure below.
         let p = unsafe {
@@ -127,26 +175,29 @@ impl SharedCounters {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            return Err(syscall("mmap of the counters memfd")(
+                io::Error::last_os_error(),
+            ));
         }
-        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap: null"))?;
+        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| {
+            syscall("mmap of the counters memfd")(io::Error::other("a null mapping"))
+        })?;
         Ok(SharedCounters { ptr, len })
     }
 
     /// The agent's side: `len` zeroed counters, and the memfd to pass to the front.
-    pub fn create(name: &str, len: usize) -> io::Result<(SharedCounters, OwnedFd)> {
-        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
-        rustix::fs::ftruncate(&fd, (len * 8) as u64)?;
+    pub fn create(name: &str, len: usize) -> Result<(SharedCounters, OwnedFd), FrontError> {
+        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| syscall("memfd_create")(e.into()))?;
+        rustix::fs::ftruncate(&fd, (len * 8) as u64)
+            .map_err(|e| syscall("ftruncate of the counters memfd")(e.into()))?;
         let m = SharedCounters::map(std::os::fd::AsFd::as_fd(&fd), len)?;
         Ok((m, fd))
     }
 
     /// The front's side: the counters on fd 5 (the descriptor is closed after mapping).
-    pub fn inherited(len: usize) -> io::Result<SharedCounters> {
-        // SAFETY: F_GETFD only inspects the descriptor.
-        if unsafe { libc::fcntl(5, libc::F_GETFD) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
+    pub fn inherited(len: usize) -> Result<SharedCounters, FrontError> {
+        passed_fd_open(5)?;
         // SAFETY: fd 5 is open (checked above) and ours alone.
         let fd = unsafe { OwnedFd::from_raw_fd(5) };
         SharedCounters::from_fd(std::os::fd::AsFd::as_fd(&fd), len)
@@ -154,13 +205,18 @@ impl SharedCounters {
 
     /// Map `len` counters of an existing counters memfd (a front's, handed over by the
     /// agent's previous image).
-    pub fn from_fd(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<SharedCounters> {
-        let size = rustix::fs::fstat(fd)?.st_size as usize;
+    pub fn from_fd(
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> Result<SharedCounters, FrontError> {
+        let size = rustix::fs::fstat(fd)
+            .map_err(|e| syscall("fstat of the counters memfd")(e.into()))?
+            .st_size as usize;
         if size < len * 8 {
-            return Err(io::Error::other(format!(
-                "counters memfd of {size} bytes, want {}",
-                len * 8
-            )));
+            return Err(FrontError::CountersTooSmall {
+                size,
+                want: len * 8,
+            });
         }
         SharedCounters::map(fd, len)
     }

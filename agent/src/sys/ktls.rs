@@ -2,6 +2,11 @@
 //! connection's record crypto to it, and the record-type side channel (cmsg) for the records
 //! that are not application data. corral's own code instead of the `ktls` crate: that crate
 //! cannot splice and leans on rustls internals; this takes rustls's public extracted secrets.
+//!
+//! Setting kTLS up returns [`KtlsError`]. The data path ([`splice`], [`recv_record`],
+//! [`send_record`], [`pipe`]) returns `io::Result`: it runs inside tokio's readiness loop
+//! (`async_io`), which needs WouldBlock as an `io::Error`, and its callers tell EINVAL (a record
+//! that is not data) from the rest by the error number.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -9,6 +14,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use zeroize::Zeroizing;
 
+/// The call [`set_ulp`] makes, as its errors name it.
+const TCP_ULP_TLS: &str = "TCP_ULP \"tls\"";
 /// linux/socket.h
 pub const SOL_TLS: libc::c_int = 282;
 /// linux/tls.h socket options and cmsg types.
@@ -21,6 +28,33 @@ const TLS_1_3_VERSION: u16 = 0x0304;
 const TLS_CIPHER_AES_GCM_128: u16 = 51;
 const TLS_CIPHER_AES_GCM_256: u16 = 52;
 const TLS_CIPHER_CHACHA20_POLY1305: u16 = 54;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KtlsError {
+    #[error("{call}: {source}")]
+    Syscall {
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "TCP_ULP \"tls\": no such upper-layer protocol (kernel without CONFIG_TLS, or tls.ko not \
+         loaded)"
+    )]
+    NoTlsModule,
+    #[error("probe sockets: {source}")]
+    ProbeSockets {
+        #[source]
+        source: io::Error,
+    },
+    #[error("{cipher}: key of {key} bytes and nonce of {nonce} (want {want} and 12)")]
+    KeyLength {
+        cipher: Cipher,
+        key: usize,
+        nonce: usize,
+        want: usize,
+    },
+}
 
 /// TLS record content types (RFC 8446 5.1).
 pub const RECORD_ALERT: u8 = 21;
@@ -95,14 +129,14 @@ impl CryptoInfo {
         key: &[u8],
         nonce: &[u8],
         seq: u64,
-    ) -> Result<CryptoInfo, String> {
+    ) -> Result<CryptoInfo, KtlsError> {
         if key.len() != cipher.key_len() || nonce.len() != 12 {
-            return Err(format!(
-                "{cipher}: key of {} bytes and nonce of {} (want {} and 12)",
-                key.len(),
-                nonce.len(),
-                cipher.key_len()
-            ));
+            return Err(KtlsError::KeyLength {
+                cipher,
+                key: key.len(),
+                nonce: nonce.len(),
+                want: cipher.key_len(),
+            });
         }
         let mut b = Zeroizing::new(Vec::with_capacity(64));
         let v = match version {
@@ -132,19 +166,22 @@ impl CryptoInfo {
     }
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+fn cvt(call: &'static str, r: libc::c_int) -> Result<libc::c_int, KtlsError> {
     if r == -1 {
-        Err(io::Error::last_os_error())
+        Err(KtlsError::Syscall {
+            call,
+            source: io::Error::last_os_error(),
+        })
     } else {
         Ok(r)
     }
 }
 
 /// `TCP_ULP "tls"` on an established TCP socket.
-pub fn set_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn set_ulp(fd: BorrowedFd<'_>) -> Result<(), KtlsError> {
     let name = b"tls";
     // SAFETY: setsockopt on a valid fd with a buffer of the length passed.
-    cvt(unsafe {
+    cvt(TCP_ULP_TLS, unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_TCP,
@@ -157,11 +194,11 @@ pub fn set_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// The socket's upper-layer protocol ("tls" once kTLS is on; empty for none).
-pub fn ulp(fd: BorrowedFd<'_>) -> io::Result<String> {
+pub fn ulp(fd: BorrowedFd<'_>) -> Result<String, KtlsError> {
     let mut buf = [0u8; 16];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: getsockopt into a buffer of the length passed; len is updated by the kernel.
-    cvt(unsafe {
+    cvt("getsockopt(TCP_ULP)", unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_TCP,
@@ -176,13 +213,13 @@ pub fn ulp(fd: BorrowedFd<'_>) -> io::Result<String> {
 }
 
 /// Hand one direction's record crypto to the kernel (after [`set_ulp`]).
-pub fn set_crypto(fd: BorrowedFd<'_>, dir: Direction, info: &CryptoInfo) -> io::Result<()> {
-    let opt = match dir {
-        Direction::Tx => TLS_TX,
-        Direction::Rx => TLS_RX,
+pub fn set_crypto(fd: BorrowedFd<'_>, dir: Direction, info: &CryptoInfo) -> Result<(), KtlsError> {
+    let (opt, call) = match dir {
+        Direction::Tx => (TLS_TX, "TLS_TX"),
+        Direction::Rx => (TLS_RX, "TLS_RX"),
     };
     // SAFETY: setsockopt with the crypto_info bytes and their length.
-    cvt(unsafe {
+    cvt(call, unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             SOL_TLS,
@@ -197,36 +234,39 @@ pub fn set_crypto(fd: BorrowedFd<'_>, dir: Direction, info: &CryptoInfo) -> io::
 /// Whether `TCP_ULP "tls"` can be set on an established TCP socket here. The reason when not:
 /// ENOENT means no tls module (CONFIG_TLS off, or tls.ko not loaded and this process may not
 /// load it: only CAP_NET_ADMIN triggers the kernel's module autoload).
-pub fn probe() -> Result<(), String> {
-    let (c, _s) = loopback_pair().map_err(|e| format!("probe sockets: {e}"))?;
-    set_ulp(std::os::fd::AsFd::as_fd(&c)).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOENT) => "TCP_ULP \"tls\": no such upper-layer protocol (kernel without \
-                               CONFIG_TLS, or tls.ko not loaded)"
-            .to_string(),
-        _ => format!("TCP_ULP \"tls\": {e}"),
+pub fn probe() -> Result<(), KtlsError> {
+    let (c, _s) = loopback_pair()?;
+    set_ulp(std::os::fd::AsFd::as_fd(&c)).map_err(|e| match e {
+        KtlsError::Syscall { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
+            KtlsError::NoTlsModule
+        }
+        e => e,
     })
 }
 
-fn loopback_pair() -> io::Result<(TcpStream, TcpStream)> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let c = TcpStream::connect(l.local_addr()?)?;
-    let (s, _) = l.accept()?;
-    Ok((c, s))
+fn loopback_pair() -> Result<(TcpStream, TcpStream), KtlsError> {
+    let pair = || -> io::Result<(TcpStream, TcpStream)> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let c = TcpStream::connect(l.local_addr()?)?;
+        let (s, _) = l.accept()?;
+        Ok((c, s))
+    };
+    pair().map_err(|source| KtlsError::ProbeSockets { source })
 }
 
 /// What the kernel takes, per version, cipher and direction: each tried on a fresh loopback
 /// connection with a zero key (nothing is sent).
-pub fn matrix() -> Vec<(Version, Cipher, Direction, Result<(), String>)> {
+pub fn matrix() -> Vec<(Version, Cipher, Direction, Result<(), KtlsError>)> {
     let mut out = Vec::new();
     for v in VERSIONS {
         for c in CIPHERS {
             for d in [Direction::Tx, Direction::Rx] {
-                let r = (|| -> Result<(), String> {
-                    let (sock, _peer) = loopback_pair().map_err(|e| e.to_string())?;
+                let r = (|| -> Result<(), KtlsError> {
+                    let (sock, _peer) = loopback_pair()?;
                     let fd = std::os::fd::AsFd::as_fd(&sock);
-                    set_ulp(fd).map_err(|e| format!("TCP_ULP: {e}"))?;
+                    set_ulp(fd)?;
                     let info = CryptoInfo::new(v, c, &vec![0; c.key_len()], &[0; 12], 0)?;
-                    set_crypto(fd, d, &info).map_err(|e| e.to_string())
+                    set_crypto(fd, d, &info)
                 })();
                 out.push((v, c, d, r));
             }

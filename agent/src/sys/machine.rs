@@ -2,15 +2,33 @@
 
 use std::io;
 
+const MEMINFO: &str = "/proc/meminfo";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("{call}: {source}")]
+    Syscall {
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no MemTotal line in {path}")]
+    NoMemTotal { path: &'static str },
+}
+
 /// MemTotal from /proc/meminfo, in bytes.
-pub fn mem_total() -> io::Result<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo")?;
-    parse_meminfo_total(&text).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            "no MemTotal line in /proc/meminfo",
-        )
-    })
+pub fn mem_total() -> Result<u64, MachineError> {
+    let text = std::fs::read_to_string(MEMINFO).map_err(|source| MachineError::Read {
+        path: MEMINFO,
+        source,
+    })?;
+    parse_meminfo_total(&text).ok_or(MachineError::NoMemTotal { path: MEMINFO })
 }
 
 fn parse_meminfo_total(text: &str) -> Option<u64> {
@@ -89,14 +107,18 @@ pub struct NofileLimit {
 /// Raise the agent's own soft RLIMIT_NOFILE to its hard limit (it holds about six fds per
 /// worker: socket, pidfd, two output pipes, cgroup leaf, memory watch) and return the limit it
 /// had, which children get back: many programs still use select() and expect 1024.
-pub fn raise_nofile() -> io::Result<NofileLimit> {
+pub fn raise_nofile() -> Result<NofileLimit, MachineError> {
+    let err = |call| MachineError::Syscall {
+        call,
+        source: io::Error::last_os_error(),
+    };
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == -1 {
-        return Err(io::Error::last_os_error());
+        return Err(err("getrlimit(RLIMIT_NOFILE)"));
     }
     let old = NofileLimit {
         soft: lim.rlim_cur,
@@ -110,7 +132,7 @@ pub fn raise_nofile() -> io::Result<NofileLimit> {
         // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one is
         // always allowed.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == -1 {
-            return Err(io::Error::last_os_error());
+            return Err(err("setrlimit(RLIMIT_NOFILE)"));
         }
     }
     Ok(old)

@@ -37,50 +37,45 @@ pub enum SpawnError {
     },
 }
 
-/// The child's steps before exec, in order; reported when one fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Stage {
+/// Declares [`Stage`] and its inverse of `as u32` (how the parent reads the child's report)
+/// from one list.
+macro_rules! stages {
+    ($($(#[$doc:meta])* $name:ident = $n:literal,)+) => {
+        /// The child's steps before exec, in order; reported when one fails.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Stage {
+            $($(#[$doc])* $name = $n,)+
+        }
+
+        impl Stage {
+            fn from_u32(v: u32) -> Option<Stage> {
+                match v {
+                    $($n => Some(Stage::$name),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+stages! {
     /// Joining the worker's cgroup by writing cgroup.procs (only when clone3, and with it
     /// CLONE_INTO_CGROUP, is refused).
     Cgroup = 14,
     Signals = 1,
-    Setsid,
-    Fds,
-    Chdir,
-    Limits,
-    Bounding,
-    Groups,
-    Gid,
-    Uid,
-    Caps,
-    NoNewPrivs,
-    DeathSignal,
-    Exec,
-}
-
-impl Stage {
-    fn from_u32(v: u32) -> Option<Stage> {
-        use Stage::*;
-        [
-            Cgroup,
-            Signals,
-            Setsid,
-            Fds,
-            Chdir,
-            Limits,
-            Bounding,
-            Groups,
-            Gid,
-            Uid,
-            Caps,
-            NoNewPrivs,
-            DeathSignal,
-            Exec,
-        ]
-        .into_iter()
-        .find(|s| *s as u32 == v)
-    }
+    Setsid = 2,
+    Fds = 3,
+    Chdir = 4,
+    Limits = 5,
+    Bounding = 6,
+    Groups = 7,
+    Gid = 8,
+    Uid = 9,
+    Caps = 10,
+    NoNewPrivs = 11,
+    DeathSignal = 12,
+    Exec = 13,
 }
 
 impl fmt::Display for Stage {

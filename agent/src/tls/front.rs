@@ -159,7 +159,7 @@ pub fn run(args: FrontArgs) -> Result<()> {
     let ktls = match args.ktls {
         KtlsMode::Off => Ktls::Off,
         KtlsMode::Auto | KtlsMode::Require => match sys::ktls::probe() {
-            Err(why) => Ktls::Unavailable(why),
+            Err(why) => Ktls::Unavailable(why.to_string()),
             Ok(()) => {
                 let m = sys::ktls::matrix();
                 let mut both = HashSet::new();
@@ -414,13 +414,13 @@ fn start_ktls(
             _ => return Err("a cipher kTLS does not know".to_string()),
         };
         sys::ktls::CryptoInfo::new(version, cipher, key.as_ref(), iv.as_ref(), seq)
+            .map_err(|e| e.to_string())
     };
     let r = (|| {
         let tx = info(secrets.tx)?;
         let rx = info(secrets.rx)?;
-        sys::ktls::set_crypto(sock.as_fd(), Direction::Tx, &tx)
-            .map_err(|e| format!("TLS_TX: {e}"))?;
-        sys::ktls::set_crypto(sock.as_fd(), Direction::Rx, &rx).map_err(|e| format!("TLS_RX: {e}"))
+        sys::ktls::set_crypto(sock.as_fd(), Direction::Tx, &tx).map_err(|e| e.to_string())?;
+        sys::ktls::set_crypto(sock.as_fd(), Direction::Rx, &rx).map_err(|e| e.to_string())
     })();
     Ok(r)
 }
