@@ -78,7 +78,7 @@ pub struct AppStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FrontStats {
     /// Since the front app started (exited processes included; `open_connections` is now).
-    /// Names in `tls::stats::NAMES`.
+    /// Names in `front::stats::NAMES`.
     pub counters: std::collections::BTreeMap<String, u64>,
     /// /proc/net/tls_stat (empty without the kernel's tls module).
     pub kernel_tls_stat: std::collections::BTreeMap<String, u64>,

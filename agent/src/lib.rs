@@ -8,8 +8,8 @@
 
 pub mod config;
 pub mod control;
+pub mod front;
 pub mod metrics;
 pub mod policy;
 pub mod supervisor;
 pub mod sys;
-pub mod tls;

@@ -200,7 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             redirect_to_port,
             proxy_protocol_v2,
         } => {
-            corral::tls::front::run(corral::tls::front::FrontArgs {
+            corral::front::process::run(corral::front::process::FrontArgs {
                 app,
                 upstream,
                 ktls: match ktls.as_str() {

@@ -233,7 +233,7 @@ pub fn render(apps: &[AppStatus], agent: &AgentInfo) -> String {
         }
     }
 
-    for counter in crate::tls::stats::NAMES {
+    for counter in crate::front::stats::NAMES {
         let gauge = counter == "open_connections";
         let name = if gauge {
             format!("corral_tls_{counter}")

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{self, App, AppName};
+use crate::front::stats;
 use crate::sys::front::SharedCounters;
-use crate::tls::stats;
 
 use super::events::Event;
 use super::state::{AbortOnDrop, AppRt, Rollout, Supervisor};
@@ -80,7 +80,7 @@ fn cert_dirs(tls: &config::Tls) -> Vec<PathBuf> {
 /// read) into a sealed memfd for its processes. An invalid certificate fails here, before
 /// anything is applied.
 pub(super) fn bundle(cfg: &App, tls: &config::Tls) -> Result<(Arc<OwnedFd>, u64), String> {
-    let bundle = crate::tls::bundle::Bundle::load(&tls.cert_pairs())
+    let bundle = crate::front::bundle::Bundle::load(&tls.cert_pairs())
         .map_err(|e| format!("{}: app {}: {e}", tls.address_at, cfg.name))?;
     let memfd = crate::sys::front::sealed_memfd(&format!("corral-{}", cfg.name), &bundle.encode())
         .map_err(|e| format!("app {}: certificate bundle: {e}", cfg.name))?;
@@ -108,7 +108,7 @@ pub(super) fn bundle(cfg: &App, tls: &config::Tls) -> Result<(Arc<OwnedFd>, u64)
 pub(super) fn bundle_changed(rt: &AppRt, cfg: &App) -> Result<bool, String> {
     match (&cfg.role, &rt.launch.bundle) {
         (config::Role::TlsFront { tls, .. }, Some((_, old))) => {
-            let new = crate::tls::bundle::Bundle::load(&tls.cert_pairs())
+            let new = crate::front::bundle::Bundle::load(&tls.cert_pairs())
                 .map_err(|e| format!("{}: app {}: {e}", tls.address_at, cfg.name))?;
             Ok(new.digest() != *old)
         }

@@ -104,7 +104,7 @@ impl Launch {
             );
             let (c, fd) = crate::sys::front::SharedCounters::create(
                 "corral-front-counters",
-                crate::tls::stats::COUNT,
+                crate::front::stats::COUNT,
             )
             .map_err(|e| format!("the counters memfd: {e}"))?;
             counters_fd = Some(

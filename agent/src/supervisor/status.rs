@@ -113,7 +113,7 @@ pub(super) fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
         let live = app.state.workers().filter_map(|w| w.res.counters.as_ref());
         let totals = totals_with(&app.front.totals, live);
         FrontStats {
-            counters: crate::tls::stats::NAMES
+            counters: crate::front::stats::NAMES
                 .iter()
                 .zip(totals)
                 .map(|(n, v)| (n.to_string(), v))

@@ -2,7 +2,7 @@
 //! unprivileged `corral front` process that terminates TLS and proxies to the app's workers.
 
 pub mod bundle;
-pub mod front;
+pub mod process;
 pub mod proxy;
 pub mod redirect;
 pub mod stats;
