@@ -107,28 +107,10 @@ enum Command {
     /// The man page (roff), on stdout (the packages install it as corral(1)).
     #[command(hide = true)]
     Manpage,
-    /// A TLS front process, started by the agent for `[app.NAME.tls]` (never by hand): the
-    /// listening socket on fd 3, the certificate bundle on fd 4.
+    /// A TLS front process, started by the agent for `[app.NAME.tls]` (never by hand): its
+    /// descriptors are corral::front::fds, its arguments corral::front::args::FrontArgs.
     #[command(hide = true)]
-    Front {
-        #[arg(long)]
-        app: String,
-        /// The app's workers' address.
-        #[arg(long)]
-        upstream: std::net::SocketAddr,
-        #[arg(long, value_parser = ["auto", "off", "require"])]
-        ktls: String,
-        #[arg(long)]
-        handshake_timeout_ms: u64,
-        #[arg(long)]
-        max_handshakes: usize,
-        /// Answer plain HTTP on fd 6 with a 308 to https on this port.
-        #[arg(long)]
-        redirect_to_port: Option<u16>,
-        /// Start each upstream connection with a PROXY protocol v2 header.
-        #[arg(long)]
-        proxy_protocol_v2: bool,
-    },
+    Front(corral::front::args::FrontArgs),
 }
 
 fn main() -> ExitCode {
@@ -191,28 +173,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .context("writing the man page")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Front {
-            app,
-            upstream,
-            ktls,
-            handshake_timeout_ms,
-            max_handshakes,
-            redirect_to_port,
-            proxy_protocol_v2,
-        } => {
-            corral::front::process::run(corral::front::process::FrontArgs {
-                app,
-                upstream,
-                ktls: match ktls.as_str() {
-                    "off" => config::KtlsMode::Off,
-                    "require" => config::KtlsMode::Require,
-                    _ => config::KtlsMode::Auto,
-                },
-                handshake_timeout: Duration::from_millis(handshake_timeout_ms),
-                max_handshakes: max_handshakes.max(1),
-                redirect_to_port,
-                proxy_protocol_v2,
-            })?;
+        Command::Front(args) => {
+            corral::front::process::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { app, json, target } => {
@@ -255,6 +217,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cli::check::budget(&cfg)?;
             println!("{}", supervisor::handoff::check_line());
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent renders a front's argv from the same struct this CLI parses it into.
+    #[test]
+    fn the_front_parses_what_the_agent_renders() {
+        let args = corral::front::args::FrontArgs {
+            app: "api".into(),
+            upstream: "127.0.0.1:8000".parse().unwrap(),
+            ktls: config::KtlsMode::Auto,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 64,
+            redirect_to_port: Some(443),
+            proxy_protocol_v2: true,
+        };
+        let argv = std::iter::once("corral".to_string()).chain(args.to_argv());
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Front(parsed) => assert_eq!(parsed, args),
+            _ => panic!("not the front subcommand"),
         }
     }
 }

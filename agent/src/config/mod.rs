@@ -12,7 +12,7 @@ mod types;
 mod tests;
 
 pub use error::ConfigError;
-pub use load::{front_app, load, load_str, FRONT_DEFAULT_USER, FRONT_STOP_TIMEOUT, SELF_EXE};
+pub use load::{load, load_str};
 pub use types::*;
 
 /// What validation needs to know about the machine.

@@ -201,12 +201,7 @@ pub struct PreStart {
     pub at: Location,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KtlsMode {
-    Auto,
-    Off,
-    Require,
-}
+pub use crate::front::args::KtlsMode;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {

@@ -1,8 +1,37 @@
-//! The TLS front (`[app.NAME.tls]`): certificate bundles built by the agent, and the
-//! unprivileged `corral front` process that terminates TLS and proxies to the app's workers.
+//! The TLS front (`[app.NAME.tls]`), end to end: the app it becomes (`app`), the typed command
+//! line of its processes (`args`), the descriptors they get (`fds`), the certificate bundle the
+//! agent builds and seals (`bundle`, `seal`), the unprivileged `corral front` process that
+//! terminates TLS and proxies to the app's workers (`process`, with `proxy` and `redirect`),
+//! and the counters it keeps (`stats`). `app` and `args` are pure, like `config`, which uses
+//! them; the `[app.NAME.tls]` table itself is read by `config::load` like every other table, and
+//! the supervisor's event handling for fronts (certificate changes) is in `supervisor/front.rs`.
 
+pub mod app;
+pub mod args;
 pub mod bundle;
 pub mod process;
 pub mod proxy;
 pub mod redirect;
+pub mod seal;
 pub mod stats;
+
+/// The descriptors a front process gets, in one place: the agent passes them
+/// (`supervisor::launch`), the front takes them (`process`). `sys::spawn` places the extra
+/// descriptors at 4, 5, 6 in the order given, which these numbers follow.
+pub mod fds {
+    use std::os::fd::RawFd;
+
+    /// Its listening socket on the TLS address, as the worker contract gives every worker.
+    pub const LISTENER: RawFd = 3;
+    /// The sealed memfd of certificates and keys.
+    pub const BUNDLE: RawFd = 4;
+    /// The counters memfd the agent maps too.
+    pub const COUNTERS: RawFd = 5;
+    /// The `redirect_http` listener, when there is one.
+    pub const REDIRECT: RawFd = 6;
+
+    const _: () = assert!(
+        BUNDLE == LISTENER + 1 && COUNTERS == BUNDLE + 1 && REDIRECT == COUNTERS + 1,
+        "sys::spawn places extra descriptors at 4, 5, 6 in order"
+    );
+}

@@ -14,32 +14,18 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use rustls::server::ServerConfig;
 use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use super::args::{FrontArgs, KtlsMode};
 use super::bundle::Bundle;
+use super::fds;
 use super::stats::{Stat, COUNT, NAMES};
-use crate::config::KtlsMode;
 use crate::sys;
 use crate::sys::ktls::{Cipher, Direction, Version};
-
-/// What the agent passes on the command line (see `config::front_app`).
-#[derive(Debug, Clone)]
-pub struct FrontArgs {
-    pub app: String,
-    pub upstream: SocketAddr,
-    pub ktls: KtlsMode,
-    pub handshake_timeout: Duration,
-    pub max_handshakes: usize,
-    /// `redirect_http`: the plain listener is fd 6; redirect to https on this port.
-    pub redirect_to_port: Option<u16>,
-    /// Start each upstream connection with a PROXY protocol v2 header.
-    pub proxy_protocol_v2: bool,
-}
 
 /// A TLS record's payload may be 2^14 bytes plus expansion (RFC 8446 5.2: 2^14 + 256).
 const MAX_RECORD: usize = 16384 + 2048;
@@ -143,18 +129,53 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-pub fn run(args: FrontArgs) -> Result<()> {
+/// Why a front process could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{what}: {source}")]
+    Passed {
+        what: &'static str,
+        #[source]
+        source: sys::front::FrontError,
+    },
+    #[error("the certificate bundle: {0}")]
+    Bundle(String),
+    #[error("ktls = \"require\", but this kernel cannot: {0}")]
+    KtlsRequired(String),
+    #[error("the TLS configuration: {0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn passed(what: &'static str) -> impl FnOnce(sys::front::FrontError) -> StartError {
+    move |source| StartError::Passed { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> StartError {
+    move |source| StartError::Io { what, source }
+}
+
+/// The `corral front` process: take what the agent passed, then serve until SIGTERM.
+pub fn run(args: FrontArgs) -> Result<(), StartError> {
     sys::front::set_name();
-    sys::front::make_undumpable().context("making the front process undumpable")?;
-    let listener = sys::front::inherited_listener().context("the listening socket on fd 3")?;
-    let bundle_bytes = sys::front::read_bundle().context("the certificate bundle on fd 4")?;
+    sys::front::make_undumpable().map_err(passed("making the front process undumpable"))?;
+    let listener = sys::front::inherited_listener(fds::LISTENER)
+        .map_err(passed("the listening socket (fd 3)"))?;
+    let bundle_bytes =
+        sys::front::read_bundle(fds::BUNDLE).map_err(passed("the certificate bundle (fd 4)"))?;
     let redirect = match args.redirect_to_port {
         Some(_) => Some(
-            sys::front::inherited_fd_listener(6).context("the redirect_http listener on fd 6")?,
+            sys::front::inherited_fd_listener(fds::REDIRECT)
+                .map_err(passed("the redirect_http listener (fd 6)"))?,
         ),
         None => None,
     };
-    let bundle = Bundle::decode(&bundle_bytes).map_err(anyhow::Error::msg)?;
+    let bundle = Bundle::decode(&bundle_bytes).map_err(StartError::Bundle)?;
     drop(bundle_bytes);
     let ktls = match args.ktls {
         KtlsMode::Off => Ktls::Off,
@@ -196,7 +217,7 @@ pub fn run(args: FrontArgs) -> Result<()> {
     };
     let config = match (&ktls, args.ktls) {
         (Ktls::Unavailable(why), KtlsMode::Require) => {
-            bail!("ktls = \"require\", but this kernel cannot: {why}")
+            return Err(StartError::KtlsRequired(why.clone()))
         }
         (Ktls::Unavailable(why), _) => {
             eprintln!(
@@ -208,13 +229,13 @@ pub fn run(args: FrontArgs) -> Result<()> {
         (Ktls::Available(both), KtlsMode::Require) => server_config(&bundle, Some(both)),
         _ => server_config(&bundle, None),
     }
-    .map_err(anyhow::Error::msg)?;
+    .map_err(StartError::Config)?;
     drop(bundle);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the runtime")?;
+        .map_err(io_err("starting the runtime"))?;
     rt.block_on(serve(listener, redirect, config, args, Arc::new(ktls)))
 }
 
@@ -224,19 +245,24 @@ async fn serve(
     config: Arc<ServerConfig>,
     args: FrontArgs,
     ktls: Arc<Ktls>,
-) -> Result<()> {
-    listener.set_nonblocking(true)?;
-    let listener = TcpListener::from_std(listener)?;
+) -> Result<(), StartError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("the listening socket"))?;
+    let listener = TcpListener::from_std(listener).map_err(io_err("the listening socket"))?;
     let args = Arc::new(args);
     let counters = Arc::new(Counters(
-        sys::front::SharedCounters::inherited(COUNT).context("the counters memfd on fd 5")?,
+        sys::front::SharedCounters::inherited(fds::COUNTERS, COUNT)
+            .map_err(passed("the counters memfd (fd 5)"))?,
     ));
-    let handshakes = Arc::new(Semaphore::new(args.max_handshakes));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let handshakes = Arc::new(Semaphore::new(args.max_handshakes as usize));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io_err("the SIGTERM handler"))?;
     let redirects = match (redirect, args.redirect_to_port) {
         (Some(l), Some(port)) => {
-            l.set_nonblocking(true)?;
-            let l = TcpListener::from_std(l)?;
+            l.set_nonblocking(true)
+                .map_err(io_err("the redirect_http listener"))?;
+            let l = TcpListener::from_std(l).map_err(io_err("the redirect_http listener"))?;
             let counters = counters.clone();
             Some(tokio::spawn(serve_redirects(l, port, counters)))
         }
@@ -245,7 +271,9 @@ async fn serve(
     eprintln!(
         "corral front: serving TLS for app {} on {}, upstream {}",
         args.app,
-        listener.local_addr()?,
+        listener
+            .local_addr()
+            .map_err(io_err("the listening socket"))?,
         args.upstream
     );
     let mut open = tokio::task::JoinSet::new();

@@ -1,5 +1,6 @@
 //! The TLS front's counters: what each `corral front` process counts in its shared memfd
-//! (`sys::front::SharedCounters`), in this order, and what `corral status` shows.
+//! (`sys::front::SharedCounters`), in this order, what `corral status` shows, and the app's
+//! totals the agent keeps across its processes.
 
 /// Index of each counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,3 +62,29 @@ pub const NAMES: [&str; COUNT] = [
     "open_connections",
     "redirects",
 ];
+
+/// An app's counts: what its exited front processes counted, kept by the agent.
+pub type Totals = [u64; COUNT];
+
+/// An exited front process's counts join `totals` (not what it had open).
+pub fn add_final(totals: &mut Totals, counters: &crate::sys::front::SharedCounters) {
+    for (i, t) in totals.iter_mut().enumerate() {
+        if i != Stat::Open as usize {
+            *t += counters.get(i);
+        }
+    }
+}
+
+/// `totals` plus what the live processes count now.
+pub fn with_live<'a>(
+    totals: &Totals,
+    live: impl Iterator<Item = &'a std::sync::Arc<crate::sys::front::SharedCounters>>,
+) -> Totals {
+    let mut sum = *totals;
+    for c in live {
+        for (i, t) in sum.iter_mut().enumerate() {
+            *t += c.get(i);
+        }
+    }
+    sum
+}

@@ -12,7 +12,7 @@ use crate::policy::rollout::{App as AppState, Phase};
 use crate::sys::{machine, socket};
 
 use super::events::Event;
-use super::front::{self, FrontRt};
+use super::front::FrontRt;
 use super::launch::Launch;
 use super::prestart;
 use super::state::{AppRt, Prepared, Rollout, Supervisor};
@@ -32,7 +32,7 @@ pub(super) fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
     let mut launch = Launch::for_app(cfg, argv)
         .map_err(|e| format!("{}: app {}: {e}", cfg.command_at, cfg.name))?;
     if let config::Role::TlsFront { tls, .. } = &cfg.role {
-        launch.bundle = Some(front::bundle(cfg, tls)?);
+        launch.bundle = Some(crate::front::seal::seal(cfg.name.as_str(), tls)?);
         if let Some(r) = tls.redirect_http {
             // SO_REUSEPORT, so a rolling replacement's new fronts can bind beside the old ones.
             let fd = socket::reuseport_listener(r, cfg.listen.backlog)

@@ -191,7 +191,7 @@ impl Supervisor {
         let mut oom = None;
         if let Some(w) = app.state.worker_mut(id) {
             if let Some(c) = w.res.counters.take() {
-                app.front.add_final(&c);
+                crate::front::stats::add_final(&mut app.front.totals, &c);
             }
             if let Some(leaf) = w.res.leaf.take() {
                 if let (Ok(ev), Some(cap)) = (leaf.read_memory_events(), cap) {

@@ -1,15 +1,11 @@
-//! What the agent does for a TLS front app beyond what it does for any app: its certificate
-//! bundle (read and checked as root, handed over sealed), the watch of its certificate files
-//! (a valid change replaces the front processes one by one), and its counters' totals.
+//! What the event loop does for a TLS front app beyond what it does for any app: the watch of
+//! its certificate files (a valid change replaces the front processes one by one) and its
+//! counters' totals. The certificates themselves are `crate::front::seal`'s.
 
-use std::os::fd::OwnedFd;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{self, App, AppName};
-use crate::front::stats;
-use crate::sys::front::SharedCounters;
+use crate::front::{seal, stats};
 
 use super::events::Event;
 use super::state::{AbortOnDrop, AppRt, Rollout, Supervisor};
@@ -22,95 +18,17 @@ const CERT_SETTLE: Duration = Duration::from_millis(500);
 #[derive(Default)]
 pub(super) struct FrontRt {
     /// What its exited processes counted.
-    pub totals: Totals,
+    pub totals: stats::Totals,
     /// The watch of its certificate files' directories.
     pub cert_watch: Option<AbortOnDrop>,
-}
-
-pub(super) type Totals = [u64; stats::COUNT];
-
-impl FrontRt {
-    /// An exited front process's counts join the totals (not what it had open).
-    pub fn add_final(&mut self, counters: &SharedCounters) {
-        for (i, t) in self.totals.iter_mut().enumerate() {
-            if i != stats::Stat::Open as usize {
-                *t += counters.get(i);
-            }
-        }
-    }
-}
-
-/// The totals plus what the live processes count now.
-pub(super) fn totals_with<'a>(
-    totals: &Totals,
-    live: impl Iterator<Item = &'a Arc<SharedCounters>>,
-) -> Totals {
-    let mut sum = *totals;
-    for c in live {
-        for (i, t) in sum.iter_mut().enumerate() {
-            *t += c.get(i);
-        }
-    }
-    sum
-}
-
-/// The directories a front's certificate and key files are in (and, for symlinks, where they
-/// point: certbot's live/ links into archive/).
-fn cert_dirs(tls: &config::Tls) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for pair in tls.cert_pairs() {
-        for f in [&pair.cert, &pair.key] {
-            let mut candidates = vec![f.clone()];
-            if let Ok(real) = std::fs::canonicalize(f) {
-                candidates.push(real);
-            }
-            for c in candidates {
-                if let Some(d) = c.parent() {
-                    if !dirs.iter().any(|x| x == d) {
-                        dirs.push(d.to_path_buf());
-                    }
-                }
-            }
-        }
-    }
-    dirs
-}
-
-/// Read and check a TLS front's certificates and keys (as root: key files are the agent's to
-/// read) into a sealed memfd for its processes. An invalid certificate fails here, before
-/// anything is applied.
-pub(super) fn bundle(cfg: &App, tls: &config::Tls) -> Result<(Arc<OwnedFd>, u64), String> {
-    let bundle = crate::front::bundle::Bundle::load(&tls.cert_pairs())
-        .map_err(|e| format!("{}: app {}: {e}", tls.address_at, cfg.name))?;
-    let memfd = crate::sys::front::sealed_memfd(&format!("corral-{}", cfg.name), &bundle.encode())
-        .map_err(|e| format!("app {}: certificate bundle: {e}", cfg.name))?;
-    if tls.ktls != config::KtlsMode::Off {
-        // As root this also loads tls.ko when the kernel has it as a module; the unprivileged
-        // front processes could not.
-        match crate::sys::ktls::probe() {
-            Ok(()) => tracing::info!(app = %cfg.name, "kernel TLS: TCP_ULP \"tls\" available"),
-            Err(why) if tls.ktls == config::KtlsMode::Require => {
-                return Err(format!(
-                    "{}: app {}: ktls = \"require\", but {why}",
-                    tls.address_at, cfg.name
-                ))
-            }
-            Err(why) => {
-                tracing::info!(app = %cfg.name, "kernel TLS unavailable ({why}): userspace rustls")
-            }
-        }
-    }
-    Ok((Arc::new(memfd), bundle.digest()))
 }
 
 /// Whether a running front's certificates differ from what is on disk now (an unreadable or
 /// invalid one is an error: the reload is refused).
 pub(super) fn bundle_changed(rt: &AppRt, cfg: &App) -> Result<bool, String> {
     match (&cfg.role, &rt.launch.bundle) {
-        (config::Role::TlsFront { tls, .. }, Some((_, old))) => {
-            let new = crate::front::bundle::Bundle::load(&tls.cert_pairs())
-                .map_err(|e| format!("{}: app {}: {e}", tls.address_at, cfg.name))?;
-            Ok(new.digest() != *old)
+        (config::Role::TlsFront { tls, .. }, Some((_, sealed))) => {
+            seal::changed(cfg.name.as_str(), tls, *sealed)
         }
         _ => Ok(false),
     }
@@ -128,7 +46,7 @@ impl Supervisor {
             config::Role::TlsFront { tls, .. } => tls,
             config::Role::Workers => return,
         };
-        match crate::sys::inotify::Watch::dirs(&cert_dirs(tls)) {
+        match crate::sys::inotify::Watch::dirs(&seal::cert_dirs(tls)) {
             Ok(watch) => {
                 let app_name = name.clone();
                 let task = tokio::spawn(async move {

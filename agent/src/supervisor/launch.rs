@@ -1,11 +1,12 @@
 //! Turning an app's config into what `sys::spawn` needs, once per app (re)start, so a restart
 //! after a crash only clones and spawns.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::App;
+use crate::front::fds;
 use crate::sys::pidfd::Process;
 use crate::sys::spawn::{self, SpawnError, Spec};
 use crate::sys::users;
@@ -34,9 +35,10 @@ pub struct Launch {
     pub workdir: PathBuf,
     pub uid: u32,
     pub gid: u32,
-    /// A TLS front's certificate bundle (a sealed memfd), passed as fd 4, and its digest.
+    /// A TLS front's certificate bundle (a sealed memfd), passed as `fds::BUNDLE`, and its
+    /// digest.
     pub bundle: Option<(Arc<OwnedFd>, u64)>,
-    /// A TLS front's plain-HTTP listener for `redirect_http`, passed as fd 6.
+    /// A TLS front's plain-HTTP listener for `redirect_http`, passed as `fds::REDIRECT`.
     pub redirect: Option<Arc<OwnedFd>>,
 }
 
@@ -93,15 +95,17 @@ impl Launch {
         let (err_r, err_w) = spawn::output_pipe().map_err(|e| format!("pipe: {e}"))?;
         let mut env = self.env.clone();
         env.extend(extra.iter().cloned());
-        // A TLS front: fd 4 its certificates, fd 5 its counters.
-        let mut more: Vec<OwnedFd> = Vec::new();
+        // A TLS front: its certificates, its counters and the redirect listener, as the
+        // numbers of front::fds.
+        let mut owned: Vec<(RawFd, OwnedFd)> = Vec::new();
         let mut counters = None;
         let mut counters_fd = None;
         if let Some((memfd, _)) = &self.bundle {
-            more.push(
+            owned.push((
+                fds::BUNDLE,
                 crate::sys::front::reopen(memfd)
                     .map_err(|e| format!("opening the certificate bundle: {e}"))?,
-            );
+            ));
             let (c, fd) = crate::sys::front::SharedCounters::create(
                 "corral-front-counters",
                 crate::front::stats::COUNT,
@@ -111,12 +115,14 @@ impl Launch {
                 fd.try_clone()
                     .map_err(|e| format!("the counters memfd: {e}"))?,
             );
-            more.push(fd);
+            owned.push((fds::COUNTERS, fd));
             counters = Some(Arc::new(c));
         }
-        let redirect = self.redirect.as_ref().map(|r| r.as_fd());
-        let mut more_fds: Vec<_> = more.iter().map(|f| f.as_fd()).collect();
-        more_fds.extend(redirect);
+        let mut more_fds: Vec<(RawFd, BorrowedFd<'_>)> =
+            owned.iter().map(|(n, f)| (*n, f.as_fd())).collect();
+        if let Some(r) = &self.redirect {
+            more_fds.push((fds::REDIRECT, r.as_fd()));
+        }
         let spec = Spec {
             program: &self.program,
             argv: &self.argv,

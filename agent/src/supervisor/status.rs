@@ -6,7 +6,6 @@ use crate::control::{AppStatus, FrontStats, SteeringStats, WorkerStatus};
 use crate::policy::rollout::WorkerState;
 use crate::sys::machine;
 
-use super::front::totals_with;
 use super::state::{AppRt, Worker};
 
 pub(super) fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
@@ -111,7 +110,7 @@ pub(super) fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
     }
     let tls = matches!(app.cfg.role, config::Role::TlsFront { .. }).then(|| {
         let live = app.state.workers().filter_map(|w| w.res.counters.as_ref());
-        let totals = totals_with(&app.front.totals, live);
+        let totals = crate::front::stats::with_live(&app.front.totals, live);
         FrontStats {
             counters: crate::front::stats::NAMES
                 .iter()

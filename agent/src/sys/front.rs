@@ -17,7 +17,7 @@ pub enum FrontError {
         #[source]
         source: io::Error,
     },
-    /// A call on a descriptor the agent passed (3 to 6).
+    /// A call on a descriptor the agent passed (`crate::front::fds`).
     #[error("{call} on fd {fd}: {source}")]
     Fd {
         call: &'static str,
@@ -80,8 +80,9 @@ pub fn set_name() {
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
-/// The listening socket on fd 3, as the worker contract passes it (LISTEN_FDS=1 and our pid).
-pub fn inherited_listener() -> Result<TcpListener, FrontError> {
+/// The listening socket on `fd` (3), as the worker contract passes it (LISTEN_FDS=1 and our
+/// pid).
+pub fn inherited_listener(fd: RawFd) -> Result<TcpListener, FrontError> {
     let fds = std::env::var("LISTEN_FDS").unwrap_or_default();
     let listen_pid = std::env::var("LISTEN_PID").unwrap_or_default();
     let pid = std::process::id();
@@ -92,10 +93,10 @@ pub fn inherited_listener() -> Result<TcpListener, FrontError> {
             listen_pid,
         });
     }
-    inherited_fd_listener(3)
+    inherited_fd_listener(fd)
 }
 
-/// A listening socket the agent passed on `fd` (3, or 6 for `redirect_http`).
+/// A listening socket the agent passed on `fd`.
 pub fn inherited_fd_listener(fd: RawFd) -> Result<TcpListener, FrontError> {
     passed_fd_open(fd)?;
     // SAFETY: `fd` is open (checked above) and handed to us by the agent; nothing else owns it.
@@ -105,13 +106,13 @@ pub fn inherited_fd_listener(fd: RawFd) -> Result<TcpListener, FrontError> {
     Ok(l)
 }
 
-/// The certificate bundle on fd 4, read whole; the descriptor is closed after.
-pub fn read_bundle() -> Result<Zeroizing<Vec<u8>>, FrontError> {
-    passed_fd_open(4)?;
-    // SAFETY: fd 4 is open (checked above) and ours alone.
-    let mut f = unsafe { File::from_raw_fd(4) };
+/// The certificate bundle the agent passed on `fd`, read whole; the descriptor is closed after.
+pub fn read_bundle(fd: RawFd) -> Result<Zeroizing<Vec<u8>>, FrontError> {
+    passed_fd_open(fd)?;
+    // SAFETY: `fd` is open (checked above), passed by the agent and ours alone.
+    let mut f = unsafe { File::from_raw_fd(fd) };
     let mut buf = Zeroizing::new(Vec::new());
-    f.read_to_end(&mut buf).map_err(on_fd("read", 4))?;
+    f.read_to_end(&mut buf).map_err(on_fd("read", fd))?;
     Ok(buf)
 }
 
@@ -148,7 +149,7 @@ pub fn reopen(memfd: &OwnedFd) -> Result<OwnedFd, FrontError> {
 }
 
 /// Counters a front process updates and the agent reads: an array of u64 in a memfd mapped
-/// shared by both (fd 5 in the front). Plain numbers, no parsing: a misbehaving front can only
+/// shared by both. Plain numbers, no parsing: a misbehaving front can only
 /// make its own counters wrong.
 pub struct SharedCounters {
     ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
@@ -195,11 +196,12 @@ impl SharedCounters {
         Ok((m, fd))
     }
 
-    /// The front's side: the counters on fd 5 (the descriptor is closed after mapping).
-    pub fn inherited(len: usize) -> Result<SharedCounters, FrontError> {
-        passed_fd_open(5)?;
-        // SAFETY: fd 5 is open (checked above) and ours alone.
-        let fd = unsafe { OwnedFd::from_raw_fd(5) };
+    /// The front's side: the counters the agent passed on `fd` (the descriptor is closed after
+    /// mapping).
+    pub fn inherited(fd: RawFd, len: usize) -> Result<SharedCounters, FrontError> {
+        passed_fd_open(fd)?;
+        // SAFETY: `fd` is open (checked above), passed by the agent and ours alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         SharedCounters::from_fd(std::os::fd::AsFd::as_fd(&fd), len)
     }
 

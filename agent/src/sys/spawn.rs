@@ -116,8 +116,9 @@ pub struct Spec<'a> {
     pub gid: u32,
     /// Becomes fd 3 in the child (the listening socket).
     pub fd3: Option<BorrowedFd<'a>>,
-    /// Become fd 4, 5, ... (a TLS front's certificate bundle and counters); only with `fd3`.
-    pub more_fds: &'a [BorrowedFd<'a>],
+    /// More descriptors and the numbers they get in the child, which must be 4, 5, ... in
+    /// order (a TLS front's, `crate::front::fds`); only with `fd3`.
+    pub more_fds: &'a [(RawFd, BorrowedFd<'a>)],
     pub stdout: BorrowedFd<'a>,
     pub stderr: BorrowedFd<'a>,
     /// Start the child inside this cgroup (a directory fd of a cgroup v2 leaf): with
@@ -223,7 +224,15 @@ impl Plan {
         if let Some(fd) = spec.fd3 {
             fds[3] = (fd.as_raw_fd(), 3);
             nfds = 4;
-            for (i, fd) in spec.more_fds.iter().enumerate() {
+            for (i, (target, fd)) in spec.more_fds.iter().enumerate() {
+                if *target != 4 + i as RawFd {
+                    return Err(SpawnError::Parent {
+                        call: "passing descriptors",
+                        source: std::io::Error::other(format!(
+                            "descriptor {target} out of order: the child gets 4, 5, ... in order"
+                        )),
+                    });
+                }
                 if nfds == MAX_FDS {
                     return Err(SpawnError::Parent {
                         call: "passing descriptors",

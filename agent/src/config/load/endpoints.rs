@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use serde_spanned::Spanned;
 
 use super::app::convert_app;
-use super::front::front_app;
 use super::source::Source;
 use super::table::Table;
 use crate::config::raw::{Apps, Str};
 use crate::config::{App, AppName, ConfigError, Location, Lookup};
+use crate::front::app::front_app;
 
 /// A socket some part of the config listens on, to find two that would collide.
 struct Endpoint {

@@ -7,14 +7,14 @@
 //! One file per concern: `source` (spans and serde errors), `values` (sizes, durations),
 //! `table` (typed keys of a table), `agent`, `includes`, `endpoints` (the app set and socket
 //! overlaps), `app` (one `[app.NAME]`), its sections `identity`, `env`, `workers` (counts,
-//! limits, readiness) and `tls`, `concurrency` (what `steering = "auto"` reads of the command), and `front` (the app a TLS front becomes).
+//! limits, readiness) and `tls`, `concurrency` (what `steering = "auto"` reads of the command). The app a TLS front
+//! becomes is `crate::front::app`'s.
 
 mod agent;
 mod app;
 mod concurrency;
 mod endpoints;
 mod env;
-mod front;
 mod identity;
 mod includes;
 mod source;
@@ -33,7 +33,6 @@ use source::Source;
 use super::raw::MainFile;
 use super::{Config, ConfigError, Lookup};
 
-pub use front::{front_app, FRONT_DEFAULT_USER, FRONT_STOP_TIMEOUT, SELF_EXE};
 #[cfg(test)]
 pub(super) use values::{parse_duration, parse_size};
 

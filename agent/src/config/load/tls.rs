@@ -6,12 +6,12 @@ use std::time::Duration;
 use serde_spanned::Spanned;
 
 use super::endpoints::Endpoints;
-use super::front::FRONT_DEFAULT_USER;
 use super::identity::identity;
 use super::source::Source;
 use super::table::Table;
 use crate::config::raw::RawTls;
 use crate::config::{AppName, CertPair, ConfigError, KtlsMode, Lookup, Tls};
+use crate::front::app::FRONT_DEFAULT_USER;
 
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_HANDSHAKES: u32 = 1024;

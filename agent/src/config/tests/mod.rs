@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::load::{parse_duration, parse_size};
 use super::*;
+use crate::front::app::front_app;
 
 mod limits;
 

@@ -1,11 +1,13 @@
 //! The TLS front as an app: `[app.NAME.tls]` becomes an app `NAME.tls` whose workers are
-//! `corral front` processes (the agent's own binary), supervised like any worker.
+//! `corral front` processes (the agent's own binary), supervised like any worker. Pure: the
+//! config loader adds these apps.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{App, KtlsMode, Listen, Ready, Restart, Role, Steering, Tls, Workers};
+use super::args::FrontArgs;
+use crate::config::{App, Listen, Ready, Restart, Role, Steering, Tls, Workers};
 
 /// Who runs the TLS front when `[app.NAME.tls]` has no `user`.
 pub const FRONT_DEFAULT_USER: &str = "nobody";
@@ -19,33 +21,19 @@ pub const FRONT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// proxying to the app's listen address, supervised like workers.
 pub fn front_app(app: &App, tls: &Tls) -> App {
     let name = app.name.front();
-    let mut command = vec![
-        SELF_EXE.to_string(),
-        "front".to_string(),
-        "--app".to_string(),
-        app.name.to_string(),
-        "--upstream".to_string(),
-        app.listen.address.to_string(),
-        "--ktls".to_string(),
-        match tls.ktls {
-            KtlsMode::Auto => "auto",
-            KtlsMode::Off => "off",
-            KtlsMode::Require => "require",
-        }
-        .to_string(),
-        "--handshake-timeout-ms".to_string(),
-        tls.handshake_timeout.as_millis().to_string(),
-        "--max-handshakes".to_string(),
-        tls.max_handshakes.to_string(),
-    ];
-    if tls.proxy_protocol {
-        command.push("--proxy-protocol-v2".to_string());
-    }
-    if tls.redirect_http.is_some() {
-        // The plain listener comes as fd 6; redirects go to this port.
-        command.push("--redirect-to-port".to_string());
-        command.push(tls.address.port().to_string());
-    }
+    let args = FrontArgs {
+        app: app.name.to_string(),
+        upstream: app.listen.address,
+        ktls: tls.ktls,
+        handshake_timeout: tls.handshake_timeout,
+        max_handshakes: tls.max_handshakes,
+        // The plain listener comes as fds::REDIRECT; redirects go to the TLS port.
+        redirect_to_port: tls.redirect_http.map(|_| tls.address.port()),
+        proxy_protocol_v2: tls.proxy_protocol,
+    };
+    let command = std::iter::once(SELF_EXE.to_string())
+        .chain(args.to_argv())
+        .collect();
     App {
         name,
         defined_at: tls.address_at.clone(),
