@@ -1,7 +1,8 @@
 //! The TLS front (`[app.NAME.tls]`), end to end: the app it becomes (`app`), the typed command
 //! line of its processes (`args`), the descriptors they get (`fds`), the certificate bundle the
 //! agent builds and seals (`bundle`, `seal`), the unprivileged `corral front` process that
-//! terminates TLS and proxies to the app's workers (`process`, with `proxy` and `redirect`),
+//! terminates TLS and proxies to the app's workers (`process`: its start and accept loop, `tls`:
+//! the handshake and kTLS, `relay`: the bytes both ways, `proxy`: the PROXY header, `redirect`),
 //! and the counters it keeps (`stats`). `app` and `args` are pure, like `config`, which uses
 //! them; the `[app.NAME.tls]` table itself is read by `config::load` like every other table, and
 //! the supervisor's event handling for fronts (certificate changes) is in `supervisor/front.rs`.
@@ -12,8 +13,10 @@ pub mod bundle;
 pub mod process;
 pub mod proxy;
 pub mod redirect;
+mod relay;
 pub mod seal;
 pub mod stats;
+mod tls;
 
 /// The descriptors a front process gets, in one place: the agent passes them
 /// (`supervisor::launch`), the front takes them (`process`). `sys::spawn` places the extra

@@ -4,43 +4,39 @@
 //! fd 4, and proxies each connection's plaintext to the app's workers' address, where the
 //! eBPF steering picks the worker.
 //!
-//! Handshakes read one TLS record at a time, so nothing past the client's Finished is ever
-//! buffered in userspace (what kTLS needs: the kernel must see every record after it).
+//! This file: its start (what the agent passed), the accept loop and one connection's course;
+//! `tls` does the handshake and kTLS, `relay` moves the bytes.
 
 use std::collections::HashSet;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::server::ServerConfig;
-use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::args::{FrontArgs, KtlsMode};
 use super::bundle::Bundle;
 use super::fds;
+use super::relay::{bad_gateway, proxy_ktls, proxy_userspace, write_all_shared};
 use super::stats::{Stat, COUNT, NAMES};
+use super::tls::{fallback_reason, handshake, server_config, start_ktls, Ktls};
 use crate::sys;
-use crate::sys::ktls::{Cipher, Direction, Version};
+use crate::sys::ktls::Direction;
 
-/// A TLS record's payload may be 2^14 bytes plus expansion (RFC 8446 5.2: 2^14 + 256).
-const MAX_RECORD: usize = 16384 + 2048;
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const COPY_CHUNK: usize = 64 * 1024;
-
 /// This process's counters: the shared memfd the agent reads (fd 5).
-struct Counters(sys::front::SharedCounters);
+pub(super) struct Counters(sys::front::SharedCounters);
 
 impl Counters {
-    fn add(&self, s: Stat, v: u64) {
+    pub(super) fn add(&self, s: Stat, v: u64) {
         self.0.add(s as usize, v);
     }
 
-    fn one(&self, s: Stat) {
+    pub(super) fn one(&self, s: Stat) {
         self.add(s, 1);
     }
 
@@ -65,68 +61,6 @@ impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0 .0.sub(Stat::Open as usize, 1);
     }
-}
-
-/// The (version, cipher) pairs the kernel takes in both directions.
-type KernelSuites = HashSet<(Version, Cipher)>;
-
-/// What kTLS can do for this process's connections.
-enum Ktls {
-    Off,
-    Unavailable(String),
-    Available(KernelSuites),
-}
-
-fn suite_of(suite: CipherSuite) -> Option<Cipher> {
-    Some(match suite {
-        CipherSuite::TLS13_AES_128_GCM_SHA256
-        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Cipher::Aes128Gcm,
-        CipherSuite::TLS13_AES_256_GCM_SHA384
-        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
-        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Cipher::Aes256Gcm,
-        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-        | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
-        | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Cipher::Chacha20Poly1305,
-        _ => return None,
-    })
-}
-
-fn version_of(v: ProtocolVersion) -> Option<Version> {
-    match v {
-        ProtocolVersion::TLSv1_2 => Some(Version::Tls12),
-        ProtocolVersion::TLSv1_3 => Some(Version::Tls13),
-        _ => None,
-    }
-}
-
-/// `only`: offer just these (ktls = "require": every connection must be one the kernel takes).
-pub fn server_config(
-    bundle: &Bundle,
-    only: Option<&HashSet<(Version, Cipher)>>,
-) -> Result<Arc<ServerConfig>, String> {
-    let resolver = bundle.resolver()?;
-    let mut provider = rustls::crypto::ring::default_provider();
-    if let Some(only) = only {
-        provider.cipher_suites.retain(|s| {
-            let v = version_of(s.version().version);
-            let c = suite_of(s.suite());
-            matches!((v, c), (Some(v), Some(c)) if only.contains(&(v, c)))
-        });
-        if provider.cipher_suites.is_empty() {
-            return Err("the kernel takes none of the cipher suites rustls offers".into());
-        }
-    }
-    let provider = Arc::new(provider);
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // For kTLS: the traffic secrets leave rustls once the handshake is done.
-    cfg.enable_secret_extraction = true;
-    Ok(Arc::new(cfg))
 }
 
 /// Why a front process could not start serving.
@@ -409,369 +343,6 @@ async fn connection(
     if let Ok(n) = proxy_userspace(sock, conn, upstream).await {
         counters.add(Stat::BytesCopied, n);
     }
-}
-
-/// Move a finished handshake's record crypto into the kernel. `Err(conn)`: not possible for
-/// this connection, nothing changed, serve it in userspace (the reason is counted by the
-/// caller through [`fallback_reason`]). `Ok(Err)`: failed after the secrets were extracted.
-fn start_ktls(
-    sock: &TcpStream,
-    conn: ServerConnection,
-    ktls: &Ktls,
-) -> Result<Result<(), String>, Box<ServerConnection>> {
-    if fallback_reason(&conn, ktls).is_some() {
-        return Err(Box::new(conn));
-    }
-    let Some(version) = conn.protocol_version().and_then(version_of) else {
-        return Err(Box::new(conn));
-    };
-    if sys::ktls::set_ulp(sock.as_fd()).is_err() {
-        return Err(Box::new(conn));
-    }
-    let secrets = match conn.dangerous_extract_secrets() {
-        Ok(s) => s,
-        Err(e) => return Ok(Err(format!("extracting secrets: {e}"))),
-    };
-    let info = |(seq, secrets): (u64, ConnectionTrafficSecrets)| {
-        let (cipher, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (Cipher::Chacha20Poly1305, key, iv)
-            }
-            _ => return Err("a cipher kTLS does not know".to_string()),
-        };
-        sys::ktls::CryptoInfo::new(version, cipher, key.as_ref(), iv.as_ref(), seq)
-            .map_err(|e| e.to_string())
-    };
-    let r = (|| {
-        let tx = info(secrets.tx)?;
-        let rx = info(secrets.rx)?;
-        sys::ktls::set_crypto(sock.as_fd(), Direction::Tx, &tx).map_err(|e| e.to_string())?;
-        sys::ktls::set_crypto(sock.as_fd(), Direction::Rx, &rx).map_err(|e| e.to_string())
-    })();
-    Ok(r)
-}
-
-/// Why this connection will not use kTLS, or `None` when it will.
-fn fallback_reason(conn: &ServerConnection, ktls: &Ktls) -> Option<Stat> {
-    match ktls {
-        Ktls::Off => Some(Stat::FallbackOff),
-        Ktls::Unavailable(_) => Some(Stat::FallbackKernel),
-        Ktls::Available(both) => {
-            let v = conn.protocol_version().and_then(version_of);
-            let c = conn
-                .negotiated_cipher_suite()
-                .and_then(|s| suite_of(s.suite()));
-            match (v, c) {
-                (Some(v), Some(c)) if both.contains(&(v, c)) => None,
-                _ => Some(Stat::FallbackSuite),
-            }
-        }
-    }
-}
-
-/// Read exactly one TLS record (header and payload) into `buf`. `Ok(false)`: clean EOF before
-/// a record began.
-async fn read_record(sock: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
-    let mut header = [0u8; 5];
-    let mut got = 0;
-    while got < header.len() {
-        let n = sock.read(&mut header[got..]).await?;
-        if n == 0 {
-            return if got == 0 {
-                Ok(false)
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "truncated record header",
-                ))
-            };
-        }
-        got += n;
-    }
-    // Content types 20..=24 (RFC 8446 B.1, 24 = heartbeat) and protocol major version 3: plain
-    // HTTP ("GET /...") or noise is refused at once instead of waiting for a "record" of
-    // whatever length its bytes spell.
-    if !(20..=24).contains(&header[0]) || header[1] != 3 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a TLS record",
-        ));
-    }
-    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-    if len > MAX_RECORD {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("record of {len} bytes"),
-        ));
-    }
-    buf.clear();
-    buf.extend_from_slice(&header);
-    buf.resize(5 + len, 0);
-    sock.read_exact(&mut buf[5..]).await?;
-    Ok(true)
-}
-
-async fn flush_tls(sock: &mut TcpStream, conn: &mut ServerConnection) -> io::Result<()> {
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out)?;
-    }
-    if !out.is_empty() {
-        sock.write_all(&out).await?;
-    }
-    Ok(())
-}
-
-async fn handshake(
-    sock: &mut TcpStream,
-    config: Arc<ServerConfig>,
-) -> io::Result<ServerConnection> {
-    let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
-    let mut record = Vec::with_capacity(MAX_RECORD + 5);
-    while conn.is_handshaking() {
-        flush_tls(sock, &mut conn).await?;
-        if !conn.is_handshaking() {
-            break;
-        }
-        if !read_record(sock, &mut record).await? {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let mut rd = &record[..];
-        while !rd.is_empty() {
-            conn.read_tls(&mut rd)?;
-        }
-        if let Err(e) = conn.process_new_packets() {
-            // The alert rustls queued tells the client why.
-            let _ = flush_tls(sock, &mut conn).await;
-            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-        }
-    }
-    // Session tickets and anything else rustls queued after the handshake go out now, before
-    // the connection's records are handed to anyone else.
-    flush_tls(sock, &mut conn).await?;
-    Ok(conn)
-}
-
-async fn bad_gateway(sock: &mut TcpStream, mut conn: ServerConnection) -> io::Result<()> {
-    let body = "502 Bad Gateway: no worker of this app accepted the connection\n";
-    let _ = write!(
-        conn.writer(),
-        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    conn.send_close_notify();
-    flush_tls(sock, &mut conn).await
-}
-
-/// Move bytes both ways through rustls until both directions are done. Returns the plaintext
-/// bytes moved.
-async fn proxy_userspace(
-    mut sock: TcpStream,
-    mut conn: ServerConnection,
-    mut upstream: TcpStream,
-) -> io::Result<u64> {
-    let mut moved = 0u64;
-    let mut net = vec![0u8; COPY_CHUNK];
-    let mut plain = vec![0u8; COPY_CHUNK];
-    let mut up = vec![0u8; COPY_CHUNK];
-    let (mut client_done, mut upstream_done) = (false, false);
-    loop {
-        flush_tls(&mut sock, &mut conn).await?;
-        if client_done && upstream_done {
-            break;
-        }
-        tokio::select! {
-            r = sock.read(&mut net), if !client_done => {
-                let n = r?;
-                if n == 0 {
-                    // TCP EOF without close_notify (truncation) or after it: either way no more
-                    // requests; the upstream gets a half-close and may still answer.
-                    client_done = true;
-                    let _ = upstream.shutdown().await;
-                    continue;
-                }
-                let mut rd = &net[..n];
-                while !rd.is_empty() {
-                    conn.read_tls(&mut rd)?;
-                    let state = conn
-                        .process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    loop {
-                        match conn.reader().read(&mut plain) {
-                            Ok(0) => break,
-                            Ok(m) => {
-                                upstream.write_all(&plain[..m]).await?;
-                                moved += m as u64;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    if state.peer_has_closed() && !client_done {
-                        // close_notify: half-close towards the worker.
-                        client_done = true;
-                        let _ = upstream.shutdown().await;
-                    }
-                }
-            }
-            r = upstream.read(&mut up), if !upstream_done => {
-                let n = r?;
-                if n == 0 {
-                    upstream_done = true;
-                    conn.send_close_notify();
-                    flush_tls(&mut sock, &mut conn).await?;
-                    let _ = sock.shutdown().await;
-                    // The worker is done: the client has nothing left to say that anyone reads.
-                    client_done = true;
-                    continue;
-                }
-                conn.writer().write_all(&up[..n])?;
-                moved += n as u64;
-            }
-        }
-    }
-    Ok(moved)
-}
-
-/// How a spliced direction ended.
-enum PumpEnd {
-    /// The source's end of stream (a worker's FIN, or a client's FIN without close_notify).
-    Eof,
-    /// The kTLS source has a record that is not application data next.
-    Control,
-}
-
-/// splice `src` -> pipe -> `dst` until the source ends. Returns how it ended and the bytes.
-async fn pump(src: &TcpStream, dst: &TcpStream, moved: &mut u64) -> io::Result<PumpEnd> {
-    let (pipe_r, pipe_w) = sys::ktls::pipe()?;
-    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
-    loop {
-        let n = match src
-            .async_io(Interest::READABLE, || {
-                sys::ktls::splice(src_fd, pipe_w.as_raw_fd(), COPY_CHUNK)
-            })
-            .await
-        {
-            Ok(0) => return Ok(PumpEnd::Eof),
-            Ok(n) => n,
-            // splice refuses a record that is not data (linux/net/tls: EINVAL).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(PumpEnd::Control),
-            Err(e) => return Err(e),
-        };
-        let mut left = n;
-        while left > 0 {
-            let m = dst
-                .async_io(Interest::WRITABLE, || {
-                    sys::ktls::splice(pipe_r.as_raw_fd(), dst_fd, left)
-                })
-                .await?;
-            left -= m;
-            *moved += m as u64;
-        }
-    }
-}
-
-/// kTLS both ways: the kernel decrypts what the client sends and encrypts what the worker
-/// answers; splice moves the bytes without copying them through this process.
-async fn proxy_ktls(sock: TcpStream, upstream: TcpStream, counters: &Counters) -> io::Result<u64> {
-    let client_to_worker = async {
-        let mut moved = 0u64;
-        loop {
-            match pump(&sock, &upstream, &mut moved).await? {
-                PumpEnd::Eof => {
-                    counters.one(Stat::EofWithoutCloseNotify);
-                    break;
-                }
-                PumpEnd::Control => {
-                    let mut buf = [0u8; 16 * 1024 + 256];
-                    let (kind, n) = sock
-                        .async_io(Interest::READABLE, || {
-                            sys::ktls::recv_record(sock.as_raw_fd(), &mut buf)
-                        })
-                        .await?;
-                    match kind {
-                        sys::ktls::RECORD_APPLICATION_DATA => {
-                            write_all_shared(&upstream, &buf[..n]).await?;
-                            moved += n as u64;
-                        }
-                        sys::ktls::RECORD_ALERT if n >= 2 && buf[1] == 0 => {
-                            counters.one(Stat::CloseNotifyReceived);
-                            break;
-                        }
-                        sys::ktls::RECORD_ALERT => {
-                            counters.one(Stat::AlertsReceived);
-                            return Err(io::Error::other("the client sent an alert"));
-                        }
-                        sys::ktls::RECORD_HANDSHAKE => {
-                            // A KeyUpdate (or anything else post-handshake): the kernel cannot
-                            // take new keys from a rustls that no longer exists. Close cleanly.
-                            counters.one(Stat::PostHandshakeCloses);
-                            return Err(io::Error::other("post-handshake message"));
-                        }
-                        _ => {
-                            counters.one(Stat::AlertsReceived);
-                            return Err(io::Error::other("unexpected record type"));
-                        }
-                    }
-                }
-            }
-        }
-        // The client is done sending: a half-close towards the worker, which may still answer.
-        sys::ktls::shutdown_write(upstream.as_fd());
-        Ok::<u64, io::Error>(moved)
-    };
-    let worker_to_client = async {
-        let mut moved = 0u64;
-        let end = pump(&upstream, &sock, &mut moved).await;
-        // The worker is done (or failed): close_notify, then FIN.
-        let _ = sock
-            .async_io(Interest::WRITABLE, || {
-                sys::ktls::send_record(
-                    sock.as_raw_fd(),
-                    sys::ktls::RECORD_ALERT,
-                    &sys::ktls::CLOSE_NOTIFY,
-                )
-            })
-            .await;
-        sys::ktls::shutdown_write(sock.as_fd());
-        end.map(|_| moved)
-    };
-    tokio::pin!(client_to_worker);
-    tokio::pin!(worker_to_client);
-    let mut total = 0;
-    let mut client_done = false;
-    loop {
-        tokio::select! {
-            r = &mut client_to_worker, if !client_done => {
-                client_done = true;
-                match r {
-                    Ok(n) => total += n,
-                    Err(_) => break,
-                }
-            }
-            r = &mut worker_to_client => {
-                if let Ok(n) = r { total += n; }
-                break;
-            }
-        }
-    }
-    Ok(total)
-}
-
-/// write_all through a shared reference (both directions of a connection use the stream).
-async fn write_all_shared(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// `redirect_http`: answer each plain HTTP request with a 308 to https (or a 400 saying why
