@@ -8,40 +8,17 @@
 //! something on a shared, noisy machine.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use corral_testkit::{
+    free_port, loopback, monotonic_ns, started_lines as lines, AgentTable, App, ChildGuard,
+    KillOnDrop,
+};
 
 use crate::{is_root, root, run};
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn lines(file: &Path) -> Vec<(i32, u64)> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (pid, ns) = l.split_once(' ')?;
-            Some((pid.parse().ok()?, ns.parse().ok()?))
-        })
-        .collect()
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// Kill the newest worker `kills` times; each sample is kill -> replacement's first line.
 fn measure(file: &Path, kills: usize, what: &str) -> Result<Vec<Duration>> {
@@ -104,29 +81,9 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-struct KillOnDrop(Option<Child>, Vec<PathBuf>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            // SAFETY: our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Any worker still listed in the started files.
-        for f in &self.1 {
-            for (pid, _) in lines(f) {
-                // SAFETY: pids this benchmark's own workers reported; kill of a gone pid is a
-                // harmless ESRCH.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
+/// The pids of every worker listed in a started file.
+fn pids(file: &Path) -> impl Iterator<Item = i32> {
+    lines(file).into_iter().map(|(pid, _)| pid)
 }
 
 pub fn restart(rest: &[&str]) -> Result<()> {
@@ -160,35 +117,22 @@ pub fn restart(rest: &[&str]) -> Result<()> {
     }
 
     // corral: one worker, a restart policy that restarts a stable worker at once.
-    let port = free_port()?;
+    let app = App::new("bench")
+        .command([demo.display().to_string()])
+        .user("nobody")
+        .env("DEMO_STARTED_FILE", started_corral.display())
+        .env("DEMO_THREADS", 2)
+        .address(loopback(free_port()))
+        .count(1)
+        .restart("reset_after", "10ms")
+        .restart("max_restarts", 1000000)
+        .restart("window", "1s");
     let config = dir.join("corral.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[agent]
-state_dir = "{dir}/run"
-control_socket = "{dir}/run/control.sock"
-include = []
-
-[app.bench]
-command = ["{demo}"]
-user = "nobody"
-env = {{ DEMO_STARTED_FILE = "{started}", DEMO_THREADS = "2" }}
-[app.bench.listen]
-address = "127.0.0.1:{port}"
-[app.bench.workers]
-count = 1
-[app.bench.restart]
-reset_after = "10ms"
-max_restarts = 1000000
-window = "1s"
-"#,
-            dir = dir.display(),
-            demo = demo.display(),
-            started = started_corral.display()
-        ),
-    )?;
+    std::fs::write(&config, format!("{}{app}", AgentTable::private(&dir)))?;
     let log = std::fs::File::create(dir.join("agent.log"))?;
+    // Workers the agent has not stopped when this returns (early, on an error) are killed
+    // after it: the guards drop in the reverse order of their making.
+    let strays = KillOnDrop::new();
     let agent = Command::new(release.join("corral"))
         .args(["agent", "--config"])
         .arg(&config)
@@ -197,13 +141,15 @@ window = "1s"
         .stderr(log)
         .spawn()
         .context("starting the agent")?;
-    let mut guard = KillOnDrop(Some(agent), vec![started_corral.clone()]);
+    let agent = ChildGuard::with_grace(agent, Duration::from_secs(10));
     eprintln!("bench restart: corral, {kills} kills");
-    let corral = measure(&started_corral, kills, "corral")?;
-    drop(guard.0.take().map(|c| KillOnDrop(Some(c), vec![])));
+    let corral = measure(&started_corral, kills, "corral");
+    strays.add(pids(&started_corral));
+    let corral = corral?;
+    drop(agent);
 
     // The baseline: a shell loop respawning the same binary on its own socket.
-    let port = free_port()?;
+    let port = free_port();
     let sh = Command::new("/bin/sh")
         .arg("-c")
         .arg(r#"while :; do "$0" --listen "$1" --reuseport; done"#)
@@ -216,17 +162,14 @@ window = "1s"
         .stderr(Stdio::null())
         .spawn()
         .context("starting the shell loop")?;
-    let sh_pid = sh.id() as i32;
-    let shell_guard = KillOnDrop(None, vec![started_sh.clone()]);
+    let sh = ChildGuard::new(sh);
     eprintln!("bench restart: shell loop, {kills} kills");
     let result = measure(&started_sh, kills, "shell loop");
-    // SAFETY: our own child; kill the loop first so it does not respawn.
-    unsafe { libc::kill(sh_pid, libc::SIGKILL) };
-    let mut sh = sh;
-    let _ = sh.wait();
-    drop(shell_guard);
+    // Kill the loop first so it does not respawn, then what it started.
+    drop(sh);
+    strays.add(pids(&started_sh));
     let shell = result?;
-    drop(guard);
+    drop(strays);
     let _ = std::fs::remove_dir_all(&dir);
 
     let (c, s) = (stats(corral), stats(shell));
