@@ -60,13 +60,8 @@ impl Load {
 #[test]
 fn reexec_under_load_loses_no_request_and_keeps_workers_output_and_supervision() {
     let port = free_port();
-    let app = App::new("web")
-        .command(["@DEMO@"])
-        .user("nobody")
+    let app = demo_app("web", loopback(port), 3)
         .env("DEMO_LOG_REQUESTS", 1)
-        .address(loopback(port))
-        .count(3)
-        .workers("stop_timeout", "5s")
         .pre_start(
             Table::new()
                 .set("name", "migrate")
@@ -146,12 +141,7 @@ fn reexec_under_load_loses_no_request_and_keeps_workers_output_and_supervision()
 #[test]
 fn reexec_is_refused_while_unsteady_or_with_a_changed_config_and_changes_nothing() {
     let port = free_port();
-    let late = App::new("web")
-        .command(["@DEMO@"])
-        .user("nobody")
-        .env("DEMO_START_DELAY_MS", 2500)
-        .address(loopback(port))
-        .count(2);
+    let late = demo_app("web", loopback(port), 2).env("DEMO_START_DELAY_MS", 2500);
     let agent = Agent::start("reexec-refused", &late);
     wait_for(Duration::from_secs(10), "workers starting", || {
         let a = agent.app("web");
@@ -255,20 +245,10 @@ fn reexec_runs_the_upgraded_binary_and_refuses_one_that_cannot_take_over() {
 fn reexec_hands_over_a_tls_front_with_its_counters() {
     let (app_port, tls_port, http_port) = (free_port(), free_port(), free_port());
     let (cert, key) = tls::self_signed(&["a.test"]);
-    let app = App::new("web")
-        .command(["@DEMO@"])
-        .user("nobody")
-        .address(loopback(app_port))
-        .count(2)
-        .tls("address", loopback(tls_port))
-        .tls("cert", "@DIR@/a.crt")
-        .tls("key", "@DIR@/a.key")
-        .tls("processes", 2)
-        .tls("redirect_http", loopback(http_port));
-    let (c2, k2) = (cert.clone(), key.clone());
-    let agent = Agent::start_with("reexec-tls", app, move |dir| {
-        std::fs::write(dir.path().join("a.crt"), &c2).expect("cert");
-        std::fs::write(dir.path().join("a.key"), &k2).expect("key");
+    let app =
+        tls::fronted_demo_app("web", app_port, tls_port).tls("redirect_http", loopback(http_port));
+    let agent = Agent::start_with("reexec-tls", app, |dir| {
+        tls::write_cert(dir.path(), &cert, &key)
     });
     agent.wait_ready("web", 2, Duration::from_secs(20));
     let fronts = agent.wait_ready("web.tls", 2, Duration::from_secs(20));

@@ -50,21 +50,12 @@ fn make_cert(dir: &Path, stem: &str, names: &[&str]) {
 /// Two demo workers behind a front of two processes serving a.test (the default certificate)
 /// and b.test (by SNI), both made by [`make_cert`] in the test directory.
 fn config(app_port: u16, tls_port: u16) -> App {
-    App::new("web")
-        .command(["@DEMO@"])
-        .user("nobody")
-        .address(loopback(app_port))
-        .count(2)
-        .tls("address", loopback(tls_port))
-        .tls("cert", "@DIR@/a.crt")
-        .tls("key", "@DIR@/a.key")
-        .tls(
-            "sni",
-            [Table::new()
-                .set("cert", "@DIR@/b.crt")
-                .set("key", "@DIR@/b.key")],
-        )
-        .tls("processes", 2)
+    tls::fronted_demo_app("web", app_port, tls_port).tls(
+        "sni",
+        [Table::new()
+            .set("cert", "@DIR@/b.crt")
+            .set("key", "@DIR@/b.key")],
+    )
 }
 
 struct Setup {
@@ -390,11 +381,7 @@ fn ktls_require_refuses_to_start_where_the_kernel_cannot() {
         &AgentTable::private(dir.path()),
         config(free_port(), free_port()).tls("ktls", "require"),
     );
-    let out = Command::new(bin("corral"))
-        .args(["agent", "-c"])
-        .arg(&path)
-        .output()
-        .expect("corral agent");
+    let out = refused_agent(&path);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("require") && err.contains("TCP_ULP"), "{err}");

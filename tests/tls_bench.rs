@@ -310,27 +310,13 @@ fn tls_bench() {
     );
     // Two apps of two demo workers each: `u` fronted by userspace rustls (ktls = "off"), `k`
     // by kTLS where the kernel has it; nginx proxies to u's workers.
-    let fronted = |name: &str, port: u16, tls_port: u16, ktls: &str| {
-        App::new(name)
-            .command(["@DEMO@"])
-            .user("nobody")
-            .address(loopback(port))
-            .count(2)
-            .tls("address", loopback(tls_port))
-            .tls("cert", "@DIR@/a.crt")
-            .tls("key", "@DIR@/a.key")
-            .tls("ktls", ktls)
-            .tls("processes", 2)
-    };
     let apps = format!(
         "{}{}",
-        fronted("u", ku, tu, "off"),
-        fronted("k", kk, tk, "auto")
+        tls::fronted_demo_app("u", ku, tu).tls("ktls", "off"),
+        tls::fronted_demo_app("k", kk, tk).tls("ktls", "auto")
     );
-    let (c2, k2) = (cert.clone(), key.clone());
-    let agent = Agent::start_with("tls-bench", apps, move |dir| {
-        std::fs::write(dir.path().join("a.crt"), &c2).expect("cert");
-        std::fs::write(dir.path().join("a.key"), &k2).expect("key");
+    let agent = Agent::start_with("tls-bench", apps, |dir| {
+        tls::write_cert(dir.path(), &cert, &key)
     });
     for app in ["u", "k", "u.tls", "k.tls"] {
         agent.wait_ready(app, 2, Duration::from_secs(60));

@@ -1031,28 +1031,14 @@ fn reexec_keeps_workers_in_their_leaves() {
 
 const TLS_SIZES: [u64; 6] = [0, 1, 16383, 16384, 16385, 1 << 20];
 
-/// Two demo workers behind a front of two processes with the certificate in the test
-/// directory.
-fn tls_apps(app_port: u16, tls_port: u16) -> App {
-    App::new("web")
-        .command(["@DEMO@"])
-        .user("nobody")
-        .address(loopback(app_port))
-        .count(2)
-        .tls("address", loopback(tls_port))
-        .tls("cert", "@DIR@/a.crt")
-        .tls("key", "@DIR@/a.key")
-        .tls("processes", 2)
-}
-
 fn start_tls_agent(tag: &str) -> (Agent, String, SocketAddr, SocketAddr) {
     let (app_port, tls_port) = (free_port(), free_port());
     let (cert, key) = tls::self_signed(&["a.test"]);
-    let cert2 = cert.clone();
-    let agent = Agent::start_with(tag, tls_apps(app_port, tls_port), move |dir| {
-        std::fs::write(dir.path().join("a.crt"), &cert2).expect("cert");
-        std::fs::write(dir.path().join("a.key"), &key).expect("key");
-    });
+    let agent = Agent::start_with(
+        tag,
+        tls::fronted_demo_app("web", app_port, tls_port),
+        |dir| tls::write_cert(dir.path(), &cert, &key),
+    );
     agent.wait_ready("web", 2, Duration::from_secs(60));
     agent.wait_ready("web.tls", 2, Duration::from_secs(60));
     (agent, cert, loopback(app_port), loopback(tls_port))
@@ -1226,18 +1212,13 @@ fn without_tls_ko_auto_falls_back_and_require_refuses() {
 
         let dir = TempDir::new("ktls-require");
         let (cert, key) = tls::self_signed(&["a.test"]);
-        std::fs::write(dir.path().join("a.crt"), cert).expect("cert");
-        std::fs::write(dir.path().join("a.key"), key).expect("key");
+        tls::write_cert(dir.path(), &cert, &key);
         let path = write_config(
             dir.path(),
             &AgentTable::private(dir.path()),
-            tls_apps(free_port(), free_port()).tls("ktls", "require"),
+            tls::fronted_demo_app("web", free_port(), free_port()).tls("ktls", "require"),
         );
-        let out = Command::new(bin("corral"))
-            .args(["agent", "-c"])
-            .arg(&path)
-            .output()
-            .expect("corral agent");
+        let out = refused_agent(&path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{err}");
         assert!(err.contains("require"), "{err}");

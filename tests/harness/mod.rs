@@ -126,6 +126,16 @@ pub fn demo_app(name: &str, address: impl Display, count: usize) -> App {
         .workers("stop_timeout", "5s")
 }
 
+/// `corral agent --config CONFIG` run to its exit, for a config it must refuse.
+pub fn refused_agent(config: &Path) -> std::process::Output {
+    Command::new(bin("corral"))
+        .args(["agent", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corral agent")
+}
+
 /// Write `dir/corral.toml`: `agent` (usually [`AgentTable::private`]) and then `apps` (app
 /// tables, expanded by [`Agent::expand`]). Returns its path.
 pub fn write_config(dir: &Path, agent: &AgentTable, apps: impl Display) -> PathBuf {
@@ -140,63 +150,42 @@ impl Agent {
     /// `@DIR@` by the test directory) after an [`AgentTable::private`] to this test's
     /// directory, start the agent, wait for its control socket.
     pub fn start(tag: &str, apps: impl Display) -> Agent {
-        Self::start_with(tag, apps, |_| {})
+        Self::configure(tag, apps, |_| {}, Table::new()).spawned()
     }
 
     /// Like [`Agent::start`], with `prepare` run on the test directory before the agent starts.
     pub fn start_with(tag: &str, apps: impl Display, prepare: impl FnOnce(&TempDir)) -> Agent {
-        Self::build(tag, apps, prepare, &[])
+        Self::configure(tag, apps, prepare, Table::new()).spawned()
     }
 
     /// Like [`Agent::start`], with the agent run under `wrapper` (e.g. `setpriv ...`).
     pub fn start_wrapped(tag: &str, apps: impl Display, wrapper: &[&str]) -> Agent {
-        Self::build(tag, apps, |_| {}, wrapper)
+        let mut agent = Self::configure(tag, apps, |_| {}, Table::new());
+        agent.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        agent.spawned()
     }
 
     /// Like [`Agent::start`], with `agent_extra` (settings such as `cgroup_root` or
     /// `allow_overcommit`) added to the `[agent]` table; [`Agent::rewrite_config`] keeps them.
     pub fn start_with_agent_extra(tag: &str, agent_extra: Table, apps: impl Display) -> Agent {
-        Self::build_with(tag, apps, |_| {}, &[], agent_extra)
+        Self::configure(tag, apps, |_| {}, agent_extra).spawned()
     }
 
     /// Like [`Agent::start`], running the agent from `binary` (a copy of corral, which a test
     /// may replace as a package upgrade does) instead of the build's.
     pub fn start_binary(tag: &str, apps: impl Display, binary: &Path) -> Agent {
-        let mut agent = Self::configure(tag, apps, |_| {}, &[], Table::new());
+        let mut agent = Self::configure(tag, apps, |_| {}, Table::new());
         agent.binary = Some(binary.to_path_buf());
-        agent.spawn();
-        agent
+        agent.spawned()
     }
 
     /// Like [`Agent::start_with_agent_extra`], with the agent (and so everything it starts)
     /// under a seccomp filter that fails clone3 with ENOSYS, as systemd's RestrictNamespaces=
     /// and older container profiles do.
     pub fn start_without_clone3(tag: &str, agent_extra: Table, apps: impl Display) -> Agent {
-        let mut agent = Self::configure(tag, apps, |_| {}, &[], agent_extra);
+        let mut agent = Self::configure(tag, apps, |_| {}, agent_extra);
         agent.no_clone3 = true;
-        agent.spawn();
-        agent
-    }
-
-    fn build(
-        tag: &str,
-        apps: impl Display,
-        prepare: impl FnOnce(&TempDir),
-        wrapper: &[&str],
-    ) -> Agent {
-        Self::build_with(tag, apps, prepare, wrapper, Table::new())
-    }
-
-    fn build_with(
-        tag: &str,
-        apps: impl Display,
-        prepare: impl FnOnce(&TempDir),
-        wrapper: &[&str],
-        agent_extra: Table,
-    ) -> Agent {
-        let mut agent = Self::configure(tag, apps, prepare, wrapper, agent_extra);
-        agent.spawn();
-        agent
+        agent.spawned()
     }
 
     /// The test directory and config, not started yet.
@@ -204,7 +193,6 @@ impl Agent {
         tag: &str,
         apps: impl Display,
         prepare: impl FnOnce(&TempDir),
-        wrapper: &[&str],
         agent_extra: Table,
     ) -> Agent {
         require_root();
@@ -222,11 +210,16 @@ impl Agent {
             log,
             child: None,
             seen_pids: Mutex::new(BTreeSet::new()),
-            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            wrapper: Vec::new(),
             agent_extra,
             no_clone3: false,
             binary: None,
         }
+    }
+
+    fn spawned(mut self) -> Agent {
+        self.spawn();
+        self
     }
 
     /// Start the agent process (again) on this directory's config; wait for its control socket.
