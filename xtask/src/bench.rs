@@ -8,7 +8,7 @@
 //! something on a shared, noisy machine.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,43 @@ fn pids(file: &Path) -> impl Iterator<Item = i32> {
     lines(file).into_iter().map(|(pid, _)| pid)
 }
 
+/// What a benchmark of the agent runs: release builds of corral and corral-demo.
+pub struct Release {
+    /// target/release/corral.
+    pub corral: PathBuf,
+    /// A fresh, world-readable work directory under the temp dir, left for the benchmark to
+    /// remove when it succeeds (its logs are there when it fails).
+    pub dir: PathBuf,
+    /// A copy of corral-demo in `dir`: the workers run as `nobody`, who may not reach a checkout
+    /// under /root.
+    pub demo: PathBuf,
+}
+
+/// Build corral and corral-demo in release mode and make [`Release::dir`],
+/// `corral-bench-<name>-<pid>`.
+pub fn release_build(name: &str) -> Result<Release> {
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            // The binaries are read from target/release below, whatever built xtask.
+            .env_remove("CARGO_TARGET_DIR")
+            .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]),
+    )?;
+    let release = root().join("target/release");
+    let dir = std::env::temp_dir().join(format!("corral-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let demo = dir.join("corral-demo");
+    std::fs::copy(release.join("corral-demo"), &demo)?;
+    std::fs::set_permissions(&demo, std::fs::Permissions::from_mode(0o755))?;
+    Ok(Release {
+        corral: release.join("corral"),
+        dir,
+        demo,
+    })
+}
+
 pub fn restart(rest: &[&str]) -> Result<()> {
     let kills = match rest {
         [] => 200,
@@ -96,19 +133,7 @@ pub fn restart(rest: &[&str]) -> Result<()> {
         bail!("the benchmark runs an agent: run it as root");
     }
     crate::ensure_packages()?;
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]),
-    )?;
-    let release = root().join("target/release");
-    let dir = std::env::temp_dir().join(format!("corral-bench-restart-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let demo = dir.join("corral-demo");
-    std::fs::copy(release.join("corral-demo"), &demo)?;
-    std::fs::set_permissions(&demo, std::fs::Permissions::from_mode(0o755))?;
+    let Release { corral, dir, demo } = release_build("restart")?;
     let started_corral = dir.join("started-corral");
     let started_sh = dir.join("started-sh");
     for f in [&started_corral, &started_sh] {
@@ -133,7 +158,7 @@ pub fn restart(rest: &[&str]) -> Result<()> {
     // Workers the agent has not stopped when this returns (early, on an error) are killed
     // after it: the guards drop in the reverse order of their making.
     let strays = KillOnDrop::new();
-    let agent = Command::new(release.join("corral"))
+    let agent = Command::new(&corral)
         .args(["agent", "--config"])
         .arg(&config)
         .stdin(Stdio::null())

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use corral_testkit::{die_with_parent, free_port, loopback, AgentTable, App, ChildGuard};
 
-use crate::{is_root, root, run};
+use crate::is_root;
 
 const WORKERS: usize = 4;
 /// corral's default listen backlog; the shared socket gets the same.
@@ -950,23 +950,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         );
     }
     crate::ensure_packages()?;
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            // The binaries are read from target/release below, whatever built xtask.
-            .env_remove("CARGO_TARGET_DIR")
-            .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]),
-    )?;
-    let release = root().join("target/release");
-    let corral = release.join("corral");
-    let dir = std::env::temp_dir().join(format!("corral-bench-steering-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    // The workers run as `nobody`, who may not reach a checkout under /root.
-    let demo = dir.join("corral-demo");
-    std::fs::copy(release.join("corral-demo"), &demo)?;
-    std::fs::set_permissions(&demo, std::fs::Permissions::from_mode(0o755))?;
+    let crate::bench::Release { corral, dir, demo } = crate::bench::release_build("steering")?;
 
     // One schedule per segment, the same for every variant.
     let plans: Vec<Vec<Planned>> = (0..o.segments)
