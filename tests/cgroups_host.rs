@@ -9,9 +9,11 @@ use corral_tests::*;
 
 fn capped_and_plain(port: u16, port2: u16) -> String {
     format!(
-        "{}memory_max = \"64MiB\"\npids_max = 64\n{}",
-        demo_app("capped", &format!("127.0.0.1:{port}"), 2, ""),
-        demo_app("plain", &format!("127.0.0.1:{port2}"), 1, "")
+        "{}{}",
+        demo_app("capped", loopback(port), 2)
+            .workers("memory_max", "64MiB")
+            .workers("pids_max", 64),
+        demo_app("plain", loopback(port2), 1)
     )
 }
 
@@ -30,12 +32,9 @@ fn check_reports_hybrid_cgroups_and_refuses_caps_unless_told_otherwise() {
         "these host tests describe the hybrid development machines"
     );
     let dir = TempDir::new("cg-check");
-    let config = dir.path().join("corral.toml");
-    let apps = Agent::expand(&capped_and_plain(free_port(), free_port()), dir.path());
-    let run = |extra: &str| {
-        let table =
-            agent_table(dir.path()).replace("include = []\n", &format!("include = []\n{extra}"));
-        std::fs::write(&config, format!("{table}{apps}")).expect("config");
+    let apps = capped_and_plain(free_port(), free_port());
+    let run = |agent: AgentTable| {
+        let config = write_config(dir.path(), &agent, &apps);
         let out = Command::new(bin("corral"))
             .args(["check", "--config"])
             .arg(&config)
@@ -47,7 +46,7 @@ fn check_reports_hybrid_cgroups_and_refuses_caps_unless_told_otherwise() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let (code, out, err) = run("");
+    let (code, out, err) = run(AgentTable::private(dir.path()));
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(out.contains("cgroups: hybrid cgroups"), "{out}");
     assert!(
@@ -61,7 +60,7 @@ fn check_reports_hybrid_cgroups_and_refuses_caps_unless_told_otherwise() {
     );
     assert!(!err.contains("app plain"), "an uncapped app is fine: {err}");
 
-    let (code, out, err) = run("enforce_limits = false\n");
+    let (code, out, err) = run(AgentTable::private(dir.path()).set("enforce_limits", false));
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("limits      NOT enforced"), "{out}");
 }
@@ -69,7 +68,7 @@ fn check_reports_hybrid_cgroups_and_refuses_caps_unless_told_otherwise() {
 #[test]
 fn the_agent_refuses_a_capped_app_here_but_serves_the_rest() {
     let (port, port2) = (free_port(), free_port());
-    let agent = Agent::start("cg-refuse", &capped_and_plain(port, port2));
+    let agent = Agent::start("cg-refuse", capped_and_plain(port, port2));
     let capped = wait_for(Duration::from_secs(10), "capped app refused", || {
         let a = agent.app("capped");
         (a.state == "failed").then_some(a)
@@ -96,7 +95,11 @@ fn with_enforce_limits_false_capped_apps_run_uncapped_with_a_warning() {
     require_root();
     let (port, port2) = (free_port(), free_port());
     let dir_apps = capped_and_plain(port, port2);
-    let agent = Agent::start_with_agent_extra("cg-uncapped", "enforce_limits = false\n", &dir_apps);
+    let agent = Agent::start_with_agent_extra(
+        "cg-uncapped",
+        Table::new().set("enforce_limits", false),
+        dir_apps,
+    );
     let pids = agent.wait_ready("capped", 2, Duration::from_secs(20));
     let log = agent.log();
     assert!(

@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use corral_tests::{agent_table, bin, free_port, require_root, TempDir};
+use corral_tests::{bin, free_port, require_root, AgentTable, TempDir};
 
 /// Marks the expected error location in a config text; removed before the file is written.
 const MARK: &str = "@@";
 
 /// A valid app: `corral check` accepts it. Every negative case is this with one thing broken.
-/// `@PORT@` becomes a free port, `@DIR@` the test directory.
+/// `@PORT@` becomes a free port, `@DIR@` the test directory. Literal text, not an
+/// [`corral_tests::App`]: the cases edit it as text and point at lines and columns in it.
 const BASE: &str = r#"[app.web]
 command = ["/bin/true"]
 user = "nobody"
@@ -611,8 +612,7 @@ fn assert_refused(
 /// (for the memory_high cases), which this hybrid host cannot enforce: `enforce_limits = false`
 /// keeps the baseline valid here (refusing it is tested in cgroups_host.rs).
 fn main_config(dir: &Path, port: u16, edits: &[(&str, &str)]) -> (String, usize, usize) {
-    let agent =
-        agent_table(dir).replace("include = []\n", "include = []\nenforce_limits = false\n");
+    let agent = AgentTable::private(dir).set("enforce_limits", false);
     let full = apply(format!("{agent}{BASE}"), edits);
     let full = expand(&full, dir, port);
     if full.contains(MARK) {

@@ -26,7 +26,7 @@ fn corral(agent: &Agent, args: &[&str]) -> (i32, String, String) {
 #[test]
 fn restart_scale_reload_and_status_from_the_cli() {
     let port = free_port();
-    let agent = Agent::start("cli", &demo_app("web", &format!("127.0.0.1:{port}"), 2, ""));
+    let agent = Agent::start("cli", demo_app("web", loopback(port), 2));
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
     // Only root (the agent's owner) may drive it.
     use std::os::unix::fs::PermissionsExt;
@@ -136,17 +136,11 @@ fn sd_notify_states_and_no_agent_variables_leak_into_workers() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     let port = free_port();
-    let apps = demo_app("web", &format!("127.0.0.1:{port}"), 2, "");
-    let config = dir.path().join("corral.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}{}",
-            agent_table(dir.path()),
-            Agent::expand(&apps, dir.path())
-        ),
-    )
-    .expect("config");
+    let config = write_config(
+        dir.path(),
+        &AgentTable::private(dir.path()),
+        demo_app("web", loopback(port), 2),
+    );
     let mut child = Command::new(bin("corral"))
         .args(["agent", "--config"])
         .arg(&config)
@@ -221,19 +215,16 @@ fn ipv6_http_and_notify_readiness() {
     let port_notify = free_port();
     let apps = format!(
         "{}{}{}",
-        demo_app("six", &format!("[::1]:{port6}"), 2, ""),
-        demo_app("http", &format!("127.0.0.1:{port_http}"), 2, "ready = \"http:/healthz\""),
-        demo_app("notified", &format!("127.0.0.1:{port_notify}"), 2, "ready = \"notify\""),
-    )
-    .replace(
-        "[app.notified]\ncommand = [\"@DEMO@\"]\n",
-        "[app.notified]\ncommand = [\"@DEMO@\"]\nenv = { DEMO_NOTIFY = \"1\", DEMO_START_DELAY_MS = \"800\" }\n",
-    )
-    .replace(
-        "[app.http]\ncommand = [\"@DEMO@\"]\n",
-        "[app.http]\ncommand = [\"@DEMO@\"]\nenv = { DEMO_START_DELAY_MS = \"800\" }\n",
+        demo_app("six", format!("[::1]:{port6}"), 2),
+        demo_app("http", loopback(port_http), 2)
+            .env("DEMO_START_DELAY_MS", 800)
+            .workers("ready", "http:/healthz"),
+        demo_app("notified", loopback(port_notify), 2)
+            .env("DEMO_NOTIFY", 1)
+            .env("DEMO_START_DELAY_MS", 800)
+            .workers("ready", "notify"),
     );
-    let agent = Agent::start("readykinds", &apps);
+    let agent = Agent::start("readykinds", apps);
     let t0 = std::time::Instant::now();
     agent.wait_ready("six", 2, Duration::from_secs(20));
     let six: SocketAddr = format!("[::1]:{port6}").parse().expect("addr");
@@ -275,19 +266,21 @@ fn notify_readiness_ignores_strangers_and_takes_the_workers_children() {
     let (p1, p2) = (free_port(), free_port());
     let apps = format!(
         "{}{}",
-        demo_app("late", &format!("127.0.0.1:{p1}"), 1, "ready = \"notify\""),
-        demo_app("wrapped", &format!("127.0.0.1:{p2}"), 1, "ready = \"notify\""),
-    )
-    .replace(
-        "[app.late]\ncommand = [\"@DEMO@\"]\n",
-        "[app.late]\ncommand = [\"@DEMO@\"]\nenv = { DEMO_NOTIFY = \"1\", DEMO_START_DELAY_MS = \"3000\" }\n",
-    )
-    // The worker is a shell; the demo, which sends READY=1, is its child.
-    .replace(
-        "[app.wrapped]\ncommand = [\"@DEMO@\"]\n",
-        "[app.wrapped]\ncommand = [\"/bin/sh\", \"-c\", \"sh -c 'export LISTEN_PID=$$; exec @DEMO@' & wait\"]\nenv = { DEMO_NOTIFY = \"1\" }\n",
+        demo_app("late", loopback(p1), 1)
+            .env("DEMO_NOTIFY", 1)
+            .env("DEMO_START_DELAY_MS", 3000)
+            .workers("ready", "notify"),
+        // The worker is a shell; the demo, which sends READY=1, is its child.
+        demo_app("wrapped", loopback(p2), 1)
+            .command([
+                "/bin/sh",
+                "-c",
+                "sh -c 'export LISTEN_PID=$$; exec @DEMO@' & wait",
+            ])
+            .env("DEMO_NOTIFY", 1)
+            .workers("ready", "notify"),
     );
-    let agent = Agent::start("notifyfrom", &apps);
+    let agent = Agent::start("notifyfrom", apps);
     let t0 = std::time::Instant::now();
     // The late worker's socket lives until its READY=1 (3 s); the wrapped one's may already
     // be gone.
@@ -331,8 +324,7 @@ fn notify_readiness_ignores_strangers_and_takes_the_workers_children() {
     );
     // The wrapped worker's child serves; it is not the worker, and it goes when the worker
     // goes (its process group is killed at the worker's exit: this host has no cgroup root).
-    let (status, body) = http_get(format!("127.0.0.1:{p2}").parse().expect("addr"), "/")
-        .expect("GET the wrapped app");
+    let (status, body) = http_get(loopback(p2), "/").expect("GET the wrapped app");
     assert_eq!(status, 200, "{body}");
     let child: i32 = body
         .split("\"pid\":")
@@ -371,13 +363,13 @@ fn http_raw(addr: SocketAddr, request: &[u8]) -> (String, String) {
 #[test]
 fn metrics_endpoint_serves_the_status_for_prometheus() {
     let (port, mport) = (free_port(), free_port());
+    let maddr = loopback(mport);
     let agent = Agent::start_with_agent_extra(
         "metrics",
-        &format!("metrics = \"127.0.0.1:{mport}\"\n"),
-        &demo_app("web", &format!("127.0.0.1:{port}"), 2, ""),
+        Table::new().set("metrics", maddr),
+        demo_app("web", loopback(port), 2),
     );
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
-    let maddr: SocketAddr = format!("127.0.0.1:{mport}").parse().expect("addr");
     let scrape = || {
         let (status, body) = http_raw(maddr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
@@ -440,32 +432,21 @@ fn metrics_endpoint_serves_the_status_for_prometheus() {
 fn on_failure_and_never_policies() {
     let p1 = free_port();
     let p2 = free_port();
+    let exits = |name: &str, code: u8, port: u16, policy: &str| {
+        App::new(name)
+            .command(["/bin/sh", "-c", format!("exit {code}").as_str()])
+            .user("nobody")
+            .address(loopback(port))
+            .count(1)
+            .workers("ready", "delay:10s")
+            .restart("policy", policy)
+    };
     let apps = format!(
-        r#"
-[app.clean]
-command = ["/bin/sh", "-c", "exit 0"]
-user = "nobody"
-[app.clean.listen]
-address = "127.0.0.1:{p1}"
-[app.clean.workers]
-count = 1
-ready = "delay:10s"
-[app.clean.restart]
-policy = "on-failure"
-
-[app.once]
-command = ["/bin/sh", "-c", "exit 7"]
-user = "nobody"
-[app.once.listen]
-address = "127.0.0.1:{p2}"
-[app.once.workers]
-count = 1
-ready = "delay:10s"
-[app.once.restart]
-policy = "never"
-"#
+        "{}{}",
+        exits("clean", 0, p1, "on-failure"),
+        exits("once", 7, p2, "never")
     );
-    let agent = Agent::start("policies", &apps);
+    let agent = Agent::start("policies", apps);
     for (app, exit) in [
         ("clean", "exited with status 0"),
         ("once", "exited with status 7"),

@@ -10,10 +10,6 @@ use std::time::Duration;
 
 use corral_tests::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// Clients sending GETs on new connections until stopped: (ok, failed, first failures).
 struct Load {
     stop: Arc<AtomicBool>,
@@ -64,27 +60,18 @@ impl Load {
 #[test]
 fn reexec_under_load_loses_no_request_and_keeps_workers_output_and_supervision() {
     let port = free_port();
-    let apps = format!(
-        r#"
-[app.web]
-command = ["@DEMO@"]
-user = "nobody"
-env = {{ DEMO_LOG_REQUESTS = "1" }}
-[app.web.listen]
-address = "127.0.0.1:{port}"
-[app.web.workers]
-count = 3
-stop_timeout = "5s"
-[[app.web.pre_start]]
-name = "migrate"
-command = ["/bin/sh", "-c", "echo migrated >> @DIR@/order"]
-"#
-    );
-    let agent = Agent::start_with("reexec-load", &apps, |dir| {
+    let app = demo_app("web", loopback(port), 3)
+        .env("DEMO_LOG_REQUESTS", 1)
+        .pre_start(
+            Table::new()
+                .set("name", "migrate")
+                .set("command", ["/bin/sh", "-c", "echo migrated >> @DIR@/order"]),
+        );
+    let agent = Agent::start_with("reexec-load", app, |dir| {
         dir.shared_file("order");
     });
     let pids = agent.wait_ready("web", 3, Duration::from_secs(20));
-    let load = Load::start(addr(port), 4);
+    let load = Load::start(loopback(port), 4);
     std::thread::sleep(Duration::from_millis(300));
     let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
@@ -109,7 +96,7 @@ command = ["/bin/sh", "-c", "echo migrated >> @DIR@/order"]
         "the pre-start step ran once: {order:?}"
     );
     // The workers' output still reaches the agent's log: a request after the re-exec.
-    let (status, _) = http_get(addr(port), "/after-reexec").expect("GET");
+    let (status, _) = http_get(loopback(port), "/after-reexec").expect("GET");
     assert_eq!(status, 200);
     wait_for(Duration::from_secs(5), "the request logged", || {
         let log = agent.log();
@@ -154,18 +141,7 @@ command = ["/bin/sh", "-c", "echo migrated >> @DIR@/order"]
 #[test]
 fn reexec_is_refused_while_unsteady_or_with_a_changed_config_and_changes_nothing() {
     let port = free_port();
-    let late = format!(
-        r#"
-[app.web]
-command = ["@DEMO@"]
-user = "nobody"
-env = {{ DEMO_START_DELAY_MS = "2500" }}
-[app.web.listen]
-address = "127.0.0.1:{port}"
-[app.web.workers]
-count = 2
-"#
-    );
+    let late = demo_app("web", loopback(port), 2).env("DEMO_START_DELAY_MS", 2500);
     let agent = Agent::start("reexec-refused", &late);
     wait_for(Duration::from_secs(10), "workers starting", || {
         let a = agent.app("web");
@@ -182,7 +158,7 @@ count = 2
     assert_eq!(agent.agent_info().generation, 0);
 
     // The config on disk is not what runs: refused (the new image would not find its apps).
-    agent.rewrite_config(&late.replace("count = 2", "count = 3"));
+    agent.rewrite_config(late.clone().count(3));
     let (code, said) = agent.reexec();
     assert_ne!(code, 0, "{said}");
     assert!(said.contains("differs from the running one"), "{said}");
@@ -214,7 +190,7 @@ fn reexec_runs_the_upgraded_binary_and_refuses_one_that_cannot_take_over() {
     let binary = installed_copy(dir.path());
     let agent = Agent::start_binary(
         "reexec-upgrade",
-        &demo_app("web", &format!("127.0.0.1:{port}"), 2, ""),
+        demo_app("web", loopback(port), 2),
         &binary,
     );
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
@@ -243,7 +219,7 @@ fn reexec_runs_the_upgraded_binary_and_refuses_one_that_cannot_take_over() {
     );
     assert_eq!(agent.agent_info().generation, 0);
     assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(5)), pids);
-    let (status, _) = http_get(addr(port), "/").expect("GET");
+    let (status, _) = http_get(loopback(port), "/").expect("GET");
     assert_eq!(status, 200);
 
     // The real new version: the running image's file is gone, the re-exec runs the new one.
@@ -259,7 +235,7 @@ fn reexec_runs_the_upgraded_binary_and_refuses_one_that_cannot_take_over() {
     assert_eq!(code, 0, "{said}");
     assert_eq!(exe(agent.pid()), binary.display().to_string());
     assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(5)), pids);
-    let (status, _) = http_get(addr(port), "/").expect("GET");
+    let (status, _) = http_get(loopback(port), "/").expect("GET");
     assert_eq!(status, 200);
 }
 
@@ -269,31 +245,14 @@ fn reexec_runs_the_upgraded_binary_and_refuses_one_that_cannot_take_over() {
 fn reexec_hands_over_a_tls_front_with_its_counters() {
     let (app_port, tls_port, http_port) = (free_port(), free_port(), free_port());
     let (cert, key) = tls::self_signed(&["a.test"]);
-    let apps = format!(
-        r#"
-[app.web]
-command = ["@DEMO@"]
-user = "nobody"
-[app.web.listen]
-address = "127.0.0.1:{app_port}"
-[app.web.workers]
-count = 2
-[app.web.tls]
-address = "127.0.0.1:{tls_port}"
-cert = "@DIR@/a.crt"
-key = "@DIR@/a.key"
-processes = 2
-redirect_http = "127.0.0.1:{http_port}"
-"#
-    );
-    let (c2, k2) = (cert.clone(), key.clone());
-    let agent = Agent::start_with("reexec-tls", &apps, move |dir| {
-        std::fs::write(dir.path().join("a.crt"), &c2).expect("cert");
-        std::fs::write(dir.path().join("a.key"), &k2).expect("key");
+    let app =
+        tls::fronted_demo_app("web", app_port, tls_port).tls("redirect_http", loopback(http_port));
+    let agent = Agent::start_with("reexec-tls", app, |dir| {
+        tls::write_cert(dir.path(), &cert, &key)
     });
     agent.wait_ready("web", 2, Duration::from_secs(20));
     let fronts = agent.wait_ready("web.tls", 2, Duration::from_secs(20));
-    let tls_addr = addr(tls_port);
+    let tls_addr = loopback(tls_port);
     for _ in 0..5 {
         let r =
             tls::get(tls_addr, "a.test", &cert, tls::Tls::V13, "/", false).expect("https before");
@@ -332,7 +291,7 @@ redirect_http = "127.0.0.1:{http_port}"
         "the new image reads the fronts' counters"
     );
     // The redirect listener is the fronts' own, still served.
-    let mut s = TcpStream::connect(addr(http_port)).expect("connect redirect");
+    let mut s = TcpStream::connect(loopback(http_port)).expect("connect redirect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     write!(s, "GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n").expect("write");
@@ -354,7 +313,7 @@ fn workers_started_after_a_reexec_get_the_original_open_file_limit() {
     let nofile = format!("--nofile=256:{hard}");
     let agent = Agent::start_wrapped(
         "reexec-nofile",
-        &demo_app("web", &format!("127.0.0.1:{port}"), 2, ""),
+        demo_app("web", loopback(port), 2),
         &["prlimit", &nofile, "--"],
     );
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));

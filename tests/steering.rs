@@ -23,26 +23,27 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
+/// An app of `count` demo workers; `per_worker` is a shell snippet run before exec (it can look
+/// at $CORRAL_WORKER).
+fn app(port: u16, count: usize, per_worker: &str) -> App {
+    App::new("web")
+        .command([
+            "/bin/sh",
+            "-c",
+            format!("{per_worker} exec @DEMO@").as_str(),
+        ])
+        .user("nobody")
+        .address(loopback(port))
+        .count(count)
+        .workers("stop_timeout", "5s")
 }
 
-/// An app of `count` demo workers; `per_worker` is a shell snippet run before exec (it can look
-/// at $CORRAL_WORKER), `listen_extra` goes into [app.web.listen].
-fn app(port: u16, count: u32, per_worker: &str, listen_extra: &str) -> String {
-    format!(
-        r#"
-[app.web]
-command = ["/bin/sh", "-c", "{per_worker} exec @DEMO@"]
-user = "nobody"
-[app.web.listen]
-address = "127.0.0.1:{port}"
-{listen_extra}
-[app.web.workers]
-count = {count}
-stop_timeout = "5s"
-"#
-    )
+/// [`app`] steered by `steering` (`None`: the default).
+fn steered(app: App, steering: Option<&str>) -> App {
+    match steering {
+        Some(s) => app.listen("steering", s),
+        None => app,
+    }
 }
 
 /// GET on a new connection; the answering worker's pid from the X-Pid header.
@@ -102,9 +103,9 @@ fn load(
 fn least_loaded_spreads_evenly() {
     let _serial = one_at_a_time();
     let port = free_port();
-    let agent = Agent::start("spread", &app(port, 4, "", ""));
+    let agent = Agent::start("spread", app(port, 4, ""));
     let pids = agent.wait_ready("web", 4, Duration::from_secs(20));
-    let (counts, errors) = load(addr(port), "/", 4000, 4);
+    let (counts, errors) = load(loopback(port), "/", 4000, 4);
     assert!(errors.is_empty(), "{errors:?}");
     eprintln!("answers per worker pid: {counts:?}");
     for pid in &pids {
@@ -134,12 +135,12 @@ const SLOW: &str = "if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=100 DEM
 const SLOW_GREEDY: &str = "export DEMO_ACCEPT=greedy DEMO_THREADS=2; \
     if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=100; fi;";
 
-/// The share of worker 3's answers when it is slow (`slow`), under `listen_extra` steering.
-fn slow_worker_share(tag: &str, slow: &str, listen_extra: &str, clients: usize) -> f64 {
+/// The share of worker 3's answers when it is slow (`slow`), under `steering`.
+fn slow_worker_share(tag: &str, slow: &str, steering: Option<&str>, clients: usize) -> f64 {
     let port = free_port();
-    let agent = Agent::start(tag, &app(port, 4, slow, listen_extra));
+    let agent = Agent::start(tag, steered(app(port, 4, slow), steering));
     let pids = agent.wait_ready("web", 4, Duration::from_secs(20));
-    let (counts, errors) = load(addr(port), "/", 1200, clients);
+    let (counts, errors) = load(loopback(port), "/", 1200, clients);
     assert!(errors.is_empty(), "{errors:?}");
     let total: usize = counts.values().sum();
     counts.get(&pids[3]).copied().unwrap_or(0) as f64 / total as f64
@@ -148,8 +149,8 @@ fn slow_worker_share(tag: &str, slow: &str, listen_extra: &str, clients: usize) 
 #[test]
 fn least_loaded_avoids_a_slow_worker_where_hash_does_not() {
     let _serial = one_at_a_time();
-    let ll = slow_worker_share("slow-ll", SLOW, "", 12);
-    let hash = slow_worker_share("slow-hash", SLOW, "steering = \"hash\"", 12);
+    let ll = slow_worker_share("slow-ll", SLOW, None, 12);
+    let hash = slow_worker_share("slow-hash", SLOW, Some("hash"), 12);
     eprintln!("slow worker's share: least-loaded {ll:.3}, hash {hash:.3}");
     assert!(
         ll < 0.08,
@@ -166,8 +167,8 @@ fn least_loaded_avoids_a_slow_worker_where_hash_does_not() {
 #[test]
 fn least_loaded_avoids_a_slow_worker_that_accepts_everything() {
     let _serial = one_at_a_time();
-    let ll = slow_worker_share("greedy-ll", SLOW_GREEDY, "", 6);
-    let rr = slow_worker_share("greedy-rr", SLOW_GREEDY, "steering = \"round-robin\"", 6);
+    let ll = slow_worker_share("greedy-ll", SLOW_GREEDY, None, 6);
+    let rr = slow_worker_share("greedy-rr", SLOW_GREEDY, Some("round-robin"), 6);
     eprintln!("slow greedy worker's share: least-loaded {ll:.3}, round-robin {rr:.3}");
     assert!(
         ll < 0.08,
@@ -181,14 +182,14 @@ fn a_worker_that_is_not_ready_gets_no_connections() {
     let _serial = one_at_a_time();
     let port = free_port();
     let late = "if [ $CORRAL_WORKER = 2 ]; then export DEMO_START_DELAY_MS=3000; fi;";
-    let agent = Agent::start("notready", &app(port, 4, late, ""));
+    let agent = Agent::start("notready", app(port, 4, late));
     wait_for(Duration::from_secs(10), "three ready workers", || {
         let a = agent.app("web");
         (a.workers.iter().filter(|w| w.state == "ready").count() == 3).then_some(())
     });
     let late_pid = agent.app("web").workers[2].pid.expect("worker 2 pid");
     let t0 = Instant::now();
-    let (counts, errors) = load(addr(port), "/", 400, 4);
+    let (counts, errors) = load(loopback(port), "/", 400, 4);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(
         counts.get(&late_pid),
@@ -201,7 +202,7 @@ fn a_worker_that_is_not_ready_gets_no_connections() {
     );
     // Once ready, it serves.
     agent.wait_ready("web", 4, Duration::from_secs(10));
-    let (counts, _) = load(addr(port), "/", 200, 4);
+    let (counts, _) = load(loopback(port), "/", 200, 4);
     assert!(
         counts.get(&late_pid).copied().unwrap_or(0) > 20,
         "{counts:?}"
@@ -239,15 +240,13 @@ fn accepted_connections(pid: i32) -> usize {
 /// Clients hammer the app while a worker is SIGKILLed every 200 ms for 10 s. Each victim is
 /// SIGSTOPped first, so the connections it had accepted (lost with it, unavoidably) can be
 /// counted. Returns (requests ok, failures, accepted by victims).
-fn kill_under_load(tag: &str, listen_extra: &str) -> (usize, usize, usize) {
+fn kill_under_load(tag: &str, steering: Option<&str>) -> (usize, usize, usize) {
     let port = free_port();
     // 50 kills over 4 slots is a crash loop by the default policy (5 restarts a minute):
     // allow it, this test is about the connections.
-    let config = format!(
-        "{}[app.web.restart]\nmax_restarts = 1000\n",
-        app(port, 4, "export DEMO_THREADS=4;", listen_extra)
-    );
-    let agent = Agent::start(tag, &config);
+    let config =
+        steered(app(port, 4, "export DEMO_THREADS=4;"), steering).restart("max_restarts", 1000);
+    let agent = Agent::start(tag, config);
     agent.wait_ready("web", 4, Duration::from_secs(20));
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..6)
@@ -257,7 +256,7 @@ fn kill_under_load(tag: &str, listen_extra: &str) -> (usize, usize, usize) {
                 let (mut ok, mut failed) = (0usize, 0usize);
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    match get_pid(addr(port), "/?delay_ms=2") {
+                    match get_pid(loopback(port), "/?delay_ms=2") {
                         Ok(_) => ok += 1,
                         Err(e) => {
                             failed += 1;
@@ -309,8 +308,8 @@ fn kill_under_load(tag: &str, listen_extra: &str) -> (usize, usize, usize) {
 #[test]
 fn killing_workers_under_load_loses_only_what_they_had_accepted() {
     let _serial = one_at_a_time();
-    let (ok, failed, accepted) = kill_under_load("kill-ebpf", "");
-    let (h_ok, h_failed, h_accepted) = kill_under_load("kill-hash", "steering = \"hash\"");
+    let (ok, failed, accepted) = kill_under_load("kill-ebpf", None);
+    let (h_ok, h_failed, h_accepted) = kill_under_load("kill-hash", Some("hash"));
     eprintln!(
         "least-loaded: {ok} ok, {failed} failed, {accepted} in flight on killed workers\n\
          hash:         {h_ok} ok, {h_failed} failed, {h_accepted} in flight on killed workers"
@@ -396,7 +395,7 @@ fn pins_are_replaced_after_a_crash_and_removed_on_a_clean_stop() {
     let _serial = one_at_a_time();
     let port = free_port();
     let mut mount = None;
-    let mut agent = Agent::start_with("pins", &app(port, 2, "", ""), |dir| {
+    let mut agent = Agent::start_with("pins", app(port, 2, ""), |dir| {
         mount = Some(BpfMount::new(&dir.path().join("bpf")));
     });
     let _mount = mount.expect("mounted");
@@ -429,7 +428,7 @@ fn pins_are_replaced_after_a_crash_and_removed_on_a_clean_stop() {
     // The restarted agent replaces them and steers.
     agent.spawn();
     let new = agent.wait_ready("web", 2, Duration::from_secs(20));
-    let (counts, errors) = load(addr(port), "/", 200, 2);
+    let (counts, errors) = load(loopback(port), "/", 200, 2);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(
         counts.keys().copied().collect::<Vec<_>>().len(),
@@ -466,8 +465,7 @@ fn an_agent_restarted_in_place_keeps_its_workers_and_steers_them() {
     let _serial = one_at_a_time();
     let port = free_port();
     let mut mount = None;
-    let slow = "if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=100 DEMO_THREADS=2; fi;";
-    let mut agent = Agent::start_with("pins-reexec", &app(port, 4, slow, ""), |dir| {
+    let mut agent = Agent::start_with("pins-reexec", app(port, 4, SLOW), |dir| {
         mount = Some(BpfMount::new(&dir.path().join("bpf")));
     });
     let _mount = mount.expect("mounted");
@@ -488,7 +486,7 @@ fn an_agent_restarted_in_place_keeps_its_workers_and_steers_them() {
         "the same workers, alive"
     );
     // The new image's program steers them: least-loaded keeps the slow one's share low.
-    let (counts, errors) = load(addr(port), "/", 1200, 12);
+    let (counts, errors) = load(loopback(port), "/", 1200, 12);
     assert!(errors.is_empty(), "{errors:?}");
     assert!(pids.iter().all(|p| counts.contains_key(p)), "{counts:?}");
     let total: usize = counts.values().sum();
@@ -533,7 +531,7 @@ fn without_bpf_privileges_the_agent_falls_back_to_the_kernel_hash() {
         "-bpf,-sys_admin,-perfmon",
         "--",
     ];
-    let agent = Agent::start_wrapped("nobpf", &app(port, 3, "", ""), &wrapper);
+    let agent = Agent::start_wrapped("nobpf", app(port, 3, ""), &wrapper);
     agent.wait_ready("web", 3, Duration::from_secs(20));
     let st = agent.app("web");
     assert!(
@@ -542,7 +540,7 @@ fn without_bpf_privileges_the_agent_falls_back_to_the_kernel_hash() {
         st.steering
     );
     assert!(st.steering_stats.is_none());
-    let (counts, errors) = load(addr(port), "/", 300, 3);
+    let (counts, errors) = load(loopback(port), "/", 300, 3);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(
         counts.len(),

@@ -19,7 +19,7 @@ struct Group {
 fn group(n: usize, policy: Policy) -> Group {
     require_root();
     let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = loopback(port);
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| {
             let fd: OwnedFd = socket::reuseport_listener(addr, 1024).expect("listener");

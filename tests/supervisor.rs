@@ -2,23 +2,19 @@
 //! sockets. Each test owns its port, directory and agent, and its Drop cleans them up.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use corral_tests::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn demo_app(name: &str, port: u16, count: u32) -> String {
-    corral_tests::demo_app(name, &format!("127.0.0.1:{port}"), count, "")
+/// corral-demo on 127.0.0.1:`port` (see [`corral_tests::demo_app`]).
+fn demo_app(name: &str, port: u16, count: usize) -> App {
+    corral_tests::demo_app(name, loopback(port), count)
 }
 
 #[test]
 fn workers_get_their_own_socket_on_fd3_and_requests_reach_all() {
     let port = free_port();
-    let agent = Agent::start("fd3", &demo_app("web", port, 4));
+    let agent = Agent::start("fd3", demo_app("web", port, 4));
     let pids = agent.wait_ready("web", 4, Duration::from_secs(20));
 
     let mut inodes = BTreeSet::new();
@@ -90,7 +86,7 @@ fn workers_get_their_own_socket_on_fd3_and_requests_reach_all() {
 
     let mut answered = BTreeSet::new();
     for _ in 0..200 {
-        let (status, body) = http_get(addr(port), "/").expect("GET /");
+        let (status, body) = http_get(loopback(port), "/").expect("GET /");
         assert_eq!(status, 200);
         answered.insert(demo_pid(&body).expect("pid in body"));
     }
@@ -103,9 +99,9 @@ fn workers_get_their_own_socket_on_fd3_and_requests_reach_all() {
 #[test]
 fn workers_start_and_restart_when_clone3_is_refused() {
     let port = free_port();
-    let agent = Agent::start_without_clone3("noclone3", "", &demo_app("web", port, 2));
+    let agent = Agent::start_without_clone3("noclone3", Table::new(), demo_app("web", port, 2));
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
-    let (status, body) = http_get(addr(port), "/").expect("GET");
+    let (status, body) = http_get(loopback(port), "/").expect("GET");
     assert_eq!(status, 200, "{body}");
     for pid in &pids {
         let st: BTreeMap<_, _> = proc_status(*pid).into_iter().collect();
@@ -132,11 +128,12 @@ fn workers_start_and_restart_when_clone3_is_refused() {
 fn workers_run_unprivileged_with_no_capabilities() {
     let port = free_port();
     let root_port = free_port();
-    let apps = format!(
-        "{}\n[app.asroot]\ncommand = [\"@DEMO@\"]\nuser = \"root\"\n[app.asroot.listen]\naddress = \"127.0.0.1:{root_port}\"\n[app.asroot.workers]\ncount = 1\n",
-        demo_app("web", port, 2)
-    );
-    let agent = Agent::start("caps", &apps);
+    let asroot = App::new("asroot")
+        .command(["@DEMO@"])
+        .user("root")
+        .address(loopback(root_port))
+        .count(1);
+    let agent = Agent::start("caps", format!("{}{asroot}", demo_app("web", port, 2)));
     let mut pids = agent.wait_ready("web", 2, Duration::from_secs(20));
     let root_pids = agent.wait_ready("asroot", 1, Duration::from_secs(20));
     pids.extend(&root_pids);
@@ -181,7 +178,7 @@ fn workers_run_unprivileged_with_no_capabilities() {
 #[test]
 fn killed_worker_is_replaced_within_100ms_and_others_untouched() {
     let port = free_port();
-    let agent = Agent::start("kill9", &demo_app("web", port, 3));
+    let agent = Agent::start("kill9", demo_app("web", port, 3));
     let pids = agent.wait_ready("web", 3, Duration::from_secs(20));
     let victim = pids[1];
     let t0 = Instant::now();
@@ -208,7 +205,7 @@ fn killed_worker_is_replaced_within_100ms_and_others_untouched() {
         w1.last_exit.as_deref(),
         Some("killed by signal 9 (SIGKILL)")
     );
-    let (status, body) = http_get(addr(port), "/").expect("GET");
+    let (status, body) = http_get(loopback(port), "/").expect("GET");
     assert_eq!(status, 200, "{body}");
 }
 
@@ -216,24 +213,16 @@ fn killed_worker_is_replaced_within_100ms_and_others_untouched() {
 fn crash_loop_backs_off_then_gives_up_while_other_apps_serve() {
     let port = free_port();
     let crash_port = free_port();
-    let apps = format!(
-        r#"{}
-[app.crashy]
-command = ["/bin/sh", "-c", "echo crashing; exit 3"]
-user = "nobody"
-[app.crashy.listen]
-address = "127.0.0.1:{crash_port}"
-[app.crashy.workers]
-count = 1
-[app.crashy.restart]
-backoff_initial = "50ms"
-backoff_max = "1s"
-max_restarts = 4
-window = "30s"
-"#,
-        demo_app("web", port, 2)
-    );
-    let agent = Agent::start("crashloop", &apps);
+    let crashy = App::new("crashy")
+        .command(["/bin/sh", "-c", "echo crashing; exit 3"])
+        .user("nobody")
+        .address(loopback(crash_port))
+        .count(1)
+        .restart("backoff_initial", "50ms")
+        .restart("backoff_max", "1s")
+        .restart("max_restarts", 4)
+        .restart("window", "30s");
+    let agent = Agent::start("crashloop", format!("{}{crashy}", demo_app("web", port, 2)));
     agent.wait_ready("web", 2, Duration::from_secs(20));
     let app = wait_for(Duration::from_secs(15), "crashy to fail", || {
         let a = agent.app("crashy");
@@ -277,7 +266,7 @@ window = "30s"
     );
 
     // The agent is up and the other app serves.
-    let (status, _) = http_get(addr(port), "/").expect("web still serves");
+    let (status, _) = http_get(loopback(port), "/").expect("web still serves");
     assert_eq!(status, 200);
     assert_eq!(agent.app("web").state, "running");
 }
@@ -285,22 +274,30 @@ window = "30s"
 #[test]
 fn pre_start_runs_once_before_any_worker() {
     let port = free_port();
-    let dir_apps = r#"
-[app.web]
-command = ["/bin/sh", "-c", "echo worker $CORRAL_WORKER >> @DIR@/order; exec @DEMO@"]
-user = "nobody"
-[app.web.listen]
-address = "127.0.0.1:PORT"
-[app.web.workers]
-count = 8
-[[app.web.pre_start]]
-name = "migrate"
-command = ["/bin/sh", "-c", "sleep 0.3; echo migrated >> @DIR@/order; echo migrations done"]
-timeout = "10s"
-"#
-    .replace("PORT", &port.to_string());
+    let app = App::new("web")
+        .command([
+            "/bin/sh",
+            "-c",
+            "echo worker $CORRAL_WORKER >> @DIR@/order; exec @DEMO@",
+        ])
+        .user("nobody")
+        .address(loopback(port))
+        .count(8)
+        .pre_start(
+            Table::new()
+                .set("name", "migrate")
+                .set(
+                    "command",
+                    [
+                        "/bin/sh",
+                        "-c",
+                        "sleep 0.3; echo migrated >> @DIR@/order; echo migrations done",
+                    ],
+                )
+                .set("timeout", "10s"),
+        );
     // The order file must exist and be writable by nobody before the agent starts.
-    let agent = Agent::start_with("prestart", &dir_apps, |dir| {
+    let agent = Agent::start_with("prestart", app, |dir| {
         dir.shared_file("order");
     });
     agent.wait_ready("web", 8, Duration::from_secs(30));
@@ -332,22 +329,25 @@ timeout = "10s"
 fn failing_pre_start_keeps_workers_down_and_says_why() {
     let port = free_port();
     let ok_port = free_port();
-    let apps = format!(
-        r#"{}
-[app.broken]
-command = ["/bin/sh", "-c", "echo started >> @DIR@/started; exec @DEMO@"]
-user = "nobody"
-[app.broken.listen]
-address = "127.0.0.1:{port}"
-[app.broken.workers]
-count = 2
-[[app.broken.pre_start]]
-name = "migrate"
-command = ["/bin/sh", "-c", "echo 'relation users does not exist' >&2; exit 4"]
-"#,
-        demo_app("web", ok_port, 1)
-    );
-    let agent = Agent::start_with("prestartfail", &apps, |dir| {
+    let broken = App::new("broken")
+        .command([
+            "/bin/sh",
+            "-c",
+            "echo started >> @DIR@/started; exec @DEMO@",
+        ])
+        .user("nobody")
+        .address(loopback(port))
+        .count(2)
+        .pre_start(Table::new().set("name", "migrate").set(
+            "command",
+            [
+                "/bin/sh",
+                "-c",
+                "echo 'relation users does not exist' >&2; exit 4",
+            ],
+        ));
+    let apps = format!("{}{broken}", demo_app("web", ok_port, 1));
+    let agent = Agent::start_with("prestartfail", apps, |dir| {
         dir.shared_file("started");
     });
     let app = wait_for(Duration::from_secs(10), "broken to fail", || {
@@ -388,16 +388,17 @@ command = ["/bin/sh", "-c", "echo 'relation users does not exist' >&2; exit 4"]
     );
     // The other app serves.
     agent.wait_ready("web", 1, Duration::from_secs(10));
-    assert_eq!(http_get(addr(ok_port), "/").expect("GET").0, 200);
+    assert_eq!(http_get(loopback(ok_port), "/").expect("GET").0, 200);
 }
 
 #[test]
 fn sighup_with_a_broken_config_changes_nothing_and_a_new_count_scales() {
     let port = free_port();
-    let agent = Agent::start("hup", &demo_app("web", port, 2));
+    let agent = Agent::start("hup", demo_app("web", port, 2));
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
 
-    agent.rewrite_config(&format!("{}\nbogus_key = 1\n", demo_app("web", port, 5)));
+    // Not a valid config: an unknown key (in the last table, [app.web.workers]).
+    agent.rewrite_config(format!("{}bogus_key = 1\n", demo_app("web", port, 5)));
     agent.signal(libc::SIGHUP);
     wait_for(Duration::from_secs(10), "reload refusal in the log", || {
         agent.log().contains("reload refused").then_some(())
@@ -414,7 +415,7 @@ fn sighup_with_a_broken_config_changes_nothing_and_a_new_count_scales() {
         "error names the place:\n{log}"
     );
 
-    agent.rewrite_config(&demo_app("web", port, 4));
+    agent.rewrite_config(demo_app("web", port, 4));
     agent.signal(libc::SIGHUP);
     let after = agent.wait_ready("web", 4, Duration::from_secs(20));
     assert_eq!(
@@ -424,11 +425,11 @@ fn sighup_with_a_broken_config_changes_nothing_and_a_new_count_scales() {
     );
     let mut answered = BTreeSet::new();
     for _ in 0..200 {
-        answered.insert(demo_pid(&http_get(addr(port), "/").expect("GET").1).expect("pid"));
+        answered.insert(demo_pid(&http_get(loopback(port), "/").expect("GET").1).expect("pid"));
     }
     assert_eq!(answered.len(), 4, "all 4 workers serve");
 
-    agent.rewrite_config(&demo_app("web", port, 1));
+    agent.rewrite_config(demo_app("web", port, 1));
     agent.signal(libc::SIGHUP);
     let after = agent.wait_ready("web", 1, Duration::from_secs(20));
     assert_eq!(after[0], pids[0], "scaling down keeps slot 0");
@@ -437,14 +438,8 @@ fn sighup_with_a_broken_config_changes_nothing_and_a_new_count_scales() {
 #[test]
 fn reload_of_a_changed_app_rolls_without_failed_requests() {
     let port = free_port();
-    let app = |marker: &str| {
-        demo_app("web", port, 3).replacen(
-            "group = \"nogroup\"\n",
-            &format!("group = \"nogroup\"\nenv = {{ MARK = \"{marker}\" }}\n"),
-            1,
-        )
-    };
-    let agent = Agent::start("rolling", &app("one"));
+    let app = |marker: &str| demo_app("web", port, 3).env("MARK", marker);
+    let agent = Agent::start("rolling", app("one"));
     let old = agent.wait_ready("web", 3, Duration::from_secs(20));
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -453,7 +448,7 @@ fn reload_of_a_changed_app_rolls_without_failed_requests() {
         std::thread::spawn(move || {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match http_get(addr(port), "/?delay_ms=20") {
+                match http_get(loopback(port), "/?delay_ms=20") {
                     Ok((200, _)) => ok += 1,
                     other => failed.push(format!("{other:?}")),
                 }
@@ -462,7 +457,7 @@ fn reload_of_a_changed_app_rolls_without_failed_requests() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    agent.rewrite_config(&app("two"));
+    agent.rewrite_config(app("two"));
     agent.signal(libc::SIGHUP);
     let new = wait_for(Duration::from_secs(30), "all workers replaced", || {
         let a = agent.app("web");
@@ -498,18 +493,16 @@ fn readiness_probe_reaches_exactly_its_own_worker() {
     let port = free_port();
     // Worker 2 takes 2 s before it accepts; the others are ready at once. A probe that could
     // land on any worker would call worker 2 ready early.
-    let apps = format!(
-        r#"
-[app.web]
-command = ["/bin/sh", "-c", "if [ $CORRAL_WORKER = 2 ]; then export DEMO_START_DELAY_MS=2000; fi; exec @DEMO@"]
-user = "nobody"
-[app.web.listen]
-address = "127.0.0.1:{port}"
-[app.web.workers]
-count = 4
-"#
-    );
-    let agent = Agent::start("ready", &apps);
+    let app = App::new("web")
+        .command([
+            "/bin/sh",
+            "-c",
+            "if [ $CORRAL_WORKER = 2 ]; then export DEMO_START_DELAY_MS=2000; fi; exec @DEMO@",
+        ])
+        .user("nobody")
+        .address(loopback(port))
+        .count(4);
+    let agent = Agent::start("ready", app);
     let t0 = Instant::now();
     wait_for(Duration::from_secs(10), "three ready workers", || {
         let a = agent.app("web");
@@ -532,18 +525,15 @@ count = 4
 fn sigterm_stops_every_worker_and_exits_zero() {
     let port = free_port();
     let port2 = free_port();
+    // The other app's workers ignore SIGTERM: the agent must SIGKILL them after stop_timeout.
     let apps = format!(
         "{}{}",
-        demo_app("web", port, 3),
+        demo_app("web", port, 3).workers("stop_timeout", "1s"),
         demo_app("other", port2, 2)
+            .env("DEMO_IGNORE_SIGTERM", 1)
+            .workers("stop_timeout", "1s")
     );
-    // The other app's workers ignore SIGTERM: the agent must SIGKILL them after stop_timeout.
-    let apps = apps.replace(
-        "[app.other]\ncommand = [\"@DEMO@\"]\n",
-        "[app.other]\ncommand = [\"@DEMO@\"]\nenv = { DEMO_IGNORE_SIGTERM = \"1\" }\n",
-    );
-    let apps = apps.replacen("stop_timeout = \"5s\"", "stop_timeout = \"1s\"", 2);
-    let mut agent = Agent::start("sigterm", &apps);
+    let mut agent = Agent::start("sigterm", apps);
     let mut pids = agent.wait_ready("web", 3, Duration::from_secs(20));
     pids.extend(agent.wait_ready("other", 2, Duration::from_secs(20)));
     let t0 = Instant::now();
@@ -608,17 +598,14 @@ fn tcp_socket_inodes() -> BTreeSet<String> {
 fn many_workers_fit_a_small_open_file_limit_and_workers_get_it_back() {
     let port = free_port();
     // About six agent fds per worker: 60 workers need more than a soft limit of 256.
-    let apps = demo_app("web", port, 60).replace(
-        "group = \"nogroup\"\n",
-        "group = \"nogroup\"\nenv = { DEMO_THREADS = \"1\" }\n",
-    );
+    let apps = demo_app("web", port, 60).env("DEMO_THREADS", 1);
     let hard = hard_nofile();
     assert!(
         hard > 1024,
         "this test needs a hard open-file limit above 1024"
     );
     let nofile = format!("--nofile=256:{hard}");
-    let agent = Agent::start_wrapped("nofile", &apps, &["prlimit", &nofile, "--"]);
+    let agent = Agent::start_wrapped("nofile", apps, &["prlimit", &nofile, "--"]);
     let pids = agent.wait_ready("web", 60, Duration::from_secs(60));
     assert_eq!(
         nofile_of(pids[59]),

@@ -47,24 +47,14 @@ fn make_cert(dir: &Path, stem: &str, names: &[&str]) {
     );
 }
 
-fn config(app_port: u16, tls_port: u16, tls_extra: &str) -> String {
-    format!(
-        r#"
-[app.web]
-command = ["@DEMO@"]
-user = "nobody"
-[app.web.listen]
-address = "127.0.0.1:{app_port}"
-[app.web.workers]
-count = 2
-[app.web.tls]
-address = "127.0.0.1:{tls_port}"
-cert = "@DIR@/a.crt"
-key = "@DIR@/a.key"
-sni = [{{ cert = "@DIR@/b.crt", key = "@DIR@/b.key" }}]
-processes = 2
-{tls_extra}
-"#
+/// Two demo workers behind a front of two processes serving a.test (the default certificate)
+/// and b.test (by SNI), both made by [`make_cert`] in the test directory.
+fn config(app_port: u16, tls_port: u16) -> App {
+    tls::fronted_demo_app("web", app_port, tls_port).tls(
+        "sni",
+        [Table::new()
+            .set("cert", "@DIR@/b.crt")
+            .set("key", "@DIR@/b.key")],
     )
 }
 
@@ -74,9 +64,10 @@ struct Setup {
     tls: SocketAddr,
 }
 
-fn start(tag: &str, tls_extra: &str) -> Setup {
+/// The agent on [`config`] as `tweak` changes it, all workers and fronts ready.
+fn start(tag: &str, tweak: impl FnOnce(App) -> App) -> Setup {
     let (app_port, tls_port) = (free_port(), free_port());
-    let agent = Agent::start_with(tag, &config(app_port, tls_port, tls_extra), |dir| {
+    let agent = Agent::start_with(tag, tweak(config(app_port, tls_port)), |dir| {
         make_cert(dir.path(), "a", &["a.test", "localhost"]);
         make_cert(dir.path(), "b", &["b.test"]);
     });
@@ -84,8 +75,8 @@ fn start(tag: &str, tls_extra: &str) -> Setup {
     agent.wait_ready("web.tls", 2, Duration::from_secs(20));
     Setup {
         agent,
-        app: SocketAddr::from(([127, 0, 0, 1], app_port)),
-        tls: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+        app: loopback(app_port),
+        tls: loopback(tls_port),
     }
 }
 
@@ -146,7 +137,7 @@ fn s_client(tls: SocketAddr, args: &[&str], input: &[u8]) -> String {
 
 #[test]
 fn tls12_and_tls13_sni_picks_the_certificate_and_alpn_is_http11() {
-    let s = start("tls-versions", "");
+    let s = start("tls-versions", |app| app);
     for version in ["-tls1_2", "-tls1_3"] {
         for (name, subject) in [("a.test", "CN = a.test"), ("b.test", "CN = b.test")] {
             let out = s_client(
@@ -182,7 +173,7 @@ fn tls12_and_tls13_sni_picks_the_certificate_and_alpn_is_http11() {
 
 #[test]
 fn responses_are_byte_identical_to_the_plaintext_path() {
-    let s = start("tls-bytes", "");
+    let s = start("tls-bytes", |app| app);
     for n in [0u64, 1, 16383, 16384, 16385, 1 << 20] {
         let path = format!("/?bytes={n}");
         let plain = curl_plain(s.app, &path);
@@ -205,7 +196,7 @@ GET /?bytes=3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
 
 #[test]
 fn garbage_truncated_hellos_and_slowloris_do_not_disturb_other_clients() {
-    let s = start("tls-garbage", "handshake_timeout = \"1s\"");
+    let s = start("tls-garbage", |app| app.tls("handshake_timeout", "1s"));
     // Plain HTTP on the TLS port: an alert and a close, not a hang.
     let mut c = TcpStream::connect(s.tls).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(5))).ok();
@@ -273,7 +264,7 @@ fn garbage_truncated_hellos_and_slowloris_do_not_disturb_other_clients() {
 
 #[test]
 fn the_front_runs_unprivileged_and_the_key_stays_out_of_the_workers() {
-    let s = start("tls-privs", "");
+    let s = start("tls-privs", |app| app);
     let st = s.agent.app("web.tls");
     for w in st.workers.iter().filter(|w| w.state == "ready") {
         let pid = w.pid.expect("pid");
@@ -323,7 +314,7 @@ fn the_front_runs_unprivileged_and_the_key_stays_out_of_the_workers() {
 
 #[test]
 fn certificates_reload_and_an_invalid_one_is_refused() {
-    let mut s = start("tls-reload", "");
+    let mut s = start("tls-reload", |app| app);
     let dir = s.agent.dir.path().to_path_buf();
     // A connection opened before the reload, kept alive across it.
     let before = curl_https(&s, "a.test", "a.crt", "/").expect("https before");
@@ -385,22 +376,12 @@ fn ktls_require_refuses_to_start_where_the_kernel_cannot() {
     let dir = TempDir::new("tls-require");
     make_cert(dir.path(), "a", &["a.test"]);
     make_cert(dir.path(), "b", &["b.test"]);
-    let (app_port, tls_port) = (free_port(), free_port());
-    let text = format!(
-        "{}{}",
-        agent_table(dir.path()),
-        Agent::expand(
-            &config(app_port, tls_port, "ktls = \"require\""),
-            dir.path()
-        )
+    let path = write_config(
+        dir.path(),
+        &AgentTable::private(dir.path()),
+        config(free_port(), free_port()).tls("ktls", "require"),
     );
-    let path = dir.path().join("corral.toml");
-    std::fs::write(&path, text).expect("write");
-    let out = Command::new(bin("corral"))
-        .args(["agent", "-c"])
-        .arg(&path)
-        .output()
-        .expect("corral agent");
+    let out = refused_agent(&path);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("require") && err.contains("TCP_ULP"), "{err}");
@@ -420,7 +401,7 @@ fn swap_cert(dir: &Path, from: &str, stem: &str) {
 fn a_certificate_file_change_rolls_the_fronts_under_load_without_a_failed_request() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
-    let s = start("tls-watch", "");
+    let s = start("tls-watch", |app| app);
     let dir = s.agent.dir.path().to_path_buf();
     make_cert(&dir, "new", &["a.test", "localhost"]);
     let old_ca = std::fs::read_to_string(dir.join("a.crt")).expect("old cert");
@@ -496,10 +477,9 @@ fn a_certificate_file_change_rolls_the_fronts_under_load_without_a_failed_reques
 #[test]
 fn redirect_http_answers_plain_http_with_a_308_to_https() {
     let redirect_port = free_port();
-    let s = start(
-        "tls-redirect",
-        &format!("redirect_http = \"127.0.0.1:{redirect_port}\""),
-    );
+    let s = start("tls-redirect", |app| {
+        app.tls("redirect_http", loopback(redirect_port))
+    });
     let out = Command::new("curl")
         .args([
             "-sS",
@@ -550,22 +530,11 @@ fn redirect_http_answers_plain_http_with_a_308_to_https() {
 
 #[test]
 fn proxy_protocol_v2_tells_the_worker_the_client_address() {
-    let (app_port, tls_port) = (free_port(), free_port());
-    let apps = config(app_port, tls_port, "proxy_protocol = \"v2\"").replace(
-        "command = [\"@DEMO@\"]",
-        "command = [\"@DEMO@\"]\nenv = { DEMO_PROXY_PROTOCOL = \"1\" }",
-    );
-    let agent = Agent::start_with("tls-proxy", &apps, |dir| {
-        make_cert(dir.path(), "a", &["a.test", "localhost"]);
-        make_cert(dir.path(), "b", &["b.test"]);
+    let s = start("tls-proxy", |app| {
+        app.tls("proxy_protocol", "v2")
+            .env("DEMO_PROXY_PROTOCOL", 1)
     });
-    agent.wait_ready("web", 2, Duration::from_secs(20));
-    agent.wait_ready("web.tls", 2, Duration::from_secs(20));
-    let s = Setup {
-        agent,
-        app: SocketAddr::from(([127, 0, 0, 1], app_port)),
-        tls: SocketAddr::from(([127, 0, 0, 1], tls_port)),
-    };
+    let tls_port = s.tls.port();
     // curl from a known source port: the worker must see it, not the front's.
     let port = free_port();
     let out = Command::new("curl")

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -237,16 +237,7 @@ fn children(parent: i32) -> Vec<i32> {
 /// One round of one load on one variant: ops/s, MB/s, errors, TLS-side CPU seconds per op.
 type Round = (f64, f64, u64, f64);
 
-struct Nginx(Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_nginx(dir: &std::path::Path, port: u16, upstream: SocketAddr) -> Nginx {
+fn start_nginx(dir: &std::path::Path, port: u16, upstream: SocketAddr) -> ChildGuard {
     let nginx = std::env::var("CORRAL_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs")).expect("nginx dir");
@@ -294,7 +285,7 @@ http {{
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{nginx}: {e} (cargo xtask bench tls fetches it)"));
-    let guard = Nginx(child);
+    let guard = ChildGuard::new(child);
     wait_for(Duration::from_secs(20), "nginx listening", || {
         TcpStream::connect(("127.0.0.1", port)).ok()
     });
@@ -320,46 +311,18 @@ fn tls_bench() {
     // Two apps of two demo workers each: `u` fronted by userspace rustls (ktls = "off"), `k`
     // by kTLS where the kernel has it; nginx proxies to u's workers.
     let apps = format!(
-        r#"
-[app.u]
-command = ["@DEMO@"]
-user = "nobody"
-[app.u.listen]
-address = "127.0.0.1:{ku}"
-[app.u.workers]
-count = 2
-[app.u.tls]
-address = "127.0.0.1:{tu}"
-cert = "@DIR@/a.crt"
-key = "@DIR@/a.key"
-ktls = "off"
-processes = 2
-
-[app.k]
-command = ["@DEMO@"]
-user = "nobody"
-[app.k.listen]
-address = "127.0.0.1:{kk}"
-[app.k.workers]
-count = 2
-[app.k.tls]
-address = "127.0.0.1:{tk}"
-cert = "@DIR@/a.crt"
-key = "@DIR@/a.key"
-ktls = "auto"
-processes = 2
-"#
+        "{}{}",
+        tls::fronted_demo_app("u", ku, tu).tls("ktls", "off"),
+        tls::fronted_demo_app("k", kk, tk).tls("ktls", "auto")
     );
-    let (c2, k2) = (cert.clone(), key.clone());
-    let agent = Agent::start_with("tls-bench", &apps, move |dir| {
-        std::fs::write(dir.path().join("a.crt"), &c2).expect("cert");
-        std::fs::write(dir.path().join("a.key"), &k2).expect("key");
+    let agent = Agent::start_with("tls-bench", apps, |dir| {
+        tls::write_cert(dir.path(), &cert, &key)
     });
     for app in ["u", "k", "u.tls", "k.tls"] {
         agent.wait_ready(app, 2, Duration::from_secs(60));
     }
-    let nginx = start_nginx(agent.dir.path(), kn, SocketAddr::from(([127, 0, 0, 1], ku)));
-    let nginx_pid = nginx.0.id() as i32;
+    let nginx = start_nginx(agent.dir.path(), kn, loopback(ku));
+    let nginx_pid = nginx.pid();
     let front_pids = |app: &str| -> Vec<i32> {
         agent
             .app(app)
@@ -373,24 +336,12 @@ processes = 2
         || agent.log().contains("TLS1.3 AES-128-GCM: tx+rx");
     let mut variants: Vec<(&str, SocketAddr, Vec<i32>)> = Vec::new();
     if ktls_on {
-        variants.push((
-            "corral kTLS + splice",
-            SocketAddr::from(([127, 0, 0, 1], tk)),
-            front_pids("k.tls"),
-        ));
+        variants.push(("corral kTLS + splice", loopback(tk), front_pids("k.tls")));
     }
-    variants.push((
-        "corral userspace rustls",
-        SocketAddr::from(([127, 0, 0, 1], tu)),
-        front_pids("u.tls"),
-    ));
+    variants.push(("corral userspace rustls", loopback(tu), front_pids("u.tls")));
     let mut nginx_pids = children(nginx_pid);
     nginx_pids.push(nginx_pid);
-    variants.push((
-        "nginx 1.22 (OpenSSL 3)",
-        SocketAddr::from(([127, 0, 0, 1], kn)),
-        nginx_pids,
-    ));
+    variants.push(("nginx 1.22 (OpenSSL 3)", loopback(kn), nginx_pids));
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     // Warm-up: every variant, every load, once briefly.

@@ -143,11 +143,8 @@ fn kernel_tls_encrypts_a_loopback_connection() {
 fn the_agent_serves_two_demo_workers_with_ebpf_steering() {
     in_vm();
     let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let agent = Agent::start(
-        "vm-agent",
-        &demo_app("web", &format!("127.0.0.1:{port}"), 2, ""),
-    );
+    let addr = loopback(port);
+    let agent = Agent::start("vm-agent", demo_app("web", loopback(port), 2));
     let pids: BTreeSet<i32> = agent
         .wait_ready("web", 2, Duration::from_secs(60))
         .into_iter()
@@ -225,11 +222,12 @@ fn without_sock_diag_readiness_falls_back_to_the_accept_queue() {
     );
     let port = free_port();
     let late = "if [ $CORRAL_WORKER = 1 ]; then export DEMO_START_DELAY_MS=1500; fi; exec @DEMO@";
-    let apps = format!(
-        "\n[app.web]\ncommand = [\"/bin/sh\", \"-c\", \"{late}\"]\nuser = \"nobody\"\n\
-         [app.web.listen]\naddress = \"127.0.0.1:{port}\"\n[app.web.workers]\ncount = 2\n"
-    );
-    let agent = Agent::start("nodiag", &apps);
+    let app = App::new("web")
+        .command(["/bin/sh", "-c", late])
+        .user("nobody")
+        .address(loopback(port))
+        .count(2);
+    let agent = Agent::start("nodiag", app);
     let t0 = std::time::Instant::now();
     agent.wait_ready("web", 2, Duration::from_secs(60));
     assert!(
@@ -246,7 +244,7 @@ fn without_sock_diag_readiness_falls_back_to_the_accept_queue() {
         !log.contains("not ready:"),
         "no worker was wrongly failed:\n{log}"
     );
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = loopback(port);
     let (status, body) = http_get(addr, "/").expect("GET");
     assert_eq!(status, 200, "{body}");
 }
@@ -261,9 +259,14 @@ fn without_sock_diag_readiness_falls_back_to_the_accept_queue() {
 const MIB: u64 = 1 << 20;
 
 /// Start an agent on `apps` whose `[agent]` table has `cgroup_root` = the test's root and the
-/// lines in `extra`; returns it and the root's path.
-fn cgroup_agent(tag: &str, root: &CgroupRootGuard, extra: &str, apps: &str) -> (Agent, PathBuf) {
-    let agent = Agent::start_with_agent_extra(tag, &format!("{}{extra}", root.agent_line()), apps);
+/// settings in `extra`; returns it and the root's path.
+fn cgroup_agent(
+    tag: &str,
+    root: &CgroupRootGuard,
+    extra: Table,
+    apps: impl std::fmt::Display,
+) -> (Agent, PathBuf) {
+    let agent = Agent::start_with_agent_extra(tag, root.agent_settings().merge(extra), apps);
     (agent, root.path().to_path_buf())
 }
 
@@ -347,13 +350,17 @@ fn tree_is_as_designed_and_removed_on_shutdown() {
     let own_cgroup = proc_cgroup(std::process::id() as i32).expect("own cgroup");
 
     let (pa, pb) = (free_port(), free_port());
-    let limits = "memory_max = \"64MiB\"\npids_max = 32\ncpu_max = 0.5\n";
+    let limits = |app: App| {
+        app.workers("memory_max", "64MiB")
+            .workers("pids_max", 32)
+            .workers("cpu_max", 0.5)
+    };
     let apps = format!(
         "{}{}",
-        demo_app("alpha", &format!("127.0.0.1:{pa}"), 2, limits),
-        demo_app("beta", &format!("127.0.0.1:{pb}"), 1, limits)
+        limits(demo_app("alpha", loopback(pa), 2)),
+        limits(demo_app("beta", loopback(pb), 1))
     );
-    let (mut agent, root_dir) = cgroup_agent("cg-tree", &root, "", &apps);
+    let (mut agent, root_dir) = cgroup_agent("cg-tree", &root, Table::new(), &apps);
     let mut pids = agent.wait_ready("alpha", 2, Duration::from_secs(60));
     pids.extend(agent.wait_ready("beta", 1, Duration::from_secs(60)));
 
@@ -521,14 +528,9 @@ fn oom_kill_is_attributed_and_restarted() {
     in_vm();
     let root = vm_cgroup_root("oom");
     let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let apps = demo_app(
-        "web",
-        &format!("127.0.0.1:{port}"),
-        3,
-        "memory_max = \"64MiB\"\n",
-    );
-    let (agent, _) = cgroup_agent("cg-oom", &root, "", &apps);
+    let addr = loopback(port);
+    let apps = demo_app("web", loopback(port), 3).workers("memory_max", "64MiB");
+    let (agent, _) = cgroup_agent("cg-oom", &root, Table::new(), &apps);
     let before = agent.wait_ready("web", 3, Duration::from_secs(60));
 
     // Whichever worker takes this request touches 200 MiB under a 64 MiB cap: the kernel
@@ -600,14 +602,11 @@ fn memory_high_recycles_without_failed_requests() {
     in_vm();
     let root = vm_cgroup_root("high");
     let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let apps = demo_app(
-        "web",
-        &format!("127.0.0.1:{port}"),
-        2,
-        "memory_max = \"256MiB\"\nmemory_high = \"64MiB\"\n",
-    );
-    let (agent, _) = cgroup_agent("cg-high", &root, "", &apps);
+    let addr = loopback(port);
+    let apps = demo_app("web", loopback(port), 2)
+        .workers("memory_max", "256MiB")
+        .workers("memory_high", "64MiB");
+    let (agent, _) = cgroup_agent("cg-high", &root, Table::new(), &apps);
     let before = agent.wait_ready("web", 2, Duration::from_secs(60));
 
     // A client that keeps asking, one connection per request, until told to stop.
@@ -717,14 +716,12 @@ fn pids_max_contains_a_fork_bomb_and_stop_leaves_nothing() {
     in_vm();
     let root = vm_cgroup_root("pids");
     let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = loopback(port);
     // Two serving threads: the worker is 3 tasks, well under pids.max = 16.
-    let apps = demo_app("web", &format!("127.0.0.1:{port}"), 1, "pids_max = 16\n").replacen(
-        "workdir = \"/tmp\"\n",
-        "workdir = \"/tmp\"\nenv = { DEMO_THREADS = \"2\" }\n",
-        1,
-    );
-    let (mut agent, root_dir) = cgroup_agent("cg-pids", &root, "", &apps);
+    let apps = demo_app("web", loopback(port), 1)
+        .env("DEMO_THREADS", 2)
+        .workers("pids_max", 16);
+    let (mut agent, root_dir) = cgroup_agent("cg-pids", &root, Table::new(), &apps);
     let worker = agent.wait_ready("web", 1, Duration::from_secs(60))[0];
     let status = agent.app_json("web");
     let leaf = leaf_dir(&root_dir, &workers_json(&status)[0]);
@@ -809,25 +806,15 @@ fn budget_refuses_4_x_1GiB_in_3GiB_and_overcommit_allows_it() {
     );
     let root = vm_cgroup_root("budget");
     let port = free_port();
-    let apps = demo_app(
-        "big",
-        &format!("127.0.0.1:{port}"),
-        4,
-        "memory_max = \"1GiB\"\n",
-    );
+    let apps = demo_app("big", loopback(port), 4).workers("memory_max", "1GiB");
 
     // Over budget: the agent refuses to start, with the numbers.
     let dir = TempDir::new("cg-budget-refused");
-    let config = dir.path().join("corral.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}{}",
-            agent_table_with(dir.path(), &root.agent_line()),
-            Agent::expand(&apps, dir.path())
-        ),
-    )
-    .expect("write config");
+    let config = write_config(
+        dir.path(),
+        &AgentTable::private(dir.path()).merge(root.agent_settings()),
+        &apps,
+    );
     let out_path = dir.path().join("agent.out");
     let err_path = dir.path().join("agent.err");
     let mut child = Command::new(bin("corral"))
@@ -875,7 +862,7 @@ fn budget_refuses_4_x_1GiB_in_3GiB_and_overcommit_allows_it() {
     let (agent, root_dir) = cgroup_agent(
         "cg-budget-overcommit",
         &root,
-        "allow_overcommit = true\n",
+        Table::new().set("allow_overcommit", true),
         &apps,
     );
     agent.wait_ready("big", 4, Duration::from_secs(90));
@@ -901,13 +888,8 @@ fn a_restarted_agent_removes_the_cgroups_a_crashed_one_left() {
     in_vm();
     let root = vm_cgroup_root("stale");
     let port = free_port();
-    let apps = demo_app(
-        "web",
-        &format!("127.0.0.1:{port}"),
-        2,
-        "memory_max = \"64MiB\"\n",
-    );
-    let (mut agent, root_dir) = cgroup_agent("cg-stale", &root, "", &apps);
+    let apps = demo_app("web", loopback(port), 2).workers("memory_max", "64MiB");
+    let (mut agent, root_dir) = cgroup_agent("cg-stale", &root, Table::new(), &apps);
     let old = agent.wait_ready("web", 2, Duration::from_secs(60));
     let old_leaves = cgroup_subdirs(&root_dir.join("app-web"));
     assert_eq!(old_leaves.len(), 2, "{old_leaves:?}");
@@ -961,13 +943,10 @@ fn without_clone3_workers_still_run_in_their_own_leaves() {
     in_vm();
     let root = vm_cgroup_root("noclone3");
     let port = free_port();
-    let apps = demo_app(
-        "web",
-        &format!("127.0.0.1:{port}"),
-        2,
-        "memory_max = \"64MiB\"\npids_max = 32\n",
-    );
-    let agent = Agent::start_without_clone3("cg-noclone3", &root.agent_line(), &apps);
+    let apps = demo_app("web", loopback(port), 2)
+        .workers("memory_max", "64MiB")
+        .workers("pids_max", 32);
+    let agent = Agent::start_without_clone3("cg-noclone3", root.agent_settings(), &apps);
     let pids = agent.wait_ready("web", 2, Duration::from_secs(60));
     let root_dir = root.path().to_path_buf();
     for w in workers_json(&agent.app_json("web")) {
@@ -1000,13 +979,10 @@ fn reexec_keeps_workers_in_their_leaves() {
     in_vm();
     let root = vm_cgroup_root("reexec");
     let port = free_port();
-    let apps = demo_app(
-        "web",
-        &format!("127.0.0.1:{port}"),
-        2,
-        "memory_max = \"64MiB\"\nmemory_high = \"48MiB\"\n",
-    );
-    let (mut agent, root_dir) = cgroup_agent("cg-reexec", &root, "", &apps);
+    let apps = demo_app("web", loopback(port), 2)
+        .workers("memory_max", "64MiB")
+        .workers("memory_high", "48MiB");
+    let (mut agent, root_dir) = cgroup_agent("cg-reexec", &root, Table::new(), &apps);
     let pids = agent.wait_ready("web", 2, Duration::from_secs(60));
     let leaves = |agent: &Agent| -> Vec<(i32, PathBuf)> {
         workers_json(&agent.app_json("web"))
@@ -1055,31 +1031,17 @@ fn reexec_keeps_workers_in_their_leaves() {
 
 const TLS_SIZES: [u64; 6] = [0, 1, 16383, 16384, 16385, 1 << 20];
 
-fn tls_apps(app_port: u16, tls_port: u16, extra: &str) -> String {
-    format!(
-        "\n[app.web]\ncommand = [\"@DEMO@\"]\nuser = \"nobody\"\n[app.web.listen]\n\
-         address = \"127.0.0.1:{app_port}\"\n[app.web.workers]\ncount = 2\n\
-         [app.web.tls]\naddress = \"127.0.0.1:{tls_port}\"\ncert = \"@DIR@/a.crt\"\n\
-         key = \"@DIR@/a.key\"\nprocesses = 2\n{extra}\n"
-    )
-}
-
-fn start_tls_agent(tag: &str, extra: &str) -> (Agent, String, SocketAddr, SocketAddr) {
+fn start_tls_agent(tag: &str) -> (Agent, String, SocketAddr, SocketAddr) {
     let (app_port, tls_port) = (free_port(), free_port());
     let (cert, key) = tls::self_signed(&["a.test"]);
-    let cert2 = cert.clone();
-    let agent = Agent::start_with(tag, &tls_apps(app_port, tls_port, extra), move |dir| {
-        std::fs::write(dir.path().join("a.crt"), &cert2).expect("cert");
-        std::fs::write(dir.path().join("a.key"), &key).expect("key");
-    });
+    let agent = Agent::start_with(
+        tag,
+        tls::fronted_demo_app("web", app_port, tls_port),
+        |dir| tls::write_cert(dir.path(), &cert, &key),
+    );
     agent.wait_ready("web", 2, Duration::from_secs(60));
     agent.wait_ready("web.tls", 2, Duration::from_secs(60));
-    (
-        agent,
-        cert,
-        SocketAddr::from(([127, 0, 0, 1], app_port)),
-        SocketAddr::from(([127, 0, 0, 1], tls_port)),
-    )
+    (agent, cert, loopback(app_port), loopback(tls_port))
 }
 
 /// The upper-layer protocol of every TCP socket process `pid` holds (through pidfd_getfd).
@@ -1125,7 +1087,7 @@ fn socket_ulps(pid: i32) -> Vec<String> {
 fn tls_front_serves_through_ktls_and_splice() {
     in_vm();
     let before = tls::tls_stat();
-    let (mut agent, ca, app, front) = start_tls_agent("ktls", "");
+    let (mut agent, ca, app, front) = start_tls_agent("ktls");
     let log = agent.log();
     assert!(
         log.contains("kernel TLS: TLS1.2 AES-128-GCM: tx+rx"),
@@ -1240,7 +1202,7 @@ fn without_tls_ko_auto_falls_back_and_require_refuses() {
             !modules.lines().any(|l| l.starts_with("tls ")),
             "tls still loaded:\n{modules}"
         );
-        let (mut agent, ca, _app, front) = start_tls_agent("ktls-auto", "");
+        let (mut agent, ca, _app, front) = start_tls_agent("ktls-auto");
         let r = tls::get(front, "a.test", &ca, tls::Tls::V13, "/?bytes=20000", false)
             .expect("served in userspace");
         assert_eq!(r.body.len(), 20_000);
@@ -1250,23 +1212,13 @@ fn without_tls_ko_auto_falls_back_and_require_refuses() {
 
         let dir = TempDir::new("ktls-require");
         let (cert, key) = tls::self_signed(&["a.test"]);
-        std::fs::write(dir.path().join("a.crt"), cert).expect("cert");
-        std::fs::write(dir.path().join("a.key"), key).expect("key");
-        let text = format!(
-            "{}{}",
-            agent_table(dir.path()),
-            Agent::expand(
-                &tls_apps(free_port(), free_port(), "ktls = \"require\""),
-                dir.path()
-            )
+        tls::write_cert(dir.path(), &cert, &key);
+        let path = write_config(
+            dir.path(),
+            &AgentTable::private(dir.path()),
+            tls::fronted_demo_app("web", free_port(), free_port()).tls("ktls", "require"),
         );
-        let path = dir.path().join("corral.toml");
-        std::fs::write(&path, text).expect("config");
-        let out = Command::new(bin("corral"))
-            .args(["agent", "-c"])
-            .arg(&path)
-            .output()
-            .expect("corral agent");
+        let out = refused_agent(&path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{err}");
         assert!(err.contains("require"), "{err}");

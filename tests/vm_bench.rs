@@ -36,56 +36,17 @@ fn in_vm() {
     );
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// The `<pid> <ns>` lines of a DEMO_STARTED_FILE.
-fn started_lines(file: &Path) -> Vec<(i32, u64)> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (pid, ns) = l.split_once(' ')?;
-            Some((pid.parse().ok()?, ns.parse().ok()?))
-        })
-        .collect()
-}
-
 /// An app of `count` corral-demo workers with one serving thread each, reporting their start
-/// in `started`; `workers_extra` goes into its workers table. A stable worker (10 ms) restarts
-/// at once, without backoff, however often it is killed.
-fn bench_app(port: u16, count: usize, started: &Path, workers_extra: &str) -> String {
-    format!(
-        r#"
-[app.web]
-command = ["@DEMO@"]
-user = "nobody"
-group = "nogroup"
-workdir = "/tmp"
-env = {{ DEMO_THREADS = "1", DEMO_STARTED_FILE = "{started}" }}
-
-[app.web.listen]
-address = "127.0.0.1:{port}"
-
-[app.web.workers]
-count = {count}
-stop_timeout = "5s"
-ready_timeout = "120s"
-{workers_extra}
-[app.web.restart]
-reset_after = "10ms"
-max_restarts = 1000000
-window = "1s"
-"#,
-        started = started.display()
-    )
+/// in `started`. A stable worker (10 ms) restarts at once, without backoff, however often it is
+/// killed.
+fn bench_app(port: u16, count: usize, started: &Path) -> App {
+    demo_app("web", loopback(port), count)
+        .env("DEMO_THREADS", 1)
+        .env("DEMO_STARTED_FILE", started.display())
+        .workers("ready_timeout", "120s")
+        .restart("reset_after", "10ms")
+        .restart("max_restarts", 1000000)
+        .restart("window", "1s")
 }
 
 /// One agent of the respawn benchmark and what was measured on it.
@@ -282,8 +243,8 @@ fn respawn_with_and_without_cgroup_leaves() {
     let t = Instant::now();
     let a = Agent::start_with_agent_extra(
         "bench-a",
-        &root.agent_line(),
-        &bench_app(free_port(), WORKERS, &start_a, "memory_max = \"64MiB\"\n"),
+        root.agent_settings(),
+        bench_app(free_port(), WORKERS, &start_a).workers("memory_max", "64MiB"),
     );
     let pids_a = a.wait_ready("web", WORKERS, Duration::from_secs(300));
     println!(
@@ -292,7 +253,7 @@ fn respawn_with_and_without_cgroup_leaves() {
         cgroups_line(&a)
     );
     let t = Instant::now();
-    let b = Agent::start("bench-b", &bench_app(free_port(), WORKERS, &start_b, ""));
+    let b = Agent::start("bench-b", bench_app(free_port(), WORKERS, &start_b));
     let pids_b = b.wait_ready("web", WORKERS, Duration::from_secs(300));
     println!(
         "bench cgroup: (b) {WORKERS} workers ready in {:.1} s; cgroups: {}",
@@ -428,8 +389,8 @@ fn rss_agent(root: &CgroupRootGuard, tag: &str, count: usize, files: &TempDir) -
     // workers really use is far less (printed below).
     let agent = Agent::start_with_agent_extra(
         tag,
-        &format!("{}allow_overcommit = true\n", root.agent_line()),
-        &bench_app(free_port(), count, &started, "memory_max = \"16MiB\"\n"),
+        root.agent_settings().set("allow_overcommit", true),
+        bench_app(free_port(), count, &started).workers("memory_max", "16MiB"),
     );
     // Fail at once, not at a timeout, when a worker cannot even be started (e.g. the agent is
     // out of fds).

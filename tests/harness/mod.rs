@@ -5,8 +5,9 @@
 //! with `cargo build --workspace --bins` (`cargo xtask test` does).
 
 use std::collections::BTreeSet;
+use std::fmt::Display;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +16,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use corral::control::{AppStatus, Request, Response, WorkerStatus};
+pub use corral_testkit::{
+    free_port, loopback, monotonic_ns, pid_alive, started_lines, terminate, AgentTable, App,
+    ChildGuard, KillOnDrop, Table, Value,
+};
 
 pub mod tls;
 
@@ -76,19 +81,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    // Ports handed out in this process are never reused, even if the OS offers them again.
-    static USED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind ephemeral");
-        let port = l.local_addr().expect("addr").port();
-        if USED.lock().expect("lock").insert(port) {
-            return port;
-        }
-    }
-}
-
 /// Poll `f` until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -101,17 +93,6 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
             "timed out after {timeout:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-pub fn pid_alive(pid: i32) -> bool {
-    // A zombie still answers kill(0); look at /proc state instead.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
     }
 }
 
@@ -128,133 +109,98 @@ pub struct Agent {
     no_clone3: bool,
     /// The corral binary to run, when not the build's.
     binary: Option<PathBuf>,
-    /// Lines added to the `[agent]` table (see [`agent_table_with`]).
-    agent_extra: String,
+    /// Settings added to the `[agent]` table (see [`Agent::start_with_agent_extra`]).
+    agent_extra: Table,
 }
 
-/// An app table running corral-demo as `nobody` on `address` with `count` workers; `extra` is
-/// appended to its `[app.NAME.workers]` table.
-pub fn demo_app(name: &str, address: &str, count: u32, extra: &str) -> String {
-    format!(
-        r#"
-[app.{name}]
-command = ["@DEMO@"]
-user = "nobody"
-group = "nogroup"
-workdir = "/tmp"
-
-[app.{name}.listen]
-address = "{address}"
-
-[app.{name}.workers]
-count = {count}
-stop_timeout = "5s"
-{extra}
-"#
-    )
+/// An app running corral-demo (`@DEMO@`, see [`Agent::expand`]) as `nobody`:`nogroup` in /tmp
+/// on `address` with `count` workers, given 5 s to stop.
+pub fn demo_app(name: &str, address: impl Display, count: usize) -> App {
+    App::new(name)
+        .command(["@DEMO@"])
+        .user("nobody")
+        .set("group", "nogroup")
+        .set("workdir", "/tmp")
+        .address(address)
+        .count(count)
+        .workers("stop_timeout", "5s")
 }
 
-/// The `[agent]` table every test config starts with: state in the test's own directory.
-pub fn agent_table(dir: &Path) -> String {
-    format!(
-        "[agent]\nstate_dir = \"{0}/run\"\ncontrol_socket = \"{0}/run/control.sock\"\nbpf_pin_dir = \"{0}/bpf\"\ninclude = []\n\n",
-        dir.display()
-    )
+/// `corral agent --config CONFIG` run to its exit, for a config it must refuse.
+pub fn refused_agent(config: &Path) -> std::process::Output {
+    Command::new(bin("corral"))
+        .args(["agent", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corral agent")
 }
 
-/// [`agent_table`] with `extra` (TOML lines, e.g. `cgroup_root = "..."`) inside the `[agent]`
-/// table, after `include = []`.
-pub fn agent_table_with(dir: &Path, extra: &str) -> String {
-    let table = agent_table(dir);
-    if extra.is_empty() {
-        return table;
-    }
-    let mut lines = extra.to_string();
-    if !lines.ends_with('\n') {
-        lines.push('\n');
-    }
-    table.replacen("include = []\n", &format!("include = []\n{lines}"), 1)
+/// Write `dir/corral.toml`: `agent` (usually [`AgentTable::private`]) and then `apps` (app
+/// tables, expanded by [`Agent::expand`]). Returns its path.
+pub fn write_config(dir: &Path, agent: &AgentTable, apps: impl Display) -> PathBuf {
+    let config = dir.join("corral.toml");
+    let text = format!("{agent}{}", Agent::expand(&apps.to_string(), dir));
+    std::fs::write(&config, text).expect("write config");
+    config
 }
 
 impl Agent {
-    /// Write `apps` (TOML app tables; `@DEMO@` is replaced by the demo binary's path, `@DIR@`
-    /// by the test directory) after an `[agent]` table, start the agent, wait for its control
-    /// socket.
-    pub fn start(tag: &str, apps: &str) -> Agent {
-        Self::start_with(tag, apps, |_| {})
+    /// Write `apps` (app tables, e.g. [`App`]s; `@DEMO@` is replaced by the demo binary's path,
+    /// `@DIR@` by the test directory) after an [`AgentTable::private`] to this test's
+    /// directory, start the agent, wait for its control socket.
+    pub fn start(tag: &str, apps: impl Display) -> Agent {
+        Self::configure(tag, apps, |_| {}, Table::new()).spawned()
     }
 
     /// Like [`Agent::start`], with `prepare` run on the test directory before the agent starts.
-    pub fn start_with(tag: &str, apps: &str, prepare: impl FnOnce(&TempDir)) -> Agent {
-        Self::build(tag, apps, prepare, &[])
+    pub fn start_with(tag: &str, apps: impl Display, prepare: impl FnOnce(&TempDir)) -> Agent {
+        Self::configure(tag, apps, prepare, Table::new()).spawned()
     }
 
     /// Like [`Agent::start`], with the agent run under `wrapper` (e.g. `setpriv ...`).
-    pub fn start_wrapped(tag: &str, apps: &str, wrapper: &[&str]) -> Agent {
-        Self::build(tag, apps, |_| {}, wrapper)
+    pub fn start_wrapped(tag: &str, apps: impl Display, wrapper: &[&str]) -> Agent {
+        let mut agent = Self::configure(tag, apps, |_| {}, Table::new());
+        agent.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        agent.spawned()
     }
 
-    /// Like [`Agent::start`], with `agent_extra` (TOML lines such as `cgroup_root = "..."` or
-    /// `allow_overcommit = true`) added to the `[agent]` table; [`Agent::rewrite_config`] keeps
-    /// them.
-    pub fn start_with_agent_extra(tag: &str, agent_extra: &str, apps: &str) -> Agent {
-        Self::build_with(tag, apps, |_| {}, &[], agent_extra)
+    /// Like [`Agent::start`], with `agent_extra` (settings such as `cgroup_root` or
+    /// `allow_overcommit`) added to the `[agent]` table; [`Agent::rewrite_config`] keeps them.
+    pub fn start_with_agent_extra(tag: &str, agent_extra: Table, apps: impl Display) -> Agent {
+        Self::configure(tag, apps, |_| {}, agent_extra).spawned()
     }
 
     /// Like [`Agent::start`], running the agent from `binary` (a copy of corral, which a test
     /// may replace as a package upgrade does) instead of the build's.
-    pub fn start_binary(tag: &str, apps: &str, binary: &Path) -> Agent {
-        let mut agent = Self::configure(tag, apps, |_| {}, &[], "");
+    pub fn start_binary(tag: &str, apps: impl Display, binary: &Path) -> Agent {
+        let mut agent = Self::configure(tag, apps, |_| {}, Table::new());
         agent.binary = Some(binary.to_path_buf());
-        agent.spawn();
-        agent
+        agent.spawned()
     }
 
     /// Like [`Agent::start_with_agent_extra`], with the agent (and so everything it starts)
     /// under a seccomp filter that fails clone3 with ENOSYS, as systemd's RestrictNamespaces=
     /// and older container profiles do.
-    pub fn start_without_clone3(tag: &str, agent_extra: &str, apps: &str) -> Agent {
-        let mut agent = Self::configure(tag, apps, |_| {}, &[], agent_extra);
+    pub fn start_without_clone3(tag: &str, agent_extra: Table, apps: impl Display) -> Agent {
+        let mut agent = Self::configure(tag, apps, |_| {}, agent_extra);
         agent.no_clone3 = true;
-        agent.spawn();
-        agent
-    }
-
-    fn build(tag: &str, apps: &str, prepare: impl FnOnce(&TempDir), wrapper: &[&str]) -> Agent {
-        Self::build_with(tag, apps, prepare, wrapper, "")
-    }
-
-    fn build_with(
-        tag: &str,
-        apps: &str,
-        prepare: impl FnOnce(&TempDir),
-        wrapper: &[&str],
-        agent_extra: &str,
-    ) -> Agent {
-        let mut agent = Self::configure(tag, apps, prepare, wrapper, agent_extra);
-        agent.spawn();
-        agent
+        agent.spawned()
     }
 
     /// The test directory and config, not started yet.
     fn configure(
         tag: &str,
-        apps: &str,
+        apps: impl Display,
         prepare: impl FnOnce(&TempDir),
-        wrapper: &[&str],
-        agent_extra: &str,
+        agent_extra: Table,
     ) -> Agent {
         require_root();
         remember_panic_messages();
         let dir = TempDir::new(tag);
         prepare(&dir);
-        let config = dir.path().join("corral.toml");
-        let text = format!(
-            "{}{}",
-            agent_table_with(dir.path(), agent_extra),
-            Self::expand(apps, dir.path())
-        );
-        std::fs::write(&config, text).expect("write config");
+        let agent_table = AgentTable::private(dir.path()).merge(agent_extra.clone());
+        let config = write_config(dir.path(), &agent_table, apps);
         let socket = dir.path().join("run/control.sock");
         let log = dir.path().join("agent.log");
         Agent {
@@ -264,11 +210,16 @@ impl Agent {
             log,
             child: None,
             seen_pids: Mutex::new(BTreeSet::new()),
-            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-            agent_extra: agent_extra.to_string(),
+            wrapper: Vec::new(),
+            agent_extra,
             no_clone3: false,
             binary: None,
         }
+    }
+
+    fn spawned(mut self) -> Agent {
+        self.spawn();
+        self
     }
 
     /// Start the agent process (again) on this directory's config; wait for its control socket.
@@ -342,13 +293,9 @@ impl Agent {
     }
 
     /// Replace the config file (for reload tests).
-    pub fn rewrite_config(&self, apps: &str) {
-        let text = format!(
-            "{}{}",
-            agent_table_with(self.dir.path(), &self.agent_extra),
-            Self::expand(apps, self.dir.path())
-        );
-        std::fs::write(&self.config, text).expect("write config");
+    pub fn rewrite_config(&self, apps: impl Display) {
+        let agent = AgentTable::private(self.dir.path()).merge(self.agent_extra.clone());
+        write_config(self.dir.path(), &agent, apps);
     }
 
     pub fn log(&self) -> String {
@@ -457,26 +404,15 @@ impl Agent {
     /// Send SIGTERM and wait for the agent to exit; returns its exit code.
     pub fn stop(&mut self, timeout: Duration) -> Option<i32> {
         let mut child = self.child.take()?;
-        // SAFETY: signalling our own unreaped child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "agent did not exit within {timeout:?} of SIGTERM; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        match terminate(&mut child, timeout) {
+            Some(status) => status.code(),
+            None => panic!(
+                "agent did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                self.log()
+            ),
         }
     }
 
-    /// Every worker pid any status call has shown.
     /// `corral reexec` against this agent: (exit code, stdout and stderr).
     pub fn reexec(&self) -> (i32, String) {
         let out = Command::new(bin("corral"))
@@ -508,6 +444,7 @@ impl Agent {
         }
     }
 
+    /// Every worker pid any status call has shown.
     pub fn seen_pids(&self) -> BTreeSet<i32> {
         self.seen_pids.lock().expect("lock").clone()
     }
@@ -516,14 +453,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own unreaped child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            terminate(&mut child, Duration::from_secs(10));
         }
         // Workers die with the agent (PR_SET_PDEATHSIG); make sure of it.
         for pid in self.seen_pids() {
@@ -702,31 +632,6 @@ pub fn proc_environ(pid: i32) -> Vec<(String, String)> {
         .collect()
 }
 
-/// SIGKILLs the pids it holds when dropped (processes a test made that no agent may clean up,
-/// e.g. a worker's forked children when cgroups do not contain them).
-#[derive(Default)]
-pub struct KillOnDrop(Mutex<Vec<i32>>);
-
-impl KillOnDrop {
-    pub fn new() -> KillOnDrop {
-        KillOnDrop::default()
-    }
-    pub fn add(&self, pids: impl IntoIterator<Item = i32>) {
-        self.0.lock().expect("lock").extend(pids);
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for &pid in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            if pid > 1 && pid_alive(pid) {
-                // SAFETY: kill(2) with a positive pid this test recorded; harmless if it is gone.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 /// Where the VM tier's /init mounts cgroup2.
 pub const CGROUP_FS: &str = "/sys/fs/cgroup";
 
@@ -763,9 +668,9 @@ impl CgroupRootGuard {
     pub fn path(&self) -> &Path {
         &self.path
     }
-    /// The `cgroup_root = "..."` line for the `[agent]` table.
-    pub fn agent_line(&self) -> String {
-        format!("cgroup_root = \"{}\"\n", self.path.display())
+    /// `cgroup_root` for the `[agent]` table.
+    pub fn agent_settings(&self) -> Table {
+        Table::new().set("cgroup_root", self.path.as_path())
     }
 }
 

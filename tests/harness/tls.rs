@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,23 @@ pub fn self_signed(names: &[&str]) -> (String, String) {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
     (ck.cert.pem(), ck.key_pair.serialize_pem())
+}
+
+/// `cert` and `key` as `a.crt` and `a.key` in `dir`, where [`fronted_demo_app`] looks.
+pub fn write_cert(dir: &Path, cert: &str, key: &str) {
+    std::fs::write(dir.join("a.crt"), cert).expect("write a.crt");
+    std::fs::write(dir.join("a.key"), key).expect("write a.key");
+}
+
+/// [`crate::demo_app`] with two workers on 127.0.0.1:`port` behind a TLS front of two
+/// processes on 127.0.0.1:`tls_port`, serving `a.crt` and `a.key` of the test directory (see
+/// [`write_cert`]).
+pub fn fronted_demo_app(name: &str, port: u16, tls_port: u16) -> crate::App {
+    crate::demo_app(name, crate::loopback(port), 2)
+        .tls("address", crate::loopback(tls_port))
+        .tls("cert", "@DIR@/a.crt")
+        .tls("key", "@DIR@/a.key")
+        .tls("processes", 2)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,39 +9,16 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use corral_testkit::{
+    free_port, loopback, monotonic_ns, started_lines as lines, AgentTable, App, ChildGuard,
+    KillOnDrop,
+};
 
 use crate::{is_root, root, run};
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn lines(file: &Path) -> Vec<(i32, u64)> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (pid, ns) = l.split_once(' ')?;
-            Some((pid.parse().ok()?, ns.parse().ok()?))
-        })
-        .collect()
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// Kill the newest worker `kills` times; each sample is kill -> replacement's first line.
 fn measure(file: &Path, kills: usize, what: &str) -> Result<Vec<Duration>> {
@@ -104,29 +81,46 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-struct KillOnDrop(Option<Child>, Vec<PathBuf>);
+/// The pids of every worker listed in a started file.
+fn pids(file: &Path) -> impl Iterator<Item = i32> {
+    lines(file).into_iter().map(|(pid, _)| pid)
+}
 
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            // SAFETY: our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Any worker still listed in the started files.
-        for f in &self.1 {
-            for (pid, _) in lines(f) {
-                // SAFETY: pids this benchmark's own workers reported; kill of a gone pid is a
-                // harmless ESRCH.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
+/// What a benchmark of the agent runs: release builds of corral and corral-demo.
+pub struct Release {
+    /// target/release/corral.
+    pub corral: PathBuf,
+    /// A fresh, world-readable work directory under the temp dir, left for the benchmark to
+    /// remove when it succeeds (its logs are there when it fails).
+    pub dir: PathBuf,
+    /// A copy of corral-demo in `dir`: the workers run as `nobody`, who may not reach a checkout
+    /// under /root.
+    pub demo: PathBuf,
+}
+
+/// Build corral and corral-demo in release mode and make [`Release::dir`],
+/// `corral-bench-<name>-<pid>`.
+pub fn release_build(name: &str) -> Result<Release> {
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            // The binaries are read from target/release below, whatever built xtask.
+            .env_remove("CARGO_TARGET_DIR")
+            .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]),
+    )?;
+    let release = root().join("target/release");
+    let dir = std::env::temp_dir().join(format!("corral-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let demo = dir.join("corral-demo");
+    std::fs::copy(release.join("corral-demo"), &demo)?;
+    std::fs::set_permissions(&demo, std::fs::Permissions::from_mode(0o755))?;
+    Ok(Release {
+        corral: release.join("corral"),
+        dir,
+        demo,
+    })
 }
 
 pub fn restart(rest: &[&str]) -> Result<()> {
@@ -139,19 +133,7 @@ pub fn restart(rest: &[&str]) -> Result<()> {
         bail!("the benchmark runs an agent: run it as root");
     }
     crate::ensure_packages()?;
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]),
-    )?;
-    let release = root().join("target/release");
-    let dir = std::env::temp_dir().join(format!("corral-bench-restart-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let demo = dir.join("corral-demo");
-    std::fs::copy(release.join("corral-demo"), &demo)?;
-    std::fs::set_permissions(&demo, std::fs::Permissions::from_mode(0o755))?;
+    let Release { corral, dir, demo } = release_build("restart")?;
     let started_corral = dir.join("started-corral");
     let started_sh = dir.join("started-sh");
     for f in [&started_corral, &started_sh] {
@@ -160,36 +142,23 @@ pub fn restart(rest: &[&str]) -> Result<()> {
     }
 
     // corral: one worker, a restart policy that restarts a stable worker at once.
-    let port = free_port()?;
+    let app = App::new("bench")
+        .command([demo.display().to_string()])
+        .user("nobody")
+        .env("DEMO_STARTED_FILE", started_corral.display())
+        .env("DEMO_THREADS", 2)
+        .address(loopback(free_port()))
+        .count(1)
+        .restart("reset_after", "10ms")
+        .restart("max_restarts", 1000000)
+        .restart("window", "1s");
     let config = dir.join("corral.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[agent]
-state_dir = "{dir}/run"
-control_socket = "{dir}/run/control.sock"
-include = []
-
-[app.bench]
-command = ["{demo}"]
-user = "nobody"
-env = {{ DEMO_STARTED_FILE = "{started}", DEMO_THREADS = "2" }}
-[app.bench.listen]
-address = "127.0.0.1:{port}"
-[app.bench.workers]
-count = 1
-[app.bench.restart]
-reset_after = "10ms"
-max_restarts = 1000000
-window = "1s"
-"#,
-            dir = dir.display(),
-            demo = demo.display(),
-            started = started_corral.display()
-        ),
-    )?;
+    std::fs::write(&config, format!("{}{app}", AgentTable::private(&dir)))?;
     let log = std::fs::File::create(dir.join("agent.log"))?;
-    let agent = Command::new(release.join("corral"))
+    // Workers the agent has not stopped when this returns (early, on an error) are killed
+    // after it: the guards drop in the reverse order of their making.
+    let strays = KillOnDrop::new();
+    let agent = Command::new(&corral)
         .args(["agent", "--config"])
         .arg(&config)
         .stdin(Stdio::null())
@@ -197,13 +166,15 @@ window = "1s"
         .stderr(log)
         .spawn()
         .context("starting the agent")?;
-    let mut guard = KillOnDrop(Some(agent), vec![started_corral.clone()]);
+    let agent = ChildGuard::with_grace(agent, Duration::from_secs(10));
     eprintln!("bench restart: corral, {kills} kills");
-    let corral = measure(&started_corral, kills, "corral")?;
-    drop(guard.0.take().map(|c| KillOnDrop(Some(c), vec![])));
+    let corral = measure(&started_corral, kills, "corral");
+    strays.add(pids(&started_corral));
+    let corral = corral?;
+    drop(agent);
 
     // The baseline: a shell loop respawning the same binary on its own socket.
-    let port = free_port()?;
+    let port = free_port();
     let sh = Command::new("/bin/sh")
         .arg("-c")
         .arg(r#"while :; do "$0" --listen "$1" --reuseport; done"#)
@@ -216,17 +187,14 @@ window = "1s"
         .stderr(Stdio::null())
         .spawn()
         .context("starting the shell loop")?;
-    let sh_pid = sh.id() as i32;
-    let shell_guard = KillOnDrop(None, vec![started_sh.clone()]);
+    let sh = ChildGuard::new(sh);
     eprintln!("bench restart: shell loop, {kills} kills");
     let result = measure(&started_sh, kills, "shell loop");
-    // SAFETY: our own child; kill the loop first so it does not respawn.
-    unsafe { libc::kill(sh_pid, libc::SIGKILL) };
-    let mut sh = sh;
-    let _ = sh.wait();
-    drop(shell_guard);
+    // Kill the loop first so it does not respawn, then what it started.
+    drop(sh);
+    strays.add(pids(&started_sh));
     let shell = result?;
-    drop(guard);
+    drop(strays);
     let _ = std::fs::remove_dir_all(&dir);
 
     let (c, s) = (stats(corral), stats(shell));

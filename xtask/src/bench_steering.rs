@@ -31,13 +31,14 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use corral_testkit::{die_with_parent, free_port, loopback, AgentTable, App, ChildGuard};
 
-use crate::{is_root, root, run};
+use crate::is_root;
 
 const WORKERS: usize = 4;
 /// corral's default listen backlog; the shared socket gets the same.
@@ -592,33 +593,6 @@ fn closed_loop(servers: &Servers, length: Duration) -> (u64, u64, Cpu) {
 // ---------------------------------------------------------------------------------------------
 // The servers
 
-/// Processes this benchmark started; killed (and reaped) when dropped.
-struct KillOnDrop {
-    /// SIGTERM first, SIGKILL after 10 s (the agent: it stops its workers).
-    agent: Option<Child>,
-    /// SIGKILL at once.
-    others: Vec<Child>,
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.agent.take() {
-            // SAFETY: our own child, not yet reaped (so the pid is still ours).
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for c in &mut self.others {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// A running set of four workers behind one address.
 struct Servers {
     addr: SocketAddr,
@@ -630,32 +604,12 @@ struct Servers {
     control: Option<PathBuf>,
     /// What steers connections, as the agent reports it.
     steering: String,
-    _guard: KillOnDrop,
+    /// The processes this benchmark started for them (the agent, or the workers sharing a
+    /// socket), stopped when the servers are dropped: an agent by SIGTERM (it stops its
+    /// workers) and SIGKILL after 10 s, a worker by SIGKILL.
+    _processes: Vec<ChildGuard>,
     /// The shared listening socket, kept open by us too while the workers run.
     _listener: Option<std::net::TcpListener>,
-}
-
-/// In a child before exec: SIGKILL it if the benchmark dies without running its guards (the
-/// agent then takes its workers down with it). Runs after std's uid change, which would clear
-/// it. Only async-signal-safe calls.
-fn die_with_parent() -> std::io::Result<()> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid have no memory effects.
-    unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // The parent may have died before the prctl.
-        if libc::getppid() == 1 {
-            return Err(std::io::Error::from(ErrorKind::Other));
-        }
-    }
-    Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn nobody() -> Result<(u32, u32)> {
@@ -688,10 +642,7 @@ fn start_shared(demo: &Path, dir: &Path, threads: u32, accept: &str) -> Result<S
     notify.set_read_timeout(Some(Duration::from_secs(20)))?;
     let (uid, gid) = nobody()?;
     let log = std::fs::File::create(dir.join("shared.log"))?;
-    let mut guard = KillOnDrop {
-        agent: None,
-        others: Vec::new(),
-    };
+    let mut workers = Vec::new();
     for worker in 0..WORKERS {
         let mut cmd = Command::new("/bin/sh");
         // The shell learns its pid and execs the demo in place, so LISTEN_PID is the demo's.
@@ -728,9 +679,9 @@ fn start_shared(demo: &Path, dir: &Path, threads: u32, accept: &str) -> Result<S
                 die_with_parent()
             })
         };
-        guard
-            .others
-            .push(cmd.spawn().context("starting a shared-socket worker")?);
+        workers.push(ChildGuard::new(
+            cmd.spawn().context("starting a shared-socket worker")?,
+        ));
     }
     let mut buf = [0u8; 256];
     for _ in 0..WORKERS {
@@ -744,14 +695,14 @@ fn start_shared(demo: &Path, dir: &Path, threads: u32, accept: &str) -> Result<S
             );
         }
     }
-    let pids = guard.others.iter().map(|c| c.id() as i32).collect();
+    let pids = workers.iter().map(ChildGuard::pid).collect();
     Ok(Servers {
         addr,
         pids,
         agent_pid: None,
         control: None,
         steering: "one shared accept queue (SO_REUSEADDR socket, no SO_REUSEPORT)".into(),
-        _guard: guard,
+        _processes: workers,
         _listener: Some(listener),
     })
 }
@@ -786,31 +737,17 @@ fn start_corral(
     let dir = dir.join(steering);
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let port = free_port()?;
+    let addr = loopback(free_port());
+    let app = App::new("bench")
+        .command([demo.display().to_string()])
+        .user("nobody")
+        .env("DEMO_THREADS", threads)
+        .env("DEMO_ACCEPT", accept)
+        .address(addr)
+        .listen("steering", steering)
+        .count(WORKERS);
     let config = dir.join("corral.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[agent]
-state_dir = "{dir}/run"
-control_socket = "{dir}/run/control.sock"
-include = []
-bpf_pin_dir = "{dir}/bpf"
-
-[app.bench]
-command = ["{demo}"]
-user = "nobody"
-env = {{ DEMO_THREADS = "{threads}", DEMO_ACCEPT = "{accept}" }}
-[app.bench.listen]
-address = "127.0.0.1:{port}"
-steering = "{steering}"
-[app.bench.workers]
-count = {WORKERS}
-"#,
-            dir = dir.display(),
-            demo = demo.display(),
-        ),
-    )?;
+    std::fs::write(&config, format!("{}{app}", AgentTable::private(&dir)))?;
     let log_path = dir.join("agent.log");
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = Command::new(corral);
@@ -821,15 +758,14 @@ count = {WORKERS}
         .stderr(log);
     // SAFETY: the closure only calls prctl/getppid (async-signal-safe) and allocates nothing.
     unsafe { cmd.pre_exec(die_with_parent) };
-    let agent = cmd.spawn().context("starting the agent")?;
-    let mut guard = KillOnDrop {
-        agent: Some(agent),
-        others: Vec::new(),
-    };
+    let mut agent = ChildGuard::with_grace(
+        cmd.spawn().context("starting the agent")?,
+        Duration::from_secs(10),
+    );
     let control = dir.join("run/control.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     let app = loop {
-        if let Some(Ok(Some(st))) = guard.agent.as_mut().map(|c| c.try_wait()) {
+        if let Some(st) = agent.try_wait() {
             bail!(
                 "the {steering} agent exited with {st}; see {}",
                 log_path.display()
@@ -864,14 +800,14 @@ count = {WORKERS}
             }
         }
     }
-    let agent_pid = guard.agent.as_ref().map(|c| c.id() as i32);
+    let agent_pid = Some(agent.pid());
     Ok(Servers {
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        addr,
         pids,
         agent_pid,
         control: Some(control),
         steering: app["steering"].as_str().unwrap_or("?").to_string(),
-        _guard: guard,
+        _processes: vec![agent],
         _listener: None,
     })
 }
@@ -1014,23 +950,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         );
     }
     crate::ensure_packages()?;
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(root())
-            // The binaries are read from target/release below, whatever built xtask.
-            .env_remove("CARGO_TARGET_DIR")
-            .args(["build", "--release", "-p", "corral", "-p", "corral-demo"]),
-    )?;
-    let release = root().join("target/release");
-    let corral = release.join("corral");
-    let dir = std::env::temp_dir().join(format!("corral-bench-steering-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    // The workers run as `nobody`, who may not reach a checkout under /root.
-    let demo = dir.join("corral-demo");
-    std::fs::copy(release.join("corral-demo"), &demo)?;
-    std::fs::set_permissions(&demo, std::fs::Permissions::from_mode(0o755))?;
+    let crate::bench::Release { corral, dir, demo } = crate::bench::release_build("steering")?;
 
     // One schedule per segment, the same for every variant.
     let plans: Vec<Vec<Planned>> = (0..o.segments)
