@@ -482,9 +482,10 @@ fn on_failure_and_never_policies() {
 fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
-    let fits = demo_app("web", &address, 2, "memory_max = \"4GiB\"\n");
+    let fits = demo_app("web", &address, 2).workers("memory_max", "4GiB");
     // This host cannot enforce memory caps (hybrid cgroups); the budget is checked all the same.
-    let mut agent = Agent::start_with_agent_extra("budget", "enforce_limits = false\n", &fits);
+    let mut agent =
+        Agent::start_with_agent_extra("budget", Table::new().set("enforce_limits", false), &fits);
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
 
     // 1000 x 4GiB does not fit in any machine this runs on.
@@ -495,7 +496,7 @@ fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
         "{err}"
     );
 
-    let over = demo_app("web", &address, 2, "memory_max = \"512GiB\"\n");
+    let over = fits.clone().workers("memory_max", "512GiB");
     agent.rewrite_config(&over);
     let (code, out, err) = corral(&agent, &["reload"]);
     assert_eq!(code, 1, "{out}{err}");
@@ -531,7 +532,7 @@ fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
     );
 
     // Back within budget, the same commands work.
-    agent.rewrite_config(&fits.replace("count = 2", "count = 3"));
+    agent.rewrite_config(fits.count(3));
     let (code, out, err) = corral(&agent, &["reload"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(

@@ -603,19 +603,13 @@ fn get_later(a: SocketAddr, path: &str) -> std::thread::JoinHandle<(i32, Instant
 fn one_at_a_time_workers_share_one_accept_queue() {
     let _one = one_at_a_time();
     let port = free_port();
-    let apps = format!(
-        r#"
-[app.web]
-command = ["@DIR@/bin/gunicorn"]
-user = "nobody"
-env = {{ DEMO_THREADS = "1" }}
-[app.web.listen]
-address = "127.0.0.1:{port}"
-[app.web.workers]
-count = 4
-stop_timeout = "5s"
-"#
-    );
+    let apps = App::new("web")
+        .command(["@DIR@/bin/gunicorn"])
+        .user("nobody")
+        .env("DEMO_THREADS", 1)
+        .address(loopback(port))
+        .count(4)
+        .workers("stop_timeout", "5s");
     // A gunicorn by name (the demo, one request at a time): what `auto` reads is the command.
     let agent = Agent::start_with("shared", &apps, |dir| {
         std::fs::create_dir_all(dir.path().join("bin")).expect("bin dir");
@@ -630,7 +624,7 @@ stop_timeout = "5s"
     for p in &pids {
         assert_eq!(fd3(*p), socket, "every worker has the one socket on fd 3");
     }
-    let a = addr(port);
+    let a = loopback(port);
 
     // One long request and three short ones occupy the four workers.
     let long = get_later(a, "/?delay_ms=8000");
