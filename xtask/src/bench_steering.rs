@@ -373,8 +373,13 @@ fn proc_jiffies(pid: &str) -> u64 {
 /// The machine is shared (builds, tests): wait, up to 30 s, until it has been nearly idle
 /// (under 10% busy, the idle servers included) for a second, so a variant does not start in the
 /// middle of someone else's burst. Says so when it gives up.
-pub(crate) fn wait_quiet() {
-    let deadline = Instant::now() + Duration::from_secs(30);
+fn wait_quiet() {
+    wait_quiet_for(Duration::from_secs(30))
+}
+
+/// [`wait_quiet`], giving up after `limit`.
+pub(crate) fn wait_quiet_for(limit: Duration) {
+    let deadline = Instant::now() + limit;
     let mut quiet = 0;
     let mut last = cpu_jiffies();
     while quiet < 2 {
@@ -385,7 +390,7 @@ pub(crate) fn wait_quiet() {
         quiet = if busy < 0.10 { quiet + 1 } else { 0 };
         if Instant::now() > deadline {
             eprintln!(
-                "bench steering: the machine is still busy ({:.0}%); going on",
+                "bench: the machine is still busy ({:.0}%); going on",
                 busy * 100.0
             );
             return;

@@ -75,7 +75,7 @@ tasks:
                     vs. least-loaded, 3 ABBA blocks of 5 s rounds (root). --quick: one 3 s
                     segment per variant, one block of 1 s rounds
   bench peers [--quick] [--apps wsgi,sync,async] [--loads 40,70] [--rates R1,R2] [--rounds N]
-              [--warmup S] [--measure S] [--storm S] [--retries N] [--hash]
+              [--warmup S] [--measure S] [--storm S] [--retries N] [--quiet-wait S] [--hash]
                     corral least-loaded (4 workers, each the app's own single-process server on
                     corral's socket) against the real peers' multi-worker modes, with real Python
                     apps from a venv of pinned PyPI packages (target/bench/venv, from Debian's
@@ -84,12 +84,14 @@ tasks:
                     gunicorn -k UvicornWorker -w 4). Open loop, Poisson, a new connection per
                     request, mix 90.8% 1 ms CPU, 9% 15 ms CPU, 0.2% 100 ms sleep, at rates
                     calibrated to the servers using --loads percent of the CPUs (default 40,70;
-                    --rates R1,R2: fixed rates instead), --rounds (default 3) interleaved rounds
-                    of --warmup (2) + --measure (6) seconds per server; p50/p99/p99.9 overall
-                    and per class, share per worker, CPU, the ratios of issue 10. Then kill
+                    --rates R1,R2: fixed rates instead), --rounds (default 4) interleaved rounds
+                    of --warmup (2) + --measure (5) seconds per server; p50/p99/p99.9 overall
+                    and per class, share per worker, where requests landed (sent to a busy
+                    worker while one was idle), CPU, the ratios of issue 10. Then kill
                     storms: a serving process SIGKILLed every 1.5 s for --storm seconds
                     (default 15; 0 skips). --hash adds corral's hash steering. --retries:
-                    rounds disturbed by other processes are measured again (default 1).
+                    rounds disturbed by other processes are measured again (default 1);
+                    --quiet-wait: up to S s (default 10) for a quiet machine before each.
                     --quick: one round of 1 + 3 s, 6 s storms (root)
 ";
 

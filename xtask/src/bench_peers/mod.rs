@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::bench_steering::{
-    handler_cpu_ms, online_cpus, open_loop, schedule, status, summarize, wait_quiet, Acc,
+    handler_cpu_ms, online_cpus, open_loop, schedule, status, summarize, wait_quiet_for, Acc,
     DISTURBED, SEED,
 };
 use crate::{is_root, root, run};
 
+mod placement;
 mod plan;
 mod procs;
 mod python;
@@ -38,6 +39,7 @@ mod report;
 mod servers;
 mod storm;
 
+use placement::Placement;
 use plan::{AppReport, LoadReport, Options, KILL_EVERY, MIX};
 use servers::{App, Ctx, Running};
 
@@ -94,7 +96,7 @@ fn calibrate(r: &Running, o: &Options) -> Result<(f64, f64)> {
     let rate = 0.2 * cpus * 1000.0 / 4.0;
     let warmup = Duration::from_secs(1);
     let plan = schedule(MIX, rate, warmup + o.calibrate, SEED ^ 0xca1b);
-    wait_quiet();
+    wait_quiet_for(o.quiet_wait);
     let res = open_loop(&r.servers, MIX, &plan, warmup, o.calibrate);
     if res.completed_in_window == 0 {
         bail!("calibration: no request to {} completed", r.name);
@@ -155,6 +157,7 @@ fn run_app(ctx: &Ctx, app: App, o: &Options) -> Result<AppReport> {
             .map(|p| p.iter().filter(|p| p.at >= o.warmup).count())
             .sum();
         let mut acc: Vec<Acc> = running.iter().map(|_| Acc::default()).collect();
+        let mut places = vec![Placement::default(); running.len()];
         for (k, plan) in plans.iter().enumerate() {
             let mut order: Vec<usize> = (0..running.len()).collect();
             if k % 2 == 1 {
@@ -163,7 +166,7 @@ fn run_app(ctx: &Ctx, app: App, o: &Options) -> Result<AppReport> {
             for v in order {
                 let mut attempts = 0;
                 loop {
-                    wait_quiet();
+                    wait_quiet_for(o.quiet_wait);
                     let r = open_loop(&running[v].servers, MIX, plan, o.warmup, o.measure);
                     attempts += 1;
                     let others = r.cpu.others();
@@ -182,6 +185,7 @@ fn run_app(ctx: &Ctx, app: App, o: &Options) -> Result<AppReport> {
                         failed
                     );
                     if others <= DISTURBED || attempts > o.retries {
+                        places[v].add(Placement::of(&r, &running[v].servers.pids));
                         acc[v].add(r, others > DISTURBED);
                         acc[v].repeats += attempts - 1;
                         break;
@@ -215,6 +219,7 @@ fn run_app(ctx: &Ctx, app: App, o: &Options) -> Result<AppReport> {
             rate,
             planned_rate: planned as f64 / measure.as_secs_f64(),
             results,
+            placement: places,
         });
     }
 
@@ -229,7 +234,7 @@ fn run_app(ctx: &Ctx, app: App, o: &Options) -> Result<AppReport> {
             o.storm.as_secs_f64()
         );
         for r in &running {
-            wait_quiet();
+            wait_quiet_for(o.quiet_wait);
             let s = storm::storm(
                 ctx,
                 r,

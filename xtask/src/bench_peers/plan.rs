@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use super::placement::Placement;
 use super::servers::{App, Variant};
 use super::storm::StormResult;
 use crate::bench_steering::{Mix, Summary};
@@ -39,24 +40,27 @@ pub(super) struct Options {
     pub(super) hash: bool,
     /// A measurement disturbed by other processes is taken again up to this many times.
     pub(super) retries: usize,
+    /// How long to wait for the machine to be quiet before each measurement.
+    pub(super) quiet_wait: Duration,
     pub(super) quick: bool,
 }
 
 const USAGE_ARGS: &str = "[--quick] [--apps wsgi,sync,async] [--loads 40,70] [--rates R1,R2] \
-    [--rounds N] [--warmup S] [--measure S] [--storm S] [--retries N] [--hash]";
+    [--rounds N] [--warmup S] [--measure S] [--storm S] [--retries N] [--quiet-wait S] [--hash]";
 
 pub(super) fn parse(rest: &[&str]) -> Result<Options> {
     let mut o = Options {
         apps: App::ALL.to_vec(),
         loads: vec![0.40, 0.70],
         rates: None,
-        rounds: 3,
+        rounds: 4,
         warmup: Duration::from_secs(2),
-        measure: Duration::from_secs(6),
+        measure: Duration::from_secs(5),
         calibrate: Duration::from_secs(5),
         storm: Duration::from_secs(15),
         hash: false,
         retries: 1,
+        quiet_wait: Duration::from_secs(10),
         quick: false,
     };
     let mut it = rest.iter();
@@ -117,6 +121,7 @@ pub(super) fn parse(rest: &[&str]) -> Result<Options> {
             "--warmup" => o.warmup = secs(it.next(), "--warmup")?,
             "--measure" => o.measure = secs(it.next(), "--measure")?,
             "--storm" => explicit_storm = Some(secs(it.next(), "--storm")?),
+            "--quiet-wait" => o.quiet_wait = secs(it.next(), "--quiet-wait")?,
             other => bail!("bench peers: unexpected argument {other}; usage: {USAGE_ARGS}"),
         }
     }
@@ -154,6 +159,8 @@ pub(super) struct LoadReport {
     /// The schedules' own rate over the measured windows.
     pub(super) planned_rate: f64,
     pub(super) results: Vec<(Variant, Summary)>,
+    /// Where the requests landed, per server (as `results`).
+    pub(super) placement: Vec<Placement>,
 }
 
 pub(super) struct AppReport {

@@ -268,7 +268,23 @@ fn print_load(l: &LoadReport, r: &AppReport) {
             s.cpu.others() * 100.0
         );
     }
-    println!("\n(latencies in ms)");
+    println!("\n(latencies in ms)\n");
+    println!(
+        "| where requests landed (from the client) | sent to a busy worker while another was idle \
+         | sent to a worker with more in flight than the least busy | in flight on their worker / \
+         on the least busy, at the send (mean) |"
+    );
+    println!("| --- | --- | --- | --- |");
+    for ((_, s), p) in l.results.iter().zip(&l.placement) {
+        let (theirs, least) = p.means();
+        println!(
+            "| {} | {:.1}% | {:.1}% | {theirs:.2} / {least:.2} |",
+            s.name,
+            p.busy_while_idle_pct(),
+            p.behind_more_pct()
+        );
+    }
+    println!();
     for (_, s) in &l.results {
         let mut notes = Vec::new();
         if s.peak_in_flight >= CLIENT_THREADS {
