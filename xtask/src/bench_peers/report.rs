@@ -359,7 +359,15 @@ fn print_storms(r: &AppReport, o: &Options) {
         println!(
             "| {} | {} | {} | {} | {} / {} / {} / {} / {} | {} | {} | {} | {} | {} | {} | {} |",
             s.name,
-            s.kills.len(),
+            if s.no_victim > 0 {
+                format!(
+                    "{} ({} times no worker was serving)",
+                    s.kills.len(),
+                    s.no_victim
+                )
+            } else {
+                s.kills.len().to_string()
+            },
             s.requests,
             s.failed(),
             f(Failure::Refused),

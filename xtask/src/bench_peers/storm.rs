@@ -33,6 +33,8 @@ pub(super) struct StormResult {
     pub(super) warmup_failures: usize,
     pub(super) examples: Vec<String>,
     pub(super) kills: Vec<Kill>,
+    /// Kill times at which no process was serving (every worker killed and none back yet).
+    pub(super) no_victim: usize,
     /// Successful requests scheduled in the measured window.
     pub(super) p99: Duration,
     pub(super) p99_fast: Duration,
@@ -103,15 +105,16 @@ pub(super) fn storm(
                     return;
                 }
                 sleep_until(at);
-                if let Some(k) = kill_one(ctx, r) {
-                    kills.lock().expect("not poisoned").push(k);
-                }
+                // None: no process was serving at that moment (all killed and not back yet).
+                kills.lock().expect("not poisoned").push(kill_one(ctx, r));
                 i += 1;
             }
         });
         open_loop(&r.servers, mix, &plan, warmup, length)
     });
-    let kills = kills.into_inner().expect("not poisoned");
+    let kills: Vec<Option<Kill>> = kills.into_inner().expect("not poisoned");
+    let no_victim = kills.iter().filter(|k| k.is_none()).count();
+    let kills: Vec<Kill> = kills.into_iter().flatten().collect();
     let mut failures = BTreeMap::new();
     let mut examples = Vec::new();
     let mut ok = Vec::new();
@@ -153,6 +156,7 @@ pub(super) fn storm(
         warmup_failures: load.warmup_failures,
         examples,
         kills,
+        no_victim,
         p99: pct(ok.clone(), 0.99),
         p99_fast: pct(fast, 0.99),
         max: pct(ok, 1.0),
