@@ -40,7 +40,7 @@ use corral_testkit::{die_with_parent, free_port, loopback, AgentTable, App, Chil
 
 use crate::is_root;
 
-const WORKERS: usize = 4;
+pub(crate) const WORKERS: usize = 4;
 /// corral's default listen backlog; the shared socket gets the same.
 const BACKLOG: i32 = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,10 +48,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open-loop client threads. At most this many requests are in flight; the report says how
 /// close the run came (a run that used them all did not keep its schedule).
-const CLIENT_THREADS: usize = 256;
+pub(crate) const CLIENT_THREADS: usize = 256;
 /// Closed-loop client threads for the connection-rate phase.
 const RATE_CLIENTS: usize = 8;
-const SEED: u64 = 0x5eed_c077_a1b2;
+pub(crate) const SEED: u64 = 0x5eed_c077_a1b2;
+
+/// A request mix: (share of requests, path, label) per class; the shares add up to 1.
+pub(crate) type Mix = [(f64, &'static str, &'static str)];
 
 /// The request mix: (share of requests, path, label). Mostly cheap requests, some ten times as
 /// costly in CPU, and a few that hold their worker thread without using the CPU (a slow
@@ -59,7 +62,7 @@ const SEED: u64 = 0x5eed_c077_a1b2;
 /// it: with 1% of 100 ms sleeps, p99 read 100.3-100.4 ms in every variant whatever the
 /// steering (and often still did at 0.5%), so the sleeping share is 0.2%: p99 is left to
 /// queueing, and p99.9 is about the 100 ms sleep by construction.
-const MIX: &[(f64, &str, &str)] = &[
+const MIX: &Mix = &[
     (0.908, "/?burn_ms=1", "1 ms CPU"),
     (0.09, "/?burn_ms=10", "10 ms CPU"),
     (0.002, "/?delay_ms=100", "100 ms sleep"),
@@ -155,15 +158,15 @@ impl Rng {
 }
 
 #[derive(Clone, Copy)]
-struct Planned {
+pub(crate) struct Planned {
     /// Offset from the start of the run.
-    at: Duration,
-    /// Index into [`MIX`].
-    class: usize,
+    pub(crate) at: Duration,
+    /// Index into the [`Mix`].
+    pub(crate) class: usize,
 }
 
-/// Poisson arrivals at `rate` per second over `length`.
-fn schedule(rate: f64, length: Duration, seed: u64) -> Vec<Planned> {
+/// Poisson arrivals at `rate` per second over `length`, each of a class drawn from `mix`.
+pub(crate) fn schedule(mix: &Mix, rate: f64, length: Duration, seed: u64) -> Vec<Planned> {
     let mut rng = Rng(seed);
     let mut t = 0.0;
     let mut out = Vec::new();
@@ -174,8 +177,8 @@ fn schedule(rate: f64, length: Duration, seed: u64) -> Vec<Planned> {
         }
         let u = rng.unit();
         let mut acc = 0.0;
-        let mut class = MIX.len() - 1;
-        for (i, (share, _, _)) in MIX.iter().enumerate() {
+        let mut class = mix.len() - 1;
+        for (i, (share, _, _)) in mix.iter().enumerate() {
             acc += share;
             if u <= acc {
                 class = i;
@@ -193,14 +196,14 @@ fn schedule(rate: f64, length: Duration, seed: u64) -> Vec<Planned> {
 // One request
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Failure {
+pub(crate) enum Failure {
     Refused,
     Reset,
     Timeout,
     Other,
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Ok(i32),
     Failed(Failure, String),
 }
@@ -217,14 +220,14 @@ fn classify(e: &std::io::Error) -> Failure {
 }
 
 /// The request for `path`, on a connection of its own.
-fn http_get(path: &str) -> Vec<u8> {
+pub(crate) fn http_get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 /// Send `req` (from [`http_get`]) on a new connection and read the response to EOF (the server
 /// closes first). `abort`: then close with a reset (SO_LINGER 0) instead of a FIN, so the
 /// server's socket is freed at once instead of lingering in TIME_WAIT.
-fn request(addr: SocketAddr, req: &[u8], abort: bool) -> Outcome {
+pub(crate) fn request(addr: SocketAddr, req: &[u8], abort: bool) -> Outcome {
     let fail =
         |e: std::io::Error, what: &str| Outcome::Failed(classify(&e), format!("{what}: {e}"));
     let mut s = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
@@ -287,52 +290,52 @@ fn request(addr: SocketAddr, req: &[u8], abort: bool) -> Outcome {
 // ---------------------------------------------------------------------------------------------
 // Open loop
 
-struct Record {
-    class: usize,
+pub(crate) struct Record {
+    pub(crate) class: usize,
     /// Scheduled time -> response read to the end (failures: -> the failure).
-    latency: Duration,
+    pub(crate) latency: Duration,
     /// Scheduled time -> the client thread starting the request.
-    lag: Duration,
+    pub(crate) lag: Duration,
     /// Start of the run -> done.
-    done: Duration,
-    outcome: Outcome,
+    pub(crate) done: Duration,
+    pub(crate) outcome: Outcome,
 }
 
-struct LoadResult {
+pub(crate) struct LoadResult {
     /// Requests scheduled in the measured window, in no particular order.
-    measured: Vec<Record>,
+    pub(crate) measured: Vec<Record>,
     /// Successful responses completed inside the measured window (whenever scheduled).
-    completed_in_window: usize,
-    warmup_failures: usize,
-    peak_in_flight: usize,
-    cpu: Cpu,
+    pub(crate) completed_in_window: usize,
+    pub(crate) warmup_failures: usize,
+    pub(crate) peak_in_flight: usize,
+    pub(crate) cpu: Cpu,
 }
 
 /// CPU use over the measured window, as shares of all CPUs' time.
 #[derive(Clone, Copy, Default)]
-struct Cpu {
+pub(crate) struct Cpu {
     /// The whole machine, stolen time (the hypervisor ran someone else) excluded.
-    busy: f64,
+    pub(crate) busy: f64,
     /// The client (this process).
-    client: f64,
+    pub(crate) client: f64,
     /// The workers and the agent.
-    servers: f64,
+    pub(crate) servers: f64,
     /// The agent alone (included in `servers`).
-    agent: f64,
-    steal: f64,
+    pub(crate) agent: f64,
+    pub(crate) steal: f64,
 }
 
 impl Cpu {
     /// What neither the benchmark's servers nor its client used: other processes on this
     /// shared machine (and a little kernel work charged to no process).
-    fn others(&self) -> f64 {
+    pub(crate) fn others(&self) -> f64 {
         (self.busy - self.servers - self.client).max(0.0)
     }
 }
 
 /// A measurement during which other processes used more than this share of the CPUs is
 /// repeated (each variant and each block of connection-rate rounds alike).
-const DISTURBED: f64 = 0.10;
+pub(crate) const DISTURBED: f64 = 0.10;
 /// At most this many measurements of one segment (then the last one counts, and the report
 /// says it was disturbed). Connection-rate blocks: at most as many discarded as asked for.
 const ATTEMPTS: usize = 5;
@@ -372,7 +375,12 @@ fn proc_jiffies(pid: &str) -> u64 {
 /// (under 10% busy, the idle servers included) for a second, so a variant does not start in the
 /// middle of someone else's burst. Says so when it gives up.
 fn wait_quiet() {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_quiet_for(Duration::from_secs(30))
+}
+
+/// [`wait_quiet`], giving up after `limit`.
+pub(crate) fn wait_quiet_for(limit: Duration) {
+    let deadline = Instant::now() + limit;
     let mut quiet = 0;
     let mut last = cpu_jiffies();
     while quiet < 2 {
@@ -383,7 +391,7 @@ fn wait_quiet() {
         quiet = if busy < 0.10 { quiet + 1 } else { 0 };
         if Instant::now() > deadline {
             eprintln!(
-                "bench steering: the machine is still busy ({:.0}%); going on",
+                "bench: the machine is still busy ({:.0}%); going on",
                 busy * 100.0
             );
             return;
@@ -424,23 +432,24 @@ impl CpuSample {
     }
 }
 
-fn sleep_until(t: Instant) {
+pub(crate) fn sleep_until(t: Instant) {
     let now = Instant::now();
     if t > now {
         std::thread::sleep(t - now);
     }
 }
 
-/// Run `plan` against `servers`.
-fn open_loop(
+/// Run `plan` (requests of `mix`) against `servers`.
+pub(crate) fn open_loop(
     servers: &Servers,
+    mix: &Mix,
     plan: &[Planned],
     warmup: Duration,
     measure: Duration,
 ) -> LoadResult {
     let addr = servers.addr;
     let start = Instant::now() + Duration::from_millis(200);
-    let requests: Vec<Vec<u8>> = MIX.iter().map(|m| http_get(m.1)).collect();
+    let requests: Vec<Vec<u8>> = mix.iter().map(|m| http_get(m.1)).collect();
     let next = AtomicUsize::new(0);
     let in_flight = AtomicUsize::new(0);
     let peak = AtomicUsize::new(0);
@@ -520,18 +529,18 @@ fn open_loop(
 
 /// One variant's segments, merged.
 #[derive(Default)]
-struct Acc {
+pub(crate) struct Acc {
     measured: Vec<Record>,
     completed_in_window: usize,
     warmup_failures: usize,
     peak_in_flight: usize,
     cpu: Cpu,
-    repeats: usize,
-    disturbed: usize,
+    pub(crate) repeats: usize,
+    pub(crate) disturbed: usize,
 }
 
 impl Acc {
-    fn add(&mut self, r: LoadResult, disturbed: bool) {
+    pub(crate) fn add(&mut self, r: LoadResult, disturbed: bool) {
         self.measured.extend(r.measured);
         self.completed_in_window += r.completed_in_window;
         self.warmup_failures += r.warmup_failures;
@@ -545,7 +554,7 @@ impl Acc {
     }
 
     /// The whole as one [`LoadResult`]: CPU shares averaged over the (equal) segments.
-    fn into_result(self, segments: usize) -> LoadResult {
+    pub(crate) fn into_result(self, segments: usize) -> LoadResult {
         let n = segments.max(1) as f64;
         LoadResult {
             measured: self.measured,
@@ -594,25 +603,25 @@ fn closed_loop(servers: &Servers, length: Duration) -> (u64, u64, Cpu) {
 // The servers
 
 /// A running set of four workers behind one address.
-struct Servers {
-    addr: SocketAddr,
+pub(crate) struct Servers {
+    pub(crate) addr: SocketAddr,
     /// Worker pids in slot (spawn) order.
-    pids: Vec<i32>,
+    pub(crate) pids: Vec<i32>,
     /// The agent's, for corral.
-    agent_pid: Option<i32>,
+    pub(crate) agent_pid: Option<i32>,
     /// For corral: `corral status --json` needs it.
-    control: Option<PathBuf>,
+    pub(crate) control: Option<PathBuf>,
     /// What steers connections, as the agent reports it.
-    steering: String,
+    pub(crate) steering: String,
     /// The processes this benchmark started for them (the agent, or the workers sharing a
     /// socket), stopped when the servers are dropped: an agent by SIGTERM (it stops its
     /// workers) and SIGKILL after 10 s, a worker by SIGKILL.
-    _processes: Vec<ChildGuard>,
+    pub(crate) _processes: Vec<ChildGuard>,
     /// The shared listening socket, kept open by us too while the workers run.
-    _listener: Option<std::net::TcpListener>,
+    pub(crate) _listener: Option<std::net::TcpListener>,
 }
 
-fn nobody() -> Result<(u32, u32)> {
+pub(crate) fn nobody() -> Result<(u32, u32)> {
     let name = c"nobody";
     // SAFETY: a NUL-terminated name; the result is read at once, before any other NSS call.
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
@@ -707,7 +716,7 @@ fn start_shared(demo: &Path, dir: &Path, threads: u32, accept: &str) -> Result<S
     })
 }
 
-fn status(corral: &Path, control: &Path) -> Result<serde_json::Value> {
+pub(crate) fn status(corral: &Path, control: &Path) -> Result<serde_json::Value> {
     let out = Command::new(corral)
         .args(["status", "--json", "--socket"])
         .arg(control)
@@ -734,15 +743,27 @@ fn start_corral(
     threads: u32,
     accept: &str,
 ) -> Result<Servers> {
-    let dir = dir.join(steering);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let addr = loopback(free_port());
     let app = App::new("bench")
         .command([demo.display().to_string()])
         .user("nobody")
         .env("DEMO_THREADS", threads)
-        .env("DEMO_ACCEPT", accept)
+        .env("DEMO_ACCEPT", accept);
+    start_corral_with(corral, &dir.join(steering), steering, app)
+}
+
+/// A corral agent in `dir` running `app` (its command, user, env, restart...) with [`WORKERS`]
+/// workers on a free loopback port, steered by `steering`. Returns when every worker is ready.
+pub(crate) fn start_corral_with(
+    corral: &Path,
+    dir: &Path,
+    steering: &str,
+    app: App,
+) -> Result<Servers> {
+    let dir = dir.to_path_buf();
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let addr = loopback(free_port());
+    let app = app
         .address(addr)
         .listen("steering", steering)
         .count(WORKERS);
@@ -815,35 +836,50 @@ fn start_corral(
 // ---------------------------------------------------------------------------------------------
 // Report
 
-struct Summary {
-    name: &'static str,
-    steering: String,
-    throughput: f64,
-    p50: Duration,
-    p99: Duration,
-    p999: Duration,
-    max: Duration,
-    /// p99 per request class of [`MIX`].
-    class_p99: Vec<Duration>,
-    failures: BTreeMap<Failure, usize>,
-    failure_examples: Vec<String>,
-    shares: Vec<f64>,
+pub(crate) struct Summary {
+    pub(crate) name: &'static str,
+    pub(crate) steering: String,
+    pub(crate) throughput: f64,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) p999: Duration,
+    pub(crate) max: Duration,
+    /// p50, p99 and p99.9 per request class of the [`Mix`].
+    pub(crate) class_p50: Vec<Duration>,
+    pub(crate) class_p99: Vec<Duration>,
+    pub(crate) class_p999: Vec<Duration>,
+    pub(crate) failures: BTreeMap<Failure, usize>,
+    pub(crate) failure_examples: Vec<String>,
+    pub(crate) shares: Vec<f64>,
     /// Responses from no known worker pid.
-    strays: usize,
-    lag_p99: Duration,
-    lag_max: Duration,
-    peak_in_flight: usize,
-    warmup_failures: usize,
-    cpu: Cpu,
-    program: Option<serde_json::Value>,
-    restarts: u64,
+    pub(crate) strays: usize,
+    pub(crate) lag_p99: Duration,
+    pub(crate) lag_max: Duration,
+    pub(crate) peak_in_flight: usize,
+    pub(crate) warmup_failures: usize,
+    pub(crate) cpu: Cpu,
+    pub(crate) program: Option<serde_json::Value>,
+    pub(crate) restarts: u64,
     /// Segments measured again because other processes used the CPUs.
-    repeats: usize,
+    pub(crate) repeats: usize,
     /// Segments kept although disturbed (after [`ATTEMPTS`]).
-    disturbed: usize,
+    pub(crate) disturbed: usize,
 }
 
-fn pct(mut v: Vec<Duration>, q: f64) -> Duration {
+/// The CPU per request that the handlers of `mix` burn (`/?burn_ms=N`), in ms.
+pub(crate) fn handler_cpu_ms(mix: &Mix) -> f64 {
+    mix.iter()
+        .map(|(share, path, _)| {
+            share
+                * path
+                    .strip_prefix("/?burn_ms=")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+pub(crate) fn pct(mut v: Vec<Duration>, q: f64) -> Duration {
     if v.is_empty() {
         return Duration::ZERO;
     }
@@ -851,15 +887,16 @@ fn pct(mut v: Vec<Duration>, q: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * q).round() as usize]
 }
 
-fn summarize(
+pub(crate) fn summarize(
     name: &'static str,
     servers: &Servers,
+    mix: &Mix,
     r: LoadResult,
     measure: Duration,
     after: Option<serde_json::Value>,
 ) -> Summary {
     let mut ok_lat = Vec::new();
-    let mut by_class = vec![Vec::new(); MIX.len()];
+    let mut by_class = vec![Vec::new(); mix.len()];
     let mut failures = BTreeMap::new();
     let mut examples: Vec<String> = Vec::new();
     let mut by_pid: HashMap<i32, usize> = HashMap::new();
@@ -911,7 +948,9 @@ fn summarize(
         p99: pct(ok_lat.clone(), 0.99),
         p999: pct(ok_lat.clone(), 0.999),
         max: pct(ok_lat, 1.0),
-        class_p99: by_class.into_iter().map(|v| pct(v, 0.99)).collect(),
+        class_p50: by_class.iter().map(|v| pct(v.clone(), 0.5)).collect(),
+        class_p99: by_class.iter().map(|v| pct(v.clone(), 0.99)).collect(),
+        class_p999: by_class.into_iter().map(|v| pct(v, 0.999)).collect(),
         failures,
         failure_examples: examples,
         shares,
@@ -928,11 +967,11 @@ fn summarize(
     }
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-fn met(ok: bool) -> &'static str {
+pub(crate) fn met(ok: bool) -> &'static str {
     if ok {
         "met"
     } else {
@@ -954,7 +993,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
 
     // One schedule per segment, the same for every variant.
     let plans: Vec<Vec<Planned>> = (0..o.segments)
-        .map(|k| schedule(o.rate, o.warmup + o.segment, SEED + k as u64))
+        .map(|k| schedule(MIX, o.rate, o.warmup + o.segment, SEED + k as u64))
         .collect();
     let measure = o.segment * o.segments as u32;
     let planned: usize = plans
@@ -965,16 +1004,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         .iter()
         .map(|(share, path, label)| format!("{:.1}% `{path}` ({label})", share * 100.0))
         .collect();
-    let cpu_per_req: f64 = MIX
-        .iter()
-        .map(|(share, path, _)| {
-            share
-                * path
-                    .strip_prefix("/?burn_ms=")
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-        })
-        .sum();
+    let cpu_per_req = handler_cpu_ms(MIX);
     eprintln!(
         "bench steering: {WORKERS} workers x {} threads, {} accept; open loop, Poisson {:.0} req/s ({:.0}% \
          of the CPUs in request handlers alone); per variant {} segments of {} s warm-up + {} s \
@@ -1018,7 +1048,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
             let mut attempts = 0;
             loop {
                 wait_quiet();
-                let r = open_loop(&servers[v], plan, o.warmup, o.segment);
+                let r = open_loop(&servers[v], MIX, plan, o.warmup, o.segment);
                 attempts += 1;
                 let others = r.cpu.others();
                 let p99 = pct(
@@ -1053,7 +1083,14 @@ pub fn steering(rest: &[&str]) -> Result<()> {
             None => None,
         };
         let (repeats, disturbed) = (a.repeats, a.disturbed);
-        let mut sum = summarize(variants[v].0, s, a.into_result(o.segments), measure, after);
+        let mut sum = summarize(
+            variants[v].0,
+            s,
+            MIX,
+            a.into_result(o.segments),
+            measure,
+            after,
+        );
         sum.repeats = repeats;
         sum.disturbed = disturbed;
         results.push(sum);
@@ -1344,7 +1381,7 @@ impl RateSummary {
     }
 }
 
-fn online_cpus() -> usize {
+pub(crate) fn online_cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

@@ -7,6 +7,8 @@
 //!   bench cgroup    in the VM tier: worker respawn with vs. without a cgroup leaf; agent RSS
 //!   bench steering  open-loop tail latency and per-worker share: one shared accept socket vs.
 //!                   corral's hash, round-robin and least-loaded steering; connection-rate cost
+//!   bench peers     the same kind of load on real Python apps: corral vs. uvicorn --workers,
+//!                   gunicorn -w, gunicorn + UvicornWorker; then kill storms
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +16,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_peers;
 mod bench_steering;
 mod bench_tls;
 mod package;
@@ -71,6 +74,25 @@ tasks:
                     measured each. Then /healthz connections per second, closed loop, hash
                     vs. least-loaded, 3 ABBA blocks of 5 s rounds (root). --quick: one 3 s
                     segment per variant, one block of 1 s rounds
+  bench peers [--quick] [--apps wsgi,sync,async] [--loads 40,70] [--rates R1,R2] [--rounds N]
+              [--warmup S] [--measure S] [--storm S] [--retries N] [--quiet-wait S] [--hash]
+                    corral least-loaded (4 workers, each the app's own single-process server on
+                    corral's socket) against the real peers' multi-worker modes, with real Python
+                    apps from a venv of pinned PyPI packages (target/bench/venv, from Debian's
+                    python3): a WSGI app (4 x gunicorn -w 1 vs gunicorn -w 4), FastAPI with sync
+                    and with async endpoints (4 x uvicorn --fd 3 vs uvicorn --workers 4 and
+                    gunicorn -k UvicornWorker -w 4). Open loop, Poisson, a new connection per
+                    request, mix 90.8% 1 ms CPU, 9% 15 ms CPU, 0.2% 100 ms sleep, at rates
+                    calibrated to the servers using --loads percent of the CPUs (default 40,70;
+                    --rates R1,R2: fixed rates instead), --rounds (default 4) interleaved rounds
+                    of --warmup (2) + --measure (5) seconds per server; p50/p99/p99.9 overall
+                    and per class, share per worker, where requests landed (sent to a busy
+                    worker while one was idle), CPU, the ratios of issue 10. Then kill
+                    storms: a serving process SIGKILLed every 1.5 s for --storm seconds
+                    (default 15; 0 skips). --hash adds corral's hash steering. --retries:
+                    rounds disturbed by other processes are measured again (default 1);
+                    --quiet-wait: up to S s (default 10) for a quiet machine before each.
+                    --quick: one round of 1 + 3 s, 6 s storms (root)
 ";
 
 fn main() -> Result<()> {
@@ -83,6 +105,7 @@ fn main() -> Result<()> {
         ["bench", "restart", rest @ ..] => bench::restart(rest),
         ["bench", "cgroup", rest @ ..] => vm::bench_cgroup(rest),
         ["bench", "steering", rest @ ..] => bench_steering::steering(rest),
+        ["bench", "peers", rest @ ..] => bench_peers::peers(rest),
         ["bench", "tls", rest @ ..] => bench_tls::tls(rest),
         ["package", rest @ ..] => package::package(rest),
         ["help" | "--help" | "-h"] | [] => {
