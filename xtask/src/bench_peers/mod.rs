@@ -9,7 +9,8 @@
 //!     inside the event loop: corral with 4 x `uvicorn --fd 3` against `uvicorn --workers 4`
 //!     and `gunicorn -k uvicorn_worker.UvicornWorker -w 4`.
 //!
-//! corral steers least-loaded (its default; `--hash` adds the kernel's hash for reference).
+//! corral runs with its default `steering = "auto"` (what a user gets: a shared queue for
+//! gunicorn's sync workers, least-loaded for uvicorn); `--corral` names others to compare.
 //! The peers are what users run today: one shared listening socket that every worker accepts
 //! from. Every process runs as `nobody` from a venv of pinned PyPI packages (python.rs).
 //!
@@ -110,7 +111,7 @@ fn run_app(ctx: &Ctx, app: App, o: &Options) -> Result<AppReport> {
     eprintln!("bench peers: {}", app.title());
     let mut running = Vec::new();
     let mut started = Vec::new();
-    for v in app.variants(o.hash) {
+    for v in app.variants(&o.corral) {
         let r = servers::start(ctx, app, v)?;
         eprintln!("bench peers:   started {}: {}", r.name, r.servers.steering);
         started.push((r.name, r.servers.steering.clone()));

@@ -37,7 +37,8 @@ pub(super) struct Options {
     pub(super) calibrate: Duration,
     /// Length of each kill storm (zero: none).
     pub(super) storm: Duration,
-    pub(super) hash: bool,
+    /// corral's steerings to run, the first compared with the targets.
+    pub(super) corral: Vec<&'static str>,
     /// A measurement disturbed by other processes is taken again up to this many times.
     pub(super) retries: usize,
     /// How long to wait for the machine to be quiet before each measurement.
@@ -46,7 +47,11 @@ pub(super) struct Options {
 }
 
 const USAGE_ARGS: &str = "[--quick] [--apps wsgi,sync,async] [--loads 40,70] [--rates R1,R2] \
-    [--rounds N] [--warmup S] [--measure S] [--storm S] [--retries N] [--quiet-wait S] [--hash]";
+    [--rounds N] [--warmup S] [--measure S] [--storm S] [--retries N] [--quiet-wait S] \
+    [--corral auto,least-loaded,hash,shared,round-robin] [--hash]";
+
+/// What `--corral` takes: corral's `steering` values.
+const STEERINGS: [&str; 5] = ["auto", "least-loaded", "shared", "round-robin", "hash"];
 
 pub(super) fn parse(rest: &[&str]) -> Result<Options> {
     let mut o = Options {
@@ -58,7 +63,7 @@ pub(super) fn parse(rest: &[&str]) -> Result<Options> {
         measure: Duration::from_secs(5),
         calibrate: Duration::from_secs(5),
         storm: Duration::from_secs(15),
-        hash: false,
+        corral: vec!["auto"],
         retries: 1,
         quiet_wait: Duration::from_secs(10),
         quick: false,
@@ -81,7 +86,21 @@ pub(super) fn parse(rest: &[&str]) -> Result<Options> {
     while let Some(a) = it.next() {
         match *a {
             "--quick" => o.quick = true,
-            "--hash" => o.hash = true,
+            "--hash" => o.corral.push("hash"),
+            "--corral" => {
+                let v = it.next().context("--corral takes a list of steerings")?;
+                o.corral = v
+                    .split(',')
+                    .map(|k| {
+                        STEERINGS
+                            .into_iter()
+                            .find(|s| *s == k.trim())
+                            .with_context(|| {
+                                format!("--corral: unknown steering {k} ({})", STEERINGS.join(", "))
+                            })
+                    })
+                    .collect::<Result<_>>()?;
+            }
             "--apps" => {
                 let v = it.next().context("--apps takes wsgi,sync,async")?;
                 o.apps = v

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::plan::{AppReport, LoadReport, Options, KILL_EVERY, MIX};
 use super::python;
-use super::servers::{Ctx, Variant};
+use super::servers::Ctx;
 use super::storm::StormResult;
 use crate::bench_steering::{
     handler_cpu_ms, met, ms, online_cpus, Failure, Summary, CLIENT_THREADS, DISTURBED,
@@ -76,10 +76,12 @@ fn kind(f: Failure) -> &'static str {
     }
 }
 
+/// The corral run compared with the targets: the first corral variant (its default steering
+/// unless `--corral` said otherwise).
 fn corral_ll(l: &LoadReport) -> Option<&Summary> {
     l.results
         .iter()
-        .find(|(v, _)| *v == Variant::Corral("least-loaded"))
+        .find(|(v, _)| v.is_corral())
         .map(|(_, s)| s)
 }
 
@@ -92,7 +94,7 @@ fn best_peer(l: &LoadReport, f: impl Fn(&Summary) -> Duration) -> Option<&Summar
         .min_by_key(|s| f(s))
 }
 
-/// One ratio row: corral least-loaded's value of `f` over the best peer's.
+/// One ratio row: corral's value of `f` over the best peer's.
 struct Ratio {
     value: f64,
     corral: Duration,
@@ -319,7 +321,7 @@ fn print_load(l: &LoadReport, r: &AppReport) {
         );
     }
     let (t99, tfast) = r.app.targets();
-    println!("\n| corral least-loaded / best peer | value | corral | best peer | target | |");
+    println!("\n| corral / best peer | value | corral | best peer | target | |");
     println!("| --- | --- | --- | --- | --- | --- |");
     let rows: [(&str, f64, Option<Ratio>); 2] = [
         ("p99", t99, ratio_of(l, |s| s.p99)),
@@ -396,21 +398,19 @@ fn print_storms(r: &AppReport, o: &Options) {
             println!("- {}: {}", s.name, notes.join("; "));
         }
     }
-    if let Some(c) = r
-        .storms
-        .iter()
-        .find(|s| s.is_corral && s.name.contains("least-loaded"))
-    {
+    if let Some(c) = r.storms.iter().find(|s| s.is_corral) {
         let peers: Vec<&StormResult> = r.storms.iter().filter(|s| !s.is_corral).collect();
         let worst_ok = peers.iter().all(|p| c.failed() <= p.failed());
         println!(
-            "\n- corral least-loaded lost {} requests; the killed processes held {}: {}",
+            "\n- {} lost {} requests; the killed processes held {}: {}",
+            c.name,
             c.failed(),
             c.accepted(),
             met(c.failed() <= c.accepted())
         );
         println!(
-            "- corral least-loaded lost {} vs {}: no more than either peer: {}",
+            "- {} lost {} vs {}: no more than either peer: {}",
+            c.name,
             c.failed(),
             peers
                 .iter()
@@ -423,7 +423,7 @@ fn print_storms(r: &AppReport, o: &Options) {
 }
 
 fn print_targets(reports: &[AppReport]) {
-    println!("\n### targets (issue 10): corral least-loaded / the best peer, this run\n");
+    println!("\n### targets (issue 10): corral / the best peer, this run\n");
     println!("| app | load | p99 ratio | target | | 1 ms p99 ratio | target | | share max/min: corral / peers |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in reports {

@@ -63,24 +63,22 @@ impl App {
         }
     }
 
-    /// What runs it, in the order of the first round: a peer, corral, the other peer, then
-    /// corral's hash (the kernel's default) when asked for.
-    pub(super) fn variants(self, hash: bool) -> Vec<Variant> {
+    /// What runs it, in the order of the first round: a peer, corral with the first of
+    /// `corral` (the steering compared with the targets), the other peer, then corral with the
+    /// other steerings asked for.
+    pub(super) fn variants(self, corral: &[&'static str]) -> Vec<Variant> {
+        let first = Variant::Corral(corral.first().copied().unwrap_or("auto"));
         let mut v = match self {
-            App::Wsgi => vec![Variant::GunicornSync, Variant::Corral("least-loaded")],
-            App::FastapiSync | App::FastapiAsync => vec![
-                Variant::UvicornWorkers,
-                Variant::Corral("least-loaded"),
-                Variant::GunicornUvicorn,
-            ],
+            App::Wsgi => vec![Variant::GunicornSync, first],
+            App::FastapiSync | App::FastapiAsync => {
+                vec![Variant::UvicornWorkers, first, Variant::GunicornUvicorn]
+            }
         };
-        if hash {
-            v.push(Variant::Corral("hash"));
-        }
+        v.extend(corral.iter().skip(1).map(|s| Variant::Corral(s)));
         v
     }
 
-    /// Targets of issue 10 as (p99, 1 ms class p99), each a bound on corral least-loaded /
+    /// Targets of issue 10 as (p99, 1 ms class p99), each a bound on corral /
     /// the best peer.
     pub(super) fn targets(self) -> (f64, f64) {
         match self {
@@ -110,12 +108,20 @@ impl Variant {
 
     pub(super) fn name(self, app: App) -> &'static str {
         match (self, app) {
-            (Variant::Corral("least-loaded"), App::Wsgi) => {
-                "corral least-loaded, 4 x gunicorn -w 1"
-            }
-            (Variant::Corral("least-loaded"), _) => "corral least-loaded, 4 x uvicorn --fd 3",
-            (Variant::Corral(_), App::Wsgi) => "corral hash, 4 x gunicorn -w 1",
-            (Variant::Corral(_), _) => "corral hash, 4 x uvicorn --fd 3",
+            (Variant::Corral(s), App::Wsgi) => match s {
+                "auto" => "corral (auto), 4 x gunicorn -w 1",
+                "least-loaded" => "corral least-loaded, 4 x gunicorn -w 1",
+                "round-robin" => "corral round-robin, 4 x gunicorn -w 1",
+                "shared" => "corral shared, 4 x gunicorn -w 1",
+                _ => "corral hash, 4 x gunicorn -w 1",
+            },
+            (Variant::Corral(s), _) => match s {
+                "auto" => "corral (auto), 4 x uvicorn --fd 3",
+                "least-loaded" => "corral least-loaded, 4 x uvicorn --fd 3",
+                "round-robin" => "corral round-robin, 4 x uvicorn --fd 3",
+                "shared" => "corral shared, 4 x uvicorn --fd 3",
+                _ => "corral hash, 4 x uvicorn --fd 3",
+            },
             (Variant::UvicornWorkers, _) => "uvicorn --workers 4",
             (Variant::GunicornSync, _) => "gunicorn -w 4 (sync)",
             (Variant::GunicornUvicorn, _) => "gunicorn -k UvicornWorker -w 4",
