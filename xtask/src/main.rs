@@ -75,9 +75,11 @@ tasks:
                     vs. least-loaded, 3 ABBA blocks of 5 s rounds (root). --quick: one 3 s
                     segment per variant, one block of 1 s rounds
   bench peers [--quick] [--apps wsgi,sync,async] [--loads 40,70] [--rates R1,R2] [--rounds N]
-              [--warmup S] [--measure S] [--storm S] [--retries N] [--quiet-wait S] [--hash]
-                    corral least-loaded (4 workers, each the app's own single-process server on
-                    corral's socket) against the real peers' multi-worker modes, with real Python
+              [--warmup S] [--measure S] [--storm S] [--retries N] [--quiet-wait S]
+              [--corral STEERING,...] [--hash]
+                    corral with its default steering, auto (4 workers, each the app's own
+                    single-process server on corral's socket; --corral adds or names others,
+                    the first compared) against the real peers' multi-worker modes, with real Python
                     apps from a venv of pinned PyPI packages (target/bench/venv, from Debian's
                     python3): a WSGI app (4 x gunicorn -w 1 vs gunicorn -w 4), FastAPI with sync
                     and with async endpoints (4 x uvicorn --fd 3 vs uvicorn --workers 4 and
