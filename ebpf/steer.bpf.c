@@ -88,6 +88,18 @@ struct {
 	__type(value, __u32);
 } inflight SEC(".maps");
 
+/* Per slot: the sum of the `established` times of its counted connections, so the program can
+ * tell how long its open connections have been open altogether: of two slots with as many, the
+ * one whose connections are younger is more likely to be through them soon (a worker whose one
+ * connection has been open for 10 ms is likely in a long request; one opened 0.2 ms ago, in a
+ * short one). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CORRAL_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} since SEC(".maps");
+
 /* Per slot: picks since the agent last published (it zeroes them), only for breaking ties. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -153,6 +165,18 @@ static __always_inline __u32 score(const struct corral_config *cfg, __u32 slot)
 	if (cfg->tracking)
 		return counter(&inflight, key) + counter(&picks, key);
 	return counter(&load, key) + counter(&picks, key);
+}
+
+/* How long `slot`'s counted connections have been open, summed, at `now`. */
+static __always_inline __u64 open_age(__u32 slot, __u64 now)
+{
+	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
+	__u64 *sum = bpf_map_lookup_elem(&since, &key);
+	__u64 n = counter(&inflight, key), total = n * now;
+
+	if (!sum || *sum > total)
+		return 0;
+	return total - *sum;
 }
 
 /* Connections sent to `slot` since the agent last published (never taken back). */
@@ -256,16 +280,19 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		first = slot_at(set, start);
 		second = slot_at(set, (start + 1) % n);
 	} else if (n <= CORRAL_FULL_SCAN) {
-		/* Every ready slot, from a random one on, so equal slots take turns. On a tie (common
-		 * when workers keep up: all 0), the slot sent fewer connections since the last
-		 * publish: even within each 5 ms, without a long memory that would make a slow worker
-		 * catch up later. */
+		/* Every ready slot, from a random one on, so equal slots take turns. Of slots with as
+		 * many connections, the one whose open connections are younger (more likely through
+		 * them soon); on a full tie (common when workers keep up: all 0), the slot sent fewer
+		 * connections since the last publish: even within each 5 ms, without a long memory
+		 * that would make a slow worker catch up later. */
+		__u64 now = bpf_ktime_get_ns(), best_age, age;
 		__u32 best_score, best_recent;
 
 		start = bpf_get_prandom_u32() % n;
 		first = slot_at(set, start);
 		second = first;
 		best_score = score(cfg, first);
+		best_age = open_age(first, now);
 		best_recent = recent_picks(first);
 		for (i = 1; i < CORRAL_FULL_SCAN; i++) {
 			__u32 slot, sc, rc;
@@ -276,12 +303,15 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 			sc = score(cfg, slot);
 			if (sc > best_score)
 				continue;
+			age = open_age(slot, now);
 			rc = recent_picks(slot);
-			if (sc == best_score && rc >= best_recent)
+			if (sc == best_score &&
+			    (age > best_age || (age == best_age && rc >= best_recent)))
 				continue;
 			second = first;
 			first = slot;
 			best_score = sc;
+			best_age = age;
 			best_recent = rc;
 		}
 	} else {
@@ -379,6 +409,7 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 	int newstate = (int)ctx->args[2];
 	__u32 slot;
 	__u32 *n;
+	__u64 *sum;
 
 	if (!cfg || !st)
 		return 0;
@@ -402,10 +433,14 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 		if (conn->counted)
 			return 0;
 		conn->counted = 1;
+		conn->established = bpf_ktime_get_ns();
 		slot = conn->slot & (CORRAL_MAX_SLOTS - 1);
 		n = bpf_map_lookup_elem(&inflight, &slot);
 		if (n)
 			__sync_fetch_and_add(n, 1);
+		sum = bpf_map_lookup_elem(&since, &slot);
+		if (sum)
+			__sync_fetch_and_add(sum, conn->established);
 		/* Its pick is now in `inflight`: take it back from `picks` (same epoch only). */
 		if (conn->epoch == cfg->epoch) {
 			n = bpf_map_lookup_elem(&picks, &slot);
@@ -423,6 +458,9 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 		n = bpf_map_lookup_elem(&inflight, &slot);
 		if (n)
 			__sync_fetch_and_add(n, (__u32)-1); /* clang 14 has no BPF atomic sub */
+		sum = bpf_map_lookup_elem(&since, &slot);
+		if (sum)
+			__sync_fetch_and_add(sum, -conn->established);
 	}
 	bpf_map_delete_elem(&conns, &key);
 	return 0;

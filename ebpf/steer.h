@@ -7,7 +7,7 @@
 #ifndef CORRAL_STEER_H
 #define CORRAL_STEER_H
 
-#define CORRAL_ABI_VERSION 3
+#define CORRAL_ABI_VERSION 4
 
 /* Slots per app; a power of two so `slot & (CORRAL_MAX_SLOTS - 1)` bounds array indices. */
 #define CORRAL_MAX_SLOTS 1024
@@ -56,6 +56,9 @@ struct corral_conn {
 	__u32 counted;
 	/* config.epoch when it was picked. */
 	__u32 epoch;
+	__u32 _pad;
+	/* bpf_ktime_get_ns() when it was counted (in its slot's `since` until it closes). */
+	__u64 established;
 };
 
 /* An entry of the double-buffered `eligible` map: the slots whose worker is ready. */

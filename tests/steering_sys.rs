@@ -336,3 +336,32 @@ fn shared_sends_every_connection_to_the_one_shared_socket() {
     assert_eq!(st.selected, 101);
     assert_eq!(st.probes, 0);
 }
+
+/// Of slots with as many open connections, least-loaded takes the one whose connections are
+/// younger: a worker whose one request has run for a while is more likely in a long one.
+#[test]
+fn least_loaded_prefers_the_slot_whose_open_connections_are_younger() {
+    let mut g = group(2, Policy::LeastLoaded);
+    g.steering.tracker().as_ref().expect("tracker attached");
+    for trial in 0..8 {
+        // Slot 0 holds a connection opened 100 ms ago, slot 1 one opened just now.
+        g.steering.publish_eligible(&[0]).expect("eligible");
+        let old = connect_from(g.addr, None);
+        std::thread::sleep(Duration::from_millis(100));
+        g.steering.publish_eligible(&[1]).expect("eligible");
+        let young = connect_from(g.addr, None);
+        std::thread::sleep(Duration::from_millis(20));
+        let held: Vec<_> = g
+            .listeners
+            .iter()
+            .map(|l| l.accept().expect("accept").0)
+            .collect();
+        g.steering.publish_eligible(&[0, 1]).expect("eligible");
+        let next = connect_from(g.addr, None);
+        assert_eq!(drain(&g), vec![0, 1], "trial {trial}: the younger slot");
+        drop((old, young, next, held));
+        wait_for(Duration::from_secs(5), "every connection closed", || {
+            (g.steering.inflight(2).expect("inflight") == vec![0, 0]).then_some(())
+        });
+    }
+}

@@ -323,7 +323,7 @@ fn pin_all(ebpf: &mut Ebpf, program: &'static str, dir: &Path) -> Result<(), Bpf
         .map_err(|e| err(&path, io::Error::other(e.to_string())))
 }
 
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     "socks",
     "config",
     "eligible",
@@ -331,6 +331,7 @@ const MAPS: [&str; 11] = [
     "picks",
     "conns",
     "inflight",
+    "since",
     "recent",
     "rr",
     "stats",
