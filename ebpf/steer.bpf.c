@@ -167,14 +167,15 @@ static __always_inline __u32 score(const struct corral_config *cfg, __u32 slot)
 	return counter(&load, key) + counter(&picks, key);
 }
 
-/* How long `slot`'s counted connections have been open, summed, at `now`. */
-static __always_inline __u64 open_age(__u32 slot, __u64 now)
+/* How long `slot`'s counted connections have been open, summed, at `now`; 0 without the
+ * tracker. */
+static __always_inline __u64 open_age(const struct corral_config *cfg, __u32 slot, __u64 now)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
 	__u64 *sum = bpf_map_lookup_elem(&since, &key);
 	__u64 n = counter(&inflight, key), total = n * now;
 
-	if (!sum || *sum > total)
+	if (!cfg->tracking || !sum || *sum > total)
 		return 0;
 	return total - *sum;
 }
@@ -292,7 +293,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		first = slot_at(set, start);
 		second = first;
 		best_score = score(cfg, first);
-		best_age = open_age(first, now);
+		best_age = open_age(cfg, first, now);
 		best_recent = recent_picks(first);
 		for (i = 1; i < CORRAL_FULL_SCAN; i++) {
 			__u32 slot, sc, rc;
@@ -303,7 +304,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 			sc = score(cfg, slot);
 			if (sc > best_score)
 				continue;
-			age = open_age(slot, now);
+			age = open_age(cfg, slot, now);
 			rc = recent_picks(slot);
 			if (sc == best_score &&
 			    (age > best_age || (age == best_age && rc >= best_recent)))
@@ -411,7 +412,9 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 	__u32 *n;
 	__u64 *sum;
 
-	if (!cfg || !st)
+	/* Tracking off (the agent could not attach the tracker everywhere, or was told so): count
+	 * nothing, so `picks` keeps its meaning of picks since the last publish. */
+	if (!cfg || !st || !cfg->tracking)
 		return 0;
 	if (newstate != CORRAL_TCP_ESTABLISHED && newstate != CORRAL_TCP_FIN_WAIT1 &&
 	    newstate != CORRAL_TCP_LAST_ACK && newstate != CORRAL_TCP_CLOSE)

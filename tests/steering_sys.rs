@@ -175,8 +175,10 @@ fn least_loaded_avoids_the_slot_with_a_long_queue() {
     let counts = drain(&g);
     drop(conns);
     assert_eq!(counts[3], 0, "slot 3 never wins a comparison: {counts:?}");
+    // The others are scored by picks since the publish alone, so they take turns: with the
+    // tracker's counts leaking in (in-flight ages), this split was 123/81/196 once.
     for c in &counts[..3] {
-        assert!(*c > 90, "{counts:?}");
+        assert!((400 / 3 - 5..=400 / 3 + 5).contains(c), "{counts:?}");
     }
 }
 
