@@ -2,5 +2,6 @@
 //! The supervisor feeds them what happened and executes what they return.
 
 pub mod budget;
+pub mod container;
 pub mod restart;
 pub mod rollout;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::config::{self, App, ByteSize, CgroupRoot};
+use crate::policy::container::{self, LimitSource, MemoryCeiling};
 use crate::sys::cgroup::{self, Controller, Controllers, Kind, Leaf, Limits, Root};
 
 /// The cgroup mount corral looks at.
@@ -339,11 +340,16 @@ impl Cgroups {
         }
     }
 
-    /// memory.max of the root itself, when it is limited (the budget's ceiling).
-    pub fn root_memory_max(&self) -> Option<ByteSize> {
+    /// memory.max of the root itself, when it is limited (a ceiling of the budget).
+    pub fn root_memory_max(&self) -> Option<MemoryCeiling> {
         let root = self.root.as_ref()?;
-        let text = std::fs::read_to_string(root.path().join("memory.max")).ok()?;
-        text.trim().parse::<u64>().ok().map(ByteSize)
+        let file = root.path().join("memory.max");
+        let text = std::fs::read_to_string(&file).ok()?;
+        let bytes = container::parse_memory_max(&text).ok()??;
+        Some(MemoryCeiling {
+            bytes: ByteSize(bytes),
+            source: LimitSource::CgroupRoot { file },
+        })
     }
 }
 

@@ -29,6 +29,6 @@ mod status;
 pub mod steering;
 mod workers;
 
-pub use apps::worker_count;
+pub use budget::worker_count;
 pub use startup::{run, Options, StartError};
 pub use workers::exit_status;

@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 use crate::config::{self, AppName, Config};
 use crate::sys::machine;
 
-use super::apps::{prepare, prestart_plan, worker_count};
+use super::apps::{prepare, prestart_plan};
+use super::budget::worker_count;
 use super::cgroups::Cgroups;
 use super::handoff;
 use super::ready;

@@ -25,6 +25,7 @@
 //! (the flat-keyed interface files), `names`, `node` (one directory held by fd), `root`, `app`,
 //! `leaf` with `limits`, `stats` and `teardown` (kill, wait for `populated 0`, rmdir).
 
+mod ancestry;
 mod app;
 mod controllers;
 mod detect;
@@ -40,6 +41,7 @@ mod teardown;
 #[cfg(test)]
 mod tests;
 
+pub use ancestry::{ancestor_limits, own_limits};
 pub use app::App;
 pub use controllers::{Controller, Controllers};
 pub use detect::{
