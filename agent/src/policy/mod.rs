@@ -3,5 +3,6 @@
 
 pub mod budget;
 pub mod container;
+pub mod health;
 pub mod restart;
 pub mod rollout;
