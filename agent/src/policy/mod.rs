@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod container;
+pub mod drain;
 pub mod health;
 pub mod restart;
 pub mod rollout;

@@ -14,6 +14,7 @@ mod apps;
 pub mod budget;
 pub mod cgroups;
 mod control;
+mod drain;
 mod events;
 mod front;
 pub mod handoff;

@@ -45,8 +45,8 @@ pub use ancestry::{ancestor_limits, own_limits};
 pub use app::App;
 pub use controllers::{Controller, Controllers};
 pub use detect::{
-    delegated, detect, parse_proc_cgroup, Detected, Kind, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC,
-    TMPFS_MAGIC,
+    container_cgroup, delegated, detect, parse_proc_cgroup, ContainerCgroup, Detected, Kind,
+    CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC, TMPFS_MAGIC,
 };
 pub use error::CgroupError;
 pub use files::{flat_keyed, flat_value, read_fd, CgroupEvents, EventsFile, MemoryEvents};
