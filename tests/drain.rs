@@ -56,10 +56,22 @@ fn one(
 
 #[test]
 fn sigterm_under_load_answers_every_accepted_connection() {
+    under_load("least-loaded");
+}
+
+/// The kernel's hash (no eBPF program, no migration of queued connections) drains the same way.
+#[test]
+fn with_the_kernels_hash_too() {
+    under_load("hash");
+}
+
+fn under_load(steering: &str) {
     let port = free_port();
     let addr = loopback(port);
-    let app = demo_app("web", addr, 2).workers("stop_timeout", "20s");
-    let mut agent = Agent::start("drain", app);
+    let app = demo_app("web", addr, 2)
+        .workers("stop_timeout", "20s")
+        .listen("steering", steering);
+    let mut agent = Agent::start(&format!("drain-{steering}"), app);
     agent.wait_ready("web", 2, Duration::from_secs(20));
 
     let tally = Arc::new(Tally::default());
@@ -100,7 +112,7 @@ fn sigterm_under_load_answers_every_accepted_connection() {
         tally.refused.load(Ordering::Relaxed),
         tally.lost.load(Ordering::Relaxed),
     );
-    eprintln!("drain: {ok} answered ({after} after SIGTERM), {refused} refused, {lost} lost, stopped in {stopped_in:?}");
+    eprintln!("drain ({steering}): {ok} answered ({after} after SIGTERM), {refused} refused, {lost} lost, stopped in {stopped_in:?}");
     assert_eq!(code, Some(0), "log:\n{}", agent.log());
     assert_eq!(
         lost,
