@@ -55,3 +55,30 @@ fn readyz_follows_the_ready_workers_and_livez_the_loop() {
     });
     assert_eq!(get("/nothing").0, 404);
 }
+
+/// From SIGTERM on the pod is not ready (the kubelet takes it out of the Service's endpoints
+/// while it drains), and still alive (the kubelet must not restart what is stopping).
+#[test]
+fn stopping_is_not_ready_but_alive() {
+    let (port, mport) = (free_port(), free_port());
+    let maddr = loopback(mport);
+    // A worker that ignores SIGTERM keeps the agent stopping until stop_timeout's SIGKILL.
+    let app = demo_app("web", loopback(port), 1)
+        .env("DEMO_IGNORE_SIGTERM", 1)
+        .workers("stop_timeout", "5s");
+    let mut agent =
+        Agent::start_with_agent_extra("health-stop", Table::new().set("metrics", maddr), app);
+    agent.wait_ready("web", 1, Duration::from_secs(20));
+    assert_eq!(http_get(maddr, "/readyz").expect("readyz").0, 200);
+    agent.signal(libc::SIGTERM);
+    let body = wait_for(Duration::from_secs(4), "/readyz 503 while stopping", || {
+        let (code, body) = http_get(maddr, "/readyz").ok()?;
+        (code == 503).then_some(body)
+    });
+    assert!(
+        body.starts_with("not ready: the agent is stopping\n"),
+        "{body}"
+    );
+    assert_eq!(http_get(maddr, "/livez").expect("livez").0, 200);
+    assert_eq!(agent.stop(Duration::from_secs(30)), Some(0));
+}
