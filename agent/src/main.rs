@@ -148,6 +148,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("the agent must run as root: it binds sockets for and switches to the apps' users");
             }
             cli::check::budget(&cfg)?;
+            if corral::sys::init::is_pid1() {
+                // A container's entrypoint: PID 1 stays a minimal init (reaps orphans, forwards
+                // signals) and the agent goes on as its child. One thread so far: fork is safe.
+                tracing::info!("running as PID 1: PID 1 reaps orphans and forwards signals, the agent runs as its child");
+                corral::sys::init::split_init().context("starting as PID 1")?;
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

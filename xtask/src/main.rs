@@ -19,6 +19,7 @@ mod bench;
 mod bench_peers;
 mod bench_steering;
 mod bench_tls;
+mod kube;
 mod package;
 mod vm;
 
@@ -220,6 +221,8 @@ fn test(rest: &[&str]) -> Result<()> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     // tests/packages.rs reads the .deb and the .rpm.
     package::build(None)?;
+    // tests/kubernetes.rs validates packaging/kubernetes with it.
+    kube::ensure_validator()?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     vm::vm_test(&[])?;
     // The .deb installed in a booted Debian under systemd.

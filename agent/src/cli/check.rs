@@ -120,9 +120,9 @@ pub fn run(path: &Path) -> Result<ExitCode> {
         println!();
         println!("app {} ({})", app.name, app.defined_at);
         let auto = if app.workers.count == WorkerCount::Auto {
-            " (auto: one per online CPU)"
+            format!(" (auto: {})", supervisor::budget::cpu_ceiling())
         } else {
-            ""
+            String::new()
         };
         println!("  workers     {count}{auto}");
         println!("  command     {}", display_argv(&app.command));
@@ -242,7 +242,7 @@ pub fn budget(cfg: &Config) -> Result<corral::policy::budget::Budget> {
 
 fn budget_under(
     cfg: &Config,
-    ceiling: Option<config::ByteSize>,
+    ceiling: Option<corral::policy::container::MemoryCeiling>,
 ) -> Result<corral::policy::budget::Budget> {
     let b = budget::enforce(
         &budget::plan(cfg.apps.values()),

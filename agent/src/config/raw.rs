@@ -84,6 +84,7 @@ pub struct RawWorkers {
     pub stop_timeout: Option<Spanned<RawDuration>>,
     pub ready: Option<Str>,
     pub ready_timeout: Option<Spanned<RawDuration>>,
+    pub min_ready: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -158,6 +158,9 @@ pub struct Workers {
     pub stop_timeout: Duration,
     pub ready: Ready,
     pub ready_timeout: Duration,
+    /// How many ready workers make the app ready for the health endpoint's `/readyz` (at most
+    /// the app's current worker count counts).
+    pub min_ready: NonZeroU32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

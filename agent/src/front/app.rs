@@ -59,6 +59,7 @@ pub fn front_app(app: &App, tls: &Tls) -> App {
             stop_timeout: FRONT_STOP_TIMEOUT,
             ready: Ready::Tcp,
             ready_timeout: Duration::from_secs(10),
+            min_ready: std::num::NonZeroU32::MIN,
         },
         restart: Restart::DEFAULT,
         pre_start: Vec::new(),

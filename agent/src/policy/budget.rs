@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 
 use crate::config::{AppName, ByteSize};
+use crate::policy::container::MemoryCeiling;
 
 /// Memory set aside for the agent itself.
 pub const AGENT_RESERVE: ByteSize = ByteSize(64 << 20);
@@ -33,7 +34,10 @@ pub struct Budget {
     /// Apps without `memory_max`: not counted.
     pub uncapped_apps: Vec<AppName>,
     pub agent_reserve: ByteSize,
+    /// What is available: MemTotal, or a cgroup limit below it (the container's).
     pub available: ByteSize,
+    /// Where `available` comes from.
+    pub ceiling: MemoryCeiling,
 }
 
 impl Budget {
@@ -86,6 +90,9 @@ impl Budget {
             human(self.needed()),
             human(self.available)
         );
+        if self.ceiling.source != crate::policy::container::LimitSource::Machine {
+            let _ = write!(out, "\n  available is {}", self.ceiling.describe_source());
+        }
         if !self.uncapped_apps.is_empty() {
             let names: Vec<&str> = self.uncapped_apps.iter().map(AppName::as_str).collect();
             let _ = write!(
@@ -119,11 +126,12 @@ impl Budget {
         }
         let _ = write!(
             msg,
-            "plus {} for the agent = {}, but {} is available; \
+            "plus {} for the agent = {}, but {} is available ({}); \
              lower memory_max or workers.count, or set [agent] allow_overcommit = true",
             human(self.agent_reserve),
             human(self.needed()),
-            human(self.available)
+            human(self.available),
+            self.ceiling.describe_source()
         );
         Some(msg)
     }
@@ -132,7 +140,7 @@ impl Budget {
 /// Sizes for people: `1GiB` and `512MiB` when exact, otherwise the largest unit with a decimal
 /// (`5.1GiB` rather than `ByteSize`'s exact `5184MiB`). A value just over a whole unit keeps
 /// enough digits not to look whole (`4.01GiB`, never `4.0GiB` against `4GiB` available).
-fn human(size: ByteSize) -> String {
+pub fn human(size: ByteSize) -> String {
     const UNITS: [(&str, u64); 4] = [
         ("TiB", 1 << 40),
         ("GiB", 1 << 30),
@@ -155,8 +163,13 @@ fn human(size: ByteSize) -> String {
     size.to_string()
 }
 
-/// Builds the budget from `(app, resolved worker count, memory_max)` triples.
-pub fn memory_budget(apps: &[(AppName, u32, Option<ByteSize>)], available: ByteSize) -> Budget {
+/// Builds the budget from `(app, resolved worker count, memory_max)` triples against the
+/// memory available (and where that number comes from).
+pub fn memory_budget(
+    apps: &[(AppName, u32, Option<ByteSize>)],
+    ceiling: impl Into<MemoryCeiling>,
+) -> Budget {
+    let ceiling = ceiling.into();
     let lines: Vec<BudgetLine> = apps
         .iter()
         .map(|(app, workers, memory_max)| BudgetLine {
@@ -182,7 +195,8 @@ pub fn memory_budget(apps: &[(AppName, u32, Option<ByteSize>)], available: ByteS
         capped_total,
         uncapped_apps,
         agent_reserve: AGENT_RESERVE,
-        available,
+        available: ceiling.bytes,
+        ceiling,
     }
 }
 
@@ -206,10 +220,39 @@ mod tests {
         assert_eq!(
             b.over_message().unwrap(),
             "memory budget exceeded: api 4 x 1GiB = 4GiB, plus 64MiB for the agent = 4.1GiB, \
-             but 3GiB is available; lower memory_max or workers.count, or set [agent] \
+             but 3GiB is available (MemTotal in /proc/meminfo); lower memory_max or workers.count, or set [agent] \
              allow_overcommit = true"
         );
         assert!(b.describe().contains("over budget"), "{}", b.describe());
+    }
+
+    #[test]
+    fn a_container_limit_is_named() {
+        use crate::policy::container::{LimitSource, MemoryCeiling};
+        let pod = MemoryCeiling {
+            bytes: ByteSize(2 * GIB),
+            source: LimitSource::Cgroup {
+                file: "/sys/fs/cgroup/memory.max".into(),
+                value: "2147483648".into(),
+                container: true,
+            },
+        };
+        let b = memory_budget(&[(name("api"), 4, Some(ByteSize(GIB)))], pod);
+        assert_eq!(b.available, ByteSize(2 * GIB));
+        assert_eq!(
+            b.over_message().unwrap(),
+            "memory budget exceeded: api 4 x 1GiB = 4GiB, plus 64MiB for the agent = 4.1GiB, \
+             but 2GiB is available (the container's memory.max = 2GiB at \
+             /sys/fs/cgroup/memory.max); lower memory_max or workers.count, or set [agent] \
+             allow_overcommit = true"
+        );
+        assert!(
+            b.describe().ends_with(
+                "available is the container's memory.max = 2GiB at /sys/fs/cgroup/memory.max"
+            ),
+            "{}",
+            b.describe()
+        );
     }
 
     #[test]

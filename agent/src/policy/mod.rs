@@ -2,5 +2,8 @@
 //! The supervisor feeds them what happened and executes what they return.
 
 pub mod budget;
+pub mod container;
+pub mod drain;
+pub mod health;
 pub mod restart;
 pub mod rollout;

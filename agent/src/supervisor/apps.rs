@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::{self, App, AppName, WorkerCount};
+use crate::config::{self, App, AppName};
 use crate::policy::rollout::{App as AppState, Phase};
-use crate::sys::{machine, socket};
+use crate::sys::socket;
 
 use super::events::Event;
 use super::front::FrontRt;
@@ -17,14 +17,6 @@ use super::launch::Launch;
 use super::prestart;
 use super::state::{AppRt, Prepared, Rollout, Supervisor};
 use super::steering::GroupSteering;
-
-/// The number of workers the app's config asks for ("auto": one per online CPU).
-pub fn worker_count(cfg: &App) -> u32 {
-    match cfg.workers.count {
-        WorkerCount::Fixed(n) => n.get(),
-        WorkerCount::Auto => machine::online_cpus(),
-    }
-}
 
 /// What to exec for the app's workers (and, for a TLS front, its bundle and redirect
 /// listener).

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::config::{self, App, ByteSize, CgroupRoot};
+use crate::policy::container::{self, LimitSource, MemoryCeiling};
 use crate::sys::cgroup::{self, Controller, Controllers, Kind, Leaf, Limits, Root};
 
 /// The cgroup mount corral looks at.
@@ -31,6 +32,8 @@ pub struct Cgroups {
     summary: String,
     /// App cgroups being removed, by app name (see [`Cgroups::remove_app`]).
     removing: BTreeMap<String, JoinHandle<()>>,
+    /// In a container whose cgroup is read-only: said at start as a warning.
+    container_read_only: bool,
 }
 
 /// Kill whatever is left in a worker's leaf (grandchildren the worker left behind) now, then
@@ -98,7 +101,18 @@ async fn remove_app_when_empty(cg: cgroup::App) {
     }
 }
 
-/// The controllers an app's limits need.
+/// Why a container's read-only cgroup gives no per-worker leaves, and how to change that.
+fn container_read_only(path: &Path) -> String {
+    format!(
+        "the container's cgroup {} is read-only (container engines mount it so unless the \
+         container is privileged or given a writable cgroup: Kubernetes securityContext \
+         privileged: true, podman --security-opt unmask=/sys/fs/cgroup or --privileged); workers \
+         run in the container's cgroup, under the container's own limits, without per-worker \
+         caps",
+        path.display()
+    )
+}
+
 pub fn needed(app: &App) -> Vec<Controller> {
     let w = &app.workers;
     let mut v = Vec::new();
@@ -167,38 +181,48 @@ impl Cgroups {
             ),
             Kind::Legacy => format!("cgroup v1 only at {MOUNT}"),
         };
-        let root_path: PathBuf = match &agent.cgroup_root {
-            CgroupRoot::Path(p) => p.clone(),
-            CgroupRoot::Auto => match (&detected.kind, &detected.root) {
-                (Kind::Unified, Some(root)) if crate::sys::cgroup::delegated(root) => root.clone(),
-                (Kind::Unified, Some(root)) => {
-                    return Cgroups::none(
-                        format!(
+        let root_path: PathBuf =
+            match &agent.cgroup_root {
+                CgroupRoot::Path(p) => p.clone(),
+                CgroupRoot::Auto => match (
+                    &detected.kind,
+                    &detected.root,
+                    cgroup::container_cgroup(&detected),
+                ) {
+                    (Kind::Unified, Some(root), _) if crate::sys::cgroup::delegated(root) => {
+                        root.clone()
+                    }
+                    // A container's own cgroup, writable: corral's, as a delegated one would be.
+                    (Kind::Unified, Some(_), Some(c)) if c.writable => c.path,
+                    (Kind::Unified, Some(_), Some(c)) => {
+                        return Cgroups::none(container_read_only(&c.path), summary);
+                    }
+                    (Kind::Unified, Some(root), None) => {
+                        return Cgroups::none(
+                            format!(
                             "the agent's cgroup {} is not delegated to it (run corral as a systemd \
                              service with Delegate=yes, or set [agent] cgroup_root to a cgroup v2 \
                              directory made for it)",
                             root.display()
                         ),
-                        summary,
-                    )
-                }
-                (Kind::Hybrid { .. }, _) => {
-                    return Cgroups::none(
+                            summary,
+                        )
+                    }
+                    (Kind::Hybrid { .. }, _, _) => return Cgroups::none(
                         "this machine mounts cgroups in hybrid mode: the memory controller is on \
                          cgroup v1, where corral does not manage limits (boot with \
                          systemd.unified_cgroup_hierarchy=1 for cgroup v2)"
                             .to_string(),
                         summary,
-                    )
-                }
-                _ => {
-                    return Cgroups::none(
-                        "no cgroup v2 hierarchy for the agent".to_string(),
-                        summary,
-                    )
-                }
-            },
-        };
+                    ),
+                    _ => {
+                        return Cgroups::none(
+                            "no cgroup v2 hierarchy for the agent".to_string(),
+                            summary,
+                        )
+                    }
+                },
+            };
         let mut root = match Root::open(&root_path) {
             Ok(r) => r,
             Err(e) => return Cgroups::none(format!("cgroup_root: {e}"), summary),
@@ -220,6 +244,7 @@ impl Cgroups {
                 root: Some(root),
                 enabled,
                 removing: BTreeMap::new(),
+                container_read_only: false,
                 why_not: (!missing.is_empty()).then(|| {
                     format!(
                         "{} does not have the {missing} controller(s) delegated to it",
@@ -260,6 +285,7 @@ impl Cgroups {
             enabled: prepared.enabled,
             why_not,
             removing: BTreeMap::new(),
+            container_read_only: false,
         }
     }
 
@@ -274,7 +300,16 @@ impl Cgroups {
             },
             why_not: Some(why),
             removing: BTreeMap::new(),
+            container_read_only: false,
         }
+    }
+
+    /// Why corral has no per-worker cgroups in this container, when that is so: a warning at
+    /// start (apps without limits run; the container's own limit is what caps them).
+    pub fn container_warning(&self) -> Option<&str> {
+        self.container_read_only
+            .then_some(self.why_not.as_deref())
+            .flatten()
     }
 
     /// One line for logs and `corral check`.
@@ -339,11 +374,16 @@ impl Cgroups {
         }
     }
 
-    /// memory.max of the root itself, when it is limited (the budget's ceiling).
-    pub fn root_memory_max(&self) -> Option<ByteSize> {
+    /// memory.max of the root itself, when it is limited (a ceiling of the budget).
+    pub fn root_memory_max(&self) -> Option<MemoryCeiling> {
         let root = self.root.as_ref()?;
-        let text = std::fs::read_to_string(root.path().join("memory.max")).ok()?;
-        text.trim().parse::<u64>().ok().map(ByteSize)
+        let file = root.path().join("memory.max");
+        let text = std::fs::read_to_string(&file).ok()?;
+        let bytes = container::parse_memory_max(&text).ok()??;
+        Some(MemoryCeiling {
+            bytes: ByteSize(bytes),
+            source: LimitSource::CgroupRoot { file },
+        })
     }
 }
 

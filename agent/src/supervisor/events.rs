@@ -56,6 +56,11 @@ pub(super) enum Event {
         request: Request,
         reply: oneshot::Sender<Response>,
     },
+    /// The kubelet asks (`/livez`, `/readyz`): answering at all is liveness; the reply is
+    /// readiness.
+    Health {
+        reply: oneshot::Sender<crate::policy::health::Readiness>,
+    },
     /// The reply to `corral reexec` went out: exec now.
     ReexecNow,
 }
@@ -91,6 +96,9 @@ impl Supervisor {
             Event::Control { request, reply } => {
                 let response = self.control(request);
                 let _ = reply.send(response);
+            }
+            Event::Health { reply } => {
+                let _ = reply.send(self.readiness());
             }
             Event::ReexecNow => self.reexec_now(),
         }

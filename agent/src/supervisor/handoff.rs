@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::apps::{launch_for, worker_count};
+use super::apps::launch_for;
+use super::budget::worker_count;
 use super::events::Event;
 use super::state::{AppRt, Handles, Lifecycle, Prepared, Supervisor, Worker};
 use super::workers::{follow, watch_memory};

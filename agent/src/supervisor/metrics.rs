@@ -1,5 +1,7 @@
-//! `[agent] metrics`: serve `GET /metrics` (the Prometheus text of `corral status`) over plain
-//! HTTP. The one place the privileged agent reads bytes from the network, so it reads as little
+//! `[agent] metrics`: serve `GET /metrics` (the Prometheus text of `corral status`) and the
+//! kubelet's probes over plain HTTP: `GET /livez` (200 when the agent's event loop answers
+//! within [`LIVENESS_TIMEOUT`]) and `GET /readyz` (200 while every app has its `min_ready`
+//! workers ready and the agent is not stopping; 503 with the reason otherwise). The one place the privileged agent reads bytes from the network, so it reads as little
 //! as it can: at most [`MAX_REQUEST`] bytes within [`REQUEST_TIMEOUT`], up to the end of the
 //! headers, and only compares the request line with `GET /metrics` byte for byte; nothing is
 //! parsed beyond that. At most [`MAX_CONNECTIONS`] are served at once; more are closed at once.
@@ -14,10 +16,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::events::Event;
 use crate::control::{Request, Response};
+use crate::policy::health::Readiness;
 
 pub const MAX_REQUEST: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 16;
+/// How long `/livez` and `/readyz` wait for the event loop: under the kubelet's default probe
+/// timeout of 1 s, so a stuck loop is a 503 the kubelet reads rather than its own timeout.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// Accept and answer until the agent exits.
 pub async fn serve(listener: TcpListener, tx: mpsc::UnboundedSender<Event>) {
@@ -43,6 +49,8 @@ pub async fn serve(listener: TcpListener, tx: mpsc::UnboundedSender<Event>) {
 #[derive(Debug, PartialEq, Eq)]
 enum Asked {
     Metrics,
+    Livez,
+    Readyz,
     /// Another path: 404.
     Elsewhere,
     /// Not a GET or not HTTP: 400.
@@ -60,10 +68,12 @@ fn asked(head: &[u8]) -> Asked {
         return Asked::Bad;
     }
     let target = &rest[..rest.len() - b" HTTP/1.1".len()];
-    if target == b"/metrics" || target.starts_with(b"/metrics?") {
-        Asked::Metrics
-    } else {
-        Asked::Elsewhere
+    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    match path {
+        b"/metrics" => Asked::Metrics,
+        b"/livez" => Asked::Livez,
+        b"/readyz" => Asked::Readyz,
+        _ => Asked::Elsewhere,
     }
 }
 
@@ -106,15 +116,25 @@ async fn answer(mut stream: TcpStream, tx: &mpsc::UnboundedSender<Event>) -> std
                     "the agent is stopping\n".to_string(),
                 ),
             },
+            Asked::Livez => match health(tx).await {
+                Ok(_) => ("200 OK", "text/plain", "ok: the agent's loop answers\n".to_string()),
+                Err(why) => ("503 Service Unavailable", "text/plain", why),
+            },
+            Asked::Readyz => match health(tx).await {
+                Ok(r) if r.ready => ("200 OK", "text/plain", r.text),
+                Ok(r) => ("503 Service Unavailable", "text/plain", r.text),
+                Err(why) => ("503 Service Unavailable", "text/plain", why),
+            },
             Asked::Elsewhere => (
                 "404 Not Found",
                 "text/plain",
-                "corral serves its metrics at /metrics\n".to_string(),
+                "corral serves /metrics, /livez and /readyz\n".to_string(),
             ),
             Asked::Bad => (
                 "400 Bad Request",
                 "text/plain",
-                "corral's metrics endpoint answers GET /metrics over HTTP/1.x\n".to_string(),
+                "corral's metrics endpoint answers GET /metrics, /livez and /readyz over HTTP/1.x\n"
+                    .to_string(),
             ),
         },
     };
@@ -124,6 +144,21 @@ async fn answer(mut stream: TcpStream, tx: &mpsc::UnboundedSender<Event>) -> std
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// The event loop's readiness verdict, or why there is none: the loop did not answer within
+/// [`LIVENESS_TIMEOUT`] (stuck), or it is gone.
+async fn health(tx: &mpsc::UnboundedSender<Event>) -> Result<Readiness, String> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Event::Health { reply })
+        .map_err(|_| "the agent's loop has ended\n".to_string())?;
+    match tokio::time::timeout(LIVENESS_TIMEOUT, rx).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(_)) => Err("the agent's loop has ended\n".to_string()),
+        Err(_) => Err(format!(
+            "the agent's loop did not answer within {LIVENESS_TIMEOUT:?}\n"
+        )),
+    }
 }
 
 /// The status, rendered; `None` when the agent no longer answers.
@@ -156,6 +191,13 @@ mod tests {
         assert_eq!(asked(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Asked::Metrics);
         assert_eq!(asked(b"GET / HTTP/1.1\r\n\r\n"), Asked::Elsewhere);
         assert_eq!(asked(b"GET /metricsX HTTP/1.1\r\n\r\n"), Asked::Elsewhere);
+        assert_eq!(asked(b"GET /livez HTTP/1.1\r\n\r\n"), Asked::Livez);
+        assert_eq!(
+            asked(b"GET /readyz?verbose HTTP/1.1\r\n\r\n"),
+            Asked::Readyz
+        );
+        assert_eq!(asked(b"GET /readyzz HTTP/1.1\r\n\r\n"), Asked::Elsewhere);
+        assert_eq!(asked(b"HEAD /readyz HTTP/1.1\r\n\r\n"), Asked::Bad);
         assert_eq!(asked(b"POST /metrics HTTP/1.1\r\n\r\n"), Asked::Bad);
         assert_eq!(asked(b"GET /metrics\r\n\r\n"), Asked::Bad);
         assert_eq!(asked(b"\x16\x03\x01\x00\xa5\x01\x00"), Asked::Bad);

@@ -14,6 +14,7 @@ mod apps;
 pub mod budget;
 pub mod cgroups;
 mod control;
+mod drain;
 mod events;
 mod front;
 pub mod handoff;
@@ -29,6 +30,6 @@ mod status;
 pub mod steering;
 mod workers;
 
-pub use apps::worker_count;
+pub use budget::worker_count;
 pub use startup::{run, Options, StartError};
 pub use workers::exit_status;

@@ -7,8 +7,9 @@ use crate::sys::notify::monotonic_usec;
 use crate::sys::socket;
 use crate::sys::users::SystemLookup;
 
-use super::apps::{prepare, prestart_plan, worker_count};
+use super::apps::{prepare, prestart_plan};
 use super::budget;
+use super::budget::worker_count;
 use super::front::bundle_changed;
 use super::state::{Prepared, Rollout, Supervisor};
 

@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 use crate::config::{self, AppName, Config};
 use crate::sys::machine;
 
-use super::apps::{prepare, prestart_plan, worker_count};
+use super::apps::{prepare, prestart_plan};
+use super::budget::worker_count;
 use super::cgroups::Cgroups;
 use super::handoff;
 use super::ready;
@@ -83,6 +84,9 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         .collect();
     let cgroups = Cgroups::setup(&config.agent, &keep).await;
     tracing::info!("cgroups: {}", cgroups.describe());
+    if let Some(why) = cgroups.container_warning() {
+        tracing::warn!("no per-worker cgroups: {why}");
+    }
     for dir in steering::remove_stale_pins(&config.agent.bpf_pin_dir) {
         tracing::info!("removed stale steering pins {}", dir.display());
     }
@@ -177,8 +181,9 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
             _ = tokio::time::sleep_until(next_tick) => {
                 // Load publishing: every 5 ms while connections flow, 4 times a second when idle.
                 let active = sup.tick();
+                sup.drain_step();
                 next_tick = tokio::time::Instant::now()
-                    + Duration::from_millis(if active { 5 } else { 250 });
+                    + Duration::from_millis(if active || sup.draining() { 5 } else { 250 });
             }
             _ = term.recv() => sup.shutdown("SIGTERM"),
             _ = int.recv() => sup.shutdown("SIGINT"),
@@ -210,22 +215,19 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
 }
 
 impl Supervisor {
-    /// SIGTERM/SIGINT: stop every worker and pre-start sequence; the loop ends when the last
-    /// process has exited.
+    /// SIGTERM/SIGINT: stop every pre-start sequence now, and every app's workers once its
+    /// listeners are drained (`drain.rs`); the loop ends when the last process has exited.
     fn shutdown(&mut self, why: &str) {
         if self.stopping() {
             return;
         }
-        tracing::info!("{why}: stopping all workers");
+        tracing::info!("{why}: draining, then stopping all workers");
         self.lifecycle = Lifecycle::Stopping;
         self.notify("STOPPING=1");
-        let names: Vec<AppName> = self.apps.keys().cloned().collect();
-        for name in names {
-            if let Some(app) = self.apps.get(&name) {
-                let _ = app.cancel.send(true);
-            }
-            self.decide(&name, |state, _| state.stop_all());
+        for app in self.apps.values() {
+            let _ = app.cancel.send(true);
         }
+        self.drain_step();
     }
 }
 

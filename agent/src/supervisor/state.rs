@@ -129,6 +129,8 @@ pub(super) struct Supervisor {
     pub generation: u32,
     /// Why the last re-exec failed.
     pub reexec_error: Option<String>,
+    /// SIGTERM/SIGINT: each app's drain (see `drain.rs`).
+    pub drains: super::drain::Drains,
 }
 
 impl Supervisor {
@@ -157,6 +159,7 @@ impl Supervisor {
             metrics_fd: None,
             generation: 0,
             reexec_error: None,
+            drains: Default::default(),
         }
     }
 

@@ -3,10 +3,32 @@
 
 use crate::config::{self, AppName};
 use crate::control::{AppStatus, FrontStats, SteeringStats, WorkerStatus};
+use crate::policy::health::{self, AppReadiness, Readiness};
 use crate::policy::rollout::WorkerState;
 use crate::sys::machine;
 
-use super::state::{AppRt, Worker};
+use super::state::{AppRt, Supervisor, Worker};
+
+impl Supervisor {
+    /// `/readyz`: every app's ready workers against its `min_ready`.
+    pub(super) fn readiness(&self) -> Readiness {
+        let apps: Vec<AppReadiness> = self
+            .apps
+            .iter()
+            .map(|(n, a)| AppReadiness {
+                app: n.to_string(),
+                ready: a
+                    .state
+                    .workers()
+                    .filter(|w| w.state == WorkerState::Ready)
+                    .count() as u32,
+                slots: a.state.slots.len() as u32,
+                min_ready: a.cfg.workers.min_ready.get(),
+            })
+            .collect();
+        health::readiness(&apps, self.stopping())
+    }
+}
 
 pub(super) fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
     let (state, reason) = app.state.label();

@@ -104,8 +104,11 @@ impl GroupSteering {
                         if !WARNED.swap(true, Ordering::Relaxed) {
                             tracing::warn!(
                                 "{why}; connections are spread by the kernel's hash (readiness \
-                                 probes still reach their own worker). eBPF needs root with \
-                                 CAP_BPF (or CAP_SYS_ADMIN) and kernel 4.19+"
+                                 probes still reach their own worker). eBPF steering needs \
+                                 CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN), CAP_PERFMON for \
+                                 its connection tracker, and kernel 4.19+; in a container, add \
+                                 them to its capabilities (Kubernetes: securityContext \
+                                 capabilities add: [BPF, NET_ADMIN, PERFMON])"
                             );
                         }
                         Mode::Hash(Some(why))

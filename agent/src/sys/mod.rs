@@ -8,6 +8,7 @@ pub mod diag;
 pub mod front;
 pub mod handoff;
 pub mod holder;
+pub mod init;
 pub mod inotify;
 pub mod ktls;
 pub mod machine;

@@ -228,6 +228,59 @@ pub fn attach_probe_steering(fd: BorrowedFd<'_>, address: SocketAddr) -> Result<
     })
 }
 
+/// A socket filter that drops bare SYNs (SYN without ACK) and keeps everything else.
+fn refuse_program(v6: bool) -> Vec<libc::sock_filter> {
+    const BPF_AND: u16 = 0x50;
+    const BPF_JEQ: u16 = 0x10;
+    const TCP_FLAGS: u32 = 13;
+    const SYN: u32 = 0x02;
+    const ACK: u32 = 0x10;
+    let mut p = Vec::new();
+    if v6 {
+        // A = TCP flags, after the fixed 40-byte IPv6 header.
+        p.push(insn(
+            BPF_LD | BPF_B | BPF_ABS,
+            0,
+            0,
+            SKF_NET_OFF.wrapping_add(40 + TCP_FLAGS),
+        ));
+    } else {
+        // X = IPv4 header length, A = TCP flags.
+        p.push(insn(BPF_LDX | BPF_B | BPF_MSH, 0, 0, SKF_NET_OFF));
+        p.push(insn(
+            BPF_LD | BPF_B | BPF_IND,
+            0,
+            0,
+            SKF_NET_OFF.wrapping_add(TCP_FLAGS),
+        ));
+    }
+    p.push(insn(BPF_ALU | BPF_AND | BPF_K, 0, 0, SYN | ACK));
+    // A bare SYN: drop (return 0 bytes); anything else: keep all of it.
+    p.push(insn(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, SYN));
+    p.push(insn(BPF_RET | BPF_K, 0, 0, 0));
+    p.push(insn(BPF_RET | BPF_K, 0, 0, u32::MAX));
+    p
+}
+
+/// Stop a listening socket from taking new connections while what is already in its accept
+/// queue stays there to be accepted: a socket filter drops bare SYNs (the client retransmits
+/// and, once the socket is closed, is refused: never accepted and then reset). Handshakes
+/// already past their SYN complete. For the agent's drain at SIGTERM; it cannot be undone.
+pub fn refuse_new_connections(fd: BorrowedFd<'_>, address: SocketAddr) -> Result<(), SocketError> {
+    let prog = refuse_program(address.is_ipv6());
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog).map_err(|source| {
+        SocketError::Sys {
+            call: "SO_ATTACH_FILTER",
+            address,
+            source,
+        }
+    })
+}
+
 /// The address a probe connects to for a listener on `address`: loopback for the wildcard.
 pub fn probe_target(address: SocketAddr) -> SocketAddr {
     let mut target = address;

@@ -97,7 +97,7 @@ pub(super) fn ensure_venv() -> Result<PathBuf> {
     Ok(venv)
 }
 
-fn python_version() -> Result<String> {
+pub(crate) fn python_version() -> Result<String> {
     let out = Command::new(PYTHON)
         .args([
             "-c",

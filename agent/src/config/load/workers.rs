@@ -71,6 +71,25 @@ pub(super) fn workers(
         Duration::from_secs(60),
     )?;
 
+    let min_ready = w
+        .u32_in("min_ready", raw.min_ready.as_ref(), 1..=u32::MAX)?
+        .and_then(NonZeroU32::new)
+        .unwrap_or(NonZeroU32::MIN);
+    if let (crate::config::WorkerCount::Fixed(n), Some(v)) = (count, &raw.min_ready) {
+        if min_ready > n {
+            return Err(w
+                .err(
+                    v.span(),
+                    "min_ready",
+                    format!("{min_ready} is more than workers.count ({n})"),
+                )
+                .with_hint(
+                    "/readyz answers 200 while at least min_ready workers of each app are ready; \
+                     more than the app runs could never be",
+                ));
+        }
+    }
+
     Ok(Workers {
         count,
         count_at,
@@ -81,6 +100,7 @@ pub(super) fn workers(
         stop_timeout,
         ready,
         ready_timeout,
+        min_ready,
     })
 }
 

@@ -236,6 +236,7 @@ fn full_config_round_trips() {
             stop_timeout: Duration::from_secs(90),
             ready: Ready::Http("/healthz".into()),
             ready_timeout: Duration::from_secs(120),
+            min_ready: NonZeroU32::MIN,
         },
         restart: Restart {
             policy: RestartMode::OnFailure,
@@ -331,6 +332,7 @@ fn full_config_round_trips() {
             stop_timeout: Duration::from_secs(30),
             ready: Ready::Tcp,
             ready_timeout: Duration::from_secs(60),
+            min_ready: NonZeroU32::MIN,
         },
         restart: Restart {
             policy: RestartMode::Always,
@@ -1307,4 +1309,26 @@ fn steering_auto_shares_one_queue_for_gunicorn_sync_workers_only() {
     assert_eq!((l.steering, l.steering_auto), (Steering::LeastLoaded, None));
     let l = listen(r#"["/srv/server"]"#, "steering = \"shared\"");
     assert_eq!(l.steering, Steering::Shared);
+}
+
+#[test]
+fn min_ready_is_at_most_the_worker_count() {
+    let e = assert_err(
+        &app("", "[app.api.workers]\ncount = 2\nmin_ready = 3\n"),
+        "9:13",
+        "`min_ready` in [app.api.workers]: 3 is more than workers.count (2)",
+    );
+    assert!(e.hint.is_some());
+    assert_err(
+        &app("", "[app.api.workers]\nmin_ready = 0\n"),
+        "8:13",
+        "expected an integer from 1 to",
+    );
+    let c = load_text(&app("", "[app.api.workers]\ncount = 4\nmin_ready = 3\n")).unwrap();
+    assert_eq!(c.apps.values().next().unwrap().workers.min_ready.get(), 3);
+    // "auto" workers: any count is accepted (it is capped by the running count at /readyz).
+    let c = load_text(&app("", "[app.api.workers]\nmin_ready = 8\n")).unwrap();
+    assert_eq!(c.apps.values().next().unwrap().workers.min_ready.get(), 8);
+    let c = load_text(&app("", "")).unwrap();
+    assert_eq!(c.apps.values().next().unwrap().workers.min_ready.get(), 1);
 }

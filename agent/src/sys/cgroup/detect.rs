@@ -142,6 +142,37 @@ pub fn parse_proc_cgroup(text: &str) -> Option<PathBuf> {
     ok.then(|| path.to_path_buf())
 }
 
+/// A container's own cgroup, as the agent inside it sees it: the root of its cgroup namespace,
+/// which (unlike the host's root cgroup) has a `cgroup.events` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerCgroup {
+    pub path: PathBuf,
+    /// Mounted read-write and the agent may write its `cgroup.subtree_control`: a privileged
+    /// container, or one given a writable cgroup by its engine.
+    pub writable: bool,
+}
+
+/// The container's cgroup when the agent sits at the root of a cgroup namespace that is not
+/// the host's root cgroup; `None` otherwise.
+pub fn container_cgroup(d: &Detected) -> Option<ContainerCgroup> {
+    let root = d.root.as_ref()?;
+    if d.own_cgroup.as_deref() != Some(Path::new("/")) || !root.join("cgroup.events").exists() {
+        return None;
+    }
+    let read_only = rustix::fs::statvfs(root)
+        .map(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+        .unwrap_or(true);
+    let may_write = rustix::fs::access(
+        root.join("cgroup.subtree_control"),
+        rustix::fs::Access::WRITE_OK,
+    )
+    .is_ok();
+    Some(ContainerCgroup {
+        path: root.clone(),
+        writable: !read_only && may_write,
+    })
+}
+
 /// The delegated root for an agent in cgroup `own`: its parent when the agent sits in its
 /// `supervisor` leaf, `own` otherwise.
 fn delegated_root(own: &Path) -> &Path {
@@ -178,6 +209,32 @@ mod tests {
         // Outside the cgroup namespace: refuse rather than climb.
         assert_eq!(parse_proc_cgroup("0::/../../x\n"), None);
         assert_eq!(parse_proc_cgroup("0::relative\n"), None);
+    }
+
+    #[test]
+    fn a_container_cgroup_is_a_namespace_root_with_cgroup_events() {
+        let dir = std::env::temp_dir().join(format!("corral-container-cg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.subtree_control"), "").unwrap();
+        let d = |own: &str| Detected {
+            kind: Kind::Unified,
+            v2_mount: Some(dir.clone()),
+            own_cgroup: Some(PathBuf::from(own)),
+            root: Some(dir.clone()),
+            available: Controllers::NONE,
+            enabled_for_children: Controllers::NONE,
+        };
+        // The host's root cgroup has no cgroup.events.
+        assert_eq!(container_cgroup(&d("/")), None);
+        std::fs::write(dir.join("cgroup.events"), "populated 1\n").unwrap();
+        let c = container_cgroup(&d("/")).unwrap();
+        assert_eq!(c.path, dir);
+        // As root, on a read-write temp dir (read-only is the VM tier's and a container's).
+        assert!(c.writable || !crate::sys::machine::is_root());
+        // Not at the namespace root: an ordinary cgroup, not a container's view of its own.
+        assert_eq!(container_cgroup(&d("/system.slice/x.service")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! (the flat-keyed interface files), `names`, `node` (one directory held by fd), `root`, `app`,
 //! `leaf` with `limits`, `stats` and `teardown` (kill, wait for `populated 0`, rmdir).
 
+mod ancestry;
 mod app;
 mod controllers;
 mod detect;
@@ -40,11 +41,12 @@ mod teardown;
 #[cfg(test)]
 mod tests;
 
+pub use ancestry::{ancestor_limits, own_limits};
 pub use app::App;
 pub use controllers::{Controller, Controllers};
 pub use detect::{
-    delegated, detect, parse_proc_cgroup, Detected, Kind, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC,
-    TMPFS_MAGIC,
+    container_cgroup, delegated, detect, parse_proc_cgroup, ContainerCgroup, Detected, Kind,
+    CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC, TMPFS_MAGIC,
 };
 pub use error::CgroupError;
 pub use files::{flat_keyed, flat_value, read_fd, CgroupEvents, EventsFile, MemoryEvents};
