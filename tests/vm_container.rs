@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use corral_tests::*;
 
@@ -41,6 +42,13 @@ enum Inside {
 
 /// `corral check --config CONFIG` run in the pod's cgroup, as `inside` says.
 fn check_in(pod: &Path, config: &Path, inside: Inside) -> Output {
+    let mut cmd = command_in(pod, inside, &["check"]);
+    cmd.arg("--config").arg(config);
+    cmd.output().expect("run corral check")
+}
+
+/// `corral ARGS...` to be run in the pod's cgroup, as `inside` says.
+fn command_in(pod: &Path, inside: Inside, args: &[&str]) -> Command {
     let procs = std::fs::OpenOptions::new()
         .write(true)
         .open(pod.join("cgroup.procs"))
@@ -55,11 +63,15 @@ fn check_in(pod: &Path, config: &Path, inside: Inside) -> Output {
         Inside::Container { read_only } => Some(read_only),
     };
     let mut cmd = Command::new(bin("corral"));
-    cmd.args(["check", "--config"]).arg(config);
+    cmd.args(args);
+    // Kept open in the parent until the command is spawned (the closure owns it).
+    let procs = std::sync::Arc::new(procs);
     let fd = procs.as_raw_fd();
+    let keep = procs.clone();
     // SAFETY: between fork and exec only async-signal-safe calls on memory prepared above.
     unsafe {
         cmd.pre_exec(move || {
+            let _ = &keep;
             // "0": the writing process itself.
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
@@ -97,7 +109,7 @@ fn check_in(pod: &Path, config: &Path, inside: Inside) -> Output {
             Ok(())
         });
     }
-    cmd.output().expect("run corral check")
+    cmd
 }
 
 fn text(out: &Output) -> String {
@@ -200,4 +212,91 @@ fn a_container_names_its_limit_and_says_when_its_cgroup_is_read_only() {
     assert!(out.status.success(), "{said}");
     assert!(said.contains("corral's root /sys/fs/cgroup with"), "{said}");
     assert!(!said.contains("read-only"), "{said}");
+}
+
+/// A child killed (and reaped) when the test ends, failed or not; its workers die with it.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "VM tier: run by cargo xtask vm-test --tests vm_container"]
+fn in_a_writable_container_each_worker_gets_its_own_memory_max() {
+    in_vm();
+    let pod = pod_cgroup("priv");
+    let dir = TempDir::new("vm-priv");
+    let port = free_port();
+    let app = App::new("api")
+        .command([bin("corral-demo").display().to_string()])
+        .user("nobody")
+        .set("group", "nogroup")
+        .address(loopback(port))
+        .count(2)
+        .workers("memory_max", "64MiB");
+    let agent_table = AgentTable::private(dir.path());
+    let config = write_config(dir.path(), &agent_table, app);
+    let socket = dir.path().join("run/control.sock");
+    let log = dir.path().join("agent.log");
+    let mut cmd = command_in(
+        pod.path(),
+        Inside::Container { read_only: false },
+        &["agent"],
+    );
+    cmd.arg("--config")
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let mut agent = Killed(cmd.spawn().expect("spawn corral agent"));
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        Duration::from_secs(90),
+        "two ready workers in the container",
+        || match corral::control::call(
+            &socket,
+            &Request::Status { app: None },
+            Duration::from_secs(5),
+        ) {
+            Ok(Response::Status { apps, .. }) => apps
+                .iter()
+                .any(|a| a.workers.len() == 2 && a.workers.iter().all(|w| w.state == "ready"))
+                .then_some(()),
+            _ => None,
+        },
+    );
+    // Outside the container, its workers' leaves are below the pod's cgroup, each capped.
+    let app_dir = pod.path().join("app-api");
+    let leaves: Vec<_> = std::fs::read_dir(&app_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; log:\n{}", app_dir.display(), said()))
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("worker-"))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(leaves.len(), 2, "{leaves:?}; log:\n{}", said());
+    for leaf in &leaves {
+        assert_eq!(
+            std::fs::read_to_string(leaf.join("memory.max"))
+                .unwrap()
+                .trim(),
+            (64 * MIB).to_string(),
+            "{}",
+            leaf.display()
+        );
+    }
+    let (status, body) = http_get(loopback(port), "/").expect("GET the app");
+    assert_eq!(status, 200, "{body}");
+    // SIGTERM: everything stops and corral's cgroups in the container are gone.
+    let code = terminate(&mut agent.0, Duration::from_secs(30)).and_then(|s| s.code());
+    assert_eq!(code, Some(0), "log:\n{}", said());
+    assert!(
+        !app_dir.exists(),
+        "{} left behind; log:\n{}",
+        app_dir.display(),
+        said()
+    );
 }
