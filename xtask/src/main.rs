@@ -29,7 +29,7 @@ usage: cargo xtask <task>
 tasks:
   test              everything CI runs: cargo fmt --check, clippy -D warnings, build, unit tests,
                     and the host integration tests (they start real agents: run as root),
-                    then the VM tier (vm-test, all kernels)
+                    then the VM tier (vm-test, all kernels; vm_container on bookworm)
   demo              build release binaries and run `corral agent` on
                     packaging/examples/demo.toml in the foreground (root); then in another
                     terminal: curl http://127.0.0.1:8080/
@@ -225,6 +225,8 @@ fn test(rest: &[&str]) -> Result<()> {
     kube::ensure_validator()?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     vm::vm_test(&[])?;
+    // corral in a container: the budget from its cgroup limits, a read-only cgroup.
+    vm::vm_test(&["--tests", "vm_container", "--kernel", "bookworm"])?;
     // The .deb installed in a booted Debian under systemd.
     vm::vm_test(&["--system"])?;
     eprintln!("xtask: all tests passed");

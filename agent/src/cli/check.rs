@@ -170,8 +170,9 @@ pub fn run(path: &Path) -> Result<ExitCode> {
             Ready::Delay(d) => format!("after {}", format_duration(*d)),
         };
         println!(
-            "  ready       {ready}, within {}",
-            format_duration(app.workers.ready_timeout)
+            "  ready       {ready}, within {}; /readyz needs {} ready",
+            format_duration(app.workers.ready_timeout),
+            app.workers.min_ready.get().min(count)
         );
         if let Some(m) = app.workers.memory_max {
             println!("  memory_max  {m} per worker");
