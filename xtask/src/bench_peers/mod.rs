@@ -35,7 +35,7 @@ use crate::{is_root, root, run};
 mod placement;
 mod plan;
 mod procs;
-mod python;
+pub(crate) mod python;
 mod report;
 mod servers;
 mod storm;
