@@ -416,6 +416,11 @@ fn bad_input_gets_precise_answers_and_the_front_keeps_serving() {
         })
         .collect();
     let opened = Instant::now();
+    // An idle keep-alive connection, its request answered, goes the same way.
+    let mut idle = connect(&s, &[b"http/1.1"]);
+    idle.write_all(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    idle.flush().expect("flush");
     for flag in ["--http1.1", "--http2"] {
         assert_eq!(curl(&s, "/whoami", &[flag]).status, 200);
     }
@@ -431,6 +436,9 @@ fn bad_input_gets_precise_answers_and_the_front_keeps_serving() {
         opened.elapsed() >= HEADER_TIMEOUT,
         "closed before the header timeout"
     );
+    let (got, _) = read_until_closed(&mut idle);
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 
     // Slowloris on the body: 10 of 1000 bytes, then silence; cut by the 3 s body timeout.
     let mut t = connect(&s, &[b"http/1.1"]);
