@@ -40,6 +40,8 @@ struct Conn {
     peer: SocketAddr,
     /// The client is one of `trusted_proxies`: its forwarded headers are kept.
     trusted: bool,
+    /// Signalled as each request starts (a permit stays once one has).
+    requested: tokio::sync::Notify,
 }
 
 /// Serve HTTP on one TLS connection until the client is done, or, once `stop` turns true,
@@ -75,25 +77,31 @@ pub(super) async fn serve<I>(
         counters,
         peer,
         trusted,
+        requested: tokio::sync::Notify::new(),
     });
+    let first = conn.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(req, &conn).await) }
     });
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
-    if *stop.borrow() {
-        served.as_mut().graceful_shutdown();
-    }
+    // A connection accepted before SIGTERM whose client has not sent its first request yet is
+    // not closed under it (the client would see its request refused): it gets that request
+    // answered, or header_timeout ends it.
     tokio::select! {
         _ = served.as_mut() => return,
-        _ = stop.wait_for(|s| *s) => served.as_mut().graceful_shutdown(),
+        _ = async {
+            let _ = stop.wait_for(|s| *s).await;
+            first.requested.notified().await;
+        } => served.as_mut().graceful_shutdown(),
     }
     let _ = served.await;
 }
 
 async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
     let started = Instant::now();
+    conn.requested.notify_one();
     conn.counters.one(Stat::HttpRequests);
     let (method, version) = (req.method().clone(), req.version());
     let target = req
@@ -115,7 +123,9 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
-        let worker = worker.map_or("-".to_string(), |p| format!("via :{p}"));
+        // The upstream connection's local port: which worker took it is the kernel's choice,
+        // seen in `ss` on the app's address, not by the front.
+        let worker = worker.map_or("-".to_string(), |p| format!("upstream-port {p}"));
         eprintln!(
             "corral front: {} \"{method} {target} {version:?}\" {} {bytes} {}ms {worker}",
             conn.peer,
