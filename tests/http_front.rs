@@ -385,8 +385,10 @@ fn bad_input_gets_precise_answers_and_the_front_keeps_serving() {
 
     // Oversized head (16 KiB allowed) and too many fields (50): 431.
     let big = format!("X-Big: {}", "a".repeat(20 * 1024));
-    let g = curl(&s, "/whoami", &["--http1.1", "-H", &big]);
-    assert_eq!(g.status, 431, "{}", g.body);
+    for flag in ["--http1.1", "--http2"] {
+        let g = curl(&s, "/whoami", &[flag, "-H", &big]);
+        assert_eq!(g.status, 431, "{flag}: {}", g.body);
+    }
     let many: Vec<String> = (0..60).map(|i| format!("X-Field-{i}: {i}")).collect();
     let mut args = vec!["--http1.1"];
     for h in &many {
