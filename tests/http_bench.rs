@@ -83,7 +83,6 @@ http {{
         ssl_certificate_key {d}/a.key;
         ssl_protocols TLSv1.3;
         keepalive_requests 1000000;
-        http2_max_requests 1000000;
         location / {{
             proxy_pass http://workers;
             proxy_http_version 1.1;
@@ -120,7 +119,6 @@ fn start_caddy(dir: &Path, port: u16, upstream: SocketAddr) -> ChildGuard {
         r#"{{
     admin off
     auto_https off
-    persist_config off
     default_sni localhost
 }}
 https://:{port} {{
@@ -145,7 +143,7 @@ https://:{port} {{
         // Both cores, as nginx's two workers and corral's two fronts.
         .env("GOMAXPROCS", "2")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("caddy.log")).expect("caddy.log"))
         .spawn()
         .unwrap_or_else(|e| panic!("{caddy}: {e}"));
     let guard = ChildGuard::new(child);
