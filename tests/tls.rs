@@ -399,9 +399,19 @@ fn swap_cert(dir: &Path, from: &str, stem: &str) {
 
 #[test]
 fn a_certificate_file_change_rolls_the_fronts_under_load_without_a_failed_request() {
+    roll_under_load("tls-watch", "tcp");
+}
+
+/// The same with the HTTP proxy: a front draining on SIGTERM finishes its requests in flight.
+#[test]
+fn a_certificate_change_rolls_http_fronts_under_load_without_a_failed_request() {
+    roll_under_load("tls-watch-http", "http");
+}
+
+fn roll_under_load(tag: &str, proxy: &str) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
-    let s = start("tls-watch", |app| app);
+    let s = start(tag, |app| app.tls("proxy", proxy));
     let dir = s.agent.dir.path().to_path_buf();
     make_cert(&dir, "new", &["a.test", "localhost"]);
     let old_ca = std::fs::read_to_string(dir.join("a.crt")).expect("old cert");

@@ -242,6 +242,16 @@ mod tests {
             max_handshakes: 64,
             redirect_to_port: Some(443),
             proxy_protocol_v2: true,
+            proxy: corral::front::args::ProxyMode::Tcp,
+            http: corral::front::args::HttpArgs {
+                trusted_proxies: vec!["192.0.2.0/24".parse().unwrap()],
+                header_timeout: Duration::from_secs(10),
+                upstream_timeout: Duration::from_secs(60),
+                body_timeout: Duration::from_secs(60),
+                max_header_bytes: 32768,
+                max_headers: 100,
+                access_log: true,
+            },
         };
         let argv = std::iter::once("corral".to_string()).chain(args.to_argv());
         match Cli::try_parse_from(argv).expect("parses").command {

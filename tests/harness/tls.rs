@@ -24,10 +24,12 @@ pub fn write_cert(dir: &Path, cert: &str, key: &str) {
 
 /// [`crate::demo_app`] with two workers on 127.0.0.1:`port` behind a TLS front of two
 /// processes on 127.0.0.1:`tls_port`, serving `a.crt` and `a.key` of the test directory (see
-/// [`write_cert`]).
+/// [`write_cert`]). The byte path (`proxy = "tcp"`: kTLS, splice, PROXY v2), which these
+/// tests are about; tests/http_front.rs has the HTTP proxy.
 pub fn fronted_demo_app(name: &str, port: u16, tls_port: u16) -> crate::App {
     crate::demo_app(name, crate::loopback(port), 2)
         .tls("address", crate::loopback(tls_port))
+        .tls("proxy", "tcp")
         .tls("cert", "@DIR@/a.crt")
         .tls("key", "@DIR@/a.key")
         .tls("processes", 2)

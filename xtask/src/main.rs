@@ -16,6 +16,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_http;
 mod bench_peers;
 mod bench_steering;
 mod bench_tls;
@@ -64,6 +65,12 @@ tasks:
                     (userspace rustls vs nginx), then in bookworm's VM (kTLS + splice vs
                     userspace vs nginx); release builds. --host: skip the VM; --vm: skip the
                     host; --loads: only these loads; --quick: one round of 2 s
+  bench http [--quick]
+                    the HTTP front (proxy = \"http\") vs nginx and Caddy (Debian's binaries,
+                    unpacked under target/, never installed) in front of the same two demo
+                    workers, TLS 1.3, ECDSA P-256, driven by h2load: requests/s, p50/p99,
+                    failures and CPU per request over HTTP/1.1 and HTTP/2, 100 B and 1 MiB
+                    responses; release builds, host only (root). --quick: one round of 2 s
   bench steering [--quick] [--rate R] [--threads T] [--accept greedy|free-thread]
                     4 workers of corral-demo, T threads each (default 1), accepting greedily
                     (default: every connection at once, queued for the threads, as an asyncio
@@ -110,6 +117,7 @@ fn main() -> Result<()> {
         ["bench", "steering", rest @ ..] => bench_steering::steering(rest),
         ["bench", "peers", rest @ ..] => bench_peers::peers(rest),
         ["bench", "tls", rest @ ..] => bench_tls::tls(rest),
+        ["bench", "http", rest @ ..] => bench_http::http(rest),
         ["package", rest @ ..] => package::package(rest),
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");
@@ -219,6 +227,8 @@ fn test(rest: &[&str]) -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // tests/http_front.rs runs a FastAPI app under uvicorn from this venv (and websockets).
+    bench_peers::python::ensure_venv()?;
     // tests/packages.rs reads the .deb and the .rpm.
     package::build(None)?;
     // tests/kubernetes.rs validates packaging/kubernetes with it.

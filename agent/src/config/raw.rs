@@ -121,6 +121,14 @@ pub struct RawTls {
     pub handshake_timeout: Option<Spanned<RawDuration>>,
     pub max_handshakes: Option<Spanned<i64>>,
     pub proxy_protocol: Option<Str>,
+    pub proxy: Option<Str>,
+    pub trusted_proxies: Option<StrList>,
+    pub header_timeout: Option<Spanned<RawDuration>>,
+    pub upstream_timeout: Option<Spanned<RawDuration>>,
+    pub body_timeout: Option<Spanned<RawDuration>>,
+    pub max_header_size: Option<Spanned<RawSize>>,
+    pub max_headers: Option<Spanned<i64>>,
+    pub access_log: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

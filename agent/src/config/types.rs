@@ -204,7 +204,7 @@ pub struct PreStart {
     pub at: Location,
 }
 
-pub use crate::front::args::KtlsMode;
+pub use crate::front::args::{HttpArgs, KtlsMode, ProxyMode};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {
@@ -227,8 +227,12 @@ pub struct Tls {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once, per front process; more wait in the accept queue.
     pub max_handshakes: u32,
-    /// Send the client's address to the worker in a PROXY protocol v2 header.
+    /// Send the client's address to the worker in a PROXY protocol v2 header (`proxy = "tcp"`).
     pub proxy_protocol: bool,
+    /// HTTP-aware (default) or bytes.
+    pub proxy: ProxyMode,
+    /// The HTTP proxy's trusted proxies, limits and timeouts (`proxy = "http"`).
+    pub http: HttpArgs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

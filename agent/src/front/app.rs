@@ -30,6 +30,8 @@ pub fn front_app(app: &App, tls: &Tls) -> App {
         // The plain listener comes as fds::REDIRECT; redirects go to the TLS port.
         redirect_to_port: tls.redirect_http.map(|_| tls.address.port()),
         proxy_protocol_v2: tls.proxy_protocol,
+        proxy: tls.proxy,
+        http: tls.http.clone(),
     };
     let command = std::iter::once(SELF_EXE.to_string())
         .chain(args.to_argv())

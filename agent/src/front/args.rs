@@ -27,6 +27,80 @@ impl KtlsMode {
     }
 }
 
+/// What the front does with a connection's plaintext: `[app.NAME.tls] proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// Parse HTTP/1.1 and HTTP/2 (hyper), add forwarded headers, one upstream HTTP/1.1
+    /// connection per request.
+    Http,
+    /// The bytes as they are, one upstream connection per client connection (kTLS + splice,
+    /// PROXY v2 when asked).
+    Tcp,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Http => "http",
+            ProxyMode::Tcp => "tcp",
+        }
+    }
+}
+
+/// The HTTP proxy's settings (`proxy = "http"`): who may set forwarded headers, the limits and
+/// timeouts a client and a worker get.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct HttpArgs {
+    /// Clients whose X-Forwarded-*/Forwarded headers are kept (and appended to); anyone else's
+    /// are removed. Repeat for more.
+    #[arg(long = "trusted-proxy")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How long a client has to send a request's head (slowloris), in milliseconds.
+    #[arg(long = "header-timeout-ms", value_parser = millis)]
+    pub header_timeout: Duration,
+    /// How long the worker has to answer with a response head before the client gets a 504,
+    /// in milliseconds.
+    #[arg(long = "upstream-timeout-ms", value_parser = millis)]
+    pub upstream_timeout: Duration,
+    /// How long a body may stay silent (either way) before the exchange is cut, in
+    /// milliseconds.
+    #[arg(long = "body-timeout-ms", value_parser = millis)]
+    pub body_timeout: Duration,
+    /// The most bytes of a request head; more gets a 431.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+    /// The most header fields in a request; more gets a 431.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_headers: u32,
+    /// A log line per request on stderr (the front's journal).
+    #[arg(long)]
+    pub access_log: bool,
+}
+
+impl HttpArgs {
+    fn push_argv(&self, argv: &mut Vec<String>) {
+        for net in &self.trusted_proxies {
+            argv.push("--trusted-proxy".to_string());
+            argv.push(net.to_string());
+        }
+        for (flag, d) in [
+            ("--header-timeout-ms", self.header_timeout),
+            ("--upstream-timeout-ms", self.upstream_timeout),
+            ("--body-timeout-ms", self.body_timeout),
+        ] {
+            argv.push(flag.to_string());
+            argv.push(d.as_millis().to_string());
+        }
+        argv.push("--max-header-bytes".to_string());
+        argv.push(self.max_header_bytes.to_string());
+        argv.push("--max-headers".to_string());
+        argv.push(self.max_headers.to_string());
+        if self.access_log {
+            argv.push("--access-log".to_string());
+        }
+    }
+}
+
 /// What a front process is told: it gets its sockets, bundle and counters as descriptors
 /// ([`super::fds`]), everything else here.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -39,6 +113,10 @@ pub struct FrontArgs {
     pub upstream: SocketAddr,
     #[arg(long, value_enum)]
     pub ktls: KtlsMode,
+    #[arg(long, value_enum)]
+    pub proxy: ProxyMode,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// How long a client has to complete its handshake, in milliseconds.
     #[arg(long = "handshake-timeout-ms", value_parser = millis)]
     pub handshake_timeout: Duration,
@@ -73,11 +151,14 @@ impl FrontArgs {
             self.upstream.to_string(),
             "--ktls".to_string(),
             self.ktls.as_str().to_string(),
+            "--proxy".to_string(),
+            self.proxy.as_str().to_string(),
             "--handshake-timeout-ms".to_string(),
             self.handshake_timeout.as_millis().to_string(),
             "--max-handshakes".to_string(),
             self.max_handshakes.to_string(),
         ];
+        self.http.push_argv(&mut argv);
         if let Some(port) = self.redirect_to_port {
             argv.push("--redirect-to-port".to_string());
             argv.push(port.to_string());
@@ -118,6 +199,16 @@ mod tests {
             app: "api".into(),
             upstream: "[::1]:8000".parse().unwrap(),
             ktls: KtlsMode::Require,
+            proxy: ProxyMode::Http,
+            http: HttpArgs {
+                trusted_proxies: vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+                header_timeout: Duration::from_secs(10),
+                upstream_timeout: Duration::from_secs(60),
+                body_timeout: Duration::from_secs(30),
+                max_header_bytes: 65536,
+                max_headers: 100,
+                access_log: true,
+            },
             handshake_timeout: Duration::from_millis(10_500),
             max_handshakes: 1024,
             redirect_to_port: None,
@@ -126,6 +217,9 @@ mod tests {
         assert_eq!(round_trip(&a), a);
         a.redirect_to_port = Some(8443);
         a.proxy_protocol_v2 = true;
+        a.proxy = ProxyMode::Tcp;
+        a.http.trusted_proxies.clear();
+        a.http.access_log = false;
         for k in [KtlsMode::Auto, KtlsMode::Off, KtlsMode::Require] {
             a.ktls = k;
             assert_eq!(round_trip(&a), a);
@@ -135,6 +229,11 @@ mod tests {
     #[test]
     fn bad_values_are_refused() {
         let parse = |extra: &[&str]| {
+            let extra = if extra.contains(&"--max-header-bytes") {
+                extra.to_vec()
+            } else {
+                [extra, &["--max-header-bytes", "8192"]].concat()
+            };
             let mut argv = vec![
                 "corral",
                 "front",
@@ -144,13 +243,27 @@ mod tests {
                 "127.0.0.1:1",
                 "--ktls",
                 "auto",
+                "--proxy",
+                "http",
+                "--header-timeout-ms",
+                "1",
+                "--upstream-timeout-ms",
+                "1",
+                "--body-timeout-ms",
+                "1",
+                "--max-headers",
+                "1",
             ];
-            argv.extend_from_slice(extra);
+            argv.extend_from_slice(&extra);
             Cli::try_parse_from(argv).map(|_| ())
         };
         assert!(parse(&["--handshake-timeout-ms", "10", "--max-handshakes", "1"]).is_ok());
         assert!(parse(&["--handshake-timeout-ms", "1s", "--max-handshakes", "1"]).is_err());
         assert!(parse(&["--handshake-timeout-ms", "10", "--max-handshakes", "0"]).is_err());
+        let ok = ["--handshake-timeout-ms", "10", "--max-handshakes", "1"];
+        assert!(parse(&[&ok[..], &["--trusted-proxy", "10.0.0.0/8"]].concat()).is_ok());
+        assert!(parse(&[&ok[..], &["--trusted-proxy", "10.0.0.0/33"]].concat()).is_err());
+        assert!(parse(&[&ok[..], &["--max-header-bytes", "100"]].concat()).is_err());
         assert!(parse(&[
             "--handshake-timeout-ms",
             "10",

@@ -2,7 +2,9 @@
 //! line of its processes (`args`), the descriptors they get (`fds`), the certificate bundle the
 //! agent builds and seals (`bundle`, `seal`), the unprivileged `corral front` process that
 //! terminates TLS and proxies to the app's workers (`process`: its start and accept loop, `tls`:
-//! the handshake and kTLS, `relay`: the bytes both ways, `proxy`: the PROXY header, `redirect`),
+//! the handshake and kTLS, `relay`: the bytes both ways, `proxy`: the PROXY header, `redirect`;
+//! with `proxy = "http"`, `http`: hyper to the client and to the workers, `forwarded`: the
+//! client's address and scheme in headers),
 //! and the counters it keeps (`stats`). `app` and `args` are pure, like `config`, which uses
 //! them; the `[app.NAME.tls]` table itself is read by `config::load` like every other table, and
 //! the supervisor's event handling for fronts (certificate changes) is in `supervisor/front.rs`.
@@ -10,6 +12,8 @@
 pub mod app;
 pub mod args;
 pub mod bundle;
+pub mod forwarded;
+mod http;
 pub mod process;
 pub mod proxy;
 pub mod redirect;

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::args::{FrontArgs, KtlsMode};
+use super::args::{FrontArgs, KtlsMode, ProxyMode};
 use super::bundle::Bundle;
 use super::fds;
 use super::relay::{bad_gateway, proxy_ktls, proxy_userspace, write_all_shared};
@@ -111,7 +111,10 @@ pub fn run(args: FrontArgs) -> Result<(), StartError> {
     };
     let bundle = Bundle::decode(&bundle_bytes).map_err(StartError::Bundle)?;
     drop(bundle_bytes);
+    let http = args.proxy == ProxyMode::Http;
     let ktls = match args.ktls {
+        // The HTTP proxy parses every byte in userspace: no kTLS (config refuses "require").
+        _ if http => Ktls::Off,
         KtlsMode::Off => Ktls::Off,
         KtlsMode::Auto | KtlsMode::Require => match sys::ktls::probe() {
             Err(why) => Ktls::Unavailable(why.to_string()),
@@ -158,10 +161,10 @@ pub fn run(args: FrontArgs) -> Result<(), StartError> {
                 "corral front: kernel TLS unavailable ({why}); every connection uses userspace \
                  rustls"
             );
-            server_config(&bundle, None)
+            server_config(&bundle, None, http)
         }
-        (Ktls::Available(both), KtlsMode::Require) => server_config(&bundle, Some(both)),
-        _ => server_config(&bundle, None),
+        (Ktls::Available(both), KtlsMode::Require) => server_config(&bundle, Some(both), http),
+        _ => server_config(&bundle, None, http),
     }
     .map_err(StartError::Config)?;
     drop(bundle);
@@ -190,6 +193,8 @@ async fn serve(
             .map_err(passed("the counters memfd (fd 5)"))?,
     ));
     let handshakes = Arc::new(Semaphore::new(args.max_handshakes as usize));
+    // SIGTERM: HTTP connections finish their requests in flight and close.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("the SIGTERM handler"))?;
     let redirects = match (redirect, args.redirect_to_port) {
@@ -213,7 +218,10 @@ async fn serve(
     let mut open = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = term.recv() => break,
+            _ = term.recv() => {
+                let _ = stop_tx.send(true);
+                break;
+            }
             accepted = async {
                 // At most max_handshakes in progress: the rest wait in the kernel's queue.
                 let permit = handshakes.clone().acquire_owned().await;
@@ -223,10 +231,16 @@ async fn serve(
                 let Ok(permit) = permit else { break };
                 match accepted {
                     Ok((sock, peer)) => {
-                        let (config, args, counters, ktls) =
-                            (config.clone(), args.clone(), counters.clone(), ktls.clone());
+                        let (config, args, counters, ktls, stop) = (
+                            config.clone(),
+                            args.clone(),
+                            counters.clone(),
+                            ktls.clone(),
+                            stop.clone(),
+                        );
                         open.spawn(async move {
-                            connection(sock, peer, config, &args, &ktls, &counters, permit).await
+                            let c = Passed { config, args, ktls, counters, stop };
+                            connection(sock, peer, c, permit).await
                         });
                     }
                     Err(e) => {
@@ -255,15 +269,27 @@ fn is_probe(peer: &SocketAddr) -> bool {
             .contains(&peer.port())
 }
 
+/// What each connection gets from the process.
+struct Passed {
+    config: Arc<ServerConfig>,
+    args: Arc<FrontArgs>,
+    ktls: Arc<Ktls>,
+    counters: Arc<Counters>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
 async fn connection(
     sock: TcpStream,
     peer: SocketAddr,
-    config: Arc<ServerConfig>,
-    args: &FrontArgs,
-    ktls: &Ktls,
-    counters: &Counters,
+    passed: Passed,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let (config, args, ktls, counters) = (
+        passed.config,
+        &*passed.args,
+        &*passed.ktls,
+        &*passed.counters,
+    );
     let mut sock = sock;
     if is_probe(&peer) {
         // The agent's probe checks that this connection was accepted (sock_diag sees it open):
@@ -278,6 +304,26 @@ async fn connection(
     counters.one(Stat::Open);
     let _open = OpenGuard(counters);
     let _ = sock.set_nodelay(true);
+    if args.proxy == ProxyMode::Http {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let accepted = tokio::time::timeout(args.handshake_timeout, acceptor.accept(sock)).await;
+        let tls = match accepted {
+            Ok(Ok(tls)) => tls,
+            Err(_) => return counters.one(Stat::FailTimeout),
+            Ok(Err(e)) => {
+                return counters.one(match e.kind() {
+                    io::ErrorKind::UnexpectedEof => Stat::FailEof,
+                    io::ErrorKind::InvalidData => Stat::FailProtocol,
+                    _ => Stat::FailIo,
+                })
+            }
+        };
+        drop(permit);
+        counters.one(Stat::HandshakesUserspace);
+        let (args, counters) = (passed.args.clone(), passed.counters.clone());
+        super::http::serve(tls, peer, args, counters, passed.stop).await;
+        return;
+    }
     let conn =
         match tokio::time::timeout(args.handshake_timeout, handshake(&mut sock, config)).await {
             Ok(Ok(conn)) => conn,

@@ -36,9 +36,17 @@ pub enum Stat {
     Open,
     /// Plain HTTP requests answered with a redirect to https.
     Redirects,
+    /// Requests the HTTP proxy (`proxy = "http"`) took.
+    HttpRequests,
+    /// Requests answered 502: no worker took the connection, or it failed before answering.
+    HttpBadGateway,
+    /// Requests answered 504: the worker did not start its answer within upstream_timeout.
+    HttpGatewayTimeout,
+    /// HTTP/1.1 upgrades (WebSockets) passed through.
+    HttpUpgrades,
 }
 
-pub const COUNT: usize = Stat::Redirects as usize + 1;
+pub const COUNT: usize = Stat::HttpUpgrades as usize + 1;
 
 pub const NAMES: [&str; COUNT] = [
     "handshakes_ktls",
@@ -61,6 +69,10 @@ pub const NAMES: [&str; COUNT] = [
     "eof_without_close_notify",
     "open_connections",
     "redirects",
+    "http_requests",
+    "http_bad_gateway",
+    "http_gateway_timeout",
+    "http_upgrades",
 ];
 
 /// An app's counts: what its exited front processes counted, kept by the agent.

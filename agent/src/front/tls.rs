@@ -54,9 +54,12 @@ pub(super) fn version_of(v: ProtocolVersion) -> Option<Version> {
 }
 
 /// `only`: offer just these (ktls = "require": every connection must be one the kernel takes).
+/// `http`: the HTTP proxy, which offers HTTP/2 too; the byte path offers HTTP/1.1 alone (the
+/// workers speak it).
 pub(super) fn server_config(
     bundle: &Bundle,
     only: Option<&HashSet<(Version, Cipher)>>,
+    http: bool,
 ) -> Result<Arc<ServerConfig>, String> {
     let resolver = bundle.resolver()?;
     let mut provider = rustls::crypto::ring::default_provider();
@@ -76,7 +79,11 @@ pub(super) fn server_config(
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = if http {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     // For kTLS: the traffic secrets leave rustls once the handshake is done.
     cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))

@@ -532,7 +532,7 @@ fn adopt_worker(
     let counters = match &counters_fd {
         None => None,
         Some(fd) => Some(Arc::new(
-            crate::sys::front::SharedCounters::from_fd(fd.as_fd(), crate::front::stats::COUNT)
+            crate::sys::front::SharedCounters::handed_over(fd.as_fd(), crate::front::stats::COUNT)
                 .map_err(|e| format!("mapping its counters: {e}"))?,
         )),
     };

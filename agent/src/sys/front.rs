@@ -223,6 +223,25 @@ impl SharedCounters {
         SharedCounters::map(fd, len)
     }
 
+    /// The counters of a front handed over by the agent's previous image, which may be of an
+    /// older version with fewer counters: those it has, up to `len` (the rest read 0).
+    pub fn handed_over(
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> Result<SharedCounters, FrontError> {
+        let size = rustix::fs::fstat(fd)
+            .map_err(|e| syscall("fstat of the counters memfd")(e.into()))?
+            .st_size as usize;
+        let have = (size / 8).min(len);
+        if have == 0 {
+            return Err(FrontError::CountersTooSmall {
+                size,
+                want: len * 8,
+            });
+        }
+        SharedCounters::map(fd, have)
+    }
+
     fn at(&self, i: usize) -> Option<&std::sync::atomic::AtomicU64> {
         // SAFETY: i < len, inside the mapping, which is 8-byte aligned (page-aligned).
         (i < self.len).then(|| unsafe { &*self.ptr.as_ptr().add(i) })
@@ -250,5 +269,24 @@ impl Drop for SharedCounters {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, unmapped once.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * 8) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// An agent upgraded in place adopts fronts an older version started, with fewer counters.
+    #[test]
+    fn a_handed_over_front_with_fewer_counters_is_mapped_as_far_as_it_goes() {
+        let (old, fd) = SharedCounters::create("corral-test-counters", 20).expect("create");
+        old.add(19, 7);
+        assert!(SharedCounters::from_fd(fd.as_fd(), 24).is_err());
+        let new = SharedCounters::handed_over(fd.as_fd(), 24).expect("mapped");
+        assert_eq!(new.get(19), 7);
+        assert_eq!(new.get(22), 0);
+        new.add(23, 1);
+        assert_eq!(new.get(23), 0);
     }
 }

@@ -1,4 +1,5 @@
-//! The Python side of `bench peers`: a venv of pinned PyPI packages under target/bench/venv,
+//! The Python side of `bench peers` (and of tests/http_front.rs, which `cargo xtask test`
+//! provisions it for): a venv of pinned PyPI packages under target/bench/venv,
 //! made from Debian's /usr/bin/python3 (the workers run as `nobody`, who cannot read an
 //! interpreter under /root), and the benchmark's apps, written into target/bench/apps.
 
@@ -31,6 +32,7 @@ typing-inspection==0.4.5
 annotated-types==0.8.0
 annotated-doc==0.0.7
 opentelemetry-api==1.45.2
+websockets==17.4
 ";
 
 /// The apps, kept in the repository as Python files (xtask/bench-apps) and written out at each
@@ -55,7 +57,7 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// The venv's directory, made (or reused when it holds exactly [`REQUIREMENTS`]) and checked to
 /// be usable by `nobody`.
-pub(super) fn ensure_venv() -> Result<PathBuf> {
+pub(crate) fn ensure_venv() -> Result<PathBuf> {
     ensure_these(&[("python3", PYTHON)], "the peers benchmark")?;
     // python3-venv ships ensurepip under the interpreter's own version directory.
     let version = python_version()?;

@@ -183,7 +183,7 @@ cert = "/etc/corral/tls/api.crt"
 key = "tls/api.key"
 ktls = "require"
 redirect_http = "0.0.0.0:80"
-
+proxy = "tcp"
 [app.web]
 command = ["node", "server.js"]
 user = "nobody"
@@ -283,6 +283,16 @@ fn full_config_round_trips() {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
             proxy_protocol: false,
+            proxy: ProxyMode::Tcp,
+            http: HttpArgs {
+                trusted_proxies: vec![],
+                header_timeout: Duration::from_secs(10),
+                upstream_timeout: Duration::from_secs(60),
+                body_timeout: Duration::from_secs(60),
+                max_header_bytes: 32 * 1024,
+                max_headers: 100,
+                access_log: false,
+            },
         }),
         role: Role::Workers,
     };
@@ -1331,4 +1341,84 @@ fn min_ready_is_at_most_the_worker_count() {
     assert_eq!(c.apps.values().next().unwrap().workers.min_ready.get(), 8);
     let c = load_text(&app("", "")).unwrap();
     assert_eq!(c.apps.values().next().unwrap().workers.min_ready.get(), 1);
+}
+
+/// `[app.api.tls]` with `extra` after its address and certificate (from line 11).
+fn tls_with(extra: &str) -> String {
+    app(
+        "",
+        &format!("[app.api.tls]\naddress = \"0.0.0.0:443\"\ncert = \"/c\"\nkey = \"/k\"\n{extra}"),
+    )
+}
+
+#[test]
+fn tls_proxy_and_http_settings() {
+    let c = load_text(&tls_with(
+        "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n\
+         header_timeout = \"5s\"\nmax_header_size = \"64KiB\"\naccess_log = true\n",
+    ))
+    .unwrap();
+    let tls = c.apps[&AppName::new("api").unwrap()].tls.as_ref().unwrap();
+    assert_eq!(tls.proxy, ProxyMode::Http);
+    let nets: Vec<String> = tls
+        .http
+        .trusted_proxies
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+    assert_eq!(tls.http.header_timeout, Duration::from_secs(5));
+    assert_eq!(tls.http.max_header_bytes, 65536);
+    assert_eq!(tls.http.max_headers, 100);
+    assert!(tls.http.access_log);
+    let c = load_text(&tls_with("proxy = \"tcp\"\n")).unwrap();
+    assert_eq!(
+        c.apps[&AppName::new("api").unwrap()]
+            .tls
+            .as_ref()
+            .unwrap()
+            .proxy,
+        ProxyMode::Tcp
+    );
+}
+
+#[test]
+fn tls_proxy_and_http_settings_refused_at_their_value() {
+    assert_err(
+        &tls_with("proxy = \"udp\"\n"),
+        "11:9",
+        "`proxy` in [app.api.tls]: expected \"http\" or \"tcp\", found \"udp\"",
+    );
+    assert_err(
+        &tls_with("trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n"),
+        "11:34",
+        "expected an address or a network such as \"10.0.0.0/8\", found \"10.0.0.0/33\"",
+    );
+    assert_err(
+        &tls_with("max_header_size = \"1KiB\"\n"),
+        "11:19",
+        "expected from 8KiB to 1MiB, found 1024 bytes",
+    );
+    assert_err(
+        &tls_with("header_timeout = 5\n"),
+        "11:18",
+        "expected a duration",
+    );
+    let e = assert_err(
+        &tls_with("proxy_protocol = \"v2\"\n"),
+        "11:18",
+        "a PROXY header is for the byte path",
+    );
+    assert!(e.hint.unwrap().contains("proxy = \"tcp\""));
+    assert_err(
+        &tls_with("ktls = \"require\"\n"),
+        "11:8",
+        "kTLS carries the byte path only",
+    );
+    let e = assert_err(
+        &tls_with("proxy = \"tcp\"\naccess_log = true\n"),
+        "12:14",
+        "`access_log` in [app.api.tls]: is a setting of the HTTP proxy",
+    );
+    assert!(e.hint.unwrap().contains("remove it"));
 }

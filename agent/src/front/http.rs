@@ -1,0 +1,360 @@
+//! The HTTP proxy (`proxy = "http"`): hyper serves HTTP/1.1 and HTTP/2 to the client over the
+//! TLS stream, and each request goes to the app's workers over HTTP/1.1 on a connection of its
+//! own to the app's address, where the eBPF steering picks the least-loaded worker for it
+//! (ARCHITECTURE.md: "a connection per upstream request"). Bodies stream both ways, frame by
+//! frame; HTTP/1.1 upgrades (WebSockets) become a byte copy once both sides have switched.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+use tower_http::timeout::TimeoutBody;
+
+use super::args::FrontArgs;
+use super::forwarded;
+use super::process::Counters;
+use super::stats::Stat;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every request of one client connection shares.
+struct Conn {
+    args: Arc<FrontArgs>,
+    counters: Arc<Counters>,
+    peer: SocketAddr,
+    /// The client is one of `trusted_proxies`: its forwarded headers are kept.
+    trusted: bool,
+    /// Signalled as each request starts (a permit stays once one has).
+    requested: tokio::sync::Notify,
+}
+
+/// Serve HTTP on one TLS connection until the client is done, or, once `stop` turns true,
+/// until its requests in flight are answered (HTTP/1.1: `Connection: close`; HTTP/2: GOAWAY).
+pub(super) async fn serve<I>(
+    io: I,
+    peer: SocketAddr,
+    args: Arc<FrontArgs>,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let h = &args.http;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(h.header_timeout)
+        // Over this, hyper answers 431 (a head that does not fit, or too many fields).
+        .max_buf_size(h.max_header_bytes as usize)
+        .max_headers(h.max_headers as usize);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(h.max_header_bytes)
+        // A silent HTTP/2 client is pinged; one that does not answer is dropped.
+        .keep_alive_interval(h.header_timeout)
+        .keep_alive_timeout(h.header_timeout);
+    let trusted = h.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
+    let conn = Arc::new(Conn {
+        args: args.clone(),
+        counters,
+        peer,
+        trusted,
+        requested: tokio::sync::Notify::new(),
+    });
+    let first = conn.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
+    });
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    // A connection accepted before SIGTERM whose client has not sent its first request yet is
+    // not closed under it (the client would see its request refused): it gets that request
+    // answered, or header_timeout ends it.
+    tokio::select! {
+        _ = served.as_mut() => return,
+        _ = async {
+            let _ = stop.wait_for(|s| *s).await;
+            first.requested.notified().await;
+        } => served.as_mut().graceful_shutdown(),
+    }
+    let _ = served.await;
+}
+
+async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
+    let started = Instant::now();
+    conn.requested.notify_one();
+    conn.counters.one(Stat::HttpRequests);
+    let (method, version) = (req.method().clone(), req.version());
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let (resp, worker) = forward(req, conn).await;
+    match resp.status() {
+        StatusCode::BAD_GATEWAY if worker.is_none() => conn.counters.one(Stat::HttpBadGateway),
+        StatusCode::GATEWAY_TIMEOUT if worker.is_none() => {
+            conn.counters.one(Stat::HttpGatewayTimeout)
+        }
+        _ => {}
+    }
+    if conn.args.http.access_log {
+        let bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        // The upstream connection's local port: which worker took it is the kernel's choice,
+        // seen in `ss` on the app's address, not by the front.
+        let worker = worker.map_or("-".to_string(), |p| format!("upstream-port {p}"));
+        eprintln!(
+            "corral front: {} \"{method} {target} {version:?}\" {} {bytes} {}ms {worker}",
+            conn.peer,
+            resp.status().as_u16(),
+            started.elapsed().as_millis(),
+        );
+    }
+    resp
+}
+
+/// A short plain-text answer of the proxy's own.
+fn answer(status: StatusCode, why: &str) -> Response<ProxyBody> {
+    let body = format!(
+        "{} {}: {why}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The request to the worker, sent; its response to the client. The worker's local port (which
+/// worker connection took it), or `None` when the proxy answered itself.
+async fn forward(mut req: Request<Incoming>, conn: &Conn) -> (Response<ProxyBody>, Option<u16>) {
+    let h = &conn.args.http;
+    // An HTTP/1.1 upgrade (WebSocket): the one hop-by-hop exchange passed on.
+    let upgrade = (req.version() == Version::HTTP_11
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+    .then(|| req.headers().get(header::UPGRADE).cloned())
+    .flatten();
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let (mut parts, body) = req.into_parts();
+    forwarded::strip_hop_by_hop(&mut parts.headers);
+    // The front answers `Expect: 100-continue` itself when it reads the body.
+    parts.headers.remove(header::EXPECT);
+    // HTTP/2 may split cookies over several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
+    let cookies: Vec<&str> = parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if cookies.len() > 1 {
+        if let Ok(v) = HeaderValue::from_str(&cookies.join("; ")) {
+            parts.headers.insert(header::COOKIE, v);
+        }
+    }
+    match &host {
+        Some(hv) if !parts.headers.contains_key(header::HOST) => {
+            if let Ok(v) = HeaderValue::from_str(hv) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        None => return (answer(StatusCode::BAD_REQUEST, "no Host"), None),
+        _ => {}
+    }
+    forwarded::apply(
+        &mut parts.headers,
+        conn.peer.ip(),
+        host.as_deref(),
+        conn.trusted,
+    );
+    if let Some(u) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, u.clone());
+    }
+    parts.uri = match parts.uri.path_and_query() {
+        Some(p) if parts.method != Method::CONNECT => match p.as_str().parse() {
+            Ok(u) => u,
+            Err(_) => return (answer(StatusCode::BAD_REQUEST, "a bad target"), None),
+        },
+        _ => {
+            return (
+                answer(StatusCode::BAD_REQUEST, "CONNECT is not proxied"),
+                None,
+            )
+        }
+    };
+    parts.version = Version::HTTP_11;
+
+    // The worker's time to answer counts from the end of the request body (an upload may take
+    // longer than upstream_timeout); a body silent for body_timeout ends the exchange.
+    let (sent_tx, sent_rx) = oneshot::channel();
+    let body = if body.is_end_stream() {
+        let _ = sent_tx.send(());
+        Empty::new().map_err(|e| match e {}).boxed_unsync()
+    } else {
+        TimeoutBody::new(
+            h.body_timeout,
+            SignalEnd {
+                inner: body,
+                end: Some(sent_tx),
+            },
+        )
+        .boxed_unsync()
+    };
+
+    let upstream = match tokio::time::timeout(
+        UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect(conn.args.upstream),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        _ => {
+            return (
+                answer(
+                    StatusCode::BAD_GATEWAY,
+                    "no worker of this app accepted the connection",
+                ),
+                None,
+            )
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let worker = upstream.local_addr().ok().map(|a| a.port());
+    let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
+        .handshake::<_, ProxyBody>(TokioIo::new(upstream))
+        .await
+    {
+        Ok(x) => x,
+        Err(_) => {
+            return (
+                answer(StatusCode::BAD_GATEWAY, "the worker's connection failed"),
+                None,
+            )
+        }
+    };
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let timeout = h.upstream_timeout;
+    let resp = tokio::select! {
+        r = sender.send_request(Request::from_parts(parts, body)) => r,
+        _ = async {
+            let _ = sent_rx.await;
+            tokio::time::sleep(timeout).await;
+        } => {
+            let why = format!("the worker did not answer within {} ms", timeout.as_millis());
+            return (answer(StatusCode::GATEWAY_TIMEOUT, &why), None);
+        }
+    };
+    let mut resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("the worker closed the connection before answering ({e})");
+            return (answer(StatusCode::BAD_GATEWAY, &why), None);
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_side) = client_upgrade else {
+            return (
+                answer(
+                    StatusCode::BAD_GATEWAY,
+                    "the worker switched protocols unasked",
+                ),
+                None,
+            );
+        };
+        let worker_side = hyper::upgrade::on(&mut resp);
+        conn.counters.one(Stat::HttpUpgrades);
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(w)) = (client_side.await, worker_side.await) {
+                let (mut c, mut w) = (TokioIo::new(c), TokioIo::new(w));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut w).await;
+            }
+        });
+        let resp = resp.map(|_| Empty::new().map_err(|e| match e {}).boxed_unsync());
+        return (resp, worker);
+    }
+    forwarded::strip_hop_by_hop(resp.headers_mut());
+    let body_timeout = h.body_timeout;
+    (
+        resp.map(|b| TimeoutBody::new(body_timeout, b).boxed_unsync()),
+        worker,
+    )
+}
+
+/// A request body that says when it has been read to its end (the worker has all of it).
+struct SignalEnd {
+    inner: Incoming,
+    end: Option<oneshot::Sender<()>>,
+}
+
+impl Body for SignalEnd {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            if let Some(end) = self.end.take() {
+                let _ = end.send(());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
