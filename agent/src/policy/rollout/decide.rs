@@ -78,10 +78,9 @@ impl<S, H> App<S, H> {
     /// A worker's readiness probe ended.
     pub fn ready(&mut self, id: WorkerId, result: Result<(), String>, ctx: &Ctx) -> Vec<Effect> {
         let mut out = Vec::new();
-        let Some(i) = self.slot_of_current(id) else {
+        let Some(slot) = self.current_slot_mut(id) else {
             return out;
         };
-        let slot = &mut self.slots[i];
         let Some(w) = slot.current.as_mut() else {
             return out;
         };
@@ -327,10 +326,9 @@ impl<S, H> App<S, H> {
     /// memory.high (`limit`, for the message) is replaced like a one-slot rolling restart.
     pub fn memory_high(&mut self, id: WorkerId, high: u64, limit: &str, ctx: &Ctx) -> Vec<Effect> {
         let mut out = Vec::new();
-        let Some(i) = self.slot_of_current(id) else {
+        let Some(slot) = self.current_slot_mut(id) else {
             return out;
         };
-        let slot = &mut self.slots[i];
         let Some(w) = slot.current.as_mut() else {
             return out;
         };

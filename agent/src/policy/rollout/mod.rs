@@ -232,11 +232,11 @@ impl<S, H> App<S, H> {
         }
     }
 
-    /// The slot whose current (not retired) worker is `id`.
-    pub fn slot_of_current(&self, id: WorkerId) -> Option<usize> {
+    /// The slot whose current (not retired) worker is `id`, to change.
+    pub fn current_slot_mut(&mut self, id: WorkerId) -> Option<&mut Slot<S, H>> {
         self.slots
-            .iter()
-            .position(|s| s.current.as_ref().is_some_and(|w| w.id == id))
+            .iter_mut()
+            .find(|s| s.current.as_ref().is_some_and(|w| w.id == id))
     }
 
     /// Any live worker of the app: current, retired or removed.
