@@ -111,6 +111,10 @@ enum Command {
     /// descriptors are corral::front::fds, its arguments corral::front::args::FrontArgs.
     #[command(hide = true)]
     Front(corral::front::args::FrontArgs),
+    /// The keeper, started by the agent (never by hand): holds the agent's workers' sockets,
+    /// pidfds and output pipes, so a crashed agent's successor adopts them.
+    #[command(hide = true)]
+    Keeper(corral::keeper::KeeperArgs),
 }
 
 fn main() -> ExitCode {
@@ -175,6 +179,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Front(args) => {
             corral::front::process::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keeper(args) => {
+            corral::keeper::run(args).map_err(|e| anyhow::anyhow!("keeper: {e}"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { app, json, target } => {

@@ -131,6 +131,31 @@ pub struct HandedWorker {
     pub leaf: Option<String>,
     pub counters: Option<RawFd>,
     pub high_seen: u64,
+    /// Its start in CLOCK_BOOTTIME milliseconds (a keeper's snapshot: its uptime is reckoned
+    /// when a later agent adopts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_boot_ms: Option<u64>,
+}
+
+impl State {
+    /// Every descriptor number the state names (a shared socket once per slot).
+    pub fn fds_mut(&mut self) -> Vec<&mut RawFd> {
+        let mut out = vec![&mut self.control];
+        out.extend(self.metrics.as_mut());
+        for app in &mut self.apps {
+            out.extend(app.redirect.as_mut());
+            for slot in &mut app.slots {
+                out.push(&mut slot.socket);
+                if let Some(w) = slot.worker.as_mut() {
+                    out.push(&mut w.pidfd);
+                    out.push(&mut w.stdout);
+                    out.push(&mut w.stderr);
+                    out.extend(w.counters.as_mut());
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The old image's decision, kept between the reply to `corral reexec` and the exec.
@@ -236,8 +261,13 @@ impl Supervisor {
         Ok(())
     }
 
-    /// The state to hand over, and every descriptor it names.
-    fn handed_state(&self) -> Result<(State, Vec<RawFd>), String> {
+    /// The state to hand over, and every descriptor it names. For the keeper (`boot`: the
+    /// keeper's clock), workers carry their start instead of their uptime, so an unchanged
+    /// state encodes the same.
+    pub(super) fn handed_state(
+        &self,
+        boot: Option<&super::keeper::Keeper>,
+    ) -> Result<(State, Vec<RawFd>), String> {
         let mut fds = Vec::new();
         let control = self
             .control_fd
@@ -263,7 +293,11 @@ impl Supervisor {
                             pidfd: raw(w.res.process.pidfd(), &mut fds),
                             stdout: raw(out.as_fd(), &mut fds),
                             stderr: raw(err.as_fd(), &mut fds),
-                            uptime_ms: w.started.elapsed().as_millis() as u64,
+                            uptime_ms: match boot {
+                                Some(_) => 0,
+                                None => w.started.elapsed().as_millis() as u64,
+                            },
+                            started_boot_ms: boot.map(|k| k.boot_ms_of(w.started)),
                             leaf: w.res.leaf.as_ref().map(|l| l.name().to_string()),
                             counters: w
                                 .res
@@ -335,7 +369,7 @@ impl Supervisor {
     fn exec_into(&mut self, binary: &Path) -> Result<std::convert::Infallible, String> {
         // Anything may have happened since the reply: check again.
         self.steady()?;
-        let (state, fds) = self.handed_state()?;
+        let (state, fds) = self.handed_state(None)?;
         let json = serde_json::to_vec(&state).map_err(|e| format!("encoding the state: {e}"))?;
         let memfd = sys::state_memfd(&json).map_err(|e| format!("the state memfd: {e}"))?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -527,7 +561,10 @@ fn adopt_worker(
         .map(sys::adopt)
         .transpose()
         .map_err(|e| format!("its counters: {e}"))?;
-    let process = Arc::new(Process::new(hw.pid, pidfd).map_err(|e| e.to_string())?);
+    // After a crash the keeper held this pidfd since the worker started: it names that very
+    // process, whatever its pid names now, so signals through it never reach a stranger.
+    let process = Arc::new(Process::adopt(hw.pid, pidfd).map_err(|e| e.to_string())?);
+    let while_down = process.has_exited();
     let counters = match &counters_fd {
         None => None,
         Some(fd) => Some(Arc::new(
@@ -542,8 +579,20 @@ fn adopt_worker(
         ),
         _ => None,
     };
+    if let (Some(l), false) = (&leaf, while_down) {
+        // Alive: it must still be in its leaf (read by pid, so the pidfd is asked again
+        // afterwards: if it exited in between, the pid may name another process).
+        let in_leaf = l.holds_pid(hw.pid);
+        if !in_leaf && !process.has_exited() {
+            return Err(format!(
+                "pid {} is not in its cgroup leaf {} any more; left alone",
+                hw.pid,
+                l.name()
+            ));
+        }
+    }
     let handover = WorkerFds::keep(&out, &err, counters_fd)?;
-    follow(tx, name, slot_idx, hw.id, &process, out, err);
+    follow(tx, name, slot_idx, hw.id, &process, (out, err), while_down);
     let memory_watch = watch_memory(tx, name, &app.cfg, slot_idx, hw.id, &leaf);
     let socket = app.state.slots[slot_idx as usize].socket.clone();
     tracing::info!(app = %name, worker = slot_idx, pid = hw.pid, "adopted");
@@ -553,7 +602,10 @@ fn adopt_worker(
         pid: hw.pid,
         state: WorkerState::Ready,
         started: Instant::now()
-            .checked_sub(Duration::from_millis(hw.uptime_ms))
+            .checked_sub(Duration::from_millis(match hw.started_boot_ms {
+                Some(b) => crate::sys::machine::boot_ms().saturating_sub(b),
+                None => hw.uptime_ms,
+            }))
             .unwrap_or_else(Instant::now),
         expected_exit: false,
         not_ready: None,
@@ -665,6 +717,7 @@ mod tests {
                         leaf: Some("worker-0-4".into()),
                         counters: None,
                         high_seen: 0,
+                        started_boot_ms: None,
                     }),
                 }],
             }],

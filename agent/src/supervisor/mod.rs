@@ -17,6 +17,7 @@ mod control;
 mod events;
 mod front;
 pub mod handoff;
+mod keeper;
 pub mod launch;
 mod metrics;
 mod output;

@@ -60,6 +60,29 @@ pub fn forward(fd: OwnedFd, tag: Tag) {
     });
 }
 
+/// Log the lines the keeper drained while no agent ran, as [`forward`] would have.
+pub fn replay(lines: Vec<crate::keeper::SpoolLine>) {
+    if lines.is_empty() {
+        return;
+    }
+    tracing::info!(
+        "{} lines the workers wrote while no agent ran, kept by the keeper:",
+        lines.len()
+    );
+    for l in lines {
+        tracing::info!(
+            target: "corral::output",
+            "app={} {} pid={} {}: {}{}",
+            l.app,
+            l.who,
+            l.pid,
+            l.stream,
+            l.line,
+            if l.partial { " [line continues below]" } else { "" }
+        );
+    }
+}
+
 trait TakeLine {
     fn take_line(self, limit: usize) -> tokio::io::Take<Self>
     where

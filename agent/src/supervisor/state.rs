@@ -129,6 +129,8 @@ pub(super) struct Supervisor {
     pub generation: u32,
     /// Why the last re-exec failed.
     pub reexec_error: Option<String>,
+    /// The `corral keeper` that holds this generation for the next agent if this one crashes.
+    pub keeper: Option<super::keeper::Keeper>,
 }
 
 impl Supervisor {
@@ -157,6 +159,7 @@ impl Supervisor {
             metrics_fd: None,
             generation: 0,
             reexec_error: None,
+            keeper: None,
         }
     }
 

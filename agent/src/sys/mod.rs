@@ -9,6 +9,7 @@ pub mod front;
 pub mod handoff;
 pub mod holder;
 pub mod inotify;
+pub mod keeper;
 pub mod ktls;
 pub mod machine;
 pub mod notify;
