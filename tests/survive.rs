@@ -84,6 +84,22 @@ fn web_app(port: u16, count: usize) -> App {
         )
 }
 
+fn corral_logs(agent: &Agent, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("corral"))
+        .arg("logs")
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .output()
+        .expect("corral logs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn slot(agent: &Agent, n: u32) -> WorkerStatus {
     agent
         .app("web")
@@ -185,6 +201,42 @@ fn a_killed_agent_loses_no_request_worker_or_line_and_its_successor_adopts_every
         down.len(),
         &missing[..missing.len().min(5)]
     );
+    // `corral logs` has them too, marked as kept, per app and per worker.
+    let logs = corral_logs(&agent, &["web", "-n", "100000"]);
+    let missing = down
+        .iter()
+        .filter(|p| !logs.contains(&format!("\"GET {p} HTTP/1.1\" 200")))
+        .count();
+    assert_eq!(missing, 0, "corral logs lacks lines written while down");
+    assert!(
+        logs.lines().any(|l| l.contains("(kept)")),
+        "kept lines marked"
+    );
+    let one = corral_logs(&agent, &["web/1", "-n", "50"]);
+    assert_eq!(one.lines().count(), 50, "{one}");
+    assert!(one.lines().all(|l| l.starts_with("web/1 ")), "{one}");
+    // -f prints what comes next.
+    let mut child = std::process::Command::new(bin("corral"))
+        .args(["logs", "web", "-f", "-n", "0", "--socket"])
+        .arg(&agent.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("corral logs -f");
+    let out = child.stdout.take().expect("stdout");
+    let follow = ChildGuard::new(child);
+    let seen = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("GET /followed HTTP/1.1"))
+    });
+    wait_for(Duration::from_secs(10), "the followed line", || {
+        let _ = http_get(loopback(port), "/followed");
+        seen.is_finished().then_some(())
+    });
+    assert!(seen.join().expect("reader").is_some());
+    drop(follow);
     // A planned stop ends everything: workers and keeper.
     let spool = agent.socket.with_file_name("keeper.spool");
     assert_eq!(
