@@ -305,3 +305,72 @@ fn a_worker_killed_while_no_agent_runs_is_restarted_and_its_pid_reuser_left_alon
     assert!(!cg.contains("app-web"), "{cg}");
     assert_ne!(now[1], impostor.pid(), "the impostor was adopted");
 }
+
+/// A TLS front survives the same way: handshakes keep succeeding across the agent's kill and
+/// restart, and the adopted fronts' counters go on.
+#[test]
+fn tls_fronts_survive_a_killed_agent_with_every_handshake_answered() {
+    let (app_port, tls_port) = (free_port(), free_port());
+    let (cert, key) = tls::self_signed(&["a.test"]);
+    let app = tls::fronted_demo_app("web", app_port, tls_port);
+    let mut agent = Agent::start_with("survive-tls", app, |dir| {
+        tls::write_cert(dir.path(), &cert, &key)
+    });
+    let workers = agent.wait_ready("web", 2, Duration::from_secs(30));
+    let fronts = agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let tls_addr = loopback(tls_port);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, cert) = (stop.clone(), cert.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match tls::get(tls_addr, "a.test", &cert, tls::Tls::V13, "/", false) {
+                        Ok(r) if String::from_utf8_lossy(&r.body).contains("\"app\":\"web\"") => {
+                            ok += 1
+                        }
+                        Ok(r) => {
+                            failed.push(format!("body {:?}", String::from_utf8_lossy(&r.body)))
+                        }
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    agent.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    agent.spawn();
+    assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(10)), workers);
+    assert_eq!(
+        agent.wait_ready("web.tls", 2, Duration::from_secs(10)),
+        fronts
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.join().expect("client");
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok >= 50, "handshakes ran: {ok}");
+    let st = agent.app_json("web.tls");
+    let handshakes = st["tls"]["counters"]["handshakes_userspace"]
+        .as_u64()
+        .unwrap_or(0)
+        + st["tls"]["counters"]["handshakes_ktls"]
+            .as_u64()
+            .unwrap_or(0);
+    assert!(handshakes >= ok, "adopted counters: {handshakes} < {ok}");
+}
