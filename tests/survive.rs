@@ -374,3 +374,65 @@ fn tls_fronts_survive_a_killed_agent_with_every_handshake_answered() {
             .unwrap_or(0);
     assert!(handshakes >= ok, "adopted counters: {handshakes} < {ok}");
 }
+
+fn env_of(pid: i32, key: &str) -> Option<String> {
+    proc_environ(pid)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// A crash in the middle of a rolling replacement: the next agent stops the old workers the
+/// previous one was replacing (none is left orphaned) and finishes the replacement; a config
+/// edited while no agent ran is rolled out the same way.
+#[test]
+fn a_crash_during_a_rolling_replacement_leaves_no_old_worker_and_finishes_it() {
+    let port = free_port();
+    let v1 = demo_app("web", loopback(port), 2).env("VERSION", "1");
+    let mut agent = Agent::start("survive-rolling", &v1);
+    let old = agent.wait_ready("web", 2, Duration::from_secs(30));
+    let v2 = demo_app("web", loopback(port), 2)
+        .env("VERSION", "2")
+        .env("DEMO_START_DELAY_MS", 1500);
+    agent.rewrite_config(&v2);
+    agent.signal(libc::SIGHUP);
+    // The first new worker is starting; the old ones still serve.
+    wait_for(Duration::from_secs(10), "replacement under way", || {
+        let w = agent.app("web").workers;
+        w.iter()
+            .any(|w| w.pid.is_some_and(|p| !old.contains(&p)))
+            .then_some(())
+    });
+    agent.kill9();
+    agent.spawn();
+    let new = wait_for(Duration::from_secs(30), "every worker at version 2", || {
+        let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+        pids.iter()
+            .all(|p| env_of(*p, "VERSION").as_deref() == Some("2"))
+            .then_some(pids)
+    });
+    wait_for(Duration::from_secs(15), "old workers stopped", || {
+        old.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    assert!(agent
+        .log()
+        .contains("the previous agent was replacing its workers"));
+
+    // Edited while no agent ran: rolled out after adoption.
+    agent.kill9();
+    let v3 = demo_app("web", loopback(port), 2).env("VERSION", "3");
+    agent.rewrite_config(&v3);
+    agent.spawn();
+    wait_for(Duration::from_secs(30), "every worker at version 3", || {
+        let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+        pids.iter()
+            .all(|p| env_of(*p, "VERSION").as_deref() == Some("3"))
+            .then_some(())
+    });
+    wait_for(Duration::from_secs(15), "version 2 stopped", || {
+        new.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    assert!(agent
+        .log()
+        .contains("its config changed since its workers started"));
+}

@@ -59,8 +59,16 @@ pub fn run(target: &Target, which: Option<&str>, follow: bool, lines: u32) -> Re
         };
         match target.call(&request)? {
             Response::Logs { lines, next } => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
                 for l in &lines {
-                    println!("{}", render(l));
+                    // A reader that went away (`corral logs -f | head`) ends the command.
+                    if writeln!(out, "{}", render(l)).is_err() {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                if out.flush().is_err() {
+                    return Ok(ExitCode::SUCCESS);
                 }
                 after = Some(next);
             }

@@ -14,7 +14,6 @@ use crate::sys::machine;
 
 use super::apps::{prepare, prestart_plan, worker_count};
 use super::cgroups::Cgroups;
-use super::handoff;
 use super::keeper;
 use super::ready;
 use super::state::{Lifecycle, Supervisor};
@@ -56,7 +55,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
 
     // Started by `corral reexec`: the previous image's workers, sockets and cgroups to adopt.
-    let mut handed = handoff::take();
+    let mut handed = super::adopt::take();
     // The keeper: a crashed agent's, holding its generation to adopt, or a new one that holds
     // this agent's should it crash.
     let (keeper, kept) = match keeper::attach(&config.agent.control_socket) {
@@ -96,7 +95,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     }
     ready::init_accept_signal();
     if let Some(st) = handed.as_mut() {
-        handoff::stop_unknown(st, &|name| {
+        super::adopt::stop_unknown(st, &|name| {
             AppName::new(name).is_ok_and(|n| config.apps.contains_key(&n))
         });
     }
