@@ -436,3 +436,42 @@ fn a_crash_during_a_rolling_replacement_leaves_no_old_worker_and_finishes_it() {
         .log()
         .contains("its config changed since its workers started"));
 }
+
+/// A keeper killed while its agent runs is replaced within a tick and holds the agent's state:
+/// the agent's next crash is survived all the same.
+#[test]
+fn a_killed_keeper_is_replaced_and_the_next_crash_still_survived() {
+    let port = free_port();
+    let mut agent = Agent::start("survive-keeper", demo_app("web", loopback(port), 2));
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(30));
+    let spool = agent.socket.with_file_name("keeper.spool");
+    let keeper = |_: &Agent| processes_with_arg(&spool.to_string_lossy());
+    let first = keeper(&agent);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // SAFETY: this test's keeper.
+    unsafe { libc::kill(first[0], libc::SIGKILL) };
+    // Another keeper, holding the workers' pidfds (the snapshot arrived).
+    wait_for(
+        Duration::from_secs(10),
+        "another keeper with the snapshot",
+        || {
+            let now = keeper(&agent);
+            if now.len() != 1 || now[0] == first[0] {
+                return None;
+            }
+            let fds = std::fs::read_dir(format!("/proc/{}/fd", now[0])).ok()?;
+            let pidfds = fds
+                .flatten()
+                .filter(|f| {
+                    std::fs::read_link(f.path())
+                        .is_ok_and(|l| l.to_string_lossy().contains("pidfd"))
+                })
+                .count();
+            (pidfds >= 2).then_some(())
+        },
+    );
+    agent.kill9();
+    agent.spawn();
+    assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(20)), pids);
+    assert!(agent.log().contains("adopted 2 running workers"));
+}

@@ -195,6 +195,17 @@ fn renumber(state: &mut State, numbers: &[RawFd], fds: Vec<OwnedFd>) {
 }
 
 impl Supervisor {
+    /// On the loop's ticks: a keeper that died is replaced and sent the state at once.
+    pub(super) fn check_keeper(&mut self) {
+        if self.keeper.as_ref().is_some_and(|k| k.gone()) {
+            if let Some(k) = self.keeper.as_mut() {
+                // Forces a send, which finds the connection dead and starts another keeper.
+                k.last.clear();
+            }
+            self.keep();
+        }
+    }
+
     /// Send the keeper the current state if it changed (after every event).
     pub(super) fn keep(&mut self) {
         let Some(mut k) = self.keeper.take() else {
@@ -257,14 +268,29 @@ impl Keeper {
             return;
         }
         if let Err(e) = self.send(&json, fds) {
-            self.broken = true;
-            tracing::error!(
-                "the keeper at {} does not take the agent's state any more ({e}): if this \
-                 agent crashes now, its workers' output pipes break and a restarted agent \
-                 starts every app afresh",
-                self.socket.display()
-            );
-            return;
+            // Gone (killed?) or stuck: a new keeper, once. Its predecessor, if it lives,
+            // holds nothing this agent relies on and exits when it sees this agent go.
+            tracing::warn!("the keeper does not take the agent's state ({e}): starting another");
+            let _ = chan::send(self.conn.as_fd(), b"X", &[]);
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let resent = start(&self.socket, &self.spool).and_then(|(conn, child)| {
+                self.conn = conn;
+                self.child = Some(child);
+                self.send(&json, fds)
+            });
+            if let Err(e) = resent {
+                self.broken = true;
+                tracing::error!(
+                    "no keeper at {} takes the agent's state any more ({e}): if this agent \
+                     crashes now, its workers' output pipes break and a restarted agent \
+                     starts every app afresh",
+                    self.socket.display()
+                );
+                return;
+            }
         }
         self.last = json;
     }
@@ -276,6 +302,12 @@ impl Keeper {
         let memfd = crate::sys::front::sealed_memfd("corral-keeper-snapshot", json)
             .map_err(|e| e.to_string())?;
         chan::send(self.conn.as_fd(), b"S", &[memfd.as_fd()]).map_err(|e| e.to_string())
+    }
+
+    /// Whether the keeper hung up (it was killed): checked on the loop's ticks, so a new one
+    /// holds this agent's state within a tick, not only at the next change.
+    pub fn gone(&self) -> bool {
+        !self.broken && chan::peer_gone(self.conn.as_fd())
     }
 
     /// The lines the keeper drained while no agent ran (oldest first); the spool is emptied.

@@ -208,6 +208,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
             _ = tokio::time::sleep_until(next_tick) => {
                 // Load publishing: every 5 ms while connections flow, 4 times a second when idle.
                 let active = sup.tick();
+                sup.check_keeper();
                 next_tick = tokio::time::Instant::now()
                     + Duration::from_millis(if active { 5 } else { 250 });
             }

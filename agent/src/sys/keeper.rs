@@ -195,6 +195,18 @@ pub fn recv(fd: BorrowedFd<'_>) -> Result<Option<Message>, KeeperError> {
     Ok(Some((buf, fds)))
 }
 
+/// Whether the peer of `fd` hung up (it never sends unprompted, so anything to read means
+/// it is gone). Does not wait.
+pub fn peer_gone(fd: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags};
+    let mut polled = [PollFd::new(&fd, PollFlags::IN | PollFlags::RDHUP)];
+    let now = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut polled, Some(&now)), Ok(n) if n > 0)
+}
+
 /// A pair of connected seqpacket sockets (tests).
 pub fn pair() -> Result<(OwnedFd, OwnedFd), KeeperError> {
     rustix::net::socketpair(
