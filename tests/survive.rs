@@ -475,3 +475,28 @@ fn a_killed_keeper_is_replaced_and_the_next_crash_still_survived() {
     assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(20)), pids);
     assert!(agent.log().contains("adopted 2 running workers"));
 }
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// After `corral reexec` the new image adopts from its own handed state; the keeper's older
+/// copies of the same descriptors are closed, not kept (a kept copy of a listening socket
+/// would stay in the group after its slot replaced it).
+#[test]
+fn a_reexec_keeps_no_copy_of_the_keepers_descriptors() {
+    let port = free_port();
+    let agent = Agent::start("survive-reexec", demo_app("web", loopback(port), 3));
+    let pids = agent.wait_ready("web", 3, Duration::from_secs(30));
+    let before = open_fds(agent.pid());
+    let (code, said) = agent.reexec();
+    assert_eq!(code, 0, "{said}");
+    assert_eq!(agent.wait_ready("web", 3, Duration::from_secs(10)), pids);
+    let after = open_fds(agent.pid());
+    assert!(
+        after <= before + 2,
+        "descriptors: {before} before, {after} after"
+    );
+}

@@ -110,15 +110,6 @@ pub fn run(args: KeeperArgs) -> Result<(), String> {
         }
         let ready = chan::poll_readable(&polled).map_err(|e| format!("poll: {e}"))?;
         drop(polled);
-        if ready[0] {
-            match chan::accept(listener.as_fd()) {
-                Ok(conn) if owner.is_some() => {
-                    let _ = chan::send(conn.as_fd(), b"B", &[]);
-                }
-                Ok(conn) => owner = Some(conn),
-                Err(e) => eprintln!("corral keeper: a connection: {e}"),
-            }
-        }
         if !draining && ready[1] {
             // The owner checked above is the one polled.
             let conn = owner.take().ok_or("no owner")?;
@@ -159,6 +150,20 @@ pub fn run(args: KeeperArgs) -> Result<(), String> {
                 }
             }
             continue;
+        }
+        // Only once the owner has nothing to read: a crashed agent's last messages and its
+        // hang-up are taken before its successor is let in.
+        if ready[0] {
+            match chan::accept(listener.as_fd()) {
+                Ok(conn) if owner.is_some() => {
+                    // What it sent already is read, so closing does not reset the connection
+                    // before it reads the answer.
+                    chan::discard_pending(conn.as_fd());
+                    let _ = chan::send(conn.as_fd(), b"B", &[]);
+                }
+                Ok(conn) => owner = Some(conn),
+                Err(e) => eprintln!("corral keeper: a connection: {e}"),
+            }
         }
         if draining {
             if let Some(h) = held.as_mut() {

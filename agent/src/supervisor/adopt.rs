@@ -300,6 +300,17 @@ pub fn stop_unknown(state: &mut State, known: &dyn Fn(&str) -> bool) {
     }
 }
 
+/// Close every descriptor a state names, each once (a keeper's snapshot not used because a
+/// re-exec handed the same things over itself).
+pub fn discard(mut state: State) {
+    let mut numbers: Vec<RawFd> = state.fds_mut().into_iter().map(|n| *n).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    for n in numbers.into_iter().filter(|n| *n >= 0) {
+        drop(sys::adopt(n));
+    }
+}
+
 /// SIGTERM to a handed-over app's workers, reaped when they exit.
 fn stop_handed(app: HandedApp) {
     for w in app.slots.into_iter().filter_map(|s| s.worker) {

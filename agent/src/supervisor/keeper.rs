@@ -49,8 +49,24 @@ pub enum AttachError {
     Other(String),
 }
 
-/// Connect to the keeper of a previous agent (and take what it holds), or start one.
+/// Connect to the keeper of a previous agent (and take what it holds), or start one. A keeper
+/// that answers "busy" or fails is asked again for a while: it may not have seen its crashed
+/// agent's hang-up yet.
 pub fn attach(control: &Path) -> Result<(Option<Keeper>, Option<Kept>), AttachError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match attach_once(control) {
+            Err(e) if Instant::now() < deadline => {
+                let (AttachError::Busy(why) | AttachError::Other(why)) = &e;
+                tracing::debug!("the keeper: {why}; asking again");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn attach_once(control: &Path) -> Result<(Option<Keeper>, Option<Kept>), AttachError> {
     let (socket, spool) = paths(control);
     let base = (Instant::now(), crate::sys::machine::boot_ms());
     match chan::connect(&socket) {
@@ -120,9 +136,16 @@ fn start(socket: &Path, spool: &Path) -> Result<(OwnedFd, std::process::Child), 
             .spawn()
     };
     let _ = crate::sys::handoff::set_inherit_raw(raw, false);
-    let child = spawned.map_err(|e| format!("starting {} keeper: {e}", binary.display()))?;
+    let mut child = spawned.map_err(|e| format!("starting {} keeper: {e}", binary.display()))?;
     // Listening already: the connection waits in its backlog until the keeper accepts.
-    let conn = chan::connect(socket).map_err(|e| e.to_string())?;
+    let conn = match chan::connect(socket) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.to_string());
+        }
+    };
     let _ = chan::set_timeout(conn.as_fd(), TIMEOUT);
     tracing::info!(
         pid = child.id(),

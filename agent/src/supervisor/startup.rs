@@ -69,8 +69,9 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         }
     };
     match (&handed, kept) {
-        // A re-exec hands over by itself; the keeper's copy is older.
-        (Some(_), _) | (None, None) => {}
+        // A re-exec hands over by itself; the keeper's copies are closed.
+        (Some(_), Some(k)) => super::adopt::discard(k.state),
+        (Some(_), None) | (None, None) => {}
         (None, Some(k)) => {
             tracing::warn!(
                 "the previous agent did not stop cleanly: adopting its workers, sockets and                  output from the keeper"

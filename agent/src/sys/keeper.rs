@@ -195,6 +195,12 @@ pub fn recv(fd: BorrowedFd<'_>) -> Result<Option<Message>, KeeperError> {
     Ok(Some((buf, fds)))
 }
 
+/// Read and drop whatever messages are queued on `fd`, without waiting.
+pub fn discard_pending(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 64];
+    while rustix::net::recv(fd, &mut buf, RecvFlags::DONTWAIT).is_ok_and(|(n, _)| n > 0) {}
+}
+
 /// Whether the peer of `fd` hung up (it never sends unprompted, so anything to read means
 /// it is gone). Does not wait.
 pub fn peer_gone(fd: BorrowedFd<'_>) -> bool {
