@@ -59,7 +59,7 @@ pub fn attach(control: &Path) -> Result<(Option<Keeper>, Option<Kept>), AttachEr
             Err(e) if Instant::now() < deadline => {
                 let (AttachError::Busy(why) | AttachError::Other(why)) = &e;
                 tracing::debug!("the keeper: {why}; asking again");
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(20));
             }
             r => return r,
         }

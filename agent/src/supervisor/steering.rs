@@ -316,13 +316,21 @@ impl GroupSteering {
 /// Put `fd` in slot `slot` once the array it is still in has been freed (the kernel frees a
 /// replaced program's maps from a work queue: milliseconds).
 fn set_when_free(s: &mut Steering, slot: u32, fd: &Arc<OwnedFd>) -> Result<(), bpf::BpfError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let t0 = std::time::Instant::now();
+    let deadline = t0 + std::time::Duration::from_secs(3);
     loop {
         match s.set_socket(slot, fd.as_fd()) {
             Err(e) if e.is_busy() && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
-            r => return r,
+            r => {
+                tracing::debug!(
+                    slot,
+                    "the previous socket array let go after {:?}",
+                    t0.elapsed()
+                );
+                return r;
+            }
         }
     }
 }
