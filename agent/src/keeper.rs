@@ -237,12 +237,12 @@ fn drain_one(h: &mut Held, i: usize, spool: &std::path::Path) {
     let fd = h.fds[d.index].as_fd();
     let mut lines = Vec::new();
     loop {
-        match rustix::io::read(fd, &mut buf) {
-            Ok(0) => {
+        match chan::read_pipe(fd, &mut buf) {
+            chan::Read::End | chan::Read::Failed => {
                 d.closed = true;
                 break;
             }
-            Ok(n) => {
+            chan::Read::Bytes(n) => {
                 d.partial.extend_from_slice(&buf[..n]);
                 while let Some(pos) = d.partial.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = d.partial.drain(..=pos).collect();
@@ -253,11 +253,7 @@ fn drain_one(h: &mut Held, i: usize, spool: &std::path::Path) {
                     lines.push(spool_line(&d.pipe, &line, false));
                 }
             }
-            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
-            Err(_) => {
-                d.closed = true;
-                break;
-            }
+            chan::Read::Empty => break,
         }
     }
     if d.closed && !d.partial.is_empty() {

@@ -195,6 +195,29 @@ pub fn recv(fd: BorrowedFd<'_>) -> Result<Option<Message>, KeeperError> {
     Ok(Some((buf, fds)))
 }
 
+/// What a non-blocking read of an output pipe found.
+pub enum Read {
+    Bytes(usize),
+    /// Every write end is closed.
+    End,
+    /// Nothing more for now.
+    Empty,
+    Failed,
+}
+
+/// Read what a non-blocking pipe has into `buf`.
+pub fn read_pipe(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Read {
+    loop {
+        return match rustix::io::read(fd, &mut *buf) {
+            Ok(0) => Read::End,
+            Ok(n) => Read::Bytes(n),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => Read::Empty,
+            Err(_) => Read::Failed,
+        };
+    }
+}
+
 /// Read and drop whatever messages are queued on `fd`, without waiting.
 pub fn discard_pending(fd: BorrowedFd<'_>) {
     let mut buf = [0u8; 64];
