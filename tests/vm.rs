@@ -831,10 +831,15 @@ fn budget_refuses_4_x_1GiB_in_3GiB_and_overcommit_allows_it() {
             break Some(st);
         }
         if std::time::Instant::now() > deadline {
-            // It started: SIGKILL takes its workers with it (PDEATHSIG); the guard empties the
-            // cgroups.
+            // It started (a failure): its workers and keeper outlive a SIGKILL; the guard
+            // empties the cgroups, the keeper is killed here.
             let _ = child.kill();
             let _ = child.wait();
+            let spool = dir.path().join("run/keeper.spool");
+            for pid in processes_with_arg(&spool.to_string_lossy()) {
+                // SAFETY: this test's keeper (its argv names this test's directory).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
             break None;
         }
         std::thread::sleep(Duration::from_millis(20));
