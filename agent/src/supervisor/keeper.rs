@@ -44,8 +44,10 @@ pub struct Kept {
 
 /// Why there is no keeper.
 pub enum AttachError {
-    /// Another agent is connected to it: this one must not start.
+    /// A keeper answers but cannot serve this agent (another agent is connected to it, or
+    /// what it holds did not come across): this agent must not start beside it.
     Busy(String),
+    /// No keeper could be started: the agent runs without one.
     Other(String),
 }
 
@@ -157,7 +159,16 @@ fn start(socket: &Path, spool: &Path) -> Result<(OwnedFd, std::process::Child), 
 
 /// Ask the keeper for what it holds.
 fn take(conn: std::os::fd::BorrowedFd<'_>, socket: &Path) -> Result<Option<Kept>, AttachError> {
-    let other = |e: String| AttachError::Other(format!("keeper {}: {e}", socket.display()));
+    // It answered: a keeper runs there, and may hold a previous generation (the control
+    // socket among it), so a failure here is not one to start beside.
+    let other = |e: String| {
+        AttachError::Busy(format!(
+            "the keeper at {} answers but did not hand over what it holds ({e}); if no agent \
+             runs, stop that keeper (its workers then run unsupervised until stopped) to \
+             start afresh",
+            socket.display()
+        ))
+    };
     chan::send(conn, b"G", &[]).map_err(|e| other(e.to_string()))?;
     let mut fds: Vec<OwnedFd> = Vec::new();
     loop {
