@@ -254,7 +254,9 @@ impl Agent {
             .spawn()
             .expect("spawn corral agent");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: in the VM tier (qemu TCG, debug build) an agent loads each app's eBPF
+        // program in some 10 s and starts its keeper (another exec of the binary).
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.try_status().is_none() {
             if let Some(st) = self
                 .child
