@@ -126,3 +126,47 @@ fn under_load(steering: &str) {
         "connections after the agent's exit are refused"
     );
 }
+
+/// An agent that crashes in the middle of a stop's drain leaves its listeners refusing new
+/// handshakes; the agent that adopts them takes the filter off. At the `sys` level: a client
+/// whose SYN the filter dropped is accepted once it is off (its SYN is retransmitted).
+#[test]
+fn a_listener_refusing_for_a_drain_takes_connections_again() {
+    use std::os::fd::AsFd;
+    let addr = loopback(free_port());
+    let fd = corral::sys::socket::reuseport_listener(addr, 16).expect("listener");
+    let listener = std::net::TcpListener::from(fd);
+    // No filter yet: taking it off is a no-op.
+    corral::sys::socket::accept_new_connections(listener.as_fd(), addr).expect("no filter");
+    corral::sys::socket::refuse_new_connections(listener.as_fd(), addr).expect("refuse");
+    let client =
+        std::thread::spawn(move || TcpStream::connect_timeout(&addr, Duration::from_secs(30)));
+    // The client's SYN was sent (and dropped: nothing to accept).
+    let port_hex = format!(":{:04X}", addr.port());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[3] == "02" && f[2].ends_with(&port_hex)
+        })
+    {
+        assert!(Instant::now() < deadline, "the client never sent its SYN");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_err(), "the filter let a SYN through");
+    corral::sys::socket::accept_new_connections(listener.as_fd(), addr).expect("accept again");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match listener.accept() {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("the retransmitted SYN was never accepted: {e}"),
+        }
+    }
+    client.join().expect("client").expect("connected");
+}

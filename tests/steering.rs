@@ -420,17 +420,19 @@ fn pins_are_replaced_after_a_crash_and_removed_on_a_clean_stop() {
     ] {
         assert!(names.iter().any(|n| n == want), "{want} pinned: {pins:?}");
     }
-    // A crash leaves the pins; the workers die with the agent.
+    // A crash leaves the pins, and the workers (the keeper holds them for the next agent).
     let old = agent.wait_ready("web", 2, Duration::from_secs(5));
     agent.kill9();
-    wait_for(Duration::from_secs(5), "workers gone", || {
-        old.iter().all(|p| !pid_alive(*p)).then_some(())
-    });
+    assert!(
+        old.iter().all(|p| pid_alive(*p)),
+        "workers outlive the agent"
+    );
     assert_eq!(pins_under(&pin_root), pins, "stale pins stay after a crash");
     let old_inodes: Vec<u64> = pins.iter().map(|p| inode(p)).collect();
-    // The restarted agent replaces them and steers.
+    // The restarted agent adopts the workers, replaces the pins with its own and steers.
     agent.spawn();
     let new = agent.wait_ready("web", 2, Duration::from_secs(20));
+    assert_eq!(new, old, "the same workers, adopted");
     let (counts, errors) = load(loopback(port), "/", 200, 2);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(

@@ -831,10 +831,15 @@ fn budget_refuses_4_x_1GiB_in_3GiB_and_overcommit_allows_it() {
             break Some(st);
         }
         if std::time::Instant::now() > deadline {
-            // It started: SIGKILL takes its workers with it (PDEATHSIG); the guard empties the
-            // cgroups.
+            // It started (a failure): its workers and keeper outlive a SIGKILL; the guard
+            // empties the cgroups, the keeper is killed here.
             let _ = child.kill();
             let _ = child.wait();
+            let spool = dir.path().join("run/keeper.spool");
+            for pid in processes_with_arg(&spool.to_string_lossy()) {
+                // SAFETY: this test's keeper (its argv names this test's directory).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
             break None;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -884,7 +889,7 @@ fn budget_refuses_4_x_1GiB_in_3GiB_and_overcommit_allows_it() {
 
 #[test]
 #[ignore = "VM tier: run by cargo xtask vm-test"]
-fn a_restarted_agent_removes_the_cgroups_a_crashed_one_left() {
+fn a_restarted_agent_adopts_a_crashed_ones_leaves_and_removes_those_nobody_holds() {
     in_vm();
     let root = vm_cgroup_root("stale");
     let port = free_port();
@@ -893,8 +898,30 @@ fn a_restarted_agent_removes_the_cgroups_a_crashed_one_left() {
     let old = agent.wait_ready("web", 2, Duration::from_secs(60));
     let old_leaves = cgroup_subdirs(&root_dir.join("app-web"));
     assert_eq!(old_leaves.len(), 2, "{old_leaves:?}");
+    // A crash: the keeper holds the workers; the next agent adopts them in their leaves.
     agent.kill9();
-    // The workers die with the agent; their leaves stay behind, empty.
+    agent.spawn();
+    assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(60)), old);
+    assert_eq!(cgroup_subdirs(&root_dir.join("app-web")), old_leaves);
+    for w in agent.app("web").workers {
+        let leaf = w.cgroup.clone().unwrap_or_default();
+        assert!(
+            old_leaves.iter().any(|l| leaf.ends_with(l.as_str())),
+            "{leaf} adopted"
+        );
+    }
+    // The agent, its keeper and the workers all killed (nothing holds them): the leaves
+    // stay behind, empty, and the next agent removes them.
+    agent.kill9();
+    let spool = agent.socket.with_file_name("keeper.spool");
+    for pid in processes_with_arg(&spool.to_string_lossy()) {
+        // SAFETY: this test's keeper.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    for pid in &old {
+        // SAFETY: this test's workers.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while old.iter().any(|p| pid_alive(*p)) {
         assert!(

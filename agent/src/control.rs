@@ -27,6 +27,14 @@ pub enum Request {
     },
     /// Re-execute the agent in place, keeping every worker (see `supervisor::handoff`).
     Reexec,
+    /// The last `lines` output lines of an app (or of one of its workers, or of every app),
+    /// only those after sequence number `after` when given (`corral logs -f` asks again).
+    Logs {
+        app: Option<String>,
+        worker: Option<u32>,
+        after: Option<u64>,
+        lines: u32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -44,6 +52,29 @@ pub enum Response {
     Error {
         message: String,
     },
+    Logs {
+        lines: Vec<LogLine>,
+        /// Ask again with `after` = this for what comes next.
+        next: u64,
+    },
+}
+
+/// One line a worker or pre-start step wrote.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    pub seq: u64,
+    /// When the agent read it (Unix milliseconds); for lines the keeper kept while no agent
+    /// ran, when the next agent logged them.
+    pub unix_ms: u64,
+    pub app: String,
+    /// `worker=N` or `step=NAME`.
+    pub who: String,
+    pub pid: i32,
+    pub stream: String,
+    pub line: String,
+    /// Kept by the keeper while no agent ran.
+    #[serde(default)]
+    pub kept: bool,
 }
 
 /// The agent process answering.

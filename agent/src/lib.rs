@@ -9,6 +9,7 @@
 pub mod config;
 pub mod control;
 pub mod front;
+pub mod keeper;
 pub mod metrics;
 pub mod policy;
 pub mod supervisor;

@@ -76,6 +76,24 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// The output of apps and workers: `corral logs api`, `corral logs api/2 -f`.
+    ///
+    /// Shows the last lines the agent keeps (20000 over all apps: its recent output, and what
+    /// the keeper held while no agent ran, marked "(kept)"); older lines are in the agent's log
+    /// (the journal under systemd: `journalctl -u corral`). With -f, prints new lines as they
+    /// come until Ctrl-C.
+    Logs {
+        /// APP or APP/WORKER (0-based slot); every app when left out.
+        target_app: Option<String>,
+        /// Keep printing new lines.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many of the last lines to print first.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: u32,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Change an app's worker count until the next reload re-reads workers.count.
     Scale {
         app: String,
@@ -111,6 +129,10 @@ enum Command {
     /// descriptors are corral::front::fds, its arguments corral::front::args::FrontArgs.
     #[command(hide = true)]
     Front(corral::front::args::FrontArgs),
+    /// The keeper, started by the agent (never by hand): holds the agent's workers' sockets,
+    /// pidfds and output pipes, so a crashed agent's successor adopts them.
+    #[command(hide = true)]
+    Keeper(corral::keeper::KeeperArgs),
 }
 
 fn main() -> ExitCode {
@@ -183,6 +205,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             corral::front::process::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keeper(args) => {
+            corral::keeper::run(args).map_err(|e| anyhow::anyhow!("keeper: {e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { app, json, target } => {
             let response = target.call(&Request::Status { app })?;
             let apps = cli::status::apps(response)?;
@@ -218,6 +244,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             simple(target.call(&Request::Scale { app, count })?)
         }
         Command::Reexec { target } => cli::reexec::run(&target),
+        Command::Logs {
+            target_app,
+            follow,
+            lines,
+            target,
+        } => cli::logs::run(&target, target_app.as_deref(), follow, lines),
         Command::ReexecCheck { config } => {
             let cfg = load(&config)?;
             cli::check::budget(&cfg)?;

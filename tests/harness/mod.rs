@@ -254,7 +254,9 @@ impl Agent {
             .spawn()
             .expect("spawn corral agent");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: in the VM tier (qemu TCG, debug build) an agent loads each app's eBPF
+        // program in some 10 s and starts its keeper (another exec of the binary).
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.try_status().is_none() {
             if let Some(st) = self
                 .child
@@ -455,7 +457,13 @@ impl Drop for Agent {
         if let Some(mut child) = self.child.take() {
             terminate(&mut child, Duration::from_secs(10));
         }
-        // Workers die with the agent (PR_SET_PDEATHSIG); make sure of it.
+        // Workers outlive a crashed agent, and so does its keeper: stop them (a keeper is
+        // known by its spool file, inside this test's directory).
+        let spool = self.socket.with_file_name("keeper.spool");
+        for pid in processes_with_arg(&spool.to_string_lossy()) {
+            // SAFETY: a keeper of this test's agent (its argv names this test's directory).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         for pid in self.seen_pids() {
             if pid_alive(pid) {
                 // SAFETY: pid was one of this test's workers; kill is harmless if it is gone.
@@ -794,4 +802,23 @@ pub fn proc_cgroup(pid: i32) -> Option<String> {
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+}
+
+/// Processes one of whose arguments is `arg`.
+pub fn processes_with_arg(arg: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
 }

@@ -16,6 +16,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_adopt;
 mod bench_http;
 mod bench_peers;
 mod bench_steering;
@@ -51,6 +52,10 @@ tasks:
   bench restart [--kills N]
                     time from SIGKILL of a worker to its replacement running, over N kills
                     (default 200), side by side with a `while :; do app; done` shell loop
+  bench adopt [--rounds N]
+                    agent start -> every worker ready: a cold start of 16 and 256 workers vs.
+                    a restarted agent adopting them after kill -9 of the first (median of N
+                    rounds, default 3)
   bench cgroup      in bookworm's VM (vm-test --tests vm_bench): 16 workers respawned after
                     SIGKILL with a cgroup leaf (memory_max) vs. without a cgroup root, median
                     and p90; the agent's VmRSS with 16 and 256 workers in cgroup mode
@@ -113,6 +118,7 @@ fn main() -> Result<()> {
         ["demo"] => demo(),
         ["vm-test", rest @ ..] => vm::vm_test(rest),
         ["bench", "restart", rest @ ..] => bench::restart(rest),
+        ["bench", "adopt", rest @ ..] => bench_adopt::adopt(rest),
         ["bench", "cgroup", rest @ ..] => vm::bench_cgroup(rest),
         ["bench", "steering", rest @ ..] => bench_steering::steering(rest),
         ["bench", "peers", rest @ ..] => bench_peers::peers(rest),

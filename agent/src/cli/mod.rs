@@ -2,6 +2,7 @@
 //! agent. Part of the binary, so anyhow is used here as in main.rs.
 
 pub mod check;
+pub mod logs;
 pub mod reexec;
 pub mod status;
 
@@ -53,6 +54,8 @@ pub fn simple(response: Response) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Response::Error { message } => bail!("{message}"),
-        Response::Status { .. } => bail!("the agent answered with a status where none was asked"),
+        Response::Status { .. } | Response::Logs { .. } => {
+            bail!("the agent answered something else than was asked")
+        }
     }
 }

@@ -20,6 +20,7 @@ fn agent_info(target: &Target) -> Result<control::AgentInfo> {
         }
         Response::Error { message } => bail!("{message}"),
         Response::Ok { message } => bail!("unexpected answer: {message}"),
+        Response::Logs { .. } => bail!("the agent answered with log lines where none were asked"),
     }
 }
 
@@ -29,7 +30,9 @@ pub fn run(target: &Target) -> Result<ExitCode> {
     match target.call(&Request::Reexec)? {
         Response::Ok { message } => println!("{message}"),
         Response::Error { message } => bail!("{message}"),
-        Response::Status { .. } => bail!("the agent answered with a status where none was asked"),
+        Response::Status { .. } | Response::Logs { .. } => {
+            bail!("the agent answered something else than was asked")
+        }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {

@@ -13,6 +13,7 @@ pub fn apps(response: Response) -> Result<Vec<AppStatus>> {
         Response::Status { apps, .. } => Ok(apps),
         Response::Error { message } => bail!("{message}"),
         Response::Ok { message } => bail!("unexpected answer: {message}"),
+        Response::Logs { .. } => bail!("the agent answered with log lines where none were asked"),
     }
 }
 

@@ -65,7 +65,7 @@ impl Supervisor {
             Ok(message) => Response::Ok { message },
             Err(message) => Response::Error { message },
         };
-        if self.stopping() && !matches!(request, Request::Status { .. }) {
+        if self.stopping() && !matches!(request, Request::Status { .. } | Request::Logs { .. }) {
             return err("the agent is stopping".into());
         }
         match request {
@@ -90,6 +90,24 @@ impl Supervisor {
                         reexec_error: self.reexec_error.clone(),
                     }),
                 }
+            }
+            Request::Logs {
+                app,
+                worker,
+                after,
+                lines,
+            } => {
+                if let Some(a) = &app {
+                    if !self.apps.keys().any(|n| n.as_str() == a) {
+                        return err(format!("no app named `{a}`"));
+                    }
+                }
+                let who = worker.map(|w| format!("worker={w}"));
+                let (lines, next) = super::output::recent(after, lines as usize, |l| {
+                    app.as_deref().is_none_or(|a| a == l.app)
+                        && who.as_deref().is_none_or(|w| w == l.who)
+                });
+                Response::Logs { lines, next }
             }
             Request::Reexec => answer(
                 self.prepare_reexec()

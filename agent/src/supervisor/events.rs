@@ -223,7 +223,7 @@ impl Supervisor {
             },
             (_, Err(e)) => Exit {
                 status: ExitStatus::Exited(127),
-                reason: format!("lost track of it: {e}"),
+                reason: e.clone(),
                 oom: false,
             },
         };

@@ -1,15 +1,15 @@
 //! `corral reexec`: the agent replaces its own image with its binary (the new one after a
 //! package upgrade, or the same) and keeps every worker running. The process keeps its pid, so
-//! the workers stay its children (their parent-death signal does not fire: the exec'ing thread
-//! is the one that started them) and systemd keeps its main process.
+//! the workers stay its children and systemd keeps its main process.
 //!
 //! What crosses the exec: the control socket, the metrics listener, each slot's listening socket, each worker's
 //! pidfd and the read ends of its stdout and stderr, a TLS front's counters memfd and
 //! redirect listener; close-on-exec is cleared on exactly those. A JSON [`State`] in a sealed
 //! memfd names them with what the descriptors cannot say (which app and slot, restarts, the
-//! last exit, uptime, the cgroup leaf). The new image adopts them instead of binding and
-//! starting: no pre-start step runs again, no worker restarts, no socket closes, so no queued
-//! connection is lost.
+//! last exit, uptime, the cgroup leaf). The new image adopts them (`adopt.rs`) instead of
+//! binding and starting: no pre-start step runs again, no worker restarts, no socket closes,
+//! so no queued connection is lost. The same [`State`], with its descriptors, is what the
+//! agent sends its keeper after each change (`keeper.rs`), for the agent after a crash.
 //!
 //! Steering: a socket can be in one eBPF socket array at a time, so the old image takes its
 //! sockets out of its program's array just before the exec; until the new image attaches its
@@ -29,19 +29,13 @@ use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::apps::launch_for;
-use super::budget::worker_count;
-use super::events::Event;
-use super::state::{AppRt, Handles, Lifecycle, Prepared, Supervisor, Worker};
-use super::workers::{follow, watch_memory};
-use crate::config::{self, App, AppName, WorkerCount};
-use crate::policy::rollout::{Effect, Phase, WorkerState};
+use super::state::{Lifecycle, Supervisor};
+use crate::config::{self, App};
+use crate::policy::rollout::Phase;
 use crate::sys::handoff as sys;
-use crate::sys::pidfd::Process;
 use crate::sys::users::SystemLookup;
 
 /// The handed state's format. `corral reexec-check` prints the one a binary takes; the old
@@ -106,6 +100,32 @@ pub struct HandedApp {
     /// A TLS front's `redirect_http` listener.
     pub redirect: Option<RawFd>,
     pub slots: Vec<HandedSlot>,
+    /// A digest of the app's config as it ran (a keeper's snapshot: the next agent may read a
+    /// config changed since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<u64>,
+    /// A rolling replacement (or a start) was under way: not every worker runs the config.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replacing: bool,
+}
+
+/// A worker being replaced (a keeper's snapshot during a rolling replacement): the next agent
+/// stops it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedStray {
+    pub pid: i32,
+    pub pidfd: RawFd,
+    pub leaf: Option<String>,
+}
+
+/// A digest of an app's config, as it runs (its Debug rendering: any change of a setting
+/// changes it; a new binary may render differently, which only costs a rolling restart).
+pub fn config_digest(cfg: &App) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{cfg:?}").hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -117,6 +137,8 @@ pub struct HandedSlot {
     pub last_exit: Option<String>,
     pub gave_up: Option<String>,
     pub worker: Option<HandedWorker>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<HandedStray>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -132,6 +154,34 @@ pub struct HandedWorker {
     pub leaf: Option<String>,
     pub counters: Option<RawFd>,
     pub high_seen: u64,
+    /// Its start in CLOCK_BOOTTIME milliseconds (a keeper's snapshot: its uptime is reckoned
+    /// when a later agent adopts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_boot_ms: Option<u64>,
+}
+
+impl State {
+    /// Every descriptor number the state names (a shared socket once per slot).
+    pub fn fds_mut(&mut self) -> Vec<&mut RawFd> {
+        let mut out = vec![&mut self.control];
+        out.extend(self.metrics.as_mut());
+        for app in &mut self.apps {
+            out.extend(app.redirect.as_mut());
+            for slot in &mut app.slots {
+                out.push(&mut slot.socket);
+                if let Some(w) = slot.worker.as_mut() {
+                    out.push(&mut w.pidfd);
+                    out.push(&mut w.stdout);
+                    out.push(&mut w.stderr);
+                    out.extend(w.counters.as_mut());
+                }
+                for r in &mut slot.retired {
+                    out.push(&mut r.pidfd);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The old image's decision, kept between the reply to `corral reexec` and the exec.
@@ -237,8 +287,13 @@ impl Supervisor {
         Ok(())
     }
 
-    /// The state to hand over, and every descriptor it names.
-    fn handed_state(&self) -> Result<(State, Vec<RawFd>), String> {
+    /// The state to hand over, and every descriptor it names. For the keeper (`boot`: the
+    /// keeper's clock), workers carry their start instead of their uptime, so an unchanged
+    /// state encodes the same.
+    pub(super) fn handed_state(
+        &self,
+        boot: Option<&super::keeper::Keeper>,
+    ) -> Result<(State, Vec<RawFd>), String> {
         let mut fds = Vec::new();
         let control = self
             .control_fd
@@ -264,7 +319,11 @@ impl Supervisor {
                             pidfd: raw(w.res.process.pidfd(), &mut fds),
                             stdout: raw(out.as_fd(), &mut fds),
                             stderr: raw(err.as_fd(), &mut fds),
-                            uptime_ms: w.started.elapsed().as_millis() as u64,
+                            uptime_ms: match boot {
+                                Some(_) => 0,
+                                None => w.started.elapsed().as_millis() as u64,
+                            },
+                            started_boot_ms: boot.map(|k| k.boot_ms_of(w.started)),
                             leaf: w.res.leaf.as_ref().map(|l| l.name().to_string()),
                             counters: w
                                 .res
@@ -276,6 +335,15 @@ impl Supervisor {
                         })
                     }
                 };
+                let retired = slot
+                    .retired
+                    .iter()
+                    .map(|r| HandedStray {
+                        pid: r.pid,
+                        pidfd: raw(r.res.process.pidfd(), &mut fds),
+                        leaf: r.res.leaf.as_ref().map(|l| l.name().to_string()),
+                    })
+                    .collect();
                 slots.push(HandedSlot {
                     socket: raw(slot.socket.as_fd(), &mut fds),
                     restarts: slot.restarts,
@@ -283,6 +351,7 @@ impl Supervisor {
                     last_exit: slot.last_exit.clone(),
                     gave_up: slot.gave_up.clone(),
                     worker,
+                    retired,
                 });
             }
             apps.push(HandedApp {
@@ -299,6 +368,13 @@ impl Supervisor {
                     .as_ref()
                     .map(|r| raw(r.as_fd(), &mut fds)),
                 slots,
+                // A re-exec runs the same config (checked), maybe rendered by a new binary.
+                config_digest: boot.map(|_| config_digest(&app.cfg)),
+                replacing: app
+                    .state
+                    .slots
+                    .iter()
+                    .any(|s| s.pending_replace || !s.retired.is_empty()),
             });
         }
         Ok((
@@ -336,7 +412,7 @@ impl Supervisor {
     fn exec_into(&mut self, binary: &Path) -> Result<std::convert::Infallible, String> {
         // Anything may have happened since the reply: check again.
         self.steady()?;
-        let (state, fds) = self.handed_state()?;
+        let (state, fds) = self.handed_state(None)?;
         let json = serde_json::to_vec(&state).map_err(|e| format!("encoding the state: {e}"))?;
         let memfd = sys::state_memfd(&json).map_err(|e| format!("the state memfd: {e}"))?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -401,234 +477,6 @@ impl Supervisor {
         }
         self.sync_steering();
     }
-
-    /// In the new image: take over `handed` for the app `cfg` (the config the old image ran,
-    /// read again). Its sockets, workers, leaves and counters become this image's; a slot
-    /// without a worker starts one.
-    pub(super) fn adopt_app(&mut self, cfg: App, handed: HandedApp) -> Result<(), String> {
-        // Nothing this image could check beforehand should fail here (the old image ran
-        // `reexec-check` with this config), but if it does, the workers must not run on
-        // unsupervised: they are stopped, and the app starts afresh on the next reload.
-        let launch = match launch_for(&cfg, &cfg.command) {
-            Ok(l) => l,
-            Err(e) => {
-                stop_handed(handed);
-                return Err(format!("{e}; its handed-over workers were stopped"));
-            }
-        };
-        let name = cfg.name.clone();
-        // A shared socket stands in every slot under one number: adopted once.
-        let mut adopted: Vec<(RawFd, Arc<OwnedFd>)> = Vec::new();
-        let mut sockets: Vec<Arc<OwnedFd>> = Vec::new();
-        for s in &handed.slots {
-            let fd = match adopted.iter().find(|(n, _)| *n == s.socket) {
-                Some((_, fd)) => fd.clone(),
-                None => {
-                    let fd = sys::adopt(s.socket)
-                        .map(Arc::new)
-                        .map_err(|e| format!("app {name}: its sockets: {e}"))?;
-                    adopted.push((s.socket, fd.clone()));
-                    fd
-                }
-            };
-            sockets.push(fd);
-        }
-        let redirect = handed
-            .redirect
-            .map(sys::adopt)
-            .transpose()
-            .map_err(|e| format!("app {name}: its redirect_http listener: {e}"))?
-            .map(Arc::new);
-        let mut cfg = cfg;
-        if worker_count(&cfg) != handed.count {
-            // `corral scale` had changed it; it lasts until the next reload, as before.
-            cfg.workers.count = WorkerCount::Fixed(
-                std::num::NonZeroU32::new(handed.count).unwrap_or(std::num::NonZeroU32::MIN),
-            );
-        }
-        let mut launch = launch;
-        if redirect.is_some() {
-            launch.redirect = redirect;
-        }
-        let prepared = Prepared {
-            launch,
-            sockets,
-            steering: Some(super::steering::GroupSteering::load(
-                &cfg,
-                &self.config.agent.bpf_pin_dir,
-            )),
-        };
-        self.add_app_idle(cfg, prepared);
-        let tx = self.tx.clone();
-        let Some(app) = self.apps.get_mut(&name) else {
-            return Ok(());
-        };
-        for (i, t) in handed.front_totals.iter().enumerate() {
-            if let Some(total) = app.front.totals.get_mut(i) {
-                *total = *t;
-            }
-        }
-        // Failed if it had failed, or if this image refuses it (its workers are adopted all
-        // the same: they run, and are better supervised than orphaned); running otherwise.
-        if let Some(why) = handed.failed {
-            app.state.phase = Phase::Failed(why);
-        } else if !matches!(app.state.phase, Phase::Failed(_)) {
-            app.state.phase = Phase::Running;
-        }
-        let mut adopted = 0;
-        let mut to_start = Vec::new();
-        for (i, hs) in handed.slots.into_iter().enumerate() {
-            let Some(slot) = app.state.slots.get_mut(i) else {
-                break;
-            };
-            slot.restarts = hs.restarts;
-            slot.oom_kills = hs.oom_kills;
-            slot.last_exit = hs.last_exit;
-            slot.gave_up = hs.gave_up;
-            match hs.worker {
-                Some(hw) => match adopt_worker(&tx, &name, app, i as u32, hw) {
-                    Ok(w) => {
-                        app.state.slots[i].current = Some(w);
-                        adopted += 1;
-                    }
-                    Err(e) => {
-                        tracing::error!(app = %name, worker = i, "adopting it: {e}; starting a new one");
-                        to_start.push(i as u32);
-                    }
-                },
-                None if slot.gave_up.is_none() => to_start.push(i as u32),
-                None => {}
-            }
-        }
-        tracing::info!(app = %name, "adopted {adopted} running workers from the agent's previous image");
-        if matches!(
-            self.apps.get(&name).map(|a| &a.state.phase),
-            Some(Phase::Running)
-        ) {
-            let starts = to_start.into_iter().map(|slot| Effect::Start { slot });
-            self.execute(&name, starts.collect());
-        }
-        Ok(())
-    }
-}
-
-/// A worker of the previous image, as this image's: its pidfd, output, leaf and counters.
-fn adopt_worker(
-    tx: &tokio::sync::mpsc::UnboundedSender<Event>,
-    name: &AppName,
-    app: &mut AppRt,
-    slot_idx: u32,
-    hw: HandedWorker,
-) -> Result<Worker, String> {
-    let pidfd = sys::adopt(hw.pidfd).map_err(|e| format!("its pidfd: {e}"))?;
-    let out = sys::adopt(hw.stdout).map_err(|e| format!("its stdout: {e}"))?;
-    let err = sys::adopt(hw.stderr).map_err(|e| format!("its stderr: {e}"))?;
-    let counters_fd = hw
-        .counters
-        .map(sys::adopt)
-        .transpose()
-        .map_err(|e| format!("its counters: {e}"))?;
-    let process = Arc::new(Process::new(hw.pid, pidfd).map_err(|e| e.to_string())?);
-    let counters = match &counters_fd {
-        None => None,
-        Some(fd) => Some(Arc::new(
-            crate::sys::front::SharedCounters::handed_over(fd.as_fd(), crate::front::stats::COUNT)
-                .map_err(|e| format!("mapping its counters: {e}"))?,
-        )),
-    };
-    let leaf = match (&app.cg, &hw.leaf) {
-        (Some(cg), Some(leaf)) => Some(
-            cg.open_leaf(leaf)
-                .map_err(|e| format!("its cgroup leaf {leaf}: {e}"))?,
-        ),
-        _ => None,
-    };
-    let handover = WorkerFds::keep(&out, &err, counters_fd)?;
-    follow(tx, name, slot_idx, hw.id, &process, out, err);
-    let memory_watch = watch_memory(tx, name, &app.cfg, slot_idx, hw.id, &leaf);
-    let socket = app.state.slots[slot_idx as usize].socket.clone();
-    tracing::info!(app = %name, worker = slot_idx, pid = hw.pid, "adopted");
-    Ok(Worker {
-        id: hw.id,
-        slot: slot_idx,
-        pid: hw.pid,
-        state: WorkerState::Ready,
-        started: Instant::now()
-            .checked_sub(Duration::from_millis(hw.uptime_ms))
-            .unwrap_or_else(Instant::now),
-        expected_exit: false,
-        not_ready: None,
-        high_seen: hw.high_seen,
-        recycling: false,
-        res: Handles {
-            process,
-            socket,
-            // Ready already: no probe runs.
-            probe: tokio::spawn(async {}).abort_handle(),
-            leaf,
-            memory_watch,
-            counters,
-            handover,
-        },
-    })
-}
-
-/// In the new image: the handed state, if this image was started by `corral reexec`. A state
-/// that cannot be read leaves workers this image cannot supervise: they are stopped (they are
-/// its children, so their pids are safe to signal), and the agent starts from scratch.
-pub fn take() -> Option<State> {
-    let bytes = match sys::take_state()? {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!("the previous image's handoff cannot be read ({e}); stopping the workers it left and starting afresh");
-            sys::terminate_children();
-            return None;
-        }
-    };
-    match serde_json::from_slice::<State>(&bytes) {
-        Ok(st) if st.format == FORMAT => Some(st),
-        Ok(st) => {
-            tracing::error!(
-                "the previous image handed over format {} (this one takes {FORMAT}); stopping \
-                 the workers it left and starting afresh",
-                st.format
-            );
-            sys::terminate_children();
-            None
-        }
-        Err(e) => {
-            tracing::error!("the previous image's handoff is not valid ({e}); stopping the workers it left and starting afresh");
-            sys::terminate_children();
-            None
-        }
-    }
-}
-
-/// The slots of the apps in `state` that the config no longer has (it cannot happen through
-/// `corral reexec`, which checks the config first): their workers are stopped.
-pub fn stop_unknown(state: &mut State, known: &dyn Fn(&str) -> bool) {
-    let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut state.apps)
-        .into_iter()
-        .partition(|a| known(&a.name));
-    state.apps = keep;
-    for app in gone {
-        tracing::warn!(app = %app.name, "handed over but not in the config: stopping its workers");
-        stop_handed(app);
-    }
-}
-
-/// SIGTERM to a handed-over app's workers, reaped when they exit.
-fn stop_handed(app: HandedApp) {
-    for w in app.slots.into_iter().filter_map(|s| s.worker) {
-        if let Ok(fd) = sys::adopt(w.pidfd) {
-            if let Ok(p) = Process::new(w.pid, fd) {
-                let _ = p.signal(libc::SIGTERM);
-                tokio::spawn(async move {
-                    let _ = p.wait().await;
-                });
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -650,6 +498,8 @@ mod tests {
                 count: 1,
                 front_totals: vec![],
                 redirect: None,
+                config_digest: None,
+                replacing: false,
                 slots: vec![HandedSlot {
                     socket: 8,
                     restarts: 1,
@@ -666,7 +516,9 @@ mod tests {
                         leaf: Some("worker-0-4".into()),
                         counters: None,
                         high_seen: 0,
+                        started_boot_ms: None,
                     }),
+                    retired: vec![],
                 }],
             }],
         };

@@ -136,6 +136,7 @@ impl Launch {
             stdout: out_w.as_fd(),
             stderr: err_w.as_fd(),
             cgroup,
+            die_with_agent: fd3.is_none(),
         };
         let child = spawn::spawn(&spec).map_err(|e| e.to_string())?;
         let process = Process::new(child.pid, child.pidfd).map_err(|e| e.to_string())?;

@@ -10,6 +10,7 @@
 //! certificates and counters), `handoff` (`corral reexec`), and the helpers each of those uses:
 //! `launch`, `ready`, `prestart`, `output`, `steering`, `cgroups`, `budget`, `metrics`.
 
+mod adopt;
 mod apps;
 pub mod budget;
 pub mod cgroups;
@@ -18,6 +19,7 @@ mod drain;
 mod events;
 mod front;
 pub mod handoff;
+mod keeper;
 pub mod launch;
 mod metrics;
 mod output;

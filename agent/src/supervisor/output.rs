@@ -1,12 +1,77 @@
 //! Worker and pre-start output: read each pipe line by line and log it tagged with who wrote it.
 
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+
+use crate::control::LogLine;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
 
 /// Longest line logged as one record; longer lines are split.
 const MAX_LINE: usize = 16 * 1024;
+
+/// Lines kept for `corral logs`, the most recent first to go; older ones are in the agent's
+/// log (the journal under systemd).
+pub const KEPT_LINES: usize = 20_000;
+
+/// The agent's recent output lines: one book per process (there is one agent per process, and
+/// the forwarding tasks are many and short-lived).
+static BOOK: Mutex<Book> = Mutex::new(Book {
+    lines: VecDeque::new(),
+    next: 1,
+});
+
+struct Book {
+    lines: VecDeque<LogLine>,
+    next: u64,
+}
+
+fn record(tag: &Tag, line: &str, kept: bool) {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    // A poisoned lock only means a panic elsewhere while holding it: the book is still whole.
+    let mut book = BOOK.lock().unwrap_or_else(|p| p.into_inner());
+    let seq = book.next;
+    book.next += 1;
+    if book.lines.len() >= KEPT_LINES {
+        book.lines.pop_front();
+    }
+    book.lines.push_back(LogLine {
+        seq,
+        unix_ms,
+        app: tag.app.clone(),
+        who: tag.who.clone(),
+        pid: tag.pid,
+        stream: tag.stream.to_string(),
+        line: line.to_string(),
+        kept,
+    });
+}
+
+/// `corral logs`: the last `n` lines that pass `wanted`, after sequence number `after`; and
+/// the number to ask after next time.
+pub fn recent(
+    after: Option<u64>,
+    n: usize,
+    wanted: impl Fn(&LogLine) -> bool,
+) -> (Vec<LogLine>, u64) {
+    let book = BOOK.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out: Vec<LogLine> = book
+        .lines
+        .iter()
+        .rev()
+        .filter(|l| after.is_none_or(|a| l.seq > a))
+        .filter(|l| wanted(l))
+        .take(n)
+        .cloned()
+        .collect();
+    out.reverse();
+    (out, book.next - 1)
+}
 
 /// Who a line of output belongs to.
 #[derive(Debug, Clone)]
@@ -47,6 +112,7 @@ pub fn forward(fd: OwnedFd, tag: Tag) {
                 buf.pop();
             }
             let line = String::from_utf8_lossy(&buf);
+            record(&tag, &line, false);
             tracing::info!(
                 target: "corral::output",
                 "app={} {} pid={} {}: {}",
@@ -58,6 +124,40 @@ pub fn forward(fd: OwnedFd, tag: Tag) {
             );
         }
     });
+}
+
+/// Log the lines the keeper drained while no agent ran, as [`forward`] would have.
+pub fn replay(lines: Vec<crate::keeper::SpoolLine>) {
+    if lines.is_empty() {
+        return;
+    }
+    tracing::info!(
+        "{} lines the workers wrote while no agent ran, kept by the keeper:",
+        lines.len()
+    );
+    for l in lines {
+        let tag = Tag {
+            app: l.app.clone(),
+            who: l.who.clone(),
+            pid: l.pid,
+            stream: if l.stream == "stderr" {
+                "stderr"
+            } else {
+                "stdout"
+            },
+        };
+        record(&tag, &l.line, true);
+        tracing::info!(
+            target: "corral::output",
+            "app={} {} pid={} {}: {}{}",
+            l.app,
+            l.who,
+            l.pid,
+            l.stream,
+            l.line,
+            if l.partial { " [line continues below]" } else { "" }
+        );
+    }
 }
 
 trait TakeLine {

@@ -15,7 +15,7 @@ use crate::sys::machine;
 use super::apps::{prepare, prestart_plan};
 use super::budget::worker_count;
 use super::cgroups::Cgroups;
-use super::handoff;
+use super::keeper;
 use super::ready;
 use super::state::{Lifecycle, Supervisor};
 use super::steering;
@@ -56,7 +56,30 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
 
     // Started by `corral reexec`: the previous image's workers, sockets and cgroups to adopt.
-    let mut handed = handoff::take();
+    let mut handed = super::adopt::take();
+    // The keeper: a crashed agent's, holding its generation to adopt, or a new one that holds
+    // this agent's should it crash.
+    let (keeper, kept) = match keeper::attach(&config.agent.control_socket) {
+        Ok(k) => k,
+        Err(keeper::AttachError::Busy(e)) => return Err(StartError::App(e)),
+        Err(keeper::AttachError::Other(e)) => {
+            tracing::warn!(
+                "no keeper ({e}): if this agent crashes, its workers keep serving but their                  output pipes break, and a restarted agent starts every app afresh"
+            );
+            (None, None)
+        }
+    };
+    match (&handed, kept) {
+        // A re-exec hands over by itself; the keeper's copies are closed.
+        (Some(_), Some(k)) => super::adopt::discard(k.state),
+        (Some(_), None) | (None, None) => {}
+        (None, Some(k)) => {
+            tracing::warn!(
+                "the previous agent did not stop cleanly: adopting its workers, sockets and                  output from the keeper"
+            );
+            handed = Some(k.state);
+        }
+    }
     if let Some([soft, hard]) = handed.as_ref().and_then(|st| st.child_nofile) {
         // Children get the limit the first image started with, not the one it raised.
         machine::set_child_nofile(machine::NofileLimit { soft, hard });
@@ -74,7 +97,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     }
     ready::init_accept_signal();
     if let Some(st) = handed.as_mut() {
-        handoff::stop_unknown(st, &|name| {
+        super::adopt::stop_unknown(st, &|name| {
             AppName::new(name).is_ok_and(|n| config.apps.contains_key(&n))
         });
     }
@@ -122,6 +145,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     };
 
     let mut sup = Supervisor::new(options.config_path, config.clone(), tx.clone(), cgroups);
+    sup.keeper = keeper;
     // Dups of the listeners, kept to hand over on `corral reexec`.
     sup.control_fd = std::os::fd::AsFd::as_fd(&control)
         .try_clone_to_owned()
@@ -148,11 +172,16 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
             }
         }
     }
+    // What the workers wrote while no agent ran, before anything they write now.
+    if let Some(k) = &sup.keeper {
+        super::output::replay(k.take_spool());
+    }
     for (name, p) in prepared {
         let cfg = config.apps[&name].clone();
         sup.add_app(cfg, p);
     }
     sup.sync_steering();
+    sup.keep();
     tokio::spawn(super::control::serve(control, tx.clone()));
     if let Some(l) = metrics_listener {
         if let Ok(a) = l.local_addr() {
@@ -177,11 +206,15 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     let mut next_tick = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            Some(ev) = rx.recv() => sup.handle(ev),
+            Some(ev) = rx.recv() => {
+                sup.handle(ev);
+                sup.keep();
+            }
             _ = tokio::time::sleep_until(next_tick) => {
                 // Load publishing: every 5 ms while connections flow, 4 times a second when idle.
                 let active = sup.tick();
                 sup.drain_step();
+                sup.check_keeper();
                 next_tick = tokio::time::Instant::now()
                     + Duration::from_millis(if active || sup.draining() { 5 } else { 250 });
             }
@@ -208,6 +241,9 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         }
     }
     sup.cgroups.removals_done().await;
+    if let Some(k) = sup.keeper.take() {
+        k.stop();
+    }
     drop(sup); // unpins every group's steering maps
     let _ = std::fs::remove_dir(&pin_root); // only if empty
     tracing::info!("all workers stopped; agent exiting");

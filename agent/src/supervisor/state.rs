@@ -131,6 +131,8 @@ pub(super) struct Supervisor {
     pub reexec_error: Option<String>,
     /// SIGTERM/SIGINT: each app's drain (see `drain.rs`).
     pub drains: super::drain::Drains,
+    /// The `corral keeper` that holds this generation for the next agent if this one crashes.
+    pub keeper: Option<super::keeper::Keeper>,
 }
 
 impl Supervisor {
@@ -160,6 +162,7 @@ impl Supervisor {
             generation: 0,
             reexec_error: None,
             drains: Default::default(),
+            keeper: None,
         }
     }
 

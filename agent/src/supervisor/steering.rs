@@ -141,9 +141,24 @@ impl GroupSteering {
         let registered = if self.shared() { 1 } else { sockets.len() };
         match &mut self.mode {
             Mode::Ebpf(s) => {
+                let mut attached = false;
                 for (slot, fd) in sockets.iter().enumerate().take(registered) {
-                    s.set_socket(slot as u32, fd.as_fd())
-                        .map_err(|e| format!("slot {slot}: {e}"))?;
+                    match s.set_socket(slot as u32, fd.as_fd()) {
+                        Ok(()) => {}
+                        // Still in a crashed agent's array: replace its program first (its
+                        // maps are freed then, asynchronously), meanwhile the kernel's hash
+                        // spreads connections over the group's sockets.
+                        Err(e) if e.is_busy() => {
+                            if !attached {
+                                s.publish_eligible(&[]).map_err(|e| e.to_string())?;
+                                s.attach(first.as_fd()).map_err(|e| e.to_string())?;
+                                attached = true;
+                            }
+                            set_when_free(s, slot as u32, fd)
+                                .map_err(|e| format!("slot {slot}: {e}"))?;
+                        }
+                        Err(e) => return Err(format!("slot {slot}: {e}")),
+                    }
                 }
                 s.publish_eligible(&[]).map_err(|e| e.to_string())?;
                 self.published = Some(Vec::new());
@@ -298,6 +313,28 @@ impl GroupSteering {
 
     pub fn pins(&self) -> Option<&Path> {
         self.pins.as_deref()
+    }
+}
+
+/// Put `fd` in slot `slot` once the array it is still in has been freed (the kernel frees a
+/// replaced program's maps from a work queue: milliseconds).
+fn set_when_free(s: &mut Steering, slot: u32, fd: &Arc<OwnedFd>) -> Result<(), bpf::BpfError> {
+    let t0 = std::time::Instant::now();
+    let deadline = t0 + std::time::Duration::from_secs(3);
+    loop {
+        match s.set_socket(slot, fd.as_fd()) {
+            Err(e) if e.is_busy() && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            r => {
+                tracing::debug!(
+                    slot,
+                    "the previous socket array let go after {:?}",
+                    t0.elapsed()
+                );
+                return r;
+            }
+        }
     }
 }
 

@@ -101,7 +101,7 @@ impl Supervisor {
                 handoff::WorkerFds::default()
             }
         };
-        follow(&tx, name, slot_idx, id, &process, out, err);
+        follow(&tx, name, slot_idx, id, &process, (out, err), false);
         let (ready_cfg, timeout) = (app.cfg.workers.ready.clone(), app.cfg.workers.ready_timeout);
         let target = ready::Target {
             address: app.cfg.listen.address,
@@ -187,8 +187,8 @@ pub(super) fn follow(
     slot_idx: u32,
     id: WorkerId,
     process: &Arc<Process>,
-    out: OwnedFd,
-    err: OwnedFd,
+    (out, err): (OwnedFd, OwnedFd),
+    while_down: bool,
 ) {
     let pid = process.pid();
     for (fd, stream) in [(out, "stdout"), (err, "stderr")] {
@@ -206,10 +206,21 @@ pub(super) fn follow(
     let (app_name, tx) = (name.clone(), tx.clone());
     tokio::spawn(async move {
         // Without a cgroup this is what removes the worker's leftover children.
-        let status = waiter
-            .wait_and_kill_group()
-            .await
-            .map_err(|e| e.to_string());
+        let status = match waiter.wait_and_kill_group().await {
+            // It exited before this agent adopted it.
+            Ok(st) if while_down => Err(format!(
+                "exited while the agent was down: {}",
+                exit_status(st)
+            )),
+            Ok(st) => Ok(st),
+            Err(crate::sys::pidfd::PidfdError::StatusUnknown) if while_down => {
+                Err("exited while the agent was down, status unknown".to_string())
+            }
+            Err(crate::sys::pidfd::PidfdError::StatusUnknown) => {
+                Err("exited, status unknown (adopted after an agent crash)".to_string())
+            }
+            Err(e) => Err(format!("lost track of it: {e}")),
+        };
         let _ = tx.send(Event::Exited {
             app: app_name,
             id,

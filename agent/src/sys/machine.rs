@@ -161,3 +161,10 @@ pub fn tls_stat() -> std::collections::BTreeMap<String, u64> {
         })
         .collect()
 }
+
+/// CLOCK_BOOTTIME in milliseconds: comparable across processes and agent restarts (suspend
+/// included), unlike `Instant`.
+pub fn boot_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
+}

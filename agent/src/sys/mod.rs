@@ -10,6 +10,7 @@ pub mod handoff;
 pub mod holder;
 pub mod init;
 pub mod inotify;
+pub mod keeper;
 pub mod ktls;
 pub mod machine;
 pub mod notify;

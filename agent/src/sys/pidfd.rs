@@ -21,6 +21,11 @@ pub enum PidfdError {
         #[source]
         source: io::Error,
     },
+    /// A process that is not this agent's child (adopted after a crash of the previous agent)
+    /// exited and the kernel keeps no status for it (its reaper has not reaped it, or the
+    /// kernel is older than 6.15).
+    #[error("status unknown")]
+    StatusUnknown,
 }
 
 /// How a process ended, as waitid reported it.
@@ -36,6 +41,9 @@ pub enum WaitStatus {
 pub struct Process {
     pid: i32,
     fd: AsyncFd<OwnedFd>,
+    /// Our child (waitid reaps it); otherwise adopted from a crashed agent: init or a
+    /// subreaper reaps it and only its pidfd tells that it exited.
+    child: bool,
 }
 
 impl Process {
@@ -48,7 +56,46 @@ impl Process {
             pid,
             source: e.into_parts().1,
         })?;
-        Ok(Process { pid, fd })
+        Ok(Process {
+            pid,
+            fd,
+            child: true,
+        })
+    }
+
+    /// A process handed over whose parent may not be this process: a worker of a crashed
+    /// agent (the keeper held its pidfd, so it is the very process that was started, whatever
+    /// its pid names now). Whether it is our child is asked of the kernel (waitid answers
+    /// ECHILD for any other process).
+    pub fn adopt(pid: i32, pidfd: OwnedFd) -> Result<Process, PidfdError> {
+        let child = !matches!(
+            waitid(
+                WaitId::PidFd(pidfd.as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+            ),
+            Err(rustix::io::Errno::CHILD)
+        );
+        let mut p = Process::new(pid, pidfd)?;
+        p.child = child;
+        Ok(p)
+    }
+
+    /// Whether this process is the agent's child (otherwise it was adopted after a crash).
+    pub fn is_child(&self) -> bool {
+        self.child
+    }
+
+    /// Whether the process has exited already (its pidfd is readable), without waiting.
+    pub fn has_exited(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            self.fd.get_ref(),
+            rustix::event::PollFlags::IN,
+        )];
+        let now = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
     }
 
     pub fn pid(&self) -> i32 {
@@ -84,6 +131,11 @@ impl Process {
                     source,
                 })?;
             // Readable: the process has exited (a zombie until try_wait reaps it).
+            if !self.child {
+                // Not ours to reap; its pid may already name another process, so no group
+                // kill by pid either (its cgroup leaf's teardown kills what it left).
+                return exit_info(self.fd.get_ref().as_fd()).ok_or(PidfdError::StatusUnknown);
+            }
             if kill_group && self.pid > 1 {
                 // SAFETY: kill with a negative pid signals a process group; no memory involved.
                 unsafe { libc::kill(-self.pid, libc::SIGKILL) };
@@ -126,4 +178,29 @@ impl Process {
         })?;
         pidfd_send_signal(self.fd.get_ref(), sig).map_err(io::Error::from)
     }
+}
+
+/// The exit status the kernel keeps for a reaped process behind `pidfd` (PIDFD_GET_INFO with
+/// PIDFD_INFO_EXIT, Linux 6.15+); None where it keeps none.
+fn exit_info(pidfd: std::os::fd::BorrowedFd<'_>) -> Option<WaitStatus> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_info is plain data; all-zero is a valid value.
+    let mut info: libc::pidfd_info = unsafe { std::mem::zeroed() };
+    info.mask = libc::PIDFD_INFO_EXIT as u64;
+    // SAFETY: PIDFD_GET_INFO writes at most size_of::<pidfd_info>() bytes into `info`, which
+    // lives across the call; the descriptor is open (borrowed).
+    let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), libc::PIDFD_GET_INFO, &mut info) };
+    if r != 0 || info.mask & libc::PIDFD_INFO_EXIT as u64 == 0 {
+        return None;
+    }
+    // exit_code is a wait status, as waitpid's.
+    let st = info.exit_code;
+    Some(if libc::WIFSIGNALED(st) {
+        WaitStatus::Signaled {
+            signal: libc::WTERMSIG(st),
+            core_dumped: libc::WCOREDUMP(st),
+        }
+    } else {
+        WaitStatus::Exited(libc::WEXITSTATUS(st))
+    })
 }

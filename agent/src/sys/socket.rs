@@ -265,7 +265,7 @@ fn refuse_program(v6: bool) -> Vec<libc::sock_filter> {
 /// Stop a listening socket from taking new connections while what is already in its accept
 /// queue stays there to be accepted: a socket filter drops bare SYNs (the client retransmits
 /// and, once the socket is closed, is refused: never accepted and then reset). Handshakes
-/// already past their SYN complete. For the agent's drain at SIGTERM; it cannot be undone.
+/// already past their SYN complete. For the agent's drain at SIGTERM; [`accept_new_connections`] undoes it.
 pub fn refuse_new_connections(fd: BorrowedFd<'_>, address: SocketAddr) -> Result<(), SocketError> {
     let prog = refuse_program(address.is_ipv6());
     let fprog = libc::sock_fprog {
@@ -279,6 +279,25 @@ pub fn refuse_new_connections(fd: BorrowedFd<'_>, address: SocketAddr) -> Result
             source,
         }
     })
+}
+
+/// Undo [`refuse_new_connections`]: an agent that crashed while draining for a stop leaves its
+/// listeners refusing, and the agent that adopts them serves on. A socket without a filter is
+/// left as it is.
+pub fn accept_new_connections(fd: BorrowedFd<'_>, address: SocketAddr) -> Result<(), SocketError> {
+    match setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_DETACH_FILTER,
+        &0 as &libc::c_int,
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r.map_err(|source| SocketError::Sys {
+            call: "SO_DETACH_FILTER",
+            address,
+            source,
+        }),
+    }
 }
 
 /// The address a probe connects to for a listener on `address`: loopback for the wildcard.

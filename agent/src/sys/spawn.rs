@@ -124,6 +124,10 @@ pub struct Spec<'a> {
     /// Start the child inside this cgroup (a directory fd of a cgroup v2 leaf): with
     /// CLONE_INTO_CGROUP it is never, even briefly, in the agent's own cgroup.
     pub cgroup: Option<BorrowedFd<'a>>,
+    /// Killed (SIGKILL) when the agent dies: pre-start steps, whose sequence no later agent
+    /// can resume. Workers are not: they outlive a crashed agent (ARCHITECTURE.md, "What
+    /// survives an agent crash").
+    pub die_with_agent: bool,
 }
 
 /// A started child: its pid (for display and `/proc` only) and the pidfd that owns it.
@@ -173,6 +177,7 @@ struct Plan {
     uid: libc::uid_t,
     gid: libc::gid_t,
     parent: libc::pid_t,
+    die_with_agent: bool,
     /// (source, target) in the order they must be installed.
     fds: [(RawFd, RawFd); MAX_FDS],
     nfds: usize,
@@ -258,6 +263,7 @@ impl Plan {
             gid: spec.gid,
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
+            die_with_agent: spec.die_with_agent,
             fds,
             nfds,
             report,
@@ -647,11 +653,14 @@ unsafe fn child(plan: &Plan, listen_pid_buf: *mut u8) -> ! {
             Stage::NoNewPrivs,
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         );
-        // Workers never outlive the agent: set after setresuid, which clears it.
-        check!(
-            Stage::DeathSignal,
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
-        );
+        // Pre-start steps never outlive the agent: set after setresuid, which clears it.
+        if plan.die_with_agent {
+            check!(
+                Stage::DeathSignal,
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
+            );
+        }
+        // An agent that died while this child was being set up never learnt of it.
         if libc::getppid() != plan.parent {
             libc::_exit(127);
         }

@@ -40,6 +40,17 @@ pub enum BpfError {
     },
 }
 
+impl BpfError {
+    /// A socket array refused a socket that is still in another array (EBUSY): the array of
+    /// a crashed agent's program, still attached to the group, until that program is
+    /// replaced and its maps freed.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, BpfError::Map { source, .. }
+            if matches!(source.as_ref(), MapError::SyscallError(e)
+                if e.io_error.raw_os_error() == Some(libc::EBUSY)))
+    }
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
     move |source| BpfError::Map {
         name,

@@ -50,6 +50,17 @@ impl Leaf {
         &self.node.path
     }
 
+    /// Whether process `pid` is in this leaf (its `cgroup.procs` lists it).
+    pub fn holds_pid(&self, pid: i32) -> bool {
+        let Ok(fd) = self.node.open_file("cgroup.procs", READ_FLAGS) else {
+            return false;
+        };
+        super::files::read_fd(fd.as_fd()).is_ok_and(|text| {
+            text.lines()
+                .any(|l| l.trim().parse::<i32>().ok() == Some(pid))
+        })
+    }
+
     /// Controllers enabled for this leaf (its `cgroup.controllers`).
     pub fn controllers(&self) -> Controllers {
         self.controllers
