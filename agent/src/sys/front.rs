@@ -211,9 +211,7 @@ impl SharedCounters {
         fd: std::os::fd::BorrowedFd<'_>,
         len: usize,
     ) -> Result<SharedCounters, FrontError> {
-        let size = rustix::fs::fstat(fd)
-            .map_err(|e| syscall("fstat of the counters memfd")(e.into()))?
-            .st_size as usize;
+        let size = memfd_size(fd)?;
         if size < len * 8 {
             return Err(FrontError::CountersTooSmall {
                 size,
@@ -229,17 +227,14 @@ impl SharedCounters {
         fd: std::os::fd::BorrowedFd<'_>,
         len: usize,
     ) -> Result<SharedCounters, FrontError> {
-        let size = rustix::fs::fstat(fd)
-            .map_err(|e| syscall("fstat of the counters memfd")(e.into()))?
-            .st_size as usize;
-        let have = (size / 8).min(len);
-        if have == 0 {
-            return Err(FrontError::CountersTooSmall {
+        let size = memfd_size(fd)?;
+        match (size / 8).min(len) {
+            0 => Err(FrontError::CountersTooSmall {
                 size,
                 want: len * 8,
-            });
+            }),
+            have => SharedCounters::map(fd, have),
         }
-        SharedCounters::map(fd, have)
     }
 
     fn at(&self, i: usize) -> Option<&std::sync::atomic::AtomicU64> {
@@ -270,6 +265,13 @@ impl Drop for SharedCounters {
         // SAFETY: the mapping made in `map`, unmapped once.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * 8) };
     }
+}
+
+/// The size of the counters memfd `fd`, in bytes.
+fn memfd_size(fd: std::os::fd::BorrowedFd<'_>) -> Result<usize, FrontError> {
+    Ok(rustix::fs::fstat(fd)
+        .map_err(|e| syscall("fstat of the counters memfd")(e.into()))?
+        .st_size as usize)
 }
 
 #[cfg(test)]
