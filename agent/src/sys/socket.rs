@@ -215,16 +215,32 @@ fn probe_program(v6: bool) -> Vec<libc::sock_filter> {
 /// Attach the probe-steering program to the reuseport group `fd` belongs to.
 pub fn attach_probe_steering(fd: BorrowedFd<'_>, address: SocketAddr) -> Result<(), SocketError> {
     let prog = probe_program(address.is_ipv6());
+    attach_classic(
+        fd,
+        address,
+        &prog,
+        libc::SO_ATTACH_REUSEPORT_CBPF,
+        "SO_ATTACH_REUSEPORT_CBPF",
+    )
+}
+
+/// Attach the classic BPF program `prog` to `fd` with the socket option `option` (`name`, for
+/// the error).
+fn attach_classic(
+    fd: BorrowedFd<'_>,
+    address: SocketAddr,
+    prog: &[libc::sock_filter],
+    option: i32,
+    name: &'static str,
+) -> Result<(), SocketError> {
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,
     };
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_REUSEPORT_CBPF, &fprog).map_err(|source| {
-        SocketError::Sys {
-            call: "SO_ATTACH_REUSEPORT_CBPF",
-            address,
-            source,
-        }
+    setsockopt(fd, libc::SOL_SOCKET, option, &fprog).map_err(|source| SocketError::Sys {
+        call: name,
+        address,
+        source,
     })
 }
 
@@ -265,20 +281,17 @@ fn refuse_program(v6: bool) -> Vec<libc::sock_filter> {
 /// Stop a listening socket from taking new connections while what is already in its accept
 /// queue stays there to be accepted: a socket filter drops bare SYNs (the client retransmits
 /// and, once the socket is closed, is refused: never accepted and then reset). Handshakes
-/// already past their SYN complete. For the agent's drain at SIGTERM; [`accept_new_connections`] undoes it.
+/// already past their SYN complete. For the agent's drain at SIGTERM; undone by
+/// [`accept_new_connections`].
 pub fn refuse_new_connections(fd: BorrowedFd<'_>, address: SocketAddr) -> Result<(), SocketError> {
     let prog = refuse_program(address.is_ipv6());
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog).map_err(|source| {
-        SocketError::Sys {
-            call: "SO_ATTACH_FILTER",
-            address,
-            source,
-        }
-    })
+    attach_classic(
+        fd,
+        address,
+        &prog,
+        libc::SO_ATTACH_FILTER,
+        "SO_ATTACH_FILTER",
+    )
 }
 
 /// Undo [`refuse_new_connections`]: an agent that crashed while draining for a stop leaves its
