@@ -41,8 +41,13 @@ struct Setup {
 /// The FastAPI app (two uvicorn workers) behind a front of two processes, trusting 127.0.0.3
 /// as a proxy, with the short limits above and an access log.
 fn start(tag: &str) -> Setup {
+    start_at(tag, loopback(free_port()))
+}
+
+/// [`start`] with the front on `tls_address`.
+fn start_at(tag: &str, tls_address: SocketAddr) -> Setup {
     let venv = venv();
-    let (app_port, tls_port) = (free_port(), free_port());
+    let (app_port, tls_port) = (free_port(), tls_address.port());
     let uvicorn = venv.join("bin/uvicorn").display().to_string();
     let app = App::new("api")
         .command([
@@ -66,7 +71,7 @@ fn start(tag: &str) -> Setup {
         .workers("stop_timeout", "5s")
         .workers("ready_timeout", "60s")
         .restart("max_restarts", 100)
-        .tls("address", loopback(tls_port))
+        .tls("address", tls_address)
         .tls("cert", "@DIR@/a.crt")
         .tls("key", "@DIR@/a.key")
         .tls("processes", 2)
@@ -193,6 +198,33 @@ fn read_until_closed(t: &mut Tls) -> (Vec<u8>, Duration) {
         }
     }
     (got, began.elapsed())
+}
+
+/// On a dual-stack address an IPv4 client is an IPv4 address: trusted by "127.0.0.3" and
+/// forwarded as 127.0.0.2, not as ::ffff:127.0.0.2.
+#[test]
+fn on_a_dual_stack_address_ipv4_clients_are_ipv4() {
+    require_root();
+    let s = start_at(
+        "http-dual",
+        SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), free_port()),
+    );
+    let g = curl(&s, "/whoami", &["--interface", "127.0.0.2"]);
+    assert_eq!(g.status, 200, "{}", g.body);
+    let j = json(&g);
+    assert_eq!(j["x_forwarded_for"], "127.0.0.2", "{j}");
+    let g = curl(
+        &s,
+        "/whoami",
+        &[
+            "--interface",
+            "127.0.0.3",
+            "-H",
+            "X-Forwarded-For: 198.51.100.7",
+        ],
+    );
+    let j = json(&g);
+    assert_eq!(j["x_forwarded_for"], "198.51.100.7, 127.0.0.3", "{j}");
 }
 
 #[test]

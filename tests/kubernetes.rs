@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -98,4 +99,25 @@ fn the_configmap_holds_a_valid_corral_config() {
     let per = api.workers.memory_max.expect("memory_max").0;
     assert!(2 * per + (64 << 20) <= 2 << 30, "{per}");
     assert!(yaml.contains("memory: 2Gi") && yaml.contains("cpu: \"2\""));
+    // The preStop sleep, the drain and the workers' stop fit in the grace period, so corral's
+    // own stop finishes before the kubelet's SIGKILL.
+    let number_after = |key: &str| -> u64 {
+        let at = yaml
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} in the manifest"))
+            + key.len();
+        yaml[at..]
+            .split_whitespace()
+            .next()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("a number after {key}"))
+    };
+    let grace = number_after("terminationGracePeriodSeconds:");
+    let pre_stop = number_after("sleep:\n                seconds:");
+    let needed =
+        Duration::from_secs(pre_stop) + corral::policy::drain::MAX_DRAIN + api.workers.stop_timeout;
+    assert!(
+        needed < Duration::from_secs(grace),
+        "preStop {pre_stop}s + drain + stop_timeout = {needed:?}, grace {grace}s"
+    );
 }

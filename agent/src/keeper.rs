@@ -19,6 +19,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -88,6 +89,11 @@ pub struct KeeperArgs {
 
 /// Run until a planned stop (`X`), SIGTERM, or the agent leaves with nothing to keep.
 pub fn run(args: KeeperArgs) -> Result<(), String> {
+    // It holds about five descriptors a worker, twice while a new snapshot replaces the last:
+    // the soft limit of 1024 its parent gives children would cut them off above ~100 workers.
+    if let Err(e) = crate::sys::machine::raise_nofile() {
+        eprintln!("corral keeper: cannot raise the open-file limit: {e}");
+    }
     let listener = crate::sys::handoff::adopt(args.listen_fd)
         .map_err(|e| format!("its listening socket: {e}"))?;
     let mut owner: Option<OwnedFd> = None;
@@ -307,9 +313,13 @@ fn append(spool: &std::path::Path, lines: &[SpoolLine]) {
             out.push(b'\n');
         }
     }
+    // Workers' output may hold secrets: the agent's user only, and never through a link
+    // planted in its place.
     let r = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(spool)
         .and_then(|mut f| f.write_all(&out));
     if let Err(e) = r {

@@ -55,6 +55,9 @@ pub(super) async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // On a dual-stack listener ("[::]:443") an IPv4 client is ::ffff:a.b.c.d: as a.b.c.d it
+    // matches "10.0.0.0/8" in trusted_proxies and is forwarded as the app expects.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let h = &args.http;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

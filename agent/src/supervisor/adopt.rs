@@ -62,6 +62,13 @@ impl Supervisor {
             .transpose()
             .map_err(|e| format!("app {name}: its redirect_http listener: {e}"))?
             .map(Arc::new);
+        // The drain filters it as it does the slots' sockets.
+        if let (Some(fd), crate::config::Role::TlsFront { tls, .. }) = (&redirect, &cfg.role) {
+            if let Some(address) = tls.redirect_http {
+                crate::sys::socket::accept_new_connections(fd.as_fd(), address)
+                    .map_err(|e| format!("app {name}: its redirect_http listener: {e}"))?;
+            }
+        }
         let mut cfg = cfg;
         if worker_count(&cfg) != handed.count {
             // `corral scale` had changed it; it lasts until the next reload, as before.

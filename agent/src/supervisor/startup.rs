@@ -57,6 +57,9 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
 
     // Started by `corral reexec`: the previous image's workers, sockets and cgroups to adopt.
     let mut handed = super::adopt::take();
+    // Raised before the keeper hands over a crashed agent's generation (about five descriptors
+    // a worker): at a soft limit of 1024 the kernel would cut them off above ~200 workers.
+    let raised = machine::raise_nofile();
     // The keeper: a crashed agent's, holding its generation to adopt, or a new one that holds
     // this agent's should it crash.
     let (keeper, kept) = match keeper::attach(&config.agent.control_socket) {
@@ -64,7 +67,8 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         Err(keeper::AttachError::Busy(e)) => return Err(StartError::App(e)),
         Err(keeper::AttachError::Other(e)) => {
             tracing::warn!(
-                "no keeper ({e}): if this agent crashes, its workers keep serving but their                  output pipes break, and a restarted agent starts every app afresh"
+                "no keeper ({e}): if this agent crashes, its workers keep serving but their \
+                 output pipes break, and a restarted agent starts every app afresh"
             );
             (None, None)
         }
@@ -75,7 +79,8 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         (Some(_), None) | (None, None) => {}
         (None, Some(k)) => {
             tracing::warn!(
-                "the previous agent did not stop cleanly: adopting its workers, sockets and                  output from the keeper"
+                "the previous agent did not stop cleanly: adopting its workers, sockets and \
+                 output from the keeper"
             );
             handed = Some(k.state);
         }
@@ -84,7 +89,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
         // Children get the limit the first image started with, not the one it raised.
         machine::set_child_nofile(machine::NofileLimit { soft, hard });
     }
-    match machine::raise_nofile() {
+    match raised {
         Ok(old) => {
             machine::set_child_nofile(old);
             tracing::debug!(

@@ -46,7 +46,10 @@ fn read_optional(path: &Path) -> Result<Option<String>, CgroupError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         // ENOENT: not there. ENODEV: a file of a controller the kernel lacks.
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound) || e.raw_os_error() == Some(19) => {
+        Err(e)
+            if matches!(e.kind(), io::ErrorKind::NotFound)
+                || e.raw_os_error() == Some(libc::ENODEV) =>
+        {
             Ok(None)
         }
         Err(source) => Err(CgroupError::Io {
