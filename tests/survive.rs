@@ -414,9 +414,11 @@ fn a_crash_during_a_rolling_replacement_leaves_no_old_worker_and_finishes_it() {
     wait_for(Duration::from_secs(15), "old workers stopped", || {
         old.iter().all(|p| !pid_alive(*p)).then_some(())
     });
-    assert!(agent
-        .log()
-        .contains("the previous agent was replacing its workers"));
+    let log = agent.log();
+    assert!(
+        log.contains("the previous agent was replacing its workers"),
+        "{log}"
+    );
 
     // Edited while no agent ran: rolled out after adoption.
     agent.kill9();

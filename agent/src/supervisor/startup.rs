@@ -73,6 +73,12 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
             (None, None)
         }
     };
+    // A keeper started just now goes with this agent if the start fails (nothing is left
+    // running); a crashed agent's keeper stays and keeps its workers for the next try.
+    let (mut new_keeper, crashed_keeper) = match kept {
+        None => (StopOnError(keeper), None),
+        Some(_) => (StopOnError(None), keeper),
+    };
     match (&handed, kept) {
         // A re-exec hands over by itself; the keeper's copies are closed.
         (Some(_), Some(k)) => super::adopt::discard(k.state),
@@ -150,7 +156,7 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     };
 
     let mut sup = Supervisor::new(options.config_path, config.clone(), tx.clone(), cgroups);
-    sup.keeper = keeper;
+    sup.keeper = new_keeper.0.take().or(crashed_keeper);
     // Dups of the listeners, kept to hand over on `corral reexec`.
     sup.control_fd = std::os::fd::AsFd::as_fd(&control)
         .try_clone_to_owned()
@@ -231,6 +237,9 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
                         Ok(msg) => tracing::info!("reload: {msg}"),
                         Err(e) => tracing::error!("reload refused, running apps untouched: {e}"),
                     }
+                    // The workers a reload started are the keeper's to know at once: a crash
+                    // before the next event would otherwise leave them to nobody.
+                    sup.keep();
                 }
             }
         }
@@ -269,6 +278,18 @@ impl Supervisor {
             let _ = app.cancel.send(true);
         }
         self.drain_step();
+    }
+}
+
+/// The keeper this agent started, stopped (and waited for) if the start fails before the
+/// supervisor takes it.
+struct StopOnError(Option<keeper::Keeper>);
+
+impl Drop for StopOnError {
+    fn drop(&mut self) {
+        if let Some(k) = self.0.take() {
+            k.stop();
+        }
     }
 }
 
