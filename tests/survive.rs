@@ -391,9 +391,12 @@ fn a_crash_during_a_rolling_replacement_leaves_no_old_worker_and_finishes_it() {
     let v1 = demo_app("web", loopback(port), 2).env("VERSION", "1");
     let mut agent = Agent::start("survive-rolling", &v1);
     let old = agent.wait_ready("web", 2, Duration::from_secs(30));
+    // Ready 3 s after its start, so the crash below lands in the middle of the replacement.
+    // (A tcp probe cannot hold it: the worker being replaced accepts from the same slot
+    // socket and may take the new worker's probe; see ARCHITECTURE.md's known limits.)
     let v2 = demo_app("web", loopback(port), 2)
         .env("VERSION", "2")
-        .env("DEMO_START_DELAY_MS", 1500);
+        .workers("ready", "delay:3s");
     agent.rewrite_config(&v2);
     agent.signal(libc::SIGHUP);
     // The first new worker is starting; the old ones still serve.

@@ -7,9 +7,8 @@
 //! socket inode on accept). `http:/path`: the same connection then carries `GET /path` and
 //! the worker is ready on a 2xx or 3xx answer.
 //!
-//! Where workers share one socket (one accept queue: `shared` steering, and a slot's socket
-//! while its worker is being replaced), a probe cannot be sent to one worker: whoever accepts
-//! it first takes it. The probe then also asks whose process tree holds the
+//! Where the workers share one socket (one accept queue), a probe cannot be sent to one worker:
+//! whoever accepts it first takes it. The probe then also asks whose process tree holds the
 //! accepted socket (its inode among the worker's fds); one taken by another worker is closed
 //! and the next probe tried, until the worker takes one or its time is up.
 
@@ -56,9 +55,8 @@ pub fn init_accept_signal() -> AcceptSignal {
 pub struct Target {
     pub address: SocketAddr,
     pub slot: u32,
-    /// The probe counts only when this process (the worker) or one of its descendants accepted
-    /// it: other workers may accept from the same socket (a shared socket, or the slot's during
-    /// a rolling replacement).
+    /// The workers share one socket: the probe counts only when this process (the worker) or
+    /// one of its descendants accepted it.
     pub shared_by: Option<i32>,
 }
 

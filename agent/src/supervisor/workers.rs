@@ -106,10 +106,7 @@ impl Supervisor {
         let target = ready::Target {
             address: app.cfg.listen.address,
             slot: slot_idx,
-            // Always: besides a shared socket, a slot's socket is shared with the worker being
-            // replaced, which would otherwise accept the new worker's probe and make it
-            // "ready" before it accepts anything (seen: ready in 2 ms with a 1.5 s start).
-            shared_by: Some(pid),
+            shared_by: app.steering.shared().then_some(pid),
         };
         let notify = notify.map(|sock| ready::Notify {
             sock,
