@@ -74,7 +74,15 @@ struct Drain {
     pipe: OutputPipe,
     partial: Vec<u8>,
     closed: bool,
+    /// Lines read and not spooled because the spool was full (said in the spool when the
+    /// next agent takes over).
+    dropped: u64,
 }
+
+/// The most the spool file holds. It lives beside the control socket, on a tmpfs (memory)
+/// under systemd: a chatty app whose agent stays down for hours must not fill it. The keeper
+/// goes on draining the pipes beyond it (no worker ever blocks), and counts what it dropped.
+pub const SPOOL_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The keeper's arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -212,6 +220,7 @@ fn commit(memfd: Vec<OwnedFd>, fds: Vec<OwnedFd>) -> Result<Held, String> {
             pipe,
             partial: Vec::new(),
             closed: false,
+            dropped: 0,
         });
     }
     Ok(Held { json, fds, outputs })
@@ -266,7 +275,8 @@ fn drain_one(h: &mut Held, i: usize, spool: &std::path::Path) {
         let line = std::mem::take(&mut d.partial);
         lines.push(spool_line(&d.pipe, &line, false));
     }
-    append(spool, &lines);
+    let written = append(spool, &lines, SPOOL_MAX_BYTES);
+    d.dropped += (lines.len() - written) as u64;
 }
 
 /// Partial lines go to the spool as such when an agent takes over the pipes.
@@ -275,16 +285,29 @@ fn flush_partials(held: &mut Option<Held>, spool: &std::path::Path) {
         return;
     };
     let mut lines = Vec::new();
+    let mut notes = Vec::new();
     for d in &mut h.outputs {
         if !d.partial.is_empty() {
             let line = std::mem::take(&mut d.partial);
             lines.push(spool_line(&d.pipe, &line, true));
         }
+        if d.dropped > 0 {
+            let said = format!(
+                "[corral keeper: {} lines of this stream were dropped while no agent ran: the \
+                 spool was full ({} MiB)]",
+                d.dropped,
+                SPOOL_MAX_BYTES >> 20
+            );
+            notes.push(spool_line(&d.pipe, said.as_bytes(), false));
+            d.dropped = 0;
+        }
         // The next agent reads them again; a pipe that hit end of stream is polled again by
         // nobody, so forget that it did.
         d.closed = false;
     }
-    append(spool, &lines);
+    append(spool, &lines, SPOOL_MAX_BYTES);
+    // What was dropped is said even when the spool is full: a few short lines above the bound.
+    append(spool, &notes, u64::MAX);
 }
 
 fn spool_line(p: &OutputPipe, bytes: &[u8], partial: bool) -> SpoolLine {
@@ -302,27 +325,85 @@ fn spool_line(p: &OutputPipe, bytes: &[u8], partial: bool) -> SpoolLine {
     }
 }
 
-fn append(spool: &std::path::Path, lines: &[SpoolLine]) {
+/// Append `lines` while the spool stays within `max` bytes; the number of lines written (the
+/// first ones: a line that does not fit is not written, nor any after it).
+fn append(spool: &std::path::Path, lines: &[SpoolLine], max: u64) -> usize {
     if lines.is_empty() {
-        return;
-    }
-    let mut out = Vec::new();
-    for l in lines {
-        if let Ok(j) = serde_json::to_vec(l) {
-            out.extend_from_slice(&j);
-            out.push(b'\n');
-        }
+        return 0;
     }
     // Workers' output may hold secrets: the agent's user only, and never through a link
     // planted in its place.
-    let r = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(spool)
-        .and_then(|mut f| f.write_all(&out));
-    if let Err(e) = r {
+        .open(spool);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("corral keeper: writing {}: {e}", spool.display());
+            return 0;
+        }
+    };
+    let mut size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut out = Vec::new();
+    let mut written = 0;
+    for l in lines {
+        let Ok(mut j) = serde_json::to_vec(l) else {
+            // A String and a few plain fields always serialise; skipped rather than stopping.
+            written += 1;
+            continue;
+        };
+        j.push(b'\n');
+        if size.saturating_add(j.len() as u64) > max {
+            break;
+        }
+        size += j.len() as u64;
+        out.extend_from_slice(&j);
+        written += 1;
+    }
+    if let Err(e) = file.write_all(&out) {
         eprintln!("corral keeper: writing {}: {e}", spool.display());
+        return 0;
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe() -> OutputPipe {
+        OutputPipe {
+            fd: 3,
+            app: "api".into(),
+            who: "worker=0".into(),
+            pid: 42,
+            stream: "stdout".into(),
+        }
+    }
+
+    #[test]
+    fn the_spool_stops_at_its_bound_and_keeps_the_oldest_lines() {
+        let dir = std::env::temp_dir().join(format!("corral-spool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spool = dir.join("keeper.spool");
+        let lines: Vec<SpoolLine> = (0..10)
+            .map(|i| spool_line(&pipe(), format!("line {i}").as_bytes(), false))
+            .collect();
+        let one = serde_json::to_vec(&lines[0]).unwrap().len() as u64 + 1;
+        // Room for four lines, in two appends: three, then one of the next seven.
+        assert_eq!(append(&spool, &lines[..3], one * 4), 3);
+        assert_eq!(append(&spool, &lines[3..], one * 4), 1);
+        assert_eq!(append(&spool, &lines[4..], one * 4), 0);
+        let text = std::fs::read_to_string(&spool).unwrap();
+        let kept: Vec<SpoolLine> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let kept: Vec<&str> = kept.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(kept, ["line 0", "line 1", "line 2", "line 3"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -345,13 +345,17 @@ impl Keeper {
     }
 
     /// The lines the keeper drained while no agent ran (oldest first); the spool is emptied.
+    /// At most `keeper::SPOOL_MAX_BYTES` of lines: the keeper stops spooling there.
     pub fn take_spool(&self) -> Vec<SpoolLine> {
-        let Ok(text) = std::fs::read_to_string(&self.spool) else {
+        use std::io::BufRead;
+        let Ok(file) = std::fs::File::open(&self.spool) else {
             return Vec::new();
         };
         let _ = std::fs::remove_file(&self.spool);
-        text.lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
+        std::io::BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
             .collect()
     }
 

@@ -12,20 +12,50 @@ use tokio::net::unix::pipe;
 /// Longest line logged as one record; longer lines are split.
 const MAX_LINE: usize = 16 * 1024;
 
-/// Lines kept for `corral logs`, the most recent first to go; older ones are in the agent's
-/// log (the journal under systemd).
+/// Lines kept for `corral logs`, the oldest first to go; older ones are in the agent's log
+/// (the journal under systemd). Bounded by count and by bytes: 20,000 lines of up to 16 KiB
+/// would otherwise hold 320 MiB of the agent's memory.
 pub const KEPT_LINES: usize = 20_000;
+pub const KEPT_BYTES: usize = 8 * 1024 * 1024;
 
 /// The agent's recent output lines: one book per process (there is one agent per process, and
 /// the forwarding tasks are many and short-lived).
-static BOOK: Mutex<Book> = Mutex::new(Book {
-    lines: VecDeque::new(),
-    next: 1,
-});
+static BOOK: Mutex<Book> = Mutex::new(Book::new(KEPT_LINES, KEPT_BYTES));
 
 struct Book {
     lines: VecDeque<LogLine>,
     next: u64,
+    /// The bytes of text the kept lines hold.
+    bytes: usize,
+    max_lines: usize,
+    max_bytes: usize,
+}
+
+impl Book {
+    const fn new(max_lines: usize, max_bytes: usize) -> Book {
+        Book {
+            lines: VecDeque::new(),
+            next: 1,
+            bytes: 0,
+            max_lines,
+            max_bytes,
+        }
+    }
+
+    fn push(&mut self, mut line: LogLine) {
+        line.seq = self.next;
+        self.next += 1;
+        self.bytes += line.line.len();
+        self.lines.push_back(line);
+        // The newest line stays even when it alone is above the bound (at most MAX_LINE).
+        while self.lines.len() > 1
+            && (self.lines.len() > self.max_lines || self.bytes > self.max_bytes)
+        {
+            if let Some(old) = self.lines.pop_front() {
+                self.bytes -= old.line.len();
+            }
+        }
+    }
 }
 
 fn record(tag: &Tag, line: &str, kept: bool) {
@@ -35,13 +65,8 @@ fn record(tag: &Tag, line: &str, kept: bool) {
         .unwrap_or(0);
     // A poisoned lock only means a panic elsewhere while holding it: the book is still whole.
     let mut book = BOOK.lock().unwrap_or_else(|p| p.into_inner());
-    let seq = book.next;
-    book.next += 1;
-    if book.lines.len() >= KEPT_LINES {
-        book.lines.pop_front();
-    }
-    book.lines.push_back(LogLine {
-        seq,
+    book.push(LogLine {
+        seq: 0,
         unix_ms,
         app: tag.app.clone(),
         who: tag.who.clone(),
@@ -169,5 +194,51 @@ trait TakeLine {
 impl<R: tokio::io::AsyncRead> TakeLine for R {
     fn take_line(self, limit: usize) -> tokio::io::Take<Self> {
         tokio::io::AsyncReadExt::take(self, limit as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(text: &str) -> LogLine {
+        LogLine {
+            seq: 0,
+            unix_ms: 0,
+            app: "api".into(),
+            who: "worker=0".into(),
+            pid: 1,
+            stream: "stdout".into(),
+            line: text.into(),
+            kept: false,
+        }
+    }
+
+    #[test]
+    fn the_book_is_bounded_by_lines() {
+        let mut b = Book::new(3, 1 << 20);
+        for i in 0..5 {
+            b.push(line(&format!("l{i}")));
+        }
+        let kept: Vec<_> = b.lines.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(kept, ["l2", "l3", "l4"]);
+        assert_eq!(b.lines.back().map(|l| l.seq), Some(5));
+        assert_eq!(b.bytes, 6);
+    }
+
+    #[test]
+    fn the_book_is_bounded_by_bytes() {
+        let mut b = Book::new(1000, 10);
+        for text in ["aaaa", "bbbb", "cccc"] {
+            b.push(line(text));
+        }
+        // 12 bytes > 10: the oldest went.
+        let kept: Vec<_> = b.lines.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(kept, ["bbbb", "cccc"]);
+        assert_eq!(b.bytes, 8);
+        // A line above the bound by itself is kept alone, not dropped.
+        b.push(line("a line longer than ten bytes"));
+        assert_eq!(b.lines.len(), 1);
+        assert_eq!(b.bytes, 28);
     }
 }
