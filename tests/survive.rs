@@ -442,6 +442,60 @@ fn a_crash_during_a_rolling_replacement_leaves_no_old_worker_and_finishes_it() {
         .contains("its config changed since its workers started"));
 }
 
+/// An app dropped from the config while no agent ran: the restarted agent stops its workers
+/// gracefully (SIGTERM, time to finish, their output still read) before it removes the app's
+/// cgroups, and adopts the others.
+#[test]
+fn an_app_dropped_while_no_agent_ran_is_stopped_gracefully() {
+    let port = free_port();
+    let web = demo_app("web", loopback(port), 2);
+    // A worker that takes a second to stop on SIGTERM, and says so on its stdout and in a file.
+    let old = App::new("old")
+        .user("nobody")
+        .set("group", "nogroup")
+        .set("workdir", "/tmp")
+        .command([
+            "/bin/sh",
+            "-c",
+            "trap 'sleep 1; echo stopped-by-term; echo $$ >> @DIR@/terms; exit 0' TERM; \
+             while :; do sleep 0.1; done",
+        ])
+        .address(loopback(free_port()))
+        .count(2)
+        .workers("ready", "delay:100ms");
+    let mut agent = Agent::start_with("survive-dropped", format!("{web}{old}"), |dir| {
+        dir.shared_file("terms");
+    });
+    let web_pids = agent.wait_ready("web", 2, Duration::from_secs(30));
+    let old_pids = agent.wait_ready("old", 2, Duration::from_secs(30));
+    agent.kill9();
+    agent.rewrite_config(&web);
+    agent.spawn();
+    assert_eq!(
+        agent.wait_ready("web", 2, Duration::from_secs(30)),
+        web_pids
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the dropped app's workers gone",
+        || old_pids.iter().all(|p| !pid_alive(*p)).then_some(()),
+    );
+    let terms = std::fs::read_to_string(agent.dir.path().join("terms")).unwrap_or_default();
+    let mut stopped: Vec<i32> = terms.lines().filter_map(|l| l.parse().ok()).collect();
+    stopped.sort_unstable();
+    let mut want = old_pids.clone();
+    want.sort_unstable();
+    assert_eq!(stopped, want, "each finished its SIGTERM handler");
+    let log = agent.log();
+    assert!(
+        log.contains("handed over but not in the config: stopping its workers"),
+        "{log}"
+    );
+    // Their last line was read: the pipes stayed open until they exited.
+    assert_eq!(log.matches("stopped-by-term").count(), 2, "{log}");
+    assert!(agent.try_status().is_some_and(|apps| apps.len() == 1));
+}
+
 /// A keeper killed while its agent runs is replaced within a tick and holds the agent's state:
 /// the agent's next crash is survived all the same.
 #[test]

@@ -32,7 +32,7 @@ impl Supervisor {
         let launch = match launch_for(&cfg, &cfg.command) {
             Ok(l) => l,
             Err(e) => {
-                stop_handed(handed);
+                drop(stop_handed(handed, cfg.workers.stop_timeout));
                 return Err(format!("{e}; its handed-over workers were stopped"));
             }
         };
@@ -240,31 +240,39 @@ fn adopt_worker(
     })
 }
 
-/// A worker the previous agent was replacing: SIGTERM through its pidfd (never by pid), and
-/// its leaf torn down once it exits.
+/// A worker the previous agent was replacing: stopped, and its leaf torn down once it exits.
 fn stop_stray(name: &AppName, app: &AppRt, stray: HandedStray) {
-    let Ok(fd) = sys::adopt(stray.pidfd) else {
-        return;
-    };
-    let Ok(p) = Process::adopt(stray.pid, fd) else {
-        return;
-    };
     let leaf = match (&app.cg, &stray.leaf) {
         (Some(cg), Some(l)) => cg.open_leaf(l).ok(),
         _ => None,
     };
     tracing::info!(app = %name, pid = stray.pid, "stopping a worker the previous agent was replacing");
+    stop_process(stray.pid, stray.pidfd, app.cfg.workers.stop_timeout, leaf);
+}
+
+/// SIGTERM through a handed-over pidfd (never by pid: after a crash the pid may name another
+/// process by now), SIGKILL after `grace`, then the leaf torn down. The task ends when the
+/// process is gone.
+fn stop_process(
+    pid: i32,
+    pidfd: RawFd,
+    grace: Duration,
+    leaf: Option<crate::sys::cgroup::Leaf>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let p = sys::adopt(pidfd)
+        .ok()
+        .and_then(|fd| Process::adopt(pid, fd).ok())?;
     let _ = p.signal(libc::SIGTERM);
-    let grace = app.cfg.workers.stop_timeout;
-    tokio::spawn(async move {
+    Some(tokio::spawn(async move {
         if tokio::time::timeout(grace, p.wait()).await.is_err() {
+            tracing::warn!(pid, "still running {grace:?} after SIGTERM: SIGKILL");
             let _ = p.signal(libc::SIGKILL);
             let _ = p.wait().await;
         }
         if let Some(leaf) = leaf {
             super::cgroups::spawn_teardown(leaf);
         }
-    });
+    }))
 }
 
 /// In the new image: the handed state, if this image was started by `corral reexec`. A state
@@ -298,17 +306,28 @@ pub fn take() -> Option<State> {
     }
 }
 
-/// The slots of the apps in `state` that the config no longer has (it cannot happen through
-/// `corral reexec`, which checks the config first): their workers are stopped.
-pub fn stop_unknown(state: &mut State, known: &dyn Fn(&str) -> bool) {
+/// How long the workers of an app that a crashed agent ran and the config no longer has get
+/// between SIGTERM and SIGKILL: their own `stop_timeout` went with the config, and the other
+/// apps' start waits for them.
+const UNKNOWN_APP_GRACE: Duration = Duration::from_secs(10);
+
+/// The apps in `state` that the config no longer has (a crashed agent's, restarted with a
+/// changed config; `corral reexec` checks the config first): their workers are stopped. The
+/// tasks end when every one has exited, so their cgroups can be removed as stale afterwards.
+pub fn stop_unknown(
+    state: &mut State,
+    known: &dyn Fn(&str) -> bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut state.apps)
         .into_iter()
         .partition(|a| known(&a.name));
     state.apps = keep;
+    let mut stopping = Vec::new();
     for app in gone {
         tracing::warn!(app = %app.name, "handed over but not in the config: stopping its workers");
-        stop_handed(app);
+        stopping.extend(stop_handed(app, UNKNOWN_APP_GRACE));
     }
+    stopping
 }
 
 /// Close every descriptor a state names, each once (a keeper's snapshot not used because a
@@ -322,16 +341,40 @@ pub fn discard(mut state: State) {
     }
 }
 
-/// SIGTERM to a handed-over app's workers, reaped when they exit.
-fn stop_handed(app: HandedApp) {
-    for w in app.slots.into_iter().filter_map(|s| s.worker) {
-        if let Ok(fd) = sys::adopt(w.pidfd) {
-            if let Ok(p) = Process::new(w.pid, fd) {
-                let _ = p.signal(libc::SIGTERM);
-                tokio::spawn(async move {
-                    let _ = p.wait().await;
-                });
+/// Stop a handed-over app that will not run here: its workers and those it was replacing get
+/// SIGTERM (SIGKILL after `grace`), and every other descriptor it names is closed (each once:
+/// a shared socket stands in every slot). The tasks end when the processes are gone.
+fn stop_handed(app: HandedApp, grace: Duration) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut stopping = Vec::new();
+    let mut closed: Vec<RawFd> = Vec::new();
+    let mut close = |n: RawFd| {
+        if n >= 0 && !closed.contains(&n) {
+            closed.push(n);
+            drop(sys::adopt(n));
+        }
+    };
+    app.redirect.into_iter().for_each(&mut close);
+    for (i, slot) in app.slots.into_iter().enumerate() {
+        close(slot.socket);
+        if let Some(w) = slot.worker {
+            w.counters.into_iter().for_each(&mut close);
+            // Its last lines are logged like any worker's.
+            for (n, stream) in [(w.stdout, "stdout"), (w.stderr, "stderr")] {
+                if let Ok(fd) = sys::adopt(n) {
+                    let tag = super::output::Tag {
+                        app: app.name.clone(),
+                        who: format!("worker={i}"),
+                        pid: w.pid,
+                        stream,
+                    };
+                    super::output::forward(fd, tag);
+                }
             }
+            stopping.extend(stop_process(w.pid, w.pidfd, grace, None));
+        }
+        for r in slot.retired {
+            stopping.extend(stop_process(r.pid, r.pidfd, grace, None));
         }
     }
+    stopping
 }

@@ -387,9 +387,9 @@ impl Cgroups {
     }
 }
 
-/// Nothing of a crashed agent survives it (workers die with it), but its cgroups do: remove
-/// every app-* tree before making new ones, except those of workers handed over by a re-exec
-/// (`keep`). Awaited before any app starts, so no app of this agent meets a stale directory
+/// Remove every app-* tree a previous agent left before making new ones, except those of the
+/// workers this agent adopts (`keep`: handed over by a re-exec or held by a crashed agent's
+/// keeper; the workers of apps the config dropped were stopped before). Awaited before any app starts, so no app of this agent meets a stale directory
 /// being removed.
 async fn remove_stale(root: &Root, keep: &[String]) {
     let apps = match root.existing_apps() {

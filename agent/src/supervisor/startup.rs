@@ -108,9 +108,13 @@ pub async fn run(options: Options, config: Config) -> Result<(), StartError> {
     }
     ready::init_accept_signal();
     if let Some(st) = handed.as_mut() {
-        super::adopt::stop_unknown(st, &|name| {
+        let stopping = super::adopt::stop_unknown(st, &|name| {
             AppName::new(name).is_ok_and(|n| config.apps.contains_key(&n))
         });
+        // Gone before their cgroups are removed as stale (which would SIGKILL them).
+        for task in stopping {
+            let _ = task.await;
+        }
     }
     let keep: Vec<String> = handed
         .iter()
