@@ -107,3 +107,72 @@ fn as_pid1_it_reaps_orphans_and_stops_on_sigterm() {
     let log = agent.log();
     assert!(log.contains("SIGTERM"), "log:\n{log}");
 }
+
+/// The agent under PID 1 crashes (SIGKILL, as the OOM killer would): PID 1 starts it again, and
+/// the new agent adopts the running workers from the keeper instead of the container ending
+/// with every connection.
+#[test]
+fn as_pid1_a_crashed_agent_is_started_again_and_adopts_its_workers() {
+    let port = free_port();
+    let app = demo_app("web", loopback(port), 2);
+    let mut agent = Agent::start_wrapped(
+        "pid1-crash",
+        app,
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+    );
+    let workers = agent.wait_ready("web", 2, Duration::from_secs(30));
+    let init = wait_for(Duration::from_secs(10), "PID 1 of the namespace", || {
+        children(agent.pid()).first().map(|c| c.0)
+    });
+    let first = wait_for(Duration::from_secs(10), "the agent under PID 1", || {
+        children(init)
+            .into_iter()
+            .find(|c| c.2 == "corral")
+            .map(|c| c.0)
+    });
+    // SAFETY: `first` is this test's agent process, alive (its parent is the test's PID 1).
+    assert_eq!(unsafe { libc::kill(first, libc::SIGKILL) }, 0);
+    let second = wait_for(Duration::from_secs(30), "a new agent under PID 1", || {
+        children(init)
+            .into_iter()
+            .find(|c| c.2 == "corral" && c.0 != first)
+            .map(|c| c.0)
+    });
+    // The workers (their pids as the namespace sees them) were adopted, not restarted.
+    let now = wait_for(Duration::from_secs(30), "the new agent answering", || {
+        agent
+            .try_status()
+            .is_some()
+            .then(|| agent.wait_ready("web", 2, Duration::from_secs(20)))
+    });
+    assert_eq!(now, workers, "log:\n{}", agent.log());
+    let (status, body) = http_get(loopback(port), "/").expect("served after the crash");
+    assert_eq!(status, 200, "{body}");
+    let log = agent.log();
+    assert!(
+        log.contains("starting it again; it adopts the workers the keeper held"),
+        "log:\n{log}"
+    );
+    assert!(pid_alive(second));
+    // Orphaned by the crash, the workers are PID 1's children now (as the host sees them).
+    let demos: Vec<i32> = children(init)
+        .into_iter()
+        .filter(|c| c.2 == "corral-demo")
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(demos.len(), 2, "{:?}", children(init));
+    // A planned stop still ends everything, with status 0.
+    // SAFETY: `init` is this test's process (PID 1 of the namespace it made), alive.
+    assert_eq!(unsafe { libc::kill(init, libc::SIGTERM) }, 0);
+    assert_eq!(
+        agent.stop(Duration::from_secs(30)),
+        Some(0),
+        "log:\n{}",
+        agent.log()
+    );
+    for pid in demos {
+        wait_for(Duration::from_secs(10), "the workers gone", || {
+            (!pid_alive(pid)).then_some(())
+        });
+    }
+}

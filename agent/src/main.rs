@@ -161,20 +161,61 @@ pub(crate) fn load(path: &Path) -> Result<Config> {
     config::load(path, &SystemLookup).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// As PID 1: fork the agent and return in it (true if it replaces one that crashed); PID 1
+/// itself never returns. One thread so far, and PID 1 never starts another: fork is safe.
+fn pid1_init() -> Result<bool> {
+    use corral::policy::init::{after_agent, AfterAgent, AgentEnd};
+    use corral::policy::restart::ExitStatus;
+    use nix::sys::wait::WaitStatus;
+    let init = corral::sys::init::Init::new().context("starting as PID 1")?;
+    let mut restarts = std::collections::VecDeque::new();
+    loop {
+        let Some(agent) = init
+            .fork_agent()
+            .context("starting the agent under PID 1")?
+        else {
+            return Ok(!restarts.is_empty());
+        };
+        let end = init.wait_agent(agent);
+        let status = match end.status {
+            WaitStatus::Signaled(_, sig, core_dumped) => ExitStatus::Signaled {
+                signal: sig as i32,
+                core_dumped,
+            },
+            WaitStatus::Exited(_, code) => ExitStatus::Exited(code),
+            // wait_agent returns only these two.
+            _ => ExitStatus::Exited(1),
+        };
+        let end = AgentEnd {
+            status,
+            stopping: end.stopping,
+        };
+        match after_agent(end, &mut restarts, std::time::Instant::now()) {
+            AfterAgent::Exit(code) => std::process::exit(code),
+            AfterAgent::Restart { why } => {
+                tracing::error!("{why}: starting it again; it adopts the workers the keeper held")
+            }
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Agent { config } => {
             init_logging();
-            let cfg = load(&config)?;
+            let mut cfg = load(&config)?;
             if !machine::is_root() {
                 bail!("the agent must run as root: it binds sockets for and switches to the apps' users");
             }
             cli::check::budget(&cfg)?;
             if corral::sys::init::is_pid1() {
                 // A container's entrypoint: PID 1 stays a minimal init (reaps orphans, forwards
-                // signals) and the agent goes on as its child. One thread so far: fork is safe.
+                // signals, starts a crashed agent again) and the agent goes on as its child.
                 tracing::info!("running as PID 1: PID 1 reaps orphans and forwards signals, the agent runs as its child");
-                corral::sys::init::split_init().context("starting as PID 1")?;
+                if pid1_init()? {
+                    // After a crash, the config as it is now, as a restart by systemd reads it.
+                    cfg = load(&config)?;
+                }
             }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -5,5 +5,6 @@ pub mod budget;
 pub mod container;
 pub mod drain;
 pub mod health;
+pub mod init;
 pub mod restart;
 pub mod rollout;

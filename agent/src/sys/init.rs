@@ -10,8 +10,9 @@
 //! it. So, like tini, the agent forks once at start when it finds itself PID 1: the parent stays
 //! PID 1, reaps every child it gets with `waitpid(-1)` and forwards signals; the child is the
 //! agent (PID 2), whose workers stay its own children, waited for through pidfds as anywhere
-//! else. The init exits with the agent's status when the agent exits; the kernel then kills
-//! whatever is left in the namespace.
+//! else. When the agent ends, its caller asks `policy::init` what follows: an exit ends the
+//! init with the agent's status (the kernel then kills whatever is left in the namespace); a
+//! crash forks a new agent, which adopts the workers the keeper held.
 
 use std::io;
 
@@ -59,56 +60,84 @@ fn waited() -> SigSet {
     set
 }
 
-/// Fork the agent off a PID-1 init. Returns in the child (the agent, with the signal mask it
-/// had); the parent never returns: it runs [`init_loop`] and exits with the
-/// agent's status. Call it while the process has one thread (before any runtime starts).
-pub fn split_init() -> Result<(), InitError> {
-    let set = waited();
-    let mut old = SigSet::empty();
-    // Blocked before the fork, so no signal sent between the fork and the init's first wait is
-    // lost (a blocked signal is never dropped, even for PID 1).
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
-        .map_err(err("sigprocmask"))?;
-    // SAFETY: the process has a single thread here (the caller's contract), so the child may
-    // run arbitrary code; the parent only makes async-signal-safe calls in its loop anyway.
-    match unsafe { fork() }.map_err(err("fork"))? {
-        ForkResult::Child => {
-            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None)
-                .map_err(err("sigprocmask"))?;
-            Ok(())
-        }
-        ForkResult::Parent { child } => init_loop(child, &set),
-    }
+/// PID 1's side of the split: the signals it waits for are blocked from [`Init::new`] on (a
+/// blocked signal is never dropped, even for PID 1), and each agent it forks gets the mask the
+/// process had before.
+pub struct Init {
+    set: SigSet,
+    old: SigSet,
 }
 
-/// PID 1's loop: reap every child, forward every other signal to the agent, exit with the
-/// agent's status (its exit code, or 128 + the signal that killed it).
-fn init_loop(agent: Pid, set: &SigSet) -> ! {
-    loop {
-        let sig = match set.wait() {
-            Ok(s) => s,
-            // sigwait fails only for an invalid set; nothing to do but try again.
-            Err(_) => continue,
-        };
-        if sig == Signal::SIGCHLD {
-            if let Some(code) = reap_all(agent) {
-                std::process::exit(code);
+/// How the agent under PID 1 ended (`stopping`: a stop signal had been forwarded to it).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentEnd {
+    /// `Exited` or `Signaled`.
+    pub status: WaitStatus,
+    pub stopping: bool,
+}
+
+impl Init {
+    /// Call it while the process has one thread (before any runtime starts), and keep it that
+    /// way in the parent: [`Init::fork_agent`] forks.
+    pub fn new() -> Result<Init, InitError> {
+        let set = waited();
+        let mut old = SigSet::empty();
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
+            .map_err(err("sigprocmask"))?;
+        Ok(Init { set, old })
+    }
+
+    /// Fork an agent: `None` in the child (the agent, with the signal mask the process had),
+    /// the agent's pid in the parent (PID 1).
+    pub fn fork_agent(&self) -> Result<Option<Pid>, InitError> {
+        // SAFETY: the process has a single thread (Init::new's contract: PID 1 never starts
+        // another), so the child may run arbitrary code; the parent only makes
+        // async-signal-safe calls in its loop anyway.
+        match unsafe { fork() }.map_err(err("fork"))? {
+            ForkResult::Child => {
+                nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None)
+                    .map_err(err("sigprocmask"))?;
+                Ok(None)
             }
-        } else {
-            // The agent may have exited a moment ago (its SIGCHLD is next): nothing to tell.
-            let _ = kill(agent, sig);
+            ForkResult::Parent { child } => Ok(Some(child)),
+        }
+    }
+
+    /// PID 1's loop while `agent` runs: reap every child, forward every other signal to the
+    /// agent; returns when the agent has exited.
+    pub fn wait_agent(&self, agent: Pid) -> AgentEnd {
+        let mut stopping = false;
+        loop {
+            let sig = match self.set.wait() {
+                Ok(s) => s,
+                // sigwait fails only for an invalid set; nothing to do but try again.
+                Err(_) => continue,
+            };
+            if sig == Signal::SIGCHLD {
+                if let Some(status) = reap_all(agent) {
+                    return AgentEnd { status, stopping };
+                }
+            } else {
+                stopping |= matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT);
+                // The agent may have exited a moment ago (its SIGCHLD is next): nothing to tell.
+                let _ = kill(agent, sig);
+            }
         }
     }
 }
 
-/// Reap every child that has exited; the agent's exit status if the agent was one of them.
-fn reap_all(agent: Pid) -> Option<i32> {
+/// Reap every child that has exited; how the agent ended if it was one of them. Orphans
+/// (a worker's double-forked grandchild, a crashed agent's workers, reparented here) are
+/// reaped and forgotten: a restarted agent learns of its adopted workers' exits through their
+/// pidfds.
+fn reap_all(agent: Pid) -> Option<WaitStatus> {
     let mut agent_status = None;
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == agent => agent_status = Some(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == agent => {
-                agent_status = Some(128 + sig as i32)
+            Ok(s @ (WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _)))
+                if pid == agent =>
+            {
+                agent_status = Some(s)
             }
             Ok(WaitStatus::StillAlive) | Err(_) => return agent_status,
             // An orphan, reaped.
