@@ -37,6 +37,27 @@ fn ns_pid(pid: i32) -> Option<i32> {
     line.split_whitespace().last()?.parse().ok()
 }
 
+/// SIGTERM to PID 1 `init`: the agent exits 0, PID 1 with it, and `left` (host pids of
+/// processes in the namespace) are gone.
+fn stop_through_pid1(agent: &mut Agent, init: i32, left: &[i32]) {
+    // SAFETY: `init` is this test's process (PID 1 of the namespace it made), alive.
+    assert_eq!(unsafe { libc::kill(init, libc::SIGTERM) }, 0);
+    // unshare blocks SIGTERM (the harness sends it one too) and exits with its child's status.
+    assert_eq!(
+        agent.stop(Duration::from_secs(30)),
+        Some(0),
+        "log:\n{}",
+        agent.log()
+    );
+    for pid in left {
+        wait_for(
+            Duration::from_secs(10),
+            "the namespace's processes gone",
+            || (!pid_alive(*pid)).then_some(()),
+        );
+    }
+}
+
 #[test]
 fn as_pid1_it_reaps_orphans_and_stops_on_sigterm() {
     let port = free_port();
@@ -90,20 +111,7 @@ fn as_pid1_it_reaps_orphans_and_stops_on_sigterm() {
 
     // SIGTERM to PID 1, as the kubelet sends it: the agent stops its workers and exits 0, and
     // PID 1 with it, which ends the namespace and every orphan in it.
-    // SAFETY: `init` is this test's process (PID 1 of the namespace it made), alive.
-    assert_eq!(unsafe { libc::kill(init, libc::SIGTERM) }, 0);
-    // unshare blocks SIGTERM (the harness sends it one too) and exits with its child's status.
-    assert_eq!(
-        agent.stop(Duration::from_secs(30)),
-        Some(0),
-        "log:\n{}",
-        agent.log()
-    );
-    for pid in orphans {
-        wait_for(Duration::from_secs(10), "the orphans gone", || {
-            (!pid_alive(pid)).then_some(())
-        });
-    }
+    stop_through_pid1(&mut agent, init, &orphans);
     let log = agent.log();
     assert!(log.contains("SIGTERM"), "log:\n{log}");
 }
@@ -162,17 +170,5 @@ fn as_pid1_a_crashed_agent_is_started_again_and_adopts_its_workers() {
         .collect();
     assert_eq!(demos.len(), 2, "{:?}", children(init));
     // A planned stop still ends everything, with status 0.
-    // SAFETY: `init` is this test's process (PID 1 of the namespace it made), alive.
-    assert_eq!(unsafe { libc::kill(init, libc::SIGTERM) }, 0);
-    assert_eq!(
-        agent.stop(Duration::from_secs(30)),
-        Some(0),
-        "log:\n{}",
-        agent.log()
-    );
-    for pid in demos {
-        wait_for(Duration::from_secs(10), "the workers gone", || {
-            (!pid_alive(pid)).then_some(())
-        });
-    }
+    stop_through_pid1(&mut agent, init, &demos);
 }
