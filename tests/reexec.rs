@@ -2,60 +2,11 @@
 //! keeps its workers, through the real binaries (root).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use corral_tests::*;
-
-/// Clients sending GETs on new connections until stopped: (ok, failed, first failures).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<std::sync::Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(a: SocketAddr, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match http_get(a, "/") {
-                            Ok((200, _)) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok((s, b)) => failed.lock().expect("lock").push(format!("{s} {b}")),
-                            Err(e) => failed.lock().expect("lock").push(e.to_string()),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        let failed = self.failed.lock().expect("lock").clone();
-        (self.ok.load(Ordering::Relaxed), failed)
-    }
-}
 
 #[test]
 fn reexec_under_load_loses_no_request_and_keeps_workers_output_and_supervision() {
@@ -71,13 +22,14 @@ fn reexec_under_load_loses_no_request_and_keeps_workers_output_and_supervision()
         dir.shared_file("order");
     });
     let pids = agent.wait_ready("web", 3, Duration::from_secs(20));
-    let load = Load::start(loopback(port), 4);
+    let load = OpenLoad::start(loopback(port), 200);
     std::thread::sleep(Duration::from_millis(300));
     let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
     assert!(said.contains("3 workers of 1 apps keep running"), "{said}");
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failed) = load.finish();
+    let ok = ok.len();
     assert!(
         failed.is_empty(),
         "{} failed of {}: {:?}",

@@ -2,77 +2,11 @@
 //! their sockets, pidfds and output, and the restarted agent adopts them (root, real
 //! binaries).
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corral_tests::*;
-
-/// Open-loop load: `rate` requests a second, each on a new connection, each to a path of its
-/// own (`/r/<n>`), issued on schedule whatever the answers take.
-struct Load {
-    stop: Arc<AtomicBool>,
-    /// (path, when it was answered 200)
-    ok: Arc<Mutex<Vec<(String, Instant)>>>,
-    failed: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(a: SocketAddr, rate: u32) -> Load {
-        const THREADS: u32 = 12;
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(Mutex::new(Vec::new()));
-        let failed = Arc::new(Mutex::new(Vec::new()));
-        let next = Arc::new(AtomicU64::new(0));
-        let t0 = Instant::now();
-        // Request n is due at t0 + n/rate; each thread takes the next due request.
-        let threads = (0..THREADS)
-            .map(|_| {
-                let (stop, ok, failed, next) =
-                    (stop.clone(), ok.clone(), failed.clone(), next.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let n = next.fetch_add(1, Ordering::Relaxed);
-                        let due = t0 + Duration::from_secs_f64(n as f64 / rate as f64);
-                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(wait);
-                        }
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let path = format!("/r/{n}");
-                        match http_get(a, &path) {
-                            Ok((200, _)) => ok.lock().expect("lock").push((path, Instant::now())),
-                            Ok((s, b)) => failed
-                                .lock()
-                                .expect("lock")
-                                .push(format!("{path}: {s} {b}")),
-                            Err(e) => failed.lock().expect("lock").push(format!("{path}: {e}")),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (Vec<(String, Instant)>, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        let ok = self.ok.lock().expect("lock").clone();
-        let failed = self.failed.lock().expect("lock").clone();
-        (ok, failed)
-    }
-}
 
 fn web_app(port: u16, count: usize) -> App {
     demo_app("web", loopback(port), count)
@@ -117,7 +51,7 @@ fn a_killed_agent_loses_no_request_worker_or_line_and_its_successor_adopts_every
     });
     let pids = agent.wait_ready("web", 4, Duration::from_secs(30));
     let ready_at = Instant::now();
-    let load = Load::start(loopback(port), 320);
+    let load = OpenLoad::start(loopback(port), 320);
     std::thread::sleep(Duration::from_secs(5));
     let old_agent = agent.pid();
     agent.kill9();

@@ -21,7 +21,10 @@ pub use corral_testkit::{
     ChildGuard, KillOnDrop, Table, Value,
 };
 
+pub mod load;
 pub mod tls;
+
+pub use load::OpenLoad;
 
 /// Path of a workspace binary built in the same profile as this test.
 pub fn bin(name: &str) -> PathBuf {
