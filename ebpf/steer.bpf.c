@@ -100,6 +100,14 @@ struct {
 	__type(value, __u64);
 } since SEC(".maps");
 
+/* Per slot: the previous agent's connections, still open (see struct corral_carried). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CORRAL_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct corral_carried);
+} carried SEC(".maps");
+
 /* Per slot: picks since the agent last published (it zeroes them), only for breaking ties. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -158,26 +166,43 @@ static __always_inline __u32 counter(void *map, __u32 key)
 	return v && *v < 0x80000000u ? *v : 0;
 }
 
+/* The previous agent's open connections on `slot` (0 when there are none). */
+static __always_inline __u32 carried_count(__u32 key)
+{
+	struct corral_carried *c = bpf_map_lookup_elem(&carried, &key);
+
+	return c && c->inflight < 0x80000000u ? c->inflight : 0;
+}
+
 static __always_inline __u32 score(const struct corral_config *cfg, __u32 slot)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
 
 	if (cfg->tracking)
-		return counter(&inflight, key) + counter(&picks, key);
+		return counter(&inflight, key) + carried_count(key) + counter(&picks, key);
 	return counter(&load, key) + counter(&picks, key);
 }
 
-/* How long `slot`'s counted connections have been open, summed, at `now`; 0 without the
- * tracker. */
+/* How long `slot`'s counted connections (the previous agent's too) have been open, summed, at
+ * `now`; 0 without the tracker. */
 static __always_inline __u64 open_age(const struct corral_config *cfg, __u32 slot, __u64 now)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
 	__u64 *sum = bpf_map_lookup_elem(&since, &key);
-	__u64 n = counter(&inflight, key), total = n * now;
+	struct corral_carried *c = bpf_map_lookup_elem(&carried, &key);
+	__u64 n = counter(&inflight, key), total, opened;
 
-	if (!cfg->tracking || !sum || *sum > total)
+	if (!cfg->tracking || !sum)
 		return 0;
-	return total - *sum;
+	opened = *sum;
+	if (c && c->inflight < 0x80000000u) {
+		n += c->inflight;
+		opened += c->since;
+	}
+	total = n * now;
+	if (opened > total)
+		return 0;
+	return total - opened;
 }
 
 /* Connections sent to `slot` since the agent last published (never taken back). */

@@ -7,7 +7,7 @@
 #ifndef CORRAL_STEER_H
 #define CORRAL_STEER_H
 
-#define CORRAL_ABI_VERSION 4
+#define CORRAL_ABI_VERSION 5
 
 /* Slots per app; a power of two so `slot & (CORRAL_MAX_SLOTS - 1)` bounds array indices. */
 #define CORRAL_MAX_SLOTS 1024
@@ -59,6 +59,15 @@ struct corral_conn {
 	__u32 _pad;
 	/* bpf_ktime_get_ns() when it was counted (in its slot's `since` until it closes). */
 	__u64 established;
+};
+
+/* Per slot, what a previous agent's tracker still counts (its connections opened before this
+ * agent adopted the workers, and its tracker kept alive until they close): copied from that
+ * tracker's `inflight` and `since` by the agent, the only writer, on each publish. */
+struct corral_carried {
+	__u32 inflight;
+	__u32 _pad;
+	__u64 since;
 };
 
 /* An entry of the double-buffered `eligible` map: the slots whose worker is ready. */

@@ -279,3 +279,28 @@ fn workers_started_after_a_reexec_get_the_original_open_file_limit() {
     });
     assert_eq!(nofile_of(now[0]), ["256".to_string(), hard.to_string()]);
 }
+
+/// Connections open across a re-exec stay counted: the new image takes over the connection
+/// tracker, so least-loaded goes on seeing them until they close.
+#[test]
+fn open_connections_stay_counted_across_a_reexec() {
+    let port = free_port();
+    let app = demo_app("web", loopback(port), 2).env("DEMO_KEEPALIVE_MS", 120_000);
+    let agent = Agent::start("reexec-inflight", app);
+    agent.wait_ready("web", 2, Duration::from_secs(30));
+    let conns = answered_connections(loopback(port), 3);
+    wait_for(Duration::from_secs(10), "3 connections in flight", || {
+        (agent.in_flight("web") == Some(3)).then_some(())
+    });
+    let (code, said) = agent.reexec();
+    assert_eq!(code, 0, "{said}");
+    wait_for(
+        Duration::from_secs(10),
+        "the 3 still counted after the re-exec",
+        || (agent.agent_info().generation == 1 && agent.in_flight("web") == Some(3)).then_some(()),
+    );
+    drop(conns);
+    wait_for(Duration::from_secs(20), "nothing in flight", || {
+        (agent.in_flight("web") == Some(0)).then_some(())
+    });
+}

@@ -367,3 +367,71 @@ fn least_loaded_prefers_the_slot_whose_open_connections_are_younger() {
         });
     }
 }
+
+/// A previous agent's tracker, handed over (its link and maps), goes on counting the
+/// connections it saw: the new program adds them to each slot's load until they close, then
+/// lets the old tracker go.
+#[test]
+fn a_previous_trackers_open_connections_are_carried_until_they_close() {
+    let mut old = group(2, Policy::LeastLoaded);
+    old.steering.publish_eligible(&[0]).expect("eligible");
+    let clients: Vec<_> = (0..6).map(|_| connect_from(old.addr, None)).collect();
+    let mut held = Vec::new();
+    wait_for(
+        Duration::from_secs(10),
+        "6 connections accepted by slot 0",
+        || {
+            while let Ok((s, _)) = old.listeners[0].accept() {
+                held.push(s);
+            }
+            (held.len() == 6).then_some(())
+        },
+    );
+    wait_for(Duration::from_secs(10), "6 in flight on slot 0", || {
+        (old.steering.inflight(2).ok()? == [6, 0]).then_some(())
+    });
+    let [link, inflight, since] = old
+        .steering
+        .tracker_handles()
+        .expect("tracker attached")
+        .map(|fd| fd.try_clone_to_owned().expect("dup"));
+    // The agent goes (its sockets out of its array, its program and maps dropped with it);
+    // the listeners stay, as the workers hold them.
+    let Group {
+        addr,
+        listeners,
+        mut steering,
+    } = old;
+    for slot in 0..2 {
+        steering.clear_socket(slot).expect("clear");
+    }
+    drop(steering);
+    let port = addr.port();
+    let mut steering = Steering::load(Policy::LeastLoaded, port, None).expect("load");
+    for (slot, l) in listeners.iter().enumerate() {
+        steering.set_socket(slot as u32, l.as_fd()).expect("set");
+    }
+    steering.attach(listeners[0].as_fd()).expect("attach");
+    assert_eq!(steering.carry(link, inflight, since, 2).expect("carry"), 6);
+    assert_eq!(steering.inflight(2).expect("inflight"), vec![6, 0]);
+    steering.publish_eligible(&[0, 1]).expect("eligible");
+    steering.publish_load(&[(0, 0), (1, 0)]).expect("load");
+    let g = Group {
+        addr,
+        listeners,
+        steering,
+    };
+    // Slot 0 still serves the 6: new connections go to slot 1.
+    let more: Vec<_> = (0..4).map(|_| connect_from(g.addr, None)).collect();
+    assert_eq!(drain(&g), vec![0, 4], "slot 0 carries 6 open connections");
+    drop(more);
+    let Group { mut steering, .. } = g;
+    // The server closes them: the old tracker counts them down, and is let go at 0.
+    drop((held, clients));
+    wait_for(
+        Duration::from_secs(10),
+        "the carried connections closed",
+        || (steering.refresh_carried(2).expect("refresh") == 0).then_some(()),
+    );
+    assert_eq!(steering.inflight(2).expect("inflight"), vec![0, 0]);
+}

@@ -430,6 +430,41 @@ fn an_app_dropped_while_no_agent_ran_is_stopped_gracefully() {
     assert!(agent.try_status().is_some_and(|apps| apps.len() == 1));
 }
 
+/// Connections open across the crash (long-lived, like WebSockets) stay counted: the keeper
+/// held the connection tracker, so the next agent sees each worker's open connections, not
+/// zero, and they count down as they close.
+#[test]
+fn open_connections_stay_counted_across_a_crash() {
+    let port = free_port();
+    let app = demo_app("web", loopback(port), 2).env("DEMO_KEEPALIVE_MS", 120_000);
+    let mut agent = Agent::start("survive-inflight", app);
+    agent.wait_ready("web", 2, Duration::from_secs(30));
+    let conns = answered_connections(loopback(port), 4);
+    wait_for(Duration::from_secs(10), "4 connections in flight", || {
+        (agent.in_flight("web") == Some(4)).then_some(())
+    });
+    agent.kill9();
+    agent.spawn();
+    agent.wait_ready("web", 2, Duration::from_secs(30));
+    wait_for(
+        Duration::from_secs(10),
+        "the 4 still counted after adoption",
+        || (agent.in_flight("web") == Some(4)).then_some(()),
+    );
+    assert!(
+        agent
+            .log()
+            .contains("4 connections the previous agent steered are still open"),
+        "{}",
+        agent.log()
+    );
+    // The clients leave: the workers close them, and the counts go with them.
+    drop(conns);
+    wait_for(Duration::from_secs(20), "nothing in flight", || {
+        (agent.in_flight("web") == Some(0)).then_some(())
+    });
+}
+
 /// A keeper killed while its agent runs is replaced within a tick and holds the agent's state:
 /// the agent's next crash is survived all the same.
 #[test]

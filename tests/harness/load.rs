@@ -72,3 +72,23 @@ impl OpenLoad {
         (ok, failed)
     }
 }
+
+/// `n` keep-alive connections to `a`, each answered once (`GET /`, 200) and left open.
+pub fn answered_connections(a: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    (0..n)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(a).expect("connect");
+            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("request");
+            let mut buf = [0u8; 4096];
+            let got = c.read(&mut buf).expect("response");
+            assert!(
+                buf[..got].starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&buf[..got])
+            );
+            c
+        })
+        .collect()
+}

@@ -24,7 +24,7 @@ pub use corral_testkit::{
 pub mod load;
 pub mod tls;
 
-pub use load::OpenLoad;
+pub use load::{answered_connections, OpenLoad};
 
 /// Path of a workspace binary built in the same profile as this test.
 pub fn bin(name: &str) -> PathBuf {
@@ -372,6 +372,13 @@ impl Agent {
                     .cloned()
             })
             .unwrap_or_else(|| panic!("no status for app {name}; log:\n{}", self.log()))
+    }
+
+    /// The connections app `name`'s workers have open, summed (`None`: not counted, or no
+    /// answer).
+    pub fn in_flight(&self, name: &str) -> Option<u32> {
+        let app = self.try_status()?.into_iter().find(|a| a.name == name)?;
+        app.workers.iter().map(|w| w.inflight).sum()
     }
 
     pub fn app(&self, name: &str) -> AppStatus {

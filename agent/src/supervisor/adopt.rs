@@ -97,6 +97,9 @@ impl Supervisor {
         let Some(app) = self.apps.get_mut(&name) else {
             return Ok(());
         };
+        if let Some(t) = handed.tracking {
+            carry_counts(&name, app, t);
+        }
         for (i, t) in handed.front_totals.iter().enumerate() {
             if let Some(total) = app.front.totals.get_mut(i) {
                 *total = *t;
@@ -158,6 +161,26 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+}
+
+/// The previous agent's connection tracker goes on counting the connections it saw, until they
+/// close (least-loaded keeps seeing a slot busy with long-lived connections across the crash
+/// or re-exec). Without it, or if this agent cannot use it, they count from zero.
+fn carry_counts(name: &AppName, app: &mut AppRt, t: super::handoff::HandedTracking) {
+    let fds = [t.link, t.inflight, t.since].map(sys::adopt);
+    let [Ok(link), Ok(inflight), Ok(since)] = fds else {
+        tracing::warn!(app = %name, "the previous agent's connection tracker was not handed over whole: open connections count from zero");
+        return;
+    };
+    let n = app.state.slots.len() as u32;
+    match app.steering.carry([link, inflight, since], n) {
+        Ok(0) => {}
+        Ok(open) => tracing::info!(
+            app = %name,
+            "{open} connections the previous agent steered are still open: counted until they close"
+        ),
+        Err(e) => tracing::warn!(app = %name, "open connections count from zero: {e}"),
     }
 }
 
@@ -354,6 +377,11 @@ fn stop_handed(app: HandedApp, grace: Duration) -> Vec<tokio::task::JoinHandle<(
         }
     };
     app.redirect.into_iter().for_each(&mut close);
+    if let Some(t) = app.tracking {
+        [t.link, t.inflight, t.since]
+            .into_iter()
+            .for_each(&mut close);
+    }
     for (i, slot) in app.slots.into_iter().enumerate() {
         close(slot.socket);
         if let Some(w) = slot.worker {

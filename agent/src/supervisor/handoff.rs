@@ -107,6 +107,19 @@ pub struct HandedApp {
     /// A rolling replacement (or a start) was under way: not every worker runs the config.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replacing: bool,
+    /// The eBPF connection tracker, so the next agent goes on counting the open connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<HandedTracking>,
+}
+
+/// An app's connection tracker: its link (held, it stays attached) and its `inflight` and
+/// `since` maps.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedTracking {
+    pub link: RawFd,
+    pub inflight: RawFd,
+    pub since: RawFd,
 }
 
 /// A worker being replaced (a keeper's snapshot during a rolling replacement): the next agent
@@ -167,6 +180,9 @@ impl State {
         out.extend(self.metrics.as_mut());
         for app in &mut self.apps {
             out.extend(app.redirect.as_mut());
+            if let Some(t) = app.tracking.as_mut() {
+                out.extend([&mut t.link, &mut t.inflight, &mut t.since]);
+            }
             for slot in &mut app.slots {
                 out.push(&mut slot.socket);
                 if let Some(w) = slot.worker.as_mut() {
@@ -375,6 +391,14 @@ impl Supervisor {
                     .slots
                     .iter()
                     .any(|s| s.pending_replace || !s.retired.is_empty()),
+                tracking: app
+                    .steering
+                    .tracker_handles()
+                    .map(|[link, inflight, since]| HandedTracking {
+                        link: raw(link, &mut fds),
+                        inflight: raw(inflight, &mut fds),
+                        since: raw(since, &mut fds),
+                    }),
             });
         }
         Ok((
@@ -498,6 +522,7 @@ mod tests {
                 count: 1,
                 front_totals: vec![],
                 redirect: None,
+                tracking: None,
                 config_digest: None,
                 replacing: false,
                 slots: vec![HandedSlot {

@@ -247,6 +247,10 @@ impl GroupSteering {
         if let Err(e) = s.publish_load(&loads) {
             tracing::debug!("publishing load: {e}");
         }
+        let slots = sockets.iter().map(|(slot, _)| slot + 1).max().unwrap_or(0);
+        if let Err(e) = s.refresh_carried(slots) {
+            tracing::debug!("reading the previous agent's connection counts: {e}");
+        }
         let active = queued || seen != self.last_seen;
         self.last_seen = seen;
         active
@@ -301,6 +305,24 @@ impl GroupSteering {
             Mode::Ebpf(s) => s.slot_picks(n).ok(),
             Mode::Hash(_) => None,
         }
+    }
+
+    /// The tracker's link and maps, for the next agent.
+    pub fn tracker_handles(&self) -> Option<[std::os::fd::BorrowedFd<'_>; 3]> {
+        match &self.mode {
+            Mode::Ebpf(s) => s.tracker_handles(),
+            Mode::Hash(_) => None,
+        }
+    }
+
+    /// Go on counting the previous agent's open connections on the first `n` slots (its
+    /// tracker's link and maps, handed over). Returns how many there are.
+    pub fn carry(&mut self, handed: [OwnedFd; 3], n: u32) -> Result<u64, String> {
+        let Mode::Ebpf(s) = &mut self.mode else {
+            return Err("this group is not steered by eBPF".into());
+        };
+        let [link, inflight, since] = handed;
+        s.carry(link, inflight, since, n).map_err(|e| e.to_string())
     }
 
     /// Each of the first `n` slots' established connections not yet closed by its worker.

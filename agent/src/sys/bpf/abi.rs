@@ -1,7 +1,7 @@
 //! The steering ABI: Rust mirrors of ebpf/steer.h, checked for size at compile time.
 
 /// Bumped with every change to ebpf/steer.h; pins live under `bpf_pin_dir/v<ABI>-<object hash>`.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 pub const MAX_SLOTS: u32 = 1024;
 pub const POLICY_LEAST_LOADED: u32 = 0;
 pub const POLICY_ROUND_ROBIN: u32 = 1;
@@ -50,7 +50,17 @@ pub struct Stats {
     pub untracked: u64,
 }
 
+/// A slot's connections that a previous agent's tracker still counts.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub inflight: u32,
+    pub _pad: u32,
+    pub since: u64,
+}
+
 const _: () = assert!(std::mem::size_of::<Config>() == 28);
+const _: () = assert!(std::mem::size_of::<Carried>() == 16);
 const _: () = assert!(std::mem::size_of::<Eligible>() == 4 + 4 * MAX_SLOTS as usize);
 const _: () = assert!(std::mem::size_of::<Stats>() == 64);
 const _: () = assert!(MAX_SLOTS.is_power_of_two());
@@ -63,6 +73,8 @@ unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for Eligible {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Stats {}
+// SAFETY: as above (the padding is an explicit field).
+unsafe impl aya::Pod for Carried {}
 
 /// The compiled program (ebpf/steer.bpf.c), built by agent/build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));

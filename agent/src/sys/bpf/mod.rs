@@ -5,10 +5,10 @@
 pub mod abi;
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, MapData, MapError, PerCpuArray, ReusePortSockArray};
+use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, ReusePortSockArray};
 use aya::programs::{ProgramError, RawTracePoint, SkReuseport};
 use aya::{Ebpf, EbpfError};
 
@@ -38,6 +38,10 @@ pub enum BpfError {
         #[source]
         source: io::Error,
     },
+    #[error("attaching the connection tracker to inet_sock_set_state: {0}")]
+    Tracepoint(#[source] io::Error),
+    #[error("the previous agent's {name} map: {why}")]
+    Previous { name: &'static str, why: String },
 }
 
 impl BpfError {
@@ -70,7 +74,7 @@ pub enum Policy {
 const SELECT_OR_MIGRATE: &str = "corral_select_or_migrate";
 const SELECT: &str = "corral_select";
 const TRACKER: &str = "corral_conn_state";
-const TRACKER_TRACEPOINT: &str = "inet_sock_set_state";
+const TRACKER_TRACEPOINT: &std::ffi::CStr = c"inet_sock_set_state";
 
 /// A loaded steering program with its maps, for one reuseport group.
 pub struct Steering {
@@ -83,6 +87,7 @@ pub struct Steering {
     picks: Array<MapData, u32>,
     inflight: Array<MapData, u32>,
     recent: Array<MapData, u32>,
+    carried: Array<MapData, abi::Carried>,
     stats: PerCpuArray<MapData, abi::Stats>,
     slot_picks: PerCpuArray<MapData, u64>,
     active: u32,
@@ -90,8 +95,27 @@ pub struct Steering {
     port: u16,
     epoch: u32,
     pinned: Result<PathBuf, String>,
-    /// Whether the connection tracker is attached, or why not.
-    tracker: Result<(), String>,
+    /// The connection tracker's link (dropping it detaches the tracker) and copies of the
+    /// `inflight` and `since` descriptors, to hand over to the next agent; or why there is
+    /// no tracker.
+    tracker: Result<TrackerHandles, String>,
+    /// A previous agent's tracker, kept counting its connections until they close.
+    previous: Option<Previous>,
+}
+
+/// What the next agent needs to go on counting this agent's open connections.
+struct TrackerHandles {
+    link: OwnedFd,
+    inflight: OwnedFd,
+    since: OwnedFd,
+}
+
+/// A previous agent's tracker (its link held, so it stays attached) and its counts, read into
+/// `carried` until every connection it counted has closed.
+struct Previous {
+    inflight: Array<MapData, u32>,
+    since: Array<MapData, u64>,
+    _link: OwnedFd,
 }
 
 impl std::fmt::Debug for Steering {
@@ -125,6 +149,14 @@ impl Steering {
             }
         };
         let tracker = attach_tracker(&mut ebpf).map_err(|e| e.to_string());
+        // Copies before the maps are taken: the next agent gets them with the link.
+        let tracker = tracker.and_then(|link| {
+            Ok(TrackerHandles {
+                link,
+                inflight: dup_map_fd(&ebpf, "inflight").map_err(|e| e.to_string())?,
+                since: dup_map_fd(&ebpf, "since").map_err(|e| e.to_string())?,
+            })
+        });
         let pinned = match pin_dir {
             None => Err("pinning not requested".to_string()),
             Some(dir) => match pin_all(&mut ebpf, program, dir) {
@@ -143,6 +175,7 @@ impl Steering {
         let picks = Array::try_from(take("picks")?).map_err(map_err("picks"))?;
         let inflight = Array::try_from(take("inflight")?).map_err(map_err("inflight"))?;
         let recent = Array::try_from(take("recent")?).map_err(map_err("recent"))?;
+        let carried = Array::try_from(take("carried")?).map_err(map_err("carried"))?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(map_err("stats"))?;
         let slot_picks =
             PerCpuArray::try_from(take("slot_picks")?).map_err(map_err("slot_picks"))?;
@@ -161,6 +194,7 @@ impl Steering {
             picks,
             inflight,
             recent,
+            carried,
             stats,
             slot_picks,
             active: 0,
@@ -169,6 +203,7 @@ impl Steering {
             epoch: 0,
             pinned,
             tracker,
+            previous: None,
         };
         s.write_config()?;
         Ok(s)
@@ -262,19 +297,93 @@ impl Steering {
     /// tracker's in-flight counts: what a kernel without the tracker gets.
     pub fn disable_tracking(&mut self, why: &str) -> Result<(), BpfError> {
         self.tracker = Err(why.to_string());
+        self.previous = None;
         self.write_config()
     }
 
     /// Whether in-flight connections are counted (the tracker is attached), or why not.
-    pub fn tracker(&self) -> &Result<(), String> {
-        &self.tracker
+    pub fn tracker(&self) -> Result<(), &str> {
+        self.tracker.as_ref().map(|_| ()).map_err(|e| e.as_str())
     }
 
-    /// Established connections of each of the first `n` slots not yet closed by the server.
+    /// Established connections of each of the first `n` slots not yet closed by the server
+    /// (a previous agent's still open ones included).
     pub fn inflight(&self, n: u32) -> Result<Vec<u32>, BpfError> {
         (0..n.min(abi::MAX_SLOTS))
-            .map(|slot| self.inflight.get(&slot, 0).map_err(map_err("inflight")))
+            .map(|slot| {
+                let own = self.inflight.get(&slot, 0).map_err(map_err("inflight"))?;
+                let carried = self.carried.get(&slot, 0).map_err(map_err("carried"))?;
+                Ok(own.wrapping_add(carried.inflight))
+            })
             .collect()
+    }
+
+    /// The tracker's link and its `inflight` and `since` maps, for the next agent (`None`
+    /// without a tracker).
+    pub fn tracker_handles(&self) -> Option<[BorrowedFd<'_>; 3]> {
+        let t = self.tracker.as_ref().ok()?;
+        Some([t.link.as_fd(), t.inflight.as_fd(), t.since.as_fd()])
+    }
+
+    /// Go on counting a previous agent's open connections: its tracker's `link` (held, so it
+    /// stays attached and counts them down as they close) and its `inflight` and `since` maps,
+    /// read into `carried` for the first `n` slots on each [`Steering::refresh_carried`].
+    /// Returns how many connections it counts.
+    pub fn carry(
+        &mut self,
+        link: OwnedFd,
+        inflight: OwnedFd,
+        since: OwnedFd,
+        n: u32,
+    ) -> Result<u64, BpfError> {
+        if let Err(why) = &self.tracker {
+            return Err(BpfError::Previous {
+                name: "inflight",
+                why: format!("not used: this agent counts no connections ({why})"),
+            });
+        }
+        self.previous = Some(Previous {
+            inflight: previous_array(inflight, "inflight")?,
+            since: previous_array(since, "since")?,
+            _link: link,
+        });
+        self.refresh_carried(n)
+    }
+
+    /// Copy the previous agent's counts of the first `n` slots into `carried`; once they are
+    /// all 0 its tracker is detached and its maps freed. Returns how many it still counts.
+    pub fn refresh_carried(&mut self, n: u32) -> Result<u64, BpfError> {
+        let Some(prev) = &self.previous else {
+            return Ok(0);
+        };
+        let mut total = 0u64;
+        for slot in 0..n.min(abi::MAX_SLOTS) {
+            let inflight = prev
+                .inflight
+                .get(&slot, 0)
+                .map_err(map_err("previous inflight"))?;
+            let since = prev
+                .since
+                .get(&slot, 0)
+                .map_err(map_err("previous since"))?;
+            // A count that wrapped below zero (a decrement racing a reset) counts as none.
+            let inflight = if inflight < 0x8000_0000 { inflight } else { 0 };
+            total += u64::from(inflight);
+            let value = abi::Carried {
+                inflight,
+                _pad: 0,
+                since: if inflight == 0 { 0 } else { since },
+            };
+            if self.carried.get(&slot, 0).map_err(map_err("carried"))? != value {
+                self.carried
+                    .set(slot, value, 0)
+                    .map_err(map_err("carried"))?;
+            }
+        }
+        if total == 0 {
+            self.previous = None;
+        }
+        Ok(total)
     }
 
     /// The program's counters, summed over CPUs.
@@ -334,7 +443,7 @@ fn pin_all(ebpf: &mut Ebpf, program: &'static str, dir: &Path) -> Result<(), Bpf
         .map_err(|e| err(&path, io::Error::other(e.to_string())))
 }
 
-const MAPS: [&str; 12] = [
+const MAPS: [&str; 13] = [
     "socks",
     "config",
     "eligible",
@@ -344,6 +453,7 @@ const MAPS: [&str; 12] = [
     "inflight",
     "since",
     "recent",
+    "carried",
     "rr",
     "stats",
     "slot_picks",
@@ -361,8 +471,11 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
     })
 }
 
-/// Load and attach the connection tracker. The link lives as long as `ebpf`.
-fn attach_tracker(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+/// Load and attach the connection tracker; the returned link keeps it attached (dropped, it
+/// detaches), and can be handed to the next agent, which holds it until the connections this
+/// agent counted have closed. The attach is the raw-tracepoint open syscall itself: aya keeps
+/// its links' descriptors to itself, and this one must cross a re-exec and reach the keeper.
+fn attach_tracker(ebpf: &mut Ebpf) -> Result<OwnedFd, BpfError> {
     let err = |source: ProgramError| BpfError::Program {
         name: TRACKER,
         source: Box::new(source),
@@ -372,8 +485,77 @@ fn attach_tracker(ebpf: &mut Ebpf) -> Result<(), BpfError> {
         .ok_or(BpfError::Missing(TRACKER))?;
     let p: &mut RawTracePoint = p.try_into().map_err(err)?;
     p.load().map_err(err)?;
-    p.attach(TRACKER_TRACEPOINT).map_err(err)?;
-    Ok(())
+    let prog = p.fd().map_err(err)?;
+    raw_tracepoint_open(prog.as_fd(), TRACKER_TRACEPOINT).map_err(BpfError::Tracepoint)
+}
+
+/// `bpf(BPF_RAW_TRACEPOINT_OPEN)`: attach `prog` to the raw tracepoint `name`; the returned
+/// descriptor is the attachment.
+fn raw_tracepoint_open(prog: BorrowedFd<'_>, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+    /// `union bpf_attr`'s `raw_tracepoint` member (linux/bpf.h), without the cookie (0).
+    #[repr(C)]
+    struct RawTracepointAttr {
+        name: u64,
+        prog_fd: u32,
+        _pad: u32,
+    }
+    let attr = RawTracepointAttr {
+        name: name.as_ptr() as u64,
+        prog_fd: prog.as_raw_fd() as u32,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid, fully initialised prefix of `union bpf_attr` for this command
+    // (the kernel zero-extends a shorter attr), `name` outlives the call, and a non-negative
+    // result is a new descriptor that nothing else owns.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_RAW_TRACEPOINT_OPEN,
+            &attr as *const RawTracepointAttr,
+            std::mem::size_of::<RawTracepointAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above: a fresh descriptor, owned from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A copy of map `name`'s descriptor.
+fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, BpfError> {
+    match ebpf.map(name).ok_or(BpfError::Missing(name))? {
+        Map::Array(data) => {
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| BpfError::Previous {
+                    name,
+                    why: format!("duplicating its descriptor: {e}"),
+                })
+        }
+        _ => Err(BpfError::Missing(name)),
+    }
+}
+
+/// A previous agent's per-slot array map, checked to be what this agent would read: an array
+/// of `MAX_SLOTS` values of `V` (another build's may differ: then nothing is carried).
+fn previous_array<V: aya::Pod>(
+    fd: OwnedFd,
+    name: &'static str,
+) -> Result<Array<MapData, V>, BpfError> {
+    let prev = |why: String| BpfError::Previous { name, why };
+    let data = MapData::from_fd(fd).map_err(|e| prev(e.to_string()))?;
+    let info = data.info().map_err(|e| prev(e.to_string()))?;
+    if info.max_entries() != abi::MAX_SLOTS {
+        return Err(prev(format!(
+            "{} entries, this agent reads {}",
+            info.max_entries(),
+            abi::MAX_SLOTS
+        )));
+    }
+    Array::try_from(Map::Array(data)).map_err(|e| prev(e.to_string()))
 }
 
 /// BPF_FS_MAGIC from linux/magic.h.
