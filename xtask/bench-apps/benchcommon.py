@@ -22,9 +22,17 @@ def started():
       watch their parent) would keep serving on the benchmark's port.
     - Write a marker file named by this pid into $BENCH_MARKERS: the benchmark's way to tell
       the serving processes from masters, arbiters and helpers.
+    - Start a session of its own, as corral's workers do (each calls setsid): with the
+      kernel's autogroups each session is one scheduling group, so every server's serving
+      processes then compete for the CPUs the same way, each apart from the load generator's
+      session. (A corral worker is a session leader already: setsid fails, nothing changes.)
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    try:
+        os.setsid()
+    except OSError:
+        pass
     markers = os.environ.get("BENCH_MARKERS")
     if markers:
         with open(os.path.join(markers, str(os.getpid())), "w"):
