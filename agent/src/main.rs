@@ -284,6 +284,7 @@ mod tests {
                 max_headers: 100,
                 access_log: true,
             },
+            acme_challenges: Some("/var/lib/corral/acme/api.challenges".into()),
         };
         let argv = std::iter::once("corral".to_string()).chain(args.to_argv());
         match Cli::try_parse_from(argv).expect("parses").command {
