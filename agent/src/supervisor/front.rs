@@ -21,6 +21,8 @@ pub(super) struct FrontRt {
     pub totals: stats::Totals,
     /// The watch of its certificate files' directories.
     pub cert_watch: Option<AbortOnDrop>,
+    /// The task keeping its ACME certificate current.
+    pub acme: Option<super::acme::AcmeRt>,
 }
 
 /// Whether a running front's certificates differ from what is on disk now (an unreadable or
@@ -46,6 +48,10 @@ impl Supervisor {
             config::Role::TlsFront { tls, .. } => tls,
             config::Role::Workers => return,
         };
+        app.front.acme = tls
+            .acme
+            .as_ref()
+            .map(|a| super::acme::start(name, a, &tls.identity));
         match crate::sys::inotify::Watch::dirs(&seal::cert_dirs(tls)) {
             Ok(watch) => {
                 let app_name = name.clone();

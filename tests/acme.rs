@@ -1,0 +1,354 @@
+//! ACME against a real CA on loopback (root): Debian's pebble (2.6, with ARI) and
+//! pebble-challtestsrv, which `cargo xtask test` (or `cargo xtask acme-tools`) unpacks under
+//! target/acme/pebble. challtestsrv's DNS answers every name with 127.0.0.1, and pebble
+//! validates on the front's TLS port (TLS-ALPN-01) or its redirect_http port (HTTP-01). Each
+//! test starts its own pebble on free ports; the guards stop it even when the test fails.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use corral_tests::*;
+
+fn pebble_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/acme/pebble/usr/bin")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: `cargo xtask test` fetches it (or `cargo xtask acme-tools` alone)",
+        p.display()
+    );
+    p
+}
+
+/// A running pebble and its DNS.
+struct Pebble {
+    dir: PathBuf,
+    directory: String,
+    management: SocketAddr,
+    log: PathBuf,
+    _ca: ChildGuard,
+    _dns: ChildGuard,
+}
+
+/// pebble's HTTPS certificate (self-signed, for 127.0.0.1): the `directory_ca` of the config.
+fn pebble_tls_cert(dir: &Path) {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=pebble"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(dir.join("pebble.key"))
+        .arg("-out")
+        .arg(dir.join("pebble.crt"))
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn wait_listening(addr: SocketAddr, what: &str) {
+    wait_for(Duration::from_secs(30), what, || {
+        TcpStream::connect(addr).ok().map(|_| ())
+    });
+}
+
+impl Pebble {
+    /// pebble validating on `tls_port` and `http_port`, issuing certificates valid for
+    /// `validity` seconds; `extra_env` for its PEBBLE_* switches.
+    fn start(
+        dir: &Path,
+        tls_port: u16,
+        http_port: u16,
+        validity: u64,
+        extra_env: &[(&str, &str)],
+    ) -> Pebble {
+        pebble_tls_cert(dir);
+        let (dns, dns_mgmt, listen, mgmt) = (free_port(), free_port(), free_port(), free_port());
+        let dns_log = std::fs::File::create(dir.join("challtestsrv.log")).expect("log");
+        let dns_guard = ChildGuard::new(
+            Command::new(pebble_bin("pebble-challtestsrv"))
+                .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                .args(["-dns01", &format!("127.0.0.1:{dns}")])
+                .args(["-management", &format!("127.0.0.1:{dns_mgmt}")])
+                .args(["-http01", "", "-https01", "", "-tlsalpn01", "", "-doh", ""])
+                .stdout(dns_log.try_clone().expect("log"))
+                .stderr(dns_log)
+                .spawn()
+                .expect("pebble-challtestsrv"),
+        );
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": format!("127.0.0.1:{listen}"),
+                "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+                "certificate": dir.join("pebble.crt"),
+                "privateKey": dir.join("pebble.key"),
+                "httpPort": http_port,
+                "tlsPort": tls_port,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+                "certificateValidityPeriod": validity,
+            }
+        });
+        let cfg = dir.join("pebble.json");
+        std::fs::write(&cfg, config.to_string()).expect("pebble.json");
+        let log = dir.join("pebble.log");
+        let out = std::fs::File::create(&log).expect("log");
+        let mut cmd = Command::new(pebble_bin("pebble"));
+        cmd.arg("-config")
+            .arg(&cfg)
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            // No nonce rejections: their retries are the client's business, not these tests'.
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let ca_guard = ChildGuard::new(cmd.spawn().expect("pebble"));
+        wait_listening(loopback(listen), "pebble's ACME listener");
+        wait_listening(loopback(mgmt), "pebble's management listener");
+        wait_listening(loopback(dns_mgmt), "challtestsrv");
+        Pebble {
+            dir: dir.to_path_buf(),
+            directory: format!("https://127.0.0.1:{listen}/dir"),
+            management: loopback(mgmt),
+            log,
+            _ca: ca_guard,
+            _dns: dns_guard,
+        }
+    }
+
+    /// The root pebble issues under (it makes a new one at each start), as PEM in the test
+    /// directory.
+    fn issuing_root(&self) -> PathBuf {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--cacert"])
+            .arg(self.dir.join("pebble.crt"))
+            .arg(format!(
+                "https://127.0.0.1:{}/roots/0",
+                self.management.port()
+            ))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = self.dir.join("issuing-root.pem");
+        std::fs::write(&path, &out.stdout).expect("write root");
+        path
+    }
+
+    /// Certificates pebble has issued so far (its log says so for each).
+    fn issued(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("Issued certificate serial")
+            .count()
+    }
+}
+
+/// The acme table for the test's pebble.
+fn acme(p: &Pebble, domains: &[&str], challenge: &str) -> Table {
+    Table::new()
+        .set(
+            "domains",
+            Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
+        )
+        .set("email", "ops@example.com")
+        .set("directory", p.directory.as_str())
+        .set("directory_ca", p.dir.join("pebble.crt"))
+        .set("challenge", challenge)
+}
+
+/// curl over https to `name` (resolved to the front) trusting only `root`; the body or why not.
+fn curl(tls: SocketAddr, name: &str, root: &Path) -> Result<String, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
+        .arg(root)
+        .arg("--resolve")
+        .arg(format!("{name}:{}:127.0.0.1", tls.port()))
+        .arg(format!("https://{name}:{}/", tls.port()))
+        .output()
+        .expect("curl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The subject and SAN of the certificate the front sends for SNI `name`.
+fn served_cert(tls: SocketAddr, name: &str) -> String {
+    let mut s = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &tls.to_string(),
+            "-servername",
+            name,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl");
+    let mut pem = Vec::new();
+    std::io::Read::read_to_end(s.stdout.as_mut().expect("stdout"), &mut pem).expect("read");
+    let _ = s.wait();
+    let mut x = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-subject",
+            "-issuer",
+            "-serial",
+            "-ext",
+            "subjectAltName",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl x509");
+    std::io::Write::write_all(x.stdin.as_mut().expect("stdin"), &pem).expect("write");
+    let out = x.wait_with_output().expect("x509");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The front app's ACME status (JSON).
+fn acme_status(agent: &Agent) -> serde_json::Value {
+    agent.app_json("web.tls")["tls"]["acme"].clone()
+}
+
+fn wait_served(tls: SocketAddr, name: &str, root: &Path) {
+    wait_for(
+        Duration::from_secs(120),
+        &format!("https://{name} with pebble's certificate"),
+        || curl(tls, name, root).ok(),
+    );
+}
+
+#[test]
+fn tls_alpn_01_two_names_beside_a_file_certificate_and_a_restart_does_not_order_again() {
+    require_root();
+    let dir = TempDir::new("acme-alpn-ca");
+    let (app_port, tls_port) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30, &[]);
+    let app = demo_app("web", loopback(app_port), 2)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 2)
+        .tls("cert", "@DIR@/c.crt")
+        .tls("key", "@DIR@/c.key")
+        .tls("acme", acme(&pebble, &["a.test", "b.test"], "tls-alpn-01"));
+    let mut agent = Agent::start_with("acme-alpn", app, |d| {
+        tls_file_cert(d.path(), "c", "c.test");
+    });
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root = pebble.issuing_root();
+    let tls = loopback(tls_port);
+    wait_served(tls, "a.test", &root);
+    assert!(curl(tls, "b.test", &root).is_ok());
+    let a = served_cert(tls, "a.test");
+    assert!(a.contains("DNS:a.test") && a.contains("DNS:b.test"), "{a}");
+    assert!(a.contains("Pebble Intermediate"), "{a}");
+    assert_eq!(served_cert(tls, "b.test"), a);
+    // The file's certificate keeps its name, and stays the default.
+    let c = served_cert(tls, "c.test");
+    assert!(c.contains("DNS:c.test") && !c.contains("Pebble"), "{c}");
+    assert!(curl(tls, "c.test", &root).is_err());
+    let st = acme_status(&agent);
+    assert_eq!(st["failures"], 0, "{st}");
+    assert!(st["not_after"].as_i64().is_some(), "{st}");
+    // The state: root-only, atomically replaced files.
+    let state = agent.dir.path().join("acme/web");
+    for f in ["account.json", "cert.pem", "key.pem"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(state.join(f))
+                .expect("state file")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    let issued = pebble.issued();
+    assert_eq!(
+        issued,
+        1,
+        "{}",
+        std::fs::read_to_string(&pebble.log).unwrap_or_default()
+    );
+    let mtime = std::fs::metadata(state.join("cert.pem"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    agent.stop(Duration::from_secs(30));
+    agent.spawn();
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    assert_eq!(
+        served_cert(tls, "a.test"),
+        a,
+        "the stored certificate is served at once"
+    );
+    // The task has looked at the stored certificate and scheduled its renewal, not ordered.
+    wait_for(Duration::from_secs(60), "the renewal scheduled", || {
+        acme_status(&agent)["renew_at"].as_i64()
+    });
+    assert_eq!(pebble.issued(), 1);
+    assert_eq!(acme_status(&agent)["attempts"], 0);
+    assert_eq!(
+        std::fs::metadata(state.join("cert.pem"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
+}
+
+/// A self-signed certificate for `name` as `<stem>.crt`/`<stem>.key` in `dir`.
+fn tls_file_cert(dir: &Path, stem: &str, name: &str) {
+    let (cert, key) = tls::self_signed(&[name]);
+    std::fs::write(dir.join(format!("{stem}.crt")), cert).expect("write");
+    std::fs::write(dir.join(format!("{stem}.key")), key).expect("write");
+}
+
+#[test]
+fn http_01_on_the_redirect_listener() {
+    require_root();
+    let dir = TempDir::new("acme-http-ca");
+    let (app_port, tls_port, http_port) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, http_port, 3600 * 24 * 30, &[]);
+    let app = demo_app("web", loopback(app_port), 2)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 2)
+        .tls("redirect_http", loopback(http_port))
+        .tls("acme", acme(&pebble, &["a.test", "b.test"], "http-01"));
+    let agent = Agent::start("acme-http", app);
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root = pebble.issuing_root();
+    let tls = loopback(tls_port);
+    wait_served(tls, "a.test", &root);
+    assert!(curl(tls, "b.test", &root).is_ok());
+    let b = served_cert(tls, "b.test");
+    assert!(b.contains("DNS:a.test") && b.contains("DNS:b.test"), "{b}");
+    // The redirect listener still redirects everything else.
+    let (status, _) = http_get(loopback(http_port), "/x").expect("redirect");
+    assert_eq!(status, 308);
+    assert_eq!(acme_status(&agent)["challenge"], "http-01");
+}
