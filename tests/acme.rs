@@ -352,3 +352,263 @@ fn http_01_on_the_redirect_listener() {
     assert_eq!(status, 308);
     assert_eq!(acme_status(&agent)["challenge"], "http-01");
 }
+
+/// The serial of the certificate served for `name`.
+fn served_serial(tls: SocketAddr, name: &str) -> Option<String> {
+    served_cert(tls, name)
+        .lines()
+        .find_map(|l| l.strip_prefix("serial=").map(str::to_string))
+}
+
+#[test]
+fn a_short_lived_certificate_is_renewed_and_rolled_under_load_without_a_failed_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    require_root();
+    let dir = TempDir::new("acme-renew-ca");
+    let (app_port, tls_port) = (free_port(), free_port());
+    // 24 s certificates: renewed some 16 s into their life (two thirds, or pebble's ARI).
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 24, &[]);
+    let app = demo_app("web", loopback(app_port), 2)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 2)
+        .tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
+    let agent = Agent::start("acme-renew", app);
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root_path = pebble.issuing_root();
+    let root = std::fs::read_to_string(&root_path).expect("root");
+    let tls = loopback(tls_port);
+    wait_served(tls, "a.test", &root_path);
+    let first = served_serial(tls, "a.test").expect("a serial");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, ok, failures, root) =
+                (stop.clone(), ok.clone(), failures.clone(), root.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tls::get(tls, "a.test", &root, tls::Tls::V13, "/?bytes=3000", false) {
+                        Ok(r) if r.body.len() == 3000 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures.lock().unwrap().push(format!("short: {}", r.head)),
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    let renewed = wait_for(
+        Duration::from_secs(90),
+        "a renewed certificate served",
+        || served_serial(tls, "a.test").filter(|s| *s != first),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client");
+    }
+    let failures = failures.lock().unwrap();
+    let served = ok.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} failed of {served}: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(served > 20, "the load ran: {served}");
+    assert_ne!(renewed, first);
+    let st = acme_status(&agent);
+    assert!(st["attempts"].as_u64().unwrap_or(0) >= 2, "{st}");
+    assert_eq!(st["failures"], 0, "{st}");
+    assert!(pebble.issued() >= 2);
+}
+
+/// `corral status` (text) of the agent.
+fn status_text(agent: &Agent) -> String {
+    let out = Command::new(bin("corral"))
+        .args(["status", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("corral status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn metrics(addr: SocketAddr) -> String {
+    http_get(addr, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_ca_down_keeps_the_old_certificate_serving_and_the_failure_shows_with_backoff() {
+    require_root();
+    let dir = TempDir::new("acme-down-ca");
+    let (app_port, tls_port, metrics_port) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30, &[]);
+    let (directory, ca) = (pebble.directory.clone(), pebble.dir.join("pebble.crt"));
+    let app = |domains: &[&str]| {
+        let table = Table::new()
+            .set(
+                "domains",
+                Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
+            )
+            .set("directory", directory.as_str())
+            .set("directory_ca", ca.clone());
+        demo_app("web", loopback(app_port), 2)
+            .tls("address", loopback(tls_port))
+            .tls("processes", 2)
+            .tls("acme", table)
+    };
+    let agent = Agent::start_with_agent_extra(
+        "acme-down",
+        Table::new().set("metrics", loopback(metrics_port).to_string()),
+        app(&["a.test"]),
+    );
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root = pebble.issuing_root();
+    let tls = loopback(tls_port);
+    wait_served(tls, "a.test", &root);
+    let serial = served_serial(tls, "a.test").expect("serial");
+
+    // The CA goes away; a new name needs a new certificate.
+    let next = app(&["a.test", "b.test"]).to_string();
+    drop(pebble);
+    agent.rewrite_config(next);
+    let out = Command::new(bin("corral"))
+        .args(["reload", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("corral reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = wait_for(
+        Duration::from_secs(60),
+        "the failed order in status",
+        || {
+            let st = acme_status(&agent);
+            (st["failures"].as_u64() >= Some(1)).then_some(st)
+        },
+    );
+    let error = st["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains(&format!("{directory}: ")),
+        "the failing CA named: {st}"
+    );
+    let gap = st["next_attempt"].as_i64().unwrap() - st["last_error_at"].as_i64().unwrap();
+    assert!((5..=15).contains(&gap), "first retry 10 s +- jitter: {st}");
+    // The old certificate keeps serving its name.
+    assert!(curl(tls, "a.test", &root).is_ok());
+    assert_eq!(
+        served_serial(tls, "a.test").as_deref(),
+        Some(serial.as_str())
+    );
+    let text = status_text(&agent);
+    assert!(text.contains("acme: last failure at"), "{text}");
+    let m = metrics(loopback(metrics_port));
+    assert!(
+        m.lines().any(|l| l
+            .starts_with("corral_tls_acme_renewal_failures_total{app=\"web.tls\"} ")
+            && !l.ends_with(" 0")),
+        "{m}"
+    );
+    assert!(
+        m.contains("corral_tls_certificate_expiry_seconds{app=\"web.tls\",name=\"a.test\"}"),
+        "{m}"
+    );
+    // The second retry waits longer (10 s doubled, with jitter).
+    let st = wait_for(Duration::from_secs(60), "the second failed order", || {
+        let st = acme_status(&agent);
+        (st["failures"].as_u64() >= Some(2)).then_some(st)
+    });
+    let gap = st["next_attempt"].as_i64().unwrap() - st["last_error_at"].as_i64().unwrap();
+    assert!(
+        (10..=30).contains(&gap),
+        "second retry 20 s +- jitter: {st}"
+    );
+    assert!(curl(tls, "a.test", &root).is_ok());
+}
+
+#[test]
+fn a_malformed_directory_and_a_certificate_for_another_name_never_reach_the_fronts() {
+    require_root();
+    let dir = TempDir::new("acme-bad-ca");
+    pebble_tls_cert(dir.path());
+    // A "CA" whose directory is not JSON: openssl's HTTPS file server.
+    std::fs::write(
+        dir.path().join("dir"),
+        "<html>this is not an ACME directory</html>\n",
+    )
+    .expect("dir");
+    let bad_port = free_port();
+    let _bad = ChildGuard::new(
+        Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                "-WWW",
+                "-accept",
+                &bad_port.to_string(),
+            ])
+            .arg("-cert")
+            .arg(dir.path().join("pebble.crt"))
+            .arg("-key")
+            .arg(dir.path().join("pebble.key"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+    );
+    wait_listening(loopback(bad_port), "the bad directory server");
+    let (app_port, tls_port) = (free_port(), free_port());
+    let acme_table = Table::new()
+        .set("domains", Value::Array(vec![Value::from("a.test")]))
+        .set("directory", format!("https://127.0.0.1:{bad_port}/dir"))
+        .set("directory_ca", dir.path().join("pebble.crt"));
+    let app = demo_app("web", loopback(app_port), 2)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 2)
+        .tls("acme", acme_table);
+    // A certificate for another name where the ACME certificate goes (as if a CA had sent
+    // it): refused, never served.
+    let agent = Agent::start_with("acme-bad", app, |d| {
+        let state = d.path().join("acme/web");
+        std::fs::create_dir_all(&state).expect("state");
+        tls_file_cert(&state, "cert", "evil.test");
+        std::fs::rename(state.join("cert.crt"), state.join("cert.pem")).expect("rename");
+        std::fs::rename(state.join("cert.key"), state.join("key.pem")).expect("rename");
+    });
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let st = wait_for(
+        Duration::from_secs(60),
+        "the refused directory in status",
+        || {
+            let st = acme_status(&agent);
+            (st["failures"].as_u64() >= Some(1)).then_some(st)
+        },
+    );
+    let error = st["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("https://127.0.0.1:{bad_port}/dir")),
+        "{st}"
+    );
+    assert!(st["not_after"].is_null(), "{st}");
+    let log = agent.log();
+    assert!(
+        log.contains("names evil.test, which `domains` (a.test) does not list"),
+        "{log}"
+    );
+    // No certificate at all is served: neither the foreign one nor anything else.
+    let served = served_cert(loopback(tls_port), "evil.test");
+    assert!(!served.contains("evil.test"), "{served}");
+    let served = served_cert(loopback(tls_port), "a.test");
+    assert!(served.trim().is_empty(), "{served}");
+}

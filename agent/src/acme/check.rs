@@ -15,13 +15,39 @@ pub struct Validity {
     pub not_after: i64,
 }
 
-/// Check `chain_pem` + `key_pem` for `domains` at `now` (unix seconds).
+/// Check `chain_pem` + `key_pem` for `domains` at `now` (unix seconds): a certificate to
+/// keep (it names every configured domain).
 pub fn check(
     chain_pem: &str,
     key_pem: &str,
     domains: &[String],
     now: i64,
 ) -> Result<Validity, String> {
+    let (names, v) = check_servable(chain_pem, key_pem, domains, now)?;
+    let missing: Vec<&str> = domains
+        .iter()
+        .filter(|d| !names.contains(d))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the certificate is for {}, not for {}",
+            names.join(", "),
+            missing.join(", ")
+        ));
+    }
+    Ok(v)
+}
+
+/// Check a certificate a front may serve: it parses, the key matches, it is valid now and
+/// every name in it is one of `domains` (it may lack some: a config that just added a name
+/// keeps serving the others until the new certificate comes). Its names and validity.
+pub fn check_servable(
+    chain_pem: &str,
+    key_pem: &str,
+    domains: &[String],
+    now: i64,
+) -> Result<(Vec<String>, Validity), String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("certificate PEM: {e}"))?;
@@ -37,15 +63,20 @@ pub fn check(
         .valid_dns_names()
         .map(|n| n.to_ascii_lowercase())
         .collect();
-    let missing: Vec<&str> = domains
+    let foreign: Vec<&str> = names
         .iter()
-        .filter(|d| !names.contains(d))
+        .filter(|n| !domains.contains(n))
         .map(String::as_str)
         .collect();
-    if !missing.is_empty() {
+    if names.is_empty() || !foreign.is_empty() {
         return Err(format!(
-            "the certificate is for {names:?}, not for {}",
-            missing.join(", ")
+            "the certificate names {}, which `domains` ({}) does not list",
+            if names.is_empty() {
+                "no DNS name".to_string()
+            } else {
+                foreign.join(", ")
+            },
+            domains.join(", ")
         ));
     }
     let v = validity(&leaf)?;
@@ -62,7 +93,7 @@ pub fn check(
             v.not_before
         ));
     }
-    Ok(v)
+    Ok((names, v))
 }
 
 /// The leaf's notBefore and notAfter.
@@ -80,4 +111,64 @@ pub fn chain_validity(chain_pem: &str) -> Result<Validity, String> {
     let leaf = CertificateDer::from_pem_slice(chain_pem.as_bytes())
         .map_err(|e| format!("certificate PEM: {e}"))?;
     validity(&leaf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let ck = rcgen::generate_simple_self_signed(names).unwrap();
+        (ck.cert.pem(), ck.signing_key.serialize_pem())
+    }
+
+    fn domains(d: &[&str]) -> Vec<String> {
+        d.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_certificate_is_kept_only_for_every_configured_name_its_key_and_now() {
+        let (c, k) = cert(&["a.example", "b.example"]);
+        let now = 1_800_000_000; // rcgen's default validity: 1975 to 4096
+        assert!(check(&c, &k, &domains(&["a.example", "b.example"]), now).is_ok());
+        let e = check(
+            &c,
+            &k,
+            &domains(&["a.example", "b.example", "c.example"]),
+            now,
+        )
+        .unwrap_err();
+        assert!(e.contains("not for c.example"), "{e}");
+        let (wrong, wrong_key) = cert(&["evil.example"]);
+        let e = check(&wrong, &wrong_key, &domains(&["a.example"]), now).unwrap_err();
+        assert!(
+            e.contains("names evil.example, which `domains` (a.example) does not list"),
+            "{e}"
+        );
+        let (_, other_key) = cert(&["a.example"]);
+        let e = check(&c, &other_key, &domains(&["a.example", "b.example"]), now).unwrap_err();
+        assert!(
+            e.contains("the key does not belong to the certificate"),
+            "{e}"
+        );
+        let e = check(
+            &c,
+            &k,
+            &domains(&["a.example", "b.example"]),
+            5_000_000_000_000,
+        )
+        .unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        let e = check("garbage", &k, &domains(&["a.example"]), now).unwrap_err();
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+        // Servable with fewer names than configured, never with a foreign one.
+        assert!(check_servable(
+            &c,
+            &k,
+            &domains(&["a.example", "b.example", "c.example"]),
+            now
+        )
+        .is_ok());
+    }
 }

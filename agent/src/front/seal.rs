@@ -38,9 +38,21 @@ pub fn seal(app: &str, tls: &Tls) -> Result<(Arc<OwnedFd>, u64), String> {
 fn load(tls: &Tls) -> Result<Bundle, String> {
     let mut pairs = tls.cert_pairs();
     if let Some(acme) = &tls.acme {
-        let pair = acme.cert_pair();
-        if pair.cert.exists() {
-            pairs.push(pair);
+        if let Some((chain, key)) = crate::acme::state::read_cert(acme) {
+            // Served only if every name in it is a configured one and it is valid now: a
+            // certificate that is not, whoever put it there, never reaches a front.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or_default();
+            match crate::acme::check::check_servable(&chain, &key, &acme.domains, now) {
+                Ok(_) => pairs.push(acme.cert_pair()),
+                Err(e) => tracing::error!(
+                    "{}: the stored ACME certificate {} is not served: {e}",
+                    acme.at,
+                    acme.cert_pair().cert.display()
+                ),
+            }
         }
     }
     Bundle::load(&pairs)

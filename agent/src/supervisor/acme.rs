@@ -76,8 +76,16 @@ fn set(status: &Mutex<AcmeStatus>, f: impl FnOnce(&mut AcmeStatus)) {
 async fn keep(app: AppName, acme: Acme, identity: Identity, status: Arc<Mutex<AcmeStatus>>) {
     let mut failures: u32 = 0;
     loop {
-        // What is in service now, if it is still good for every configured name.
-        let current = state::read_cert(&acme).and_then(|(chain, key)| {
+        // What is in service now (it may lack a name the config just added), and whether it
+        // is still good for every configured name.
+        let stored = state::read_cert(&acme);
+        let serving = stored.as_ref().and_then(|(chain, key)| {
+            check::check_servable(chain, key, &acme.domains, now())
+                .ok()
+                .map(|(_, v)| v.not_after)
+        });
+        set(&status, |s| s.not_after = serving);
+        let current = stored.and_then(|(chain, key)| {
             match check::check(&chain, &key, &acme.domains, now()) {
                 Ok(v) => Some((chain, v)),
                 Err(e) => {
@@ -85,9 +93,6 @@ async fn keep(app: AppName, acme: Acme, identity: Identity, status: Arc<Mutex<Ac
                     None
                 }
             }
-        });
-        set(&status, |s| {
-            s.not_after = current.as_ref().map(|(_, v)| v.not_after)
         });
         if let Some((chain, v)) = &current {
             let (due, recheck, how) = match run(&acme, &identity, Action::RenewalInfo, Some(chain))
