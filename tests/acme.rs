@@ -612,3 +612,82 @@ fn a_malformed_directory_and_a_certificate_for_another_name_never_reach_the_fron
     let served = served_cert(loopback(tls_port), "a.test");
     assert!(served.trim().is_empty(), "{served}");
 }
+
+/// `corral check` shows what an ACME front asks for and refuses a `directory_ca` that is not a
+/// PEM of certificates, at its file:line:col; the agent refuses a bad `acme` table the same way.
+#[test]
+fn check_shows_acme_and_refuses_a_bad_directory_ca() {
+    let dir = TempDir::new("acme-check");
+    let app = |ca: &str| {
+        let acme = Table::new()
+            .set("domains", Value::Array(vec![Value::from("a.example")]))
+            .set("directory", "https://127.0.0.1:14000/dir")
+            .set("directory_ca", ca);
+        demo_app("web", loopback(free_port()), 1)
+            .tls("address", loopback(free_port()))
+            .tls("acme", acme)
+    };
+    let check = |config: &Path| {
+        let out = Command::new(bin("corral"))
+            .args(["check", "--config"])
+            .arg(config)
+            .output()
+            .expect("corral check");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let agent_table = AgentTable::private(dir.path());
+    let (cert, _) = tls::self_signed(&["ca.example"]);
+    std::fs::write(dir.path().join("ca.pem"), cert).expect("ca");
+    let config = write_config(dir.path(), &agent_table, app("ca.pem"));
+    let (ok, out) = check(&config);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("acme        a.example by tls-alpn-01 from https://127.0.0.1:14000/dir"),
+        "{out}"
+    );
+    assert!(out.contains("acme CA     "), "{out}");
+    std::fs::write(dir.path().join("bad.pem"), "not a certificate\n").expect("bad");
+    let config = write_config(dir.path(), &agent_table, app("bad.pem"));
+    let (ok, out) = check(&config);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("acme.directory_ca") && out.contains("no CERTIFICATE in the PEM file"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&config).expect("config");
+    let line = text
+        .lines()
+        .position(|l| l.contains("[app.web.tls.acme]") || l.contains("acme ="))
+        .expect("acme line")
+        + 1;
+    assert!(
+        out.contains(&format!("corral.toml:{line}:")),
+        "{out}\n{text}"
+    );
+    // A bad value in the table: refused at its place by check and by the agent.
+    let config = write_config(
+        dir.path(),
+        &agent_table,
+        demo_app("web", loopback(free_port()), 1)
+            .tls("address", loopback(free_port()))
+            .tls(
+                "acme",
+                Table::new().set("domains", Value::Array(vec![Value::from("*.a.example")])),
+            ),
+    );
+    let (ok, out) = check(&config);
+    assert!(
+        !ok && out.contains("\"*.a.example\" is not a DNS name: a wildcard"),
+        "{out}"
+    );
+    let refused = refused_agent(&config);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("DNS-01"));
+}
