@@ -124,7 +124,7 @@ async fn serve(
             builder()?
                 .from_credentials(creds)
                 .await
-                .map_err(|e| format!("{}: {e}", req.directory))?
+                .map_err(|e| format!("{}: {}", req.directory, chain(&e)))?
         }
         None => {
             let contact = req.email.as_ref().map(|e| format!("mailto:{e}"));
@@ -140,7 +140,13 @@ async fn serve(
                     None,
                 )
                 .await
-                .map_err(|e| format!("{}: creating the account: {e}", req.directory))?;
+                .map_err(|e| {
+                    format!(
+                        "{}: reading the directory, creating the account: {}",
+                        req.directory,
+                        chain(&e)
+                    )
+                })?;
             *new_account = Some(serde_json::to_value(&creds).map_err(|e| e.to_string())?);
             account
         }
@@ -167,7 +173,11 @@ async fn serve(
                     retry_after_secs: retry.as_secs(),
                 }),
                 Err(instant_acme::Error::Unsupported(_)) => Ok(Outcome::NoAri),
-                Err(e) => Err(format!("{}: renewal information: {e}", req.directory)),
+                Err(e) => Err(format!(
+                    "{}: renewal information: {}",
+                    req.directory,
+                    chain(&e)
+                )),
             }
         }
         Action::Order => order(req, &account, current_id).await,
@@ -191,14 +201,14 @@ async fn order(
         }
         r => r,
     }
-    .map_err(|e| format!("{}: new order: {e}", req.directory))?;
+    .map_err(|e| format!("{}: new order: {}", req.directory, chain(&e)))?;
     let kind = match req.challenge {
         AcmeChallenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
         AcmeChallenge::Http01 => ChallengeType::Http01,
     };
     let mut authorizations = order.authorizations();
     while let Some(result) = authorizations.next().await {
-        let mut authz = result.map_err(|e| format!("authorization: {e}"))?;
+        let mut authz = result.map_err(|e| format!("authorization: {}", chain(&e)))?;
         match authz.status {
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
@@ -236,7 +246,7 @@ async fn order(
         challenge
             .set_ready()
             .await
-            .map_err(|e| format!("{}: {name}: {e}", req.challenge.as_str()))?;
+            .map_err(|e| format!("{}: {name}: {}", req.challenge.as_str(), chain(&e)))?;
     }
     let retries = RetryPolicy::new()
         .initial_delay(Duration::from_millis(250))
@@ -244,18 +254,18 @@ async fn order(
     let status = order
         .poll_ready(&retries)
         .await
-        .map_err(|e| format!("{}: the order: {e}", req.directory))?;
+        .map_err(|e| format!("{}: the order: {}", req.directory, chain(&e)))?;
     if status != OrderStatus::Ready {
         return Err(format!("the order is {status:?}, not ready"));
     }
     let key_pem = order
         .finalize()
         .await
-        .map_err(|e| format!("{}: finalizing: {e}", req.directory))?;
+        .map_err(|e| format!("{}: finalizing: {}", req.directory, chain(&e)))?;
     let chain_pem = order
         .poll_certificate(&retries)
         .await
-        .map_err(|e| format!("{}: the certificate: {e}", req.directory))?;
+        .map_err(|e| format!("{}: the certificate: {}", req.directory, chain(&e)))?;
     Ok(Outcome::Issued { chain_pem, key_pem })
 }
 
@@ -314,4 +324,20 @@ fn clean(req: &Request) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// An error and its sources ("client error (Connect): tcp connect error: Connection refused"):
+/// hyper's own message alone does not say what went wrong.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
 }

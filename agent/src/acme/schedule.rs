@@ -18,6 +18,12 @@ pub fn in_window(start: i64, end: i64, jitter: f64) -> i64 {
     start + ((end - start) as f64 * jitter.clamp(0.0, 1.0)) as i64
 }
 
+/// Whether an ARI window can be followed: it ends before the certificate does (a window past
+/// the end would let it expire; seen from pebble with short-lived certificates).
+pub fn window_fits(start: i64, end: i64, not_before: i64, not_after: i64) -> bool {
+    start <= end && end <= not_after && start >= not_before
+}
+
 /// The retries after failed orders: 10 s doubling to 1 h, each scaled by a jitter factor in
 /// [0.5, 1.5), and never sooner than the CA's Retry-After.
 pub fn backoff(failures: u32, jitter: f64, retry_after: Option<Duration>) -> Duration {
@@ -36,6 +42,9 @@ mod tests {
         assert_eq!(in_window(100, 200, 0.0), 100);
         assert_eq!(in_window(100, 200, 0.5), 150);
         assert_eq!(in_window(100, 50, 0.7), 100);
+        assert!(window_fits(50, 80, 0, 90));
+        assert!(!window_fits(50, 100, 0, 90));
+        assert!(!window_fits(80, 50, 0, 90));
     }
 
     #[test]

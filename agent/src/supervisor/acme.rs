@@ -102,11 +102,19 @@ async fn keep(app: AppName, acme: Acme, identity: Identity, status: Arc<Mutex<Ac
                     start,
                     end,
                     retry_after_secs,
-                }) => (
+                }) if schedule::window_fits(start, end, v.not_before, v.not_after) => (
                     schedule::in_window(start, end, jitter()),
                     Duration::from_secs(retry_after_secs.clamp(60, 86_400)),
                     "ARI window",
                 ),
+                Ok(Outcome::Window { start, end, .. }) => {
+                    tracing::warn!(app = %app, "acme: the CA's renewal window {start}..{end} (unix) is not inside the certificate's life {}..{}: renewing at two thirds of it", v.not_before, v.not_after);
+                    (
+                        schedule::two_thirds(v.not_before, v.not_after),
+                        ARI_RETRY,
+                        "two thirds of its lifetime",
+                    )
+                }
                 Ok(Outcome::NoAri) => (
                     schedule::two_thirds(v.not_before, v.not_after),
                     Duration::from_secs(86_400),
