@@ -551,3 +551,33 @@ fn check_shows_acme_and_refuses_a_bad_directory_ca() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("DNS-01"));
 }
+
+/// The CA refuses: its validation reaches nothing (pebble validates on a port where no front
+/// listens), so the order fails with the CA's problem document, which status shows.
+#[test]
+fn a_refused_validation_shows_the_cas_problem_document() {
+    require_root();
+    let dir = TempDir::new("acme-refused-ca");
+    let (app_port, tls_port) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), free_port(), free_port(), 3600, &[]);
+    let app = demo_app("web", loopback(app_port), 1)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 1)
+        .tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
+    let agent = Agent::start("acme-refused", app);
+    let st = wait_for(
+        Duration::from_secs(90),
+        "the refused order in status",
+        || {
+            let st = acme_status(&agent);
+            (st["failures"].as_u64() >= Some(1)).then_some(st)
+        },
+    );
+    let error = st["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&pebble.directory) && error.contains("urn:ietf:params:acme:error:"),
+        "the CA's problem document: {st}"
+    );
+    assert!(st["not_after"].is_null(), "{st}");
+    assert_eq!(pebble.issued(), 0);
+}
