@@ -76,6 +76,9 @@ pub enum Outcome {
     NoAri,
     Failed {
         error: String,
+        /// When the CA said to come back (its Retry-After, past the order's polling).
+        #[serde(default)]
+        retry_after_secs: Option<u64>,
     },
 }
 
@@ -93,7 +96,10 @@ pub fn run() -> Result<(), String> {
     let mut new_account = None;
     let outcome = match rt.block_on(serve(&req, &mut new_account)) {
         Ok(o) => o,
-        Err(error) => Outcome::Failed { error },
+        Err(error) => Outcome::Failed {
+            error,
+            retry_after_secs: None,
+        },
     };
     clean(&req);
     let resp = Response {
@@ -251,10 +257,10 @@ async fn order(
     let retries = RetryPolicy::new()
         .initial_delay(Duration::from_millis(250))
         .timeout(Duration::from_secs(90));
-    let status = order
-        .poll_ready(&retries)
-        .await
-        .map_err(|e| format!("{}: the order: {}", req.directory, chain(&e)))?;
+    let status = match order.poll_ready(&retries).await {
+        Ok(s) => s,
+        Err(e) => return Ok(failed(format!("{}: the order", req.directory), &e)),
+    };
     if status != OrderStatus::Ready {
         return Err(format!("the order is {status:?}, not ready"));
     }
@@ -262,10 +268,10 @@ async fn order(
         .finalize()
         .await
         .map_err(|e| format!("{}: finalizing: {}", req.directory, chain(&e)))?;
-    let chain_pem = order
-        .poll_certificate(&retries)
-        .await
-        .map_err(|e| format!("{}: the certificate: {}", req.directory, chain(&e)))?;
+    let chain_pem = match order.poll_certificate(&retries).await {
+        Ok(c) => c,
+        Err(e) => return Ok(failed(format!("{}: the certificate", req.directory), &e)),
+    };
     Ok(Outcome::Issued { chain_pem, key_pem })
 }
 
@@ -323,6 +329,22 @@ fn clean(req: &Request) {
         {
             let _ = std::fs::remove_file(e.path());
         }
+    }
+}
+
+/// A failed poll: the CA's Retry-After, when it asked to be polled later than the order
+/// waits, goes to the agent's backoff.
+fn failed(what: String, e: &instant_acme::Error) -> Outcome {
+    let retry_after_secs = match e {
+        instant_acme::Error::Timeout(Some(next)) => Some(
+            next.saturating_duration_since(tokio::time::Instant::now().into_std())
+                .as_secs(),
+        ),
+        _ => None,
+    };
+    Outcome::Failed {
+        error: format!("{what}: {}", chain(e)),
+        retry_after_secs,
     }
 }
 

@@ -164,13 +164,18 @@ async fn keep(app: AppName, acme: Acme, identity: Identity, status: Arc<Mutex<Ac
         {
             Ok(Outcome::Issued { chain_pem, key_pem }) => {
                 match check::check(&chain_pem, &key_pem, &acme.domains, now()) {
-                    Ok(v) => state::write_cert(&acme, &chain_pem, &key_pem).map(|()| v),
-                    Err(e) => Err(format!("the CA's certificate is refused: {e}")),
+                    Ok(v) => state::write_cert(&acme, &chain_pem, &key_pem)
+                        .map(|()| v)
+                        .map_err(|e| (e, None)),
+                    Err(e) => Err((format!("the CA's certificate is refused: {e}"), None)),
                 }
             }
-            Ok(Outcome::Failed { error }) => Err(error),
-            Ok(other) => Err(format!("unexpected answer to an order: {other:?}")),
-            Err(e) => Err(e),
+            Ok(Outcome::Failed {
+                error,
+                retry_after_secs,
+            }) => Err((error, retry_after_secs.map(Duration::from_secs))),
+            Ok(other) => Err((format!("unexpected answer to an order: {other:?}"), None)),
+            Err(e) => Err((e, None)),
         };
         match result {
             Ok(v) => {
@@ -182,9 +187,9 @@ async fn keep(app: AppName, acme: Acme, identity: Identity, status: Arc<Mutex<Ac
                     s.next_attempt = None;
                 });
             }
-            Err(e) => {
+            Err((e, retry_after)) => {
                 failures += 1;
-                let delay = schedule::backoff(failures, jitter(), None);
+                let delay = schedule::backoff(failures, jitter(), retry_after);
                 tracing::error!(app = %app, "acme: the order failed: {e}; next attempt in {} s (the certificate in service, if any, keeps serving)", delay.as_secs());
                 set(&status, |s| {
                     s.failures += 1;
