@@ -120,15 +120,15 @@ async fn keep(app: AppName, acme: Acme, identity: Identity, status: Arc<Mutex<Ac
                     Duration::from_secs(86_400),
                     "two thirds of its lifetime",
                 ),
-                Ok(other) => {
-                    tracing::warn!(app = %app, "acme: unexpected answer to a renewal check: {other:?}");
+                Ok(Outcome::Issued { .. }) => {
+                    tracing::warn!(app = %app, "acme: a certificate in answer to a renewal check: ignored");
                     (
                         schedule::two_thirds(v.not_before, v.not_after),
                         ARI_RETRY,
                         "two thirds of its lifetime",
                     )
                 }
-                Err(e) => {
+                Ok(Outcome::Failed { error: e, .. }) | Err(e) => {
                     tracing::warn!(app = %app, "acme: renewal information: {e}; renewing at two thirds of the lifetime");
                     (
                         schedule::two_thirds(v.not_before, v.not_after),
