@@ -2,8 +2,9 @@
 //! (the account's key and URL, and the directory it belongs to), `cert.pem` and `key.pem`
 //! (0600), each written to a temporary file and renamed (a crash leaves the old file or the
 //! new one, never half); `<app>.challenges/` (0700, the front's user) holds the challenge
-//! answers the ACME process writes and the fronts read. `acme_dir` itself is 0711: the fronts
-//! may pass through it to their challenge directory, not list it.
+//! answers the ACME process writes and the fronts read. `acme_dir` itself is made 0711 (an
+//! existing one keeps its mode, but must be searchable): the fronts may pass through it to
+//! their challenge directory, not list it.
 
 use std::fs::{self, OpenOptions, Permissions};
 use std::io::Write;
@@ -22,8 +23,24 @@ fn io(what: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
 /// their modes, whatever they were.
 pub fn prepare(acme: &Acme, uid: u32, gid: u32) -> Result<(), String> {
     let parent = acme.dir.parent().ok_or("acme_dir has no parent")?;
-    fs::create_dir_all(parent).map_err(io(parent))?;
-    fs::set_permissions(parent, Permissions::from_mode(0o711)).map_err(io(parent))?;
+    if !parent.is_dir() {
+        fs::create_dir_all(parent).map_err(io(parent))?;
+        fs::set_permissions(parent, Permissions::from_mode(0o711)).map_err(io(parent))?;
+    }
+    // An existing acme_dir keeps its mode (it may be a directory of the operator's), but the
+    // fronts must be able to pass through it to their challenge directory.
+    let mode = fs::metadata(parent)
+        .map_err(io(parent))?
+        .permissions()
+        .mode();
+    if mode & 0o001 == 0 {
+        return Err(format!(
+            "acme_dir {} (mode {:o}) is not searchable by the front's user: the fronts read \
+             their challenge answers below it (chmod o+x, or let corral create it)",
+            parent.display(),
+            mode & 0o777
+        ));
+    }
     for (d, mode) in [(&acme.dir, 0o700), (&acme.challenge_dir(), 0o700)] {
         if !d.is_dir() {
             fs::create_dir(d).map_err(io(d))?;
