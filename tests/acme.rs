@@ -171,6 +171,23 @@ fn tls_alpn_01_two_names_beside_a_file_certificate_and_a_restart_does_not_order_
             .unwrap(),
         mtime
     );
+
+    // A crash: the next agent adopts the fronts and takes the certificate's care up again,
+    // without an order.
+    let fronts = agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    agent.kill9();
+    agent.spawn();
+    assert_eq!(
+        agent.wait_ready("web.tls", 2, Duration::from_secs(30)),
+        fronts
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "the renewal scheduled again",
+        || acme_status(&agent)["renew_at"].as_i64(),
+    );
+    assert_eq!(pebble.issued(), 1);
+    assert_eq!(acme_status(&agent)["attempts"], 0);
 }
 
 /// A self-signed certificate for `name` as `<stem>.crt`/`<stem>.key` in `dir`.
