@@ -113,6 +113,31 @@ pub struct FrontStats {
     pub counters: std::collections::BTreeMap<String, u64>,
     /// /proc/net/tls_stat (empty without the kernel's tls module).
     pub kernel_tls_stat: std::collections::BTreeMap<String, u64>,
+    /// The ACME certificate's state, for a front with `acme`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeStatus>,
+}
+
+/// An ACME front's certificate: when it expires, when it is renewed, how the orders went.
+/// Times are unix seconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AcmeStatus {
+    pub domains: Vec<String>,
+    pub challenge: String,
+    pub directory: String,
+    /// The certificate in service; `None` before the first one.
+    pub not_after: Option<i64>,
+    pub renew_at: Option<i64>,
+    /// What set `renew_at`: "ARI window" or "two thirds of its lifetime".
+    pub renewal: String,
+    /// Orders started, and how many failed.
+    pub attempts: u64,
+    pub failures: u64,
+    /// The last failure (cleared by a success), and when it happened.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<i64>,
+    /// When the next order after a failure is due.
+    pub next_attempt: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -6,6 +6,7 @@
 //! the control socket; `metrics` renders the status for Prometheus (pure).
 #![deny(unsafe_code)]
 
+pub mod acme;
 pub mod config;
 pub mod control;
 pub mod front;

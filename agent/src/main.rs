@@ -129,6 +129,10 @@ enum Command {
     /// descriptors are corral::front::fds, its arguments corral::front::args::FrontArgs.
     #[command(hide = true)]
     Front(corral::front::args::FrontArgs),
+    /// The ACME client, started by the agent as a TLS front's user (never by hand): one
+    /// request (JSON) on stdin, one response (JSON) on stdout.
+    #[command(hide = true)]
+    Acme,
     /// The keeper, started by the agent (never by hand): holds the agent's workers' sockets,
     /// pidfds and output pipes, so a crashed agent's successor adopts them.
     #[command(hide = true)]
@@ -246,6 +250,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             corral::front::process::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Acme => {
+            corral::acme::client::run().map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keeper(args) => {
             corral::keeper::run(args).map_err(|e| anyhow::anyhow!("keeper: {e}"))?;
             Ok(ExitCode::SUCCESS)
@@ -325,6 +333,7 @@ mod tests {
                 max_headers: 100,
                 access_log: true,
             },
+            acme_challenges: Some("/var/lib/corral/acme/api.challenges".into()),
         };
         let argv = std::iter::once("corral".to_string()).chain(args.to_argv());
         match Cli::try_parse_from(argv).expect("parses").command {

@@ -256,6 +256,7 @@ pub fn render(apps: &[AppStatus], agent: &AgentInfo) -> String {
             }
         }
     }
+    acme(&mut out, apps);
     if let Some(stat) = apps
         .iter()
         .filter_map(|a| a.tls.as_ref())
@@ -273,6 +274,52 @@ pub fn render(apps: &[AppStatus], agent: &AgentInfo) -> String {
         }
     }
     out
+}
+
+/// ACME fronts: when each name's certificate expires (a unix timestamp, as blackbox_exporter's
+/// `probe_ssl_earliest_cert_expiry`: alert on `corral_tls_certificate_expiry_seconds - time()`),
+/// and the orders started and failed.
+fn acme(out: &mut String, apps: &[AppStatus]) {
+    let acme: Vec<(&str, &crate::control::AcmeStatus)> = apps
+        .iter()
+        .filter_map(|a| Some((a.name.as_str(), a.tls.as_ref()?.acme.as_ref()?)))
+        .collect();
+    if acme.is_empty() {
+        return;
+    }
+    let name = "corral_tls_certificate_expiry_seconds";
+    let mut f = Family::new(
+        out,
+        name,
+        "gauge",
+        "When the ACME certificate of each name expires (unix time).",
+    );
+    for (app, st) in &acme {
+        if let Some(t) = st.not_after {
+            for d in &st.domains {
+                f.sample(name, &[("app", app), ("name", d)], t);
+            }
+        }
+    }
+    type Get = fn(&crate::control::AcmeStatus) -> u64;
+    let counters: [(&str, &str, Get); 2] = [
+        (
+            "corral_tls_acme_renewal_attempts_total",
+            "Certificate orders started (first ones and renewals).",
+            |s| s.attempts,
+        ),
+        (
+            "corral_tls_acme_renewal_failures_total",
+            "Certificate orders that failed (the error is in corral status).",
+            |s| s.failures,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let mut f = Family::new(out, name, "counter", help);
+        for (app, st) in &acme {
+            f.sample(name, &[("app", app)], get(st));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -327,6 +374,13 @@ mod tests {
             .into_iter()
             .collect(),
             kernel_tls_stat: [("TlsTxSw".to_string(), 9)].into_iter().collect(),
+            acme: Some(crate::control::AcmeStatus {
+                domains: vec!["a.example".into(), "b.example".into()],
+                not_after: Some(1_900_000_000),
+                attempts: 3,
+                failures: 2,
+                ..Default::default()
+            }),
         });
         let agent = AgentInfo {
             pid: 42,
@@ -360,6 +414,9 @@ mod tests {
             "corral_tls_handshakes_ktls_total{app=\"web.tls\"} 3",
             "corral_tls_open_connections{app=\"web.tls\"} 1",
             "corral_kernel_tls{stat=\"TlsTxSw\"} 9",
+            "corral_tls_certificate_expiry_seconds{app=\"web.tls\",name=\"b.example\"} 1900000000",
+            "corral_tls_acme_renewal_attempts_total{app=\"web.tls\"} 3",
+            "corral_tls_acme_renewal_failures_total{app=\"web.tls\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

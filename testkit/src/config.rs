@@ -252,6 +252,7 @@ impl AgentTable {
                 .set("state_dir", dir.join("run"))
                 .set("control_socket", dir.join("run/control.sock"))
                 .set("bpf_pin_dir", dir.join("bpf"))
+                .set("acme_dir", dir.join("acme"))
                 .set("include", Value::Array(Vec::new())),
         )
     }

@@ -22,6 +22,7 @@ pub use corral_testkit::{
 };
 
 pub mod load;
+pub mod pebble;
 pub mod tls;
 
 pub use load::{answered_connections, OpenLoad};

@@ -15,6 +15,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod acme;
 mod bench;
 mod bench_adopt;
 mod bench_http;
@@ -32,6 +33,8 @@ tasks:
   test              everything CI runs: cargo fmt --check, clippy -D warnings, build, unit tests,
                     and the host integration tests (they start real agents: run as root),
                     then the VM tier (vm-test, all kernels; vm_container on bookworm)
+  acme-tools        fetch Debian trixie's pebble (the ACME test server tests/acme.rs runs, with
+                    pebble-challtestsrv) with apt into target/acme/pebble; `test` does it too
   demo              build release binaries and run `corral agent` on
                     packaging/examples/demo.toml in the foreground (root); then in another
                     terminal: curl http://127.0.0.1:8080/
@@ -116,6 +119,7 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo(),
+        ["acme-tools"] => acme::ensure_pebble().map(|tree| eprintln!("xtask: {}", tree.display())),
         ["vm-test", rest @ ..] => vm::vm_test(rest),
         ["bench", "restart", rest @ ..] => bench::restart(rest),
         ["bench", "adopt", rest @ ..] => bench_adopt::adopt(rest),
@@ -239,6 +243,8 @@ fn test(rest: &[&str]) -> Result<()> {
     package::build(None)?;
     // tests/kubernetes.rs validates packaging/kubernetes with it.
     kube::ensure_validator()?;
+    // tests/acme.rs runs Debian's pebble and pebble-challtestsrv from target/acme/pebble.
+    acme::ensure_pebble()?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     vm::vm_test(&[])?;
     // corral in a container: the budget from its cgroup limits, a read-only cgroup.

@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 use crate::{root, run};
 
 mod cpio;
-mod kernel;
+pub(crate) mod kernel;
 mod system;
 
 use cpio::Cpio;

@@ -135,6 +135,11 @@ pub fn run(path: &Path) -> Result<ExitCode> {
             app.identity.user, app.identity.group, app.identity.uid, app.identity.gid
         );
         println!("  workdir     {}", app.workdir.display());
+        if let corral::config::Role::TlsFront { tls, .. } = &app.role {
+            if let Some(acme) = &tls.acme {
+                acme_lines(acme, &mut problems);
+            }
+        }
         println!(
             "  listen      {} (backlog {}, one socket per worker, SO_REUSEPORT)",
             app.listen.address, app.listen.backlog
@@ -255,4 +260,41 @@ fn budget_under(
         eprintln!("corral: warning: {msg} (allowed by [agent] allow_overcommit = true)");
     }
     Ok(b)
+}
+
+/// An ACME front: what it will ask for, from whom, where it keeps it; its `directory_ca` must
+/// be a readable PEM of certificates.
+fn acme_lines(acme: &corral::config::Acme, problems: &mut Vec<String>) {
+    println!(
+        "  acme        {} by {} from {}",
+        acme.domains.join(", "),
+        acme.challenge.as_str(),
+        acme.directory
+    );
+    println!(
+        "  acme state  {} (root-only); challenge answers in {}",
+        acme.dir.display(),
+        acme.challenge_dir().display()
+    );
+    if let Some(ca) = &acme.directory_ca {
+        use rustls_pki_types::pem::PemObject;
+        let certs = std::fs::read(ca).map(|pem| {
+            rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .filter(|c| c.is_ok())
+                .count()
+        });
+        match certs {
+            Ok(n) if n > 0 => println!("  acme CA     {} ({n} certificates)", ca.display()),
+            Ok(_) => problems.push(format!(
+                "{}: acme.directory_ca {}: no CERTIFICATE in the PEM file",
+                acme.at,
+                ca.display()
+            )),
+            Err(e) => problems.push(format!(
+                "{}: acme.directory_ca {}: {e}",
+                acme.at,
+                ca.display()
+            )),
+        }
+    }
 }

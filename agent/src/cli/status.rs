@@ -90,6 +90,9 @@ pub fn render(apps: &[AppStatus]) -> String {
                     .collect();
                 let _ = writeln!(out, "  kernel /proc/net/tls_stat: {}", kv.join(", "));
             }
+            if let Some(a) = &t.acme {
+                acme_lines(&mut out, a);
+            }
         }
         let _ = writeln!(
             out,
@@ -133,4 +136,40 @@ pub fn render(apps: &[AppStatus]) -> String {
         }
     }
     out
+}
+
+/// An ACME front's certificate: names, expiry, next renewal, the last failure.
+fn acme_lines(out: &mut String, a: &corral::control::AcmeStatus) {
+    use std::fmt::Write;
+    let at = |t: Option<i64>| match t {
+        Some(t) => format!("{t} (unix)"),
+        None => "-".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "  acme: {} by {} from {}; expires {}; renewal at {} ({}); orders {}, failed {}",
+        a.domains.join(", "),
+        a.challenge,
+        a.directory,
+        match a.not_after {
+            Some(_) => at(a.not_after),
+            None => "- (no certificate yet)".to_string(),
+        },
+        at(a.renew_at),
+        if a.renewal.is_empty() {
+            "-"
+        } else {
+            &a.renewal
+        },
+        a.attempts,
+        a.failures,
+    );
+    if let Some(e) = &a.last_error {
+        let _ = writeln!(
+            out,
+            "  acme: last failure at {}: {e}; next attempt at {}",
+            at(a.last_error_at),
+            at(a.next_attempt)
+        );
+    }
 }

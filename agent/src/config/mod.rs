@@ -12,7 +12,7 @@ mod types;
 mod tests;
 
 pub use error::ConfigError;
-pub use load::{load, load_str};
+pub use load::{load, load_str, LETS_ENCRYPT};
 pub use types::*;
 
 /// What validation needs to know about the machine.

@@ -41,6 +41,7 @@ pub struct IncludedFile {
 pub struct RawAgent {
     pub include: Option<StrList>,
     pub state_dir: Option<Str>,
+    pub acme_dir: Option<Str>,
     pub bpf_pin_dir: Option<Str>,
     pub control_socket: Option<Str>,
     pub metrics: Option<Str>,
@@ -113,6 +114,7 @@ pub struct RawTls {
     pub cert: Option<Str>,
     pub key: Option<Str>,
     pub sni: Option<Vec<Spanned<RawCertPair>>>,
+    pub acme: Option<Spanned<RawAcme>>,
     pub ktls: Option<Str>,
     pub redirect_http: Option<Str>,
     pub user: Option<Str>,
@@ -129,6 +131,16 @@ pub struct RawTls {
     pub max_header_size: Option<Spanned<RawSize>>,
     pub max_headers: Option<Spanned<i64>>,
     pub access_log: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub domains: Option<StrList>,
+    pub email: Option<Str>,
+    pub directory: Option<Str>,
+    pub directory_ca: Option<Str>,
+    pub challenge: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -211,11 +211,12 @@ pub struct Tls {
     pub address: SocketAddr,
     pub address_at: Location,
     /// The default certificate chain and key: for clients without SNI or with a name no other
-    /// certificate has.
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// certificate has. `None` only with `acme` (whose certificate is then the default).
+    pub cert: Option<CertPair>,
     /// More certificates, chosen by SNI among the DNS names each one is valid for.
     pub sni: Vec<CertPair>,
+    /// Certificates obtained and renewed from an ACME CA (`acme = { ... }`).
+    pub acme: Option<Acme>,
     pub ktls: KtlsMode,
     pub redirect_http: Option<SocketAddr>,
     /// Who the front processes run as (never the app's workers' user by default: the key must
@@ -235,6 +236,63 @@ pub struct Tls {
     pub http: HttpArgs,
 }
 
+/// The ACME challenge a front answers (DNS-01 is out of scope: it needs a DNS provider's API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AcmeChallenge {
+    /// On the TLS address itself (RFC 8737): no other port.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// On the `redirect_http` listener, under `/.well-known/acme-challenge/`.
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+impl AcmeChallenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+            AcmeChallenge::Http01 => "http-01",
+        }
+    }
+}
+
+/// `[app.NAME.tls] acme = { ... }`: one certificate for `domains`, obtained and renewed by the
+/// agent (through an unprivileged `corral acme` process) and served by the front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acme {
+    /// Lower-case DNS names, no wildcard, no duplicate; the first is the certificate's subject.
+    pub domains: Vec<String>,
+    pub email: Option<String>,
+    /// The CA's directory URL (https).
+    pub directory: String,
+    /// A PEM file of roots that the CA's own TLS certificate must chain to, instead of the
+    /// system's.
+    pub directory_ca: Option<PathBuf>,
+    pub challenge: AcmeChallenge,
+    /// Where `acme` is written.
+    pub at: Location,
+    /// The account and certificate of this front: `[agent] acme_dir` / the app's name.
+    pub dir: PathBuf,
+}
+
+impl Acme {
+    /// Where the obtained certificate chain and its key are kept.
+    pub fn cert_pair(&self) -> CertPair {
+        CertPair {
+            cert: self.dir.join("cert.pem"),
+            key: self.dir.join("key.pem"),
+        }
+    }
+
+    /// Where the fronts read challenge answers (written by the `corral acme` process, both as
+    /// the front's user): beside `dir`, which is root's alone.
+    pub fn challenge_dir(&self) -> PathBuf {
+        let mut name = self.dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".challenges");
+        self.dir.with_file_name(name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertPair {
     pub cert: PathBuf,
@@ -242,12 +300,10 @@ pub struct CertPair {
 }
 
 impl Tls {
-    /// Every certificate and key, the default first.
+    /// Every certificate and key from files, the default first (the ACME certificate, which
+    /// may not exist yet, is `acme.cert_pair()`).
     pub fn cert_pairs(&self) -> Vec<CertPair> {
-        let mut v = vec![CertPair {
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-        }];
+        let mut v: Vec<CertPair> = self.cert.iter().cloned().collect();
         v.extend(self.sni.iter().cloned());
         v
     }
@@ -297,6 +353,9 @@ pub enum CgroupRoot {
 pub struct Agent {
     pub include: Vec<String>,
     pub state_dir: PathBuf,
+    /// ACME accounts and certificates (root-only), one directory per front: kept across
+    /// reboots, unlike `state_dir`'s default.
+    pub acme_dir: PathBuf,
     pub bpf_pin_dir: PathBuf,
     pub control_socket: PathBuf,
     /// The Prometheus endpoint (`GET /metrics`), and where it is written.

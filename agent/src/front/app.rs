@@ -32,6 +32,7 @@ pub fn front_app(app: &App, tls: &Tls) -> App {
         proxy_protocol_v2: tls.proxy_protocol,
         proxy: tls.proxy,
         http: tls.http.clone(),
+        acme_challenges: tls.acme.as_ref().map(|a| a.challenge_dir()),
     };
     let command = std::iter::once(SELF_EXE.to_string())
         .chain(args.to_argv())

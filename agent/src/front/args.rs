@@ -129,6 +129,10 @@ pub struct FrontArgs {
     /// Start each upstream connection with a PROXY protocol v2 header.
     #[arg(long)]
     pub proxy_protocol_v2: bool,
+    /// Answer ACME challenges (TLS-ALPN-01, and HTTP-01 on the redirect listener) from the
+    /// answers the `corral acme` process writes into this directory.
+    #[arg(long)]
+    pub acme_challenges: Option<std::path::PathBuf>,
 }
 
 fn millis(s: &str) -> Result<Duration, String> {
@@ -165,6 +169,10 @@ impl FrontArgs {
         }
         if self.proxy_protocol_v2 {
             argv.push("--proxy-protocol-v2".to_string());
+        }
+        if let Some(dir) = &self.acme_challenges {
+            argv.push("--acme-challenges".to_string());
+            argv.push(dir.display().to_string());
         }
         argv
     }
@@ -213,10 +221,12 @@ mod tests {
             max_handshakes: 1024,
             redirect_to_port: None,
             proxy_protocol_v2: false,
+            acme_challenges: None,
         };
         assert_eq!(round_trip(&a), a);
         a.redirect_to_port = Some(8443);
         a.proxy_protocol_v2 = true;
+        a.acme_challenges = Some("/var/lib/corral/acme/api.challenges".into());
         a.proxy = ProxyMode::Tcp;
         a.http.trusted_proxies.clear();
         a.http.access_log = false;

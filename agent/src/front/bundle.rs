@@ -79,7 +79,7 @@ impl Bundle {
         let mut rest = bytes
             .strip_prefix(MAGIC)
             .ok_or("not a corral certificate bundle")?;
-        let mut take = || -> Result<Vec<u8>, String> {
+        fn take(rest: &mut &[u8]) -> Result<Vec<u8>, String> {
             let (len, tail) = rest
                 .split_first_chunk::<4>()
                 .ok_or("truncated certificate bundle")?;
@@ -88,18 +88,16 @@ impl Bundle {
                 return Err("truncated certificate bundle".into());
             }
             let (part, tail) = tail.split_at(len);
-            rest = tail;
+            *rest = tail;
             Ok(part.to_vec())
-        };
+        }
         let mut entries = Vec::new();
-        loop {
-            let label = match take() {
-                Ok(l) => String::from_utf8_lossy(&l).into_owned(),
-                Err(_) if entries.is_empty() => return Err("empty certificate bundle".into()),
-                Err(_) => break,
-            };
-            let cert_pem = take()?;
-            let key_pem = Zeroizing::new(take()?);
+        // Empty only for an ACME front before its first certificate (handshakes other than
+        // the CA's TLS-ALPN-01 validation fail until it arrives).
+        while !rest.is_empty() {
+            let label = String::from_utf8_lossy(&take(&mut rest)?).into_owned();
+            let cert_pem = take(&mut rest)?;
+            let key_pem = Zeroizing::new(take(&mut rest)?);
             entries.push(Entry {
                 label,
                 cert_pem,
@@ -154,13 +152,10 @@ impl Bundle {
     }
 
     /// The certificate resolver: SNI name (exact, then `*.` wildcard) to certificate, the first
-    /// certificate for everything else.
+    /// certificate for everything else (none in an empty bundle).
     pub fn resolver(&self) -> Result<Arc<SniResolver>, String> {
         let keys = self.keys()?;
-        let default = keys
-            .first()
-            .map(|(k, _)| k.clone())
-            .ok_or("no certificate")?;
+        let default = keys.first().map(|(k, _)| k.clone());
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         for (key, names) in &keys {
@@ -182,23 +177,23 @@ impl Bundle {
 
 #[derive(Debug)]
 pub struct SniResolver {
-    default: Arc<CertifiedKey>,
+    default: Option<Arc<CertifiedKey>>,
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// `*.example.com` as `example.com`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
 }
 
 impl SniResolver {
-    pub fn pick(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
+    pub fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let Some(name) = server_name.map(|n| n.to_ascii_lowercase()) else {
             return self.default.clone();
         };
         if let Some(k) = self.exact.get(&name) {
-            return k.clone();
+            return Some(k.clone());
         }
         if let Some((_, parent)) = name.split_once('.') {
             if let Some(k) = self.wildcard.get(parent) {
-                return k.clone();
+                return Some(k.clone());
             }
         }
         self.default.clone()
@@ -207,6 +202,6 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.pick(hello.server_name()))
+        self.pick(hello.server_name())
     }
 }

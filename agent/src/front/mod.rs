@@ -5,10 +5,11 @@
 //! the handshake and kTLS, `relay`: the bytes both ways, `proxy`: the PROXY header, `redirect`;
 //! with `proxy = "http"`, `http`: hyper to the client and to the workers, `forwarded`: the
 //! client's address and scheme in headers),
-//! and the counters it keeps (`stats`). `app` and `args` are pure, like `config`, which uses
+//! and the counters it keeps (`stats`); `acme`: the answers to an ACME CA's challenges. `app` and `args` are pure, like `config`, which uses
 //! them; the `[app.NAME.tls]` table itself is read by `config::load` like every other table, and
 //! the supervisor's event handling for fronts (certificate changes) is in `supervisor/front.rs`.
 
+pub mod acme;
 pub mod app;
 pub mod args;
 pub mod bundle;

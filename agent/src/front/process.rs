@@ -152,6 +152,10 @@ pub fn run(args: FrontArgs) -> Result<(), StartError> {
             }
         },
     };
+    let acme = args
+        .acme_challenges
+        .clone()
+        .map(super::acme::Challenges::new);
     let config = match (&ktls, args.ktls) {
         (Ktls::Unavailable(why), KtlsMode::Require) => {
             return Err(StartError::KtlsRequired(why.clone()))
@@ -161,10 +165,12 @@ pub fn run(args: FrontArgs) -> Result<(), StartError> {
                 "corral front: kernel TLS unavailable ({why}); every connection uses userspace \
                  rustls"
             );
-            server_config(&bundle, None, http)
+            server_config(&bundle, None, http, acme.as_ref())
         }
-        (Ktls::Available(both), KtlsMode::Require) => server_config(&bundle, Some(both), http),
-        _ => server_config(&bundle, None, http),
+        (Ktls::Available(both), KtlsMode::Require) => {
+            server_config(&bundle, Some(both), http, acme.as_ref())
+        }
+        _ => server_config(&bundle, None, http, acme.as_ref()),
     }
     .map_err(StartError::Config)?;
     drop(bundle);
@@ -203,7 +209,14 @@ async fn serve(
                 .map_err(io_err("the redirect_http listener"))?;
             let l = TcpListener::from_std(l).map_err(io_err("the redirect_http listener"))?;
             let counters = counters.clone();
-            Some(tokio::spawn(serve_redirects(l, port, counters)))
+            Some(tokio::spawn(serve_redirects(
+                l,
+                port,
+                counters,
+                args.acme_challenges
+                    .clone()
+                    .map(|d| Arc::new(super::acme::Challenges::new(d))),
+            )))
         }
         _ => None,
     };
@@ -320,6 +333,10 @@ async fn connection(
         };
         drop(permit);
         counters.one(Stat::HandshakesUserspace);
+        if tls.get_ref().1.alpn_protocol() == Some(super::acme::ACME_TLS_ALPN) {
+            // A CA's TLS-ALPN-01 validation: the handshake was the answer.
+            return;
+        }
         let (args, counters) = (passed.args.clone(), passed.counters.clone());
         super::http::serve(tls, peer, args, counters, passed.stop).await;
         return;
@@ -341,6 +358,10 @@ async fn connection(
             }
         };
     drop(permit);
+    if conn.alpn_protocol() == Some(super::acme::ACME_TLS_ALPN) {
+        // A CA's TLS-ALPN-01 validation: the handshake was the answer.
+        return;
+    }
     let upstream =
         match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(args.upstream))
             .await
@@ -393,17 +414,33 @@ async fn connection(
 
 /// `redirect_http`: answer each plain HTTP request with a 308 to https (or a 400 saying why
 /// not). One request per connection; a client that sends nothing for 5 s is dropped.
-async fn serve_redirects(listener: TcpListener, https_port: u16, counters: Arc<Counters>) {
+/// With `acme`, `/.well-known/acme-challenge/` requests get their HTTP-01 answer instead.
+async fn serve_redirects(
+    listener: TcpListener,
+    https_port: u16,
+    counters: Arc<Counters>,
+    acme: Option<Arc<super::acme::Challenges>>,
+) {
     loop {
         let Ok((sock, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        tokio::spawn(redirect_one(sock, https_port, counters.clone()));
+        tokio::spawn(redirect_one(
+            sock,
+            https_port,
+            counters.clone(),
+            acme.clone(),
+        ));
     }
 }
 
-async fn redirect_one(mut sock: TcpStream, https_port: u16, counters: Arc<Counters>) {
+async fn redirect_one(
+    mut sock: TcpStream,
+    https_port: u16,
+    counters: Arc<Counters>,
+    acme: Option<Arc<super::acme::Challenges>>,
+) {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     let read = tokio::time::timeout(Duration::from_secs(5), async {
@@ -423,7 +460,9 @@ async fn redirect_one(mut sock: TcpStream, https_port: u16, counters: Arc<Counte
     })
     .await;
     let response = match read {
-        Ok(Ok(end)) => super::redirect::response(&head[..end], https_port),
+        Ok(Ok(end)) => acme
+            .and_then(|c| super::acme::http01_response(&c, &head[..end]))
+            .unwrap_or_else(|| super::redirect::response(&head[..end], https_port)),
         Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
             "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\
              Connection: close\r\n\r\n"

@@ -56,12 +56,21 @@ pub(super) fn version_of(v: ProtocolVersion) -> Option<Version> {
 /// `only`: offer just these (ktls = "require": every connection must be one the kernel takes).
 /// `http`: the HTTP proxy, which offers HTTP/2 too; the byte path offers HTTP/1.1 alone (the
 /// workers speak it).
+/// `acme`: answer TLS-ALPN-01 validations from this challenge directory.
 pub(super) fn server_config(
     bundle: &Bundle,
     only: Option<&HashSet<(Version, Cipher)>>,
     http: bool,
+    acme: Option<&super::acme::Challenges>,
 ) -> Result<Arc<ServerConfig>, String> {
-    let resolver = bundle.resolver()?;
+    let certs = bundle.resolver()?;
+    let resolver: Arc<dyn rustls::server::ResolvesServerCert> = match acme {
+        Some(c) => Arc::new(super::acme::AcmeResolver {
+            certs,
+            challenges: c.clone(),
+        }),
+        None => certs,
+    };
     let mut provider = rustls::crypto::ring::default_provider();
     if let Some(only) = only {
         provider.cipher_suites.retain(|s| {
@@ -84,6 +93,10 @@ pub(super) fn server_config(
     } else {
         vec![b"http/1.1".to_vec()]
     };
+    if acme.is_some() {
+        // Last: a client offering it with anything else never gets it (RFC 8737 3).
+        cfg.alpn_protocols.push(super::acme::ACME_TLS_ALPN.to_vec());
+    }
     // For kTLS: the traffic secrets leave rustls once the handshake is done.
     cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))

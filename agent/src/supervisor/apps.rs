@@ -24,6 +24,10 @@ pub(super) fn launch_for(cfg: &App, argv: &[String]) -> Result<Launch, String> {
     let mut launch = Launch::for_app(cfg, argv)
         .map_err(|e| format!("{}: app {}: {e}", cfg.command_at, cfg.name))?;
     if let config::Role::TlsFront { tls, .. } = &cfg.role {
+        if let Some(acme) = &tls.acme {
+            crate::acme::state::prepare(acme, tls.identity.uid, tls.identity.gid)
+                .map_err(|e| format!("{}: app {}: acme: {e}", acme.at, cfg.name))?;
+        }
         launch.bundle = Some(crate::front::seal::seal(cfg.name.as_str(), tls)?);
         if let Some(r) = tls.redirect_http {
             // SO_REUSEPORT, so a rolling replacement's new fronts can bind beside the old ones.

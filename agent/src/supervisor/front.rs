@@ -21,6 +21,8 @@ pub(super) struct FrontRt {
     pub totals: stats::Totals,
     /// The watch of its certificate files' directories.
     pub cert_watch: Option<AbortOnDrop>,
+    /// The task keeping its ACME certificate current.
+    pub acme: Option<super::acme::AcmeRt>,
 }
 
 /// Whether a running front's certificates differ from what is on disk now (an unreadable or
@@ -37,15 +39,27 @@ pub(super) fn bundle_changed(rt: &AppRt, cfg: &App) -> Result<bool, String> {
 impl Supervisor {
     /// (Re)start the watch of a TLS front's certificate directories, for its current config.
     pub(super) fn watch_certs(&mut self, name: &AppName) {
+        if let Some(cfg) = self.apps.get(name).map(|a| a.cfg.clone()) {
+            self.watch_certs_of(name, &cfg);
+        }
+    }
+
+    /// The same for `cfg`, the config a replacement of the app is starting with (the app's
+    /// own is still the old one until the rollout ends).
+    pub(super) fn watch_certs_of(&mut self, name: &AppName, cfg: &App) {
         let tx = self.tx.clone();
         let Some(app) = self.apps.get_mut(name) else {
             return;
         };
         app.front.cert_watch = None;
-        let tls = match &app.cfg.role {
+        let tls = match &cfg.role {
             config::Role::TlsFront { tls, .. } => tls,
             config::Role::Workers => return,
         };
+        app.front.acme = tls
+            .acme
+            .as_ref()
+            .map(|a| super::acme::start(name, a, &tls.identity));
         match crate::sys::inotify::Watch::dirs(&seal::cert_dirs(tls)) {
             Ok(watch) => {
                 let app_name = name.clone();

@@ -10,6 +10,7 @@
 //! certificates and counters), `handoff` (`corral reexec`), and the helpers each of those uses:
 //! `launch`, `ready`, `prestart`, `output`, `steering`, `cgroups`, `budget`, `metrics`.
 
+mod acme;
 mod adopt;
 mod apps;
 pub mod budget;

@@ -94,6 +94,7 @@ impl Supervisor {
                 }
                 Change::Replace(cfg, p) => {
                     summary.push(format!("replacing {name}"));
+                    let watched = cfg.clone();
                     let rollout = Rollout {
                         cfg,
                         launch: p.launch,
@@ -101,7 +102,7 @@ impl Supervisor {
                         steering: p.steering,
                     };
                     self.begin_prestart(&name, Some(Box::new(rollout)));
-                    self.watch_certs(&name);
+                    self.watch_certs_of(&name, &watched);
                 }
                 Change::Remove => {
                     summary.push(format!("removed {name}"));

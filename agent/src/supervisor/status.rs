@@ -140,6 +140,11 @@ pub(super) fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
                 .map(|(n, v)| (n.to_string(), v))
                 .collect(),
             kernel_tls_stat: machine::tls_stat(),
+            acme: app
+                .front
+                .acme
+                .as_ref()
+                .and_then(|a| a.status.lock().ok().map(|s| s.clone())),
         }
     });
     AppStatus {

@@ -204,6 +204,12 @@ fn deb_field(deb: &Path, field: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// `apt-get download PACKAGE` of trixie into `dir`, through the private apt configuration
+/// under `vm_dir/apt-trixie` (fresh package lists each time: only called on a cache miss).
+pub fn download_trixie(vm_dir: &Path, dir: &Path, package: &str) -> Result<()> {
+    Apt::private(vm_dir, "trixie")?.download(dir, package)
+}
+
 /// Download `linux-image-amd64` of `release`, read which image package it depends on,
 /// download that into `cache`; returns its path.
 fn download(release: Release, vm_dir: &Path, cache: &Path) -> Result<PathBuf> {

@@ -14,6 +14,8 @@ use crate::config::{Agent, CgroupRoot, ConfigError};
 /// Included files when `[agent] include` is not written; relative to the main file's directory.
 const DEFAULT_INCLUDE: &str = "apps.d/*.toml";
 const DEFAULT_STATE_DIR: &str = "/run/corral";
+/// Not under /run: a certificate must survive a reboot (a CA's rate limits count re-orders).
+const DEFAULT_ACME_DIR: &str = "/var/lib/corral/acme";
 const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/corral";
 
 /// `[agent]` (or its defaults when the file has none), and the include patterns.
@@ -43,6 +45,10 @@ pub(super) fn convert_agent(
         Some(v) => t.absolute_path("state_dir", v)?,
         None => PathBuf::from(DEFAULT_STATE_DIR),
     };
+    let acme_dir = match &raw.acme_dir {
+        Some(v) => t.absolute_path("acme_dir", v)?,
+        None => PathBuf::from(DEFAULT_ACME_DIR),
+    };
     let bpf_pin_dir = match &raw.bpf_pin_dir {
         Some(v) => t.absolute_path("bpf_pin_dir", v)?,
         None => PathBuf::from(DEFAULT_BPF_PIN_DIR),
@@ -66,6 +72,7 @@ pub(super) fn convert_agent(
     let agent = Agent {
         include: include.iter().map(|p| p.pattern.clone()).collect(),
         state_dir,
+        acme_dir,
         bpf_pin_dir,
         control_socket,
         metrics,

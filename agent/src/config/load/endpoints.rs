@@ -105,6 +105,15 @@ impl<'l> AppSet<'l> {
         }
     }
 
+    /// Where each ACME front keeps its state: `[agent] acme_dir` / the app's name.
+    pub(super) fn set_acme_dir(&mut self, acme_dir: &std::path::Path) {
+        for (name, app) in self.apps.iter_mut() {
+            if let Some(acme) = app.tls.as_mut().and_then(|t| t.acme.as_mut()) {
+                acme.dir = acme_dir.join(name.as_str());
+            }
+        }
+    }
+
     /// Converts the `[app.NAME]` tables of one file.
     pub(super) fn add(&mut self, src: &Source<'_>, apps: Apps) -> Result<(), ConfigError> {
         // Report problems in the order they appear in the file, not by name.

@@ -10,6 +10,7 @@
 //! limits, readiness) and `tls`, `concurrency` (what `steering = "auto"` reads of the command). The app a TLS front
 //! becomes is `crate::front::app`'s.
 
+mod acme;
 mod agent;
 mod app;
 mod concurrency;
@@ -35,6 +36,8 @@ use super::{Config, ConfigError, Lookup};
 
 #[cfg(test)]
 pub(super) use values::{parse_duration, parse_size};
+
+pub use acme::LETS_ENCRYPT;
 
 /// Reads and validates the main config file at `path` and every file it includes.
 pub fn load(path: &Path, lookup: &dyn Lookup) -> Result<Config, ConfigError> {
@@ -64,6 +67,7 @@ pub fn load_str(path: &Path, text: &str, lookup: &dyn Lookup) -> Result<Config, 
         files.push(included);
     }
 
+    apps.set_acme_dir(&agent.acme_dir);
     Ok(Config {
         files,
         agent,

@@ -42,8 +42,30 @@ pub(super) fn tls(
     let address_v = tt.required("address", raw.address)?;
     // The front processes' SO_REUSEPORT group: the app's alone, like a worker socket.
     let (address, address_at) = endpoints.claim(&tt, "address", &address_v, true)?;
-    let cert = tt.path("cert", &tt.required("cert", raw.cert)?)?;
-    let key = tt.path("key", &tt.required("key", raw.key)?)?;
+    let redirect_http = match &raw.redirect_http {
+        Some(v) => Some(endpoints.claim(&tt, "redirect_http", v, false)?.0),
+        None => None,
+    };
+    let acme = match raw.acme {
+        Some(a) => Some(super::acme::acme(&tt, a, redirect_http.is_some())?),
+        None => None,
+    };
+    // With `acme`, `cert`/`key` are optional: names from files and names by ACME may share a
+    // front (the file's certificate is then the default, the ACME one chosen by SNI).
+    let cert = match (raw.cert, raw.key, &acme) {
+        (Some(c), Some(k), _) => Some(CertPair {
+            cert: tt.path("cert", &c)?,
+            key: tt.path("key", &k)?,
+        }),
+        (None, None, Some(_)) => None,
+        (Some(_), None, _) => return Err(tt.missing("key")),
+        (None, Some(_), _) => return Err(tt.missing("cert")),
+        (None, None, None) => {
+            return Err(tt
+                .missing("cert")
+                .with_hint("give `cert` and `key` files, or `acme = { domains = [...] }`"))
+        }
+    };
     let sni = raw
         .sni
         .unwrap_or_default()
@@ -156,16 +178,12 @@ pub(super) fn tls(
             }
         }
     }
-    let redirect_http = match &raw.redirect_http {
-        Some(v) => Some(endpoints.claim(&tt, "redirect_http", v, false)?.0),
-        None => None,
-    };
     Ok(Tls {
         address,
         address_at,
         cert,
-        key,
         sni,
+        acme,
         ktls,
         redirect_http,
         identity,

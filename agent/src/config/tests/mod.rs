@@ -12,6 +12,7 @@ use super::load::{parse_duration, parse_size};
 use super::*;
 use crate::front::app::front_app;
 
+mod acme;
 mod limits;
 
 /// A machine with the users root, api and nobody and the groups root, api and nogroup.
@@ -267,9 +268,12 @@ fn full_config_round_trips() {
         tls: Some(Tls {
             address: addr("0.0.0.0:443"),
             address_at: loc(MAIN, 48, 11),
-            cert: PathBuf::from("/etc/corral/tls/api.crt"),
-            key: PathBuf::from("/nonexistent-corral-test/tls/api.key"),
+            cert: Some(CertPair {
+                cert: PathBuf::from("/etc/corral/tls/api.crt"),
+                key: PathBuf::from("/nonexistent-corral-test/tls/api.key"),
+            }),
             sni: vec![],
+            acme: None,
             ktls: KtlsMode::Require,
             redirect_http: Some(addr("0.0.0.0:80")),
             identity: Identity {
@@ -362,6 +366,7 @@ fn full_config_round_trips() {
         agent: Agent {
             include: vec![],
             state_dir: PathBuf::from("/var/lib/corral"),
+            acme_dir: PathBuf::from("/var/lib/corral/acme"),
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/corral-test"),
             control_socket: PathBuf::from("/var/lib/corral/control.sock"),
             metrics: Some(addr("127.0.0.1:9464")),
@@ -391,6 +396,7 @@ fn missing_agent_table_means_defaults() {
         Agent {
             include: vec!["apps.d/*.toml".into()],
             state_dir: PathBuf::from("/run/corral"),
+            acme_dir: PathBuf::from("/var/lib/corral/acme"),
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/corral"),
             control_socket: PathBuf::from("/run/corral/control.sock"),
             metrics: None,

@@ -1,0 +1,601 @@
+//! ACME against a real CA on loopback (root): Debian's pebble (2.6, with ARI) and
+//! pebble-challtestsrv, which `cargo xtask test` (or `cargo xtask acme-tools`) unpacks under
+//! target/acme/pebble. challtestsrv's DNS answers every name with 127.0.0.1, and pebble
+//! validates on the front's TLS port (TLS-ALPN-01) or its redirect_http port (HTTP-01). Each
+//! test starts its own pebble on free ports; the guards stop it even when the test fails.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use corral_tests::pebble::{pebble_tls_cert, wait_listening, Pebble};
+use corral_tests::*;
+
+/// The acme table for the test's pebble.
+fn acme(p: &Pebble, domains: &[&str], challenge: &str) -> Table {
+    Table::new()
+        .set(
+            "domains",
+            Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
+        )
+        .set("email", "ops@example.com")
+        .set("directory", p.directory.as_str())
+        .set("directory_ca", p.dir.join("pebble.crt"))
+        .set("challenge", challenge)
+}
+
+/// curl over https to `name` (resolved to the front) trusting only `root`; the body or why not.
+fn curl(tls: SocketAddr, name: &str, root: &Path) -> Result<String, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
+        .arg(root)
+        .arg("--resolve")
+        .arg(format!("{name}:{}:127.0.0.1", tls.port()))
+        .arg(format!("https://{name}:{}/", tls.port()))
+        .output()
+        .expect("curl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The subject and SAN of the certificate the front sends for SNI `name`.
+fn served_cert(tls: SocketAddr, name: &str) -> String {
+    let mut s = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &tls.to_string(),
+            "-servername",
+            name,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl");
+    let mut pem = Vec::new();
+    std::io::Read::read_to_end(s.stdout.as_mut().expect("stdout"), &mut pem).expect("read");
+    let _ = s.wait();
+    let mut x = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-subject",
+            "-issuer",
+            "-serial",
+            "-ext",
+            "subjectAltName",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl x509");
+    std::io::Write::write_all(x.stdin.as_mut().expect("stdin"), &pem).expect("write");
+    let out = x.wait_with_output().expect("x509");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The front app's ACME status (JSON).
+fn acme_status(agent: &Agent) -> serde_json::Value {
+    agent.app_json("web.tls")["tls"]["acme"].clone()
+}
+
+fn wait_served(tls: SocketAddr, name: &str, root: &Path) {
+    wait_for(
+        Duration::from_secs(120),
+        &format!("https://{name} with pebble's certificate"),
+        || curl(tls, name, root).ok(),
+    );
+}
+
+#[test]
+fn tls_alpn_01_two_names_beside_a_file_certificate_and_a_restart_does_not_order_again() {
+    require_root();
+    let dir = TempDir::new("acme-alpn-ca");
+    let (app_port, tls_port) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30, &[]);
+    let app = demo_app("web", loopback(app_port), 2)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 2)
+        .tls("cert", "@DIR@/c.crt")
+        .tls("key", "@DIR@/c.key")
+        .tls("acme", acme(&pebble, &["a.test", "b.test"], "tls-alpn-01"));
+    let mut agent = Agent::start_with("acme-alpn", app, |d| {
+        tls_file_cert(d.path(), "c", "c.test");
+    });
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root = pebble.issuing_root();
+    let tls = loopback(tls_port);
+    wait_served(tls, "a.test", &root);
+    assert!(curl(tls, "b.test", &root).is_ok());
+    let a = served_cert(tls, "a.test");
+    assert!(a.contains("DNS:a.test") && a.contains("DNS:b.test"), "{a}");
+    assert!(a.contains("Pebble Intermediate"), "{a}");
+    assert_eq!(served_cert(tls, "b.test"), a);
+    // The file's certificate keeps its name, and stays the default.
+    let c = served_cert(tls, "c.test");
+    assert!(c.contains("DNS:c.test") && !c.contains("Pebble"), "{c}");
+    assert!(curl(tls, "c.test", &root).is_err());
+    let st = acme_status(&agent);
+    assert_eq!(st["failures"], 0, "{st}");
+    assert!(st["not_after"].as_i64().is_some(), "{st}");
+    // The state: root-only, atomically replaced files.
+    let state = agent.dir.path().join("acme/web");
+    for f in ["account.json", "cert.pem", "key.pem"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(state.join(f))
+                .expect("state file")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    let issued = pebble.issued();
+    assert_eq!(
+        issued,
+        1,
+        "{}",
+        std::fs::read_to_string(&pebble.log).unwrap_or_default()
+    );
+    let mtime = std::fs::metadata(state.join("cert.pem"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    agent.stop(Duration::from_secs(30));
+    agent.spawn();
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    assert_eq!(
+        served_cert(tls, "a.test"),
+        a,
+        "the stored certificate is served at once"
+    );
+    // The task has looked at the stored certificate and scheduled its renewal, not ordered.
+    wait_for(Duration::from_secs(60), "the renewal scheduled", || {
+        acme_status(&agent)["renew_at"].as_i64()
+    });
+    assert_eq!(pebble.issued(), 1);
+    let st = acme_status(&agent);
+    assert_eq!(st["attempts"], 0, "{st}");
+    // pebble 2.6 offers ARI: the renewal is at its window, before the certificate's end.
+    assert_eq!(st["renewal"], "ARI window", "{st}");
+    assert!(st["renew_at"].as_i64() < st["not_after"].as_i64(), "{st}");
+    assert_eq!(
+        std::fs::metadata(state.join("cert.pem"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
+
+    // A crash: the next agent adopts the fronts and takes the certificate's care up again,
+    // without an order.
+    let fronts = agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    agent.kill9();
+    agent.spawn();
+    assert_eq!(
+        agent.wait_ready("web.tls", 2, Duration::from_secs(30)),
+        fronts
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "the renewal scheduled again",
+        || acme_status(&agent)["renew_at"].as_i64(),
+    );
+    assert_eq!(pebble.issued(), 1);
+    assert_eq!(acme_status(&agent)["attempts"], 0);
+}
+
+/// A self-signed certificate for `name` as `<stem>.crt`/`<stem>.key` in `dir`.
+fn tls_file_cert(dir: &Path, stem: &str, name: &str) {
+    let (cert, key) = tls::self_signed(&[name]);
+    std::fs::write(dir.join(format!("{stem}.crt")), cert).expect("write");
+    std::fs::write(dir.join(format!("{stem}.key")), key).expect("write");
+}
+
+#[test]
+fn http_01_on_the_redirect_listener() {
+    require_root();
+    let dir = TempDir::new("acme-http-ca");
+    let (app_port, tls_port, http_port) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, http_port, 3600 * 24 * 30, &[]);
+    let app = demo_app("web", loopback(app_port), 2)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 2)
+        .tls("redirect_http", loopback(http_port))
+        .tls("acme", acme(&pebble, &["a.test", "b.test"], "http-01"));
+    let agent = Agent::start("acme-http", app);
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root = pebble.issuing_root();
+    let tls = loopback(tls_port);
+    wait_served(tls, "a.test", &root);
+    assert!(curl(tls, "b.test", &root).is_ok());
+    let b = served_cert(tls, "b.test");
+    assert!(b.contains("DNS:a.test") && b.contains("DNS:b.test"), "{b}");
+    // The redirect listener still redirects everything else.
+    let (status, _) = http_get(loopback(http_port), "/x").expect("redirect");
+    assert_eq!(status, 308);
+    assert_eq!(acme_status(&agent)["challenge"], "http-01");
+}
+
+/// The serial of the certificate served for `name`.
+fn served_serial(tls: SocketAddr, name: &str) -> Option<String> {
+    served_cert(tls, name)
+        .lines()
+        .find_map(|l| l.strip_prefix("serial=").map(str::to_string))
+}
+
+#[test]
+fn a_short_lived_certificate_is_renewed_and_rolled_under_load_without_a_failed_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    require_root();
+    let dir = TempDir::new("acme-renew-ca");
+    let (app_port, tls_port) = (free_port(), free_port());
+    // 45 s certificates: renewed 30 s into their life (two thirds: pebble's ARI window for
+    // them lies past their end), with 15 s to spare on a loaded machine.
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 45, &[]);
+    let app = demo_app("web", loopback(app_port), 2)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 2)
+        .tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
+    let agent = Agent::start("acme-renew", app);
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root_path = pebble.issuing_root();
+    let root = std::fs::read_to_string(&root_path).expect("root");
+    let tls = loopback(tls_port);
+    wait_served(tls, "a.test", &root_path);
+    let first = served_serial(tls, "a.test").expect("a serial");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, ok, failures, root) =
+                (stop.clone(), ok.clone(), failures.clone(), root.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tls::get(tls, "a.test", &root, tls::Tls::V13, "/?bytes=3000", false) {
+                        Ok(r) if r.body.len() == 3000 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures.lock().unwrap().push(format!("short: {}", r.head)),
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    let renewed = wait_for(
+        Duration::from_secs(90),
+        "a renewed certificate served",
+        || served_serial(tls, "a.test").filter(|s| *s != first),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client");
+    }
+    let failures = failures.lock().unwrap();
+    let served = ok.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} failed of {served}: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(served > 20, "the load ran: {served}");
+    assert_ne!(renewed, first);
+    let st = acme_status(&agent);
+    assert!(st["attempts"].as_u64().unwrap_or(0) >= 2, "{st}");
+    assert_eq!(st["failures"], 0, "{st}");
+    assert!(pebble.issued() >= 2);
+}
+
+/// `corral status` (text) of the agent.
+fn status_text(agent: &Agent) -> String {
+    let out = Command::new(bin("corral"))
+        .args(["status", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("corral status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn metrics(addr: SocketAddr) -> String {
+    http_get(addr, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_ca_down_keeps_the_old_certificate_serving_and_the_failure_shows_with_backoff() {
+    require_root();
+    let dir = TempDir::new("acme-down-ca");
+    let (app_port, tls_port, metrics_port) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30, &[]);
+    let (directory, ca) = (pebble.directory.clone(), pebble.dir.join("pebble.crt"));
+    let app = |domains: &[&str]| {
+        let table = Table::new()
+            .set(
+                "domains",
+                Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
+            )
+            .set("directory", directory.as_str())
+            .set("directory_ca", ca.clone());
+        demo_app("web", loopback(app_port), 2)
+            .tls("address", loopback(tls_port))
+            .tls("processes", 2)
+            .tls("acme", table)
+    };
+    let agent = Agent::start_with_agent_extra(
+        "acme-down",
+        Table::new().set("metrics", loopback(metrics_port).to_string()),
+        app(&["a.test"]),
+    );
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root = pebble.issuing_root();
+    let tls = loopback(tls_port);
+    wait_served(tls, "a.test", &root);
+    let serial = served_serial(tls, "a.test").expect("serial");
+
+    // The CA goes away; a new name needs a new certificate.
+    let next = app(&["a.test", "b.test"]).to_string();
+    drop(pebble);
+    agent.rewrite_config(next);
+    let out = Command::new(bin("corral"))
+        .args(["reload", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("corral reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = wait_for(
+        Duration::from_secs(60),
+        "the failed order in status",
+        || {
+            let st = acme_status(&agent);
+            (st["failures"].as_u64() >= Some(1)).then_some(st)
+        },
+    );
+    let error = st["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("Connection refused"),
+        "the error says why: {st}"
+    );
+    assert!(
+        error.contains(&format!("{directory}: ")),
+        "the failing CA named: {st}"
+    );
+    let gap = st["next_attempt"].as_i64().unwrap() - st["last_error_at"].as_i64().unwrap();
+    assert!((5..=15).contains(&gap), "first retry 10 s +- jitter: {st}");
+    // The old certificate keeps serving its name.
+    assert!(curl(tls, "a.test", &root).is_ok());
+    assert_eq!(
+        served_serial(tls, "a.test").as_deref(),
+        Some(serial.as_str())
+    );
+    let text = status_text(&agent);
+    assert!(text.contains("acme: last failure at"), "{text}");
+    let m = metrics(loopback(metrics_port));
+    assert!(
+        m.lines().any(|l| l
+            .starts_with("corral_tls_acme_renewal_failures_total{app=\"web.tls\"} ")
+            && !l.ends_with(" 0")),
+        "{m}"
+    );
+    assert!(
+        m.contains("corral_tls_certificate_expiry_seconds{app=\"web.tls\",name=\"a.test\"}"),
+        "{m}"
+    );
+    // The second retry waits longer (10 s doubled, with jitter).
+    let st = wait_for(Duration::from_secs(60), "the second failed order", || {
+        let st = acme_status(&agent);
+        (st["failures"].as_u64() >= Some(2)).then_some(st)
+    });
+    let gap = st["next_attempt"].as_i64().unwrap() - st["last_error_at"].as_i64().unwrap();
+    assert!(
+        (10..=30).contains(&gap),
+        "second retry 20 s +- jitter: {st}"
+    );
+    assert!(curl(tls, "a.test", &root).is_ok());
+}
+
+#[test]
+fn a_malformed_directory_and_a_certificate_for_another_name_never_reach_the_fronts() {
+    require_root();
+    let dir = TempDir::new("acme-bad-ca");
+    pebble_tls_cert(dir.path());
+    // A "CA" whose directory is not JSON: openssl's HTTPS file server.
+    std::fs::write(
+        dir.path().join("dir"),
+        "<html>this is not an ACME directory</html>\n",
+    )
+    .expect("dir");
+    let bad_port = free_port();
+    let _bad = ChildGuard::new(
+        Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                "-WWW",
+                "-accept",
+                &bad_port.to_string(),
+            ])
+            .arg("-cert")
+            .arg(dir.path().join("pebble.crt"))
+            .arg("-key")
+            .arg(dir.path().join("pebble.key"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+    );
+    wait_listening(loopback(bad_port), "the bad directory server");
+    let (app_port, tls_port) = (free_port(), free_port());
+    let acme_table = Table::new()
+        .set("domains", Value::Array(vec![Value::from("a.test")]))
+        .set("directory", format!("https://127.0.0.1:{bad_port}/dir"))
+        .set("directory_ca", dir.path().join("pebble.crt"));
+    let app = demo_app("web", loopback(app_port), 2)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 2)
+        .tls("acme", acme_table);
+    // A certificate for another name where the ACME certificate goes (as if a CA had sent
+    // it): refused, never served.
+    let agent = Agent::start_with("acme-bad", app, |d| {
+        let state = d.path().join("acme/web");
+        std::fs::create_dir_all(&state).expect("state");
+        tls_file_cert(&state, "cert", "evil.test");
+        std::fs::rename(state.join("cert.crt"), state.join("cert.pem")).expect("rename");
+        std::fs::rename(state.join("cert.key"), state.join("key.pem")).expect("rename");
+    });
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let st = wait_for(
+        Duration::from_secs(60),
+        "the refused directory in status",
+        || {
+            let st = acme_status(&agent);
+            (st["failures"].as_u64() >= Some(1)).then_some(st)
+        },
+    );
+    let error = st["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("reading the directory") && error.contains("JSON"),
+        "the error says what is wrong: {st}"
+    );
+    assert!(
+        error.contains(&format!("https://127.0.0.1:{bad_port}/dir")),
+        "{st}"
+    );
+    assert!(st["not_after"].is_null(), "{st}");
+    let log = agent.log();
+    assert!(
+        log.contains("names evil.test, which `domains` (a.test) does not list"),
+        "{log}"
+    );
+    // No certificate at all is served: neither the foreign one nor anything else.
+    let served = served_cert(loopback(tls_port), "evil.test");
+    assert!(!served.contains("evil.test"), "{served}");
+    let served = served_cert(loopback(tls_port), "a.test");
+    assert!(served.trim().is_empty(), "{served}");
+}
+
+/// `corral check` shows what an ACME front asks for and refuses a `directory_ca` that is not a
+/// PEM of certificates, at its file:line:col; the agent refuses a bad `acme` table the same way.
+#[test]
+fn check_shows_acme_and_refuses_a_bad_directory_ca() {
+    let dir = TempDir::new("acme-check");
+    let app = |ca: &str| {
+        let acme = Table::new()
+            .set("domains", Value::Array(vec![Value::from("a.example")]))
+            .set("directory", "https://127.0.0.1:14000/dir")
+            .set("directory_ca", ca);
+        demo_app("web", loopback(free_port()), 1)
+            .tls("address", loopback(free_port()))
+            .tls("acme", acme)
+    };
+    let check = |config: &Path| {
+        let out = Command::new(bin("corral"))
+            .args(["check", "--config"])
+            .arg(config)
+            .output()
+            .expect("corral check");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let agent_table = AgentTable::private(dir.path());
+    let (cert, _) = tls::self_signed(&["ca.example"]);
+    std::fs::write(dir.path().join("ca.pem"), cert).expect("ca");
+    let config = write_config(dir.path(), &agent_table, app("ca.pem"));
+    let (ok, out) = check(&config);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("acme        a.example by tls-alpn-01 from https://127.0.0.1:14000/dir"),
+        "{out}"
+    );
+    assert!(out.contains("acme CA     "), "{out}");
+    std::fs::write(dir.path().join("bad.pem"), "not a certificate\n").expect("bad");
+    let config = write_config(dir.path(), &agent_table, app("bad.pem"));
+    let (ok, out) = check(&config);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("acme.directory_ca") && out.contains("no CERTIFICATE in the PEM file"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&config).expect("config");
+    let line = text
+        .lines()
+        .position(|l| l.contains("[app.web.tls.acme]") || l.contains("acme ="))
+        .expect("acme line")
+        + 1;
+    assert!(
+        out.contains(&format!("corral.toml:{line}:")),
+        "{out}\n{text}"
+    );
+    // A bad value in the table: refused at its place by check and by the agent.
+    let config = write_config(
+        dir.path(),
+        &agent_table,
+        demo_app("web", loopback(free_port()), 1)
+            .tls("address", loopback(free_port()))
+            .tls(
+                "acme",
+                Table::new().set("domains", Value::Array(vec![Value::from("*.a.example")])),
+            ),
+    );
+    let (ok, out) = check(&config);
+    assert!(
+        !ok && out.contains("\"*.a.example\" is not a DNS name: a wildcard"),
+        "{out}"
+    );
+    let refused = refused_agent(&config);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("DNS-01"));
+}
+
+/// The CA refuses: its validation reaches nothing (pebble validates on a port where no front
+/// listens), so the order fails with the CA's problem document, which status shows.
+#[test]
+fn a_refused_validation_shows_the_cas_problem_document() {
+    require_root();
+    let dir = TempDir::new("acme-refused-ca");
+    let (app_port, tls_port) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), free_port(), free_port(), 3600, &[]);
+    let app = demo_app("web", loopback(app_port), 1)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 1)
+        .tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
+    let agent = Agent::start("acme-refused", app);
+    let st = wait_for(
+        Duration::from_secs(90),
+        "the refused order in status",
+        || {
+            let st = acme_status(&agent);
+            (st["failures"].as_u64() >= Some(1)).then_some(st)
+        },
+    );
+    let error = st["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&pebble.directory) && error.contains("urn:ietf:params:acme:error:"),
+        "the CA's problem document: {st}"
+    );
+    assert!(st["not_after"].is_null(), "{st}");
+    assert_eq!(pebble.issued(), 0);
+}
