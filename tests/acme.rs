@@ -231,8 +231,6 @@ fn served_serial(tls: SocketAddr, name: &str) -> Option<String> {
 
 #[test]
 fn a_short_lived_certificate_is_renewed_and_rolled_under_load_without_a_failed_request() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
     require_root();
     let dir = TempDir::new("acme-renew-ca");
     let (app_port, tls_port) = (free_port(), free_port());
@@ -251,45 +249,14 @@ fn a_short_lived_certificate_is_renewed_and_rolled_under_load_without_a_failed_r
     wait_served(tls, "a.test", &root_path);
     let first = served_serial(tls, "a.test").expect("a serial");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
-            let (stop, ok, failures, root) =
-                (stop.clone(), ok.clone(), failures.clone(), root.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match tls::get(tls, "a.test", &root, tls::Tls::V13, "/?bytes=3000", false) {
-                        Ok(r) if r.body.len() == 3000 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => failures.lock().unwrap().push(format!("short: {}", r.head)),
-                        Err(e) => failures.lock().unwrap().push(e),
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = tls::HandshakeLoad::start(tls, "a.test", &root, 3);
     let renewed = wait_for(
         Duration::from_secs(90),
         "a renewed certificate served",
         || served_serial(tls, "a.test").filter(|s| *s != first),
     );
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().expect("client");
-    }
-    let failures = failures.lock().unwrap();
-    let served = ok.load(Ordering::Relaxed);
-    assert!(
-        failures.is_empty(),
-        "{} failed of {served}: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    assert!(served > 20, "the load ran: {served}");
+    load.finish(21);
     assert_ne!(renewed, first);
     let st = acme_status(&agent);
     assert!(st["attempts"].as_u64().unwrap_or(0) >= 2, "{st}");

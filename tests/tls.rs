@@ -14,37 +14,8 @@ use corral_tests::*;
 /// A self-signed ECDSA P-256 certificate for `names` (the first is the CN) as `<stem>.crt`
 /// and `<stem>.key` in `dir`.
 fn make_cert(dir: &Path, stem: &str, names: &[&str]) {
-    let san = names
-        .iter()
-        .map(|n| format!("DNS:{n}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj"])
-        .arg(format!("/CN={}", names[0]))
-        .arg("-addext")
-        .arg(format!("subjectAltName={san}"))
-        // A server certificate, not a CA (rustls refuses a CA certificate as the server's).
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(dir.join(format!("{stem}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{stem}.crt")))
-        .output()
-        .expect("openssl (apt-get install openssl; cargo xtask test installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    tls::openssl_cert(dir, stem, names[0], &san);
 }
 
 /// Two demo workers behind a front of two processes serving a.test (the default certificate)
@@ -409,8 +380,6 @@ fn a_certificate_change_rolls_http_fronts_under_load_without_a_failed_request() 
 }
 
 fn roll_under_load(tag: &str, proxy: &str) {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
     let s = start(tag, |app| app.tls("proxy", proxy));
     let dir = s.agent.dir.path().to_path_buf();
     make_cert(&dir, "new", &["a.test", "localhost"]);
@@ -418,31 +387,7 @@ fn roll_under_load(tag: &str, proxy: &str) {
     let new_ca = std::fs::read_to_string(dir.join("new.crt")).expect("new cert");
     let both = format!("{old_ca}{new_ca}");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, ok, failures, both, front) = (
-                stop.clone(),
-                ok.clone(),
-                failures.clone(),
-                both.clone(),
-                s.tls,
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match tls::get(front, "a.test", &both, tls::Tls::V13, "/?bytes=3000", false) {
-                        Ok(r) if r.body.len() == 3000 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => failures.lock().unwrap().push(format!("short: {}", r.head)),
-                        Err(e) => failures.lock().unwrap().push(e),
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = tls::HandshakeLoad::start(s.tls, "a.test", &both, 4);
     std::thread::sleep(Duration::from_millis(500));
 
     // An unusable change (garbage certificate): refused, the old one keeps serving.
@@ -461,20 +406,7 @@ fn roll_under_load(tag: &str, proxy: &str) {
         || tls::get(s.tls, "a.test", &new_ca, tls::Tls::V13, "/", false).ok(),
     );
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().expect("client");
-    }
-    let failures = failures.lock().unwrap();
-    let served = ok.load(Ordering::Relaxed);
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}",
-        failures.len(),
-        served,
-        &failures[..failures.len().min(5)]
-    );
-    assert!(served > 50, "the load ran: {served}");
+    load.finish(51);
     assert!(
         s.agent
             .log()

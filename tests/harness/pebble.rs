@@ -35,29 +35,8 @@ pub struct Pebble {
 
 /// pebble's HTTPS certificate (self-signed, for 127.0.0.1): the `directory_ca` of the config.
 pub fn pebble_tls_cert(dir: &Path) {
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=pebble"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(dir.join("pebble.key"))
-        .arg("-out")
-        .arg(dir.join("pebble.crt"))
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let san = ["IP:127.0.0.1".to_string(), "DNS:localhost".to_string()];
+    crate::tls::openssl_cert(dir, "pebble", "pebble", &san);
 }
 
 pub fn wait_listening(addr: SocketAddr, what: &str) {

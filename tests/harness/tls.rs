@@ -16,6 +16,103 @@ pub fn self_signed(names: &[&str]) -> (String, String) {
     (ck.cert.pem(), ck.key_pair.serialize_pem())
 }
 
+/// A self-signed ECDSA P-256 server certificate made by openssl, as `<stem>.crt` and
+/// `<stem>.key` in `dir`: common name `cn`, subject alternative names `san` (`DNS:a.test`,
+/// `IP:127.0.0.1`).
+pub fn openssl_cert(dir: &Path, stem: &str, cn: &str, san: &[String]) {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj"])
+        .arg(format!("/CN={cn}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName={}", san.join(",")))
+        // A server certificate, not a CA (rustls refuses a CA certificate as the server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(dir.join(format!("{stem}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{stem}.crt")))
+        .output()
+        .expect("openssl (apt-get install openssl; cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Clients fetching `/?bytes=3000` from a TLS front over and over (TLS 1.3, SNI `name`, a new
+/// connection each, trusting the PEM `roots`) until [`HandshakeLoad::finish`].
+pub struct HandshakeLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    clients: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HandshakeLoad {
+    pub fn start(front: SocketAddr, name: &'static str, roots: &str, clients: usize) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, ok, failures, roots) = (
+                    stop.clone(),
+                    ok.clone(),
+                    failures.clone(),
+                    roots.to_string(),
+                );
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(front, name, &roots, Tls::V13, "/?bytes=3000", false) {
+                            Ok(r) if r.body.len() == 3000 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => failures
+                                .lock()
+                                .expect("lock")
+                                .push(format!("short: {}", r.head)),
+                            Err(e) => failures.lock().expect("lock").push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        HandshakeLoad {
+            stop,
+            ok,
+            failures,
+            clients,
+        }
+    }
+
+    /// Stop the clients; asserts none failed and at least `min` requests were served.
+    pub fn finish(self, min: u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in self.clients {
+            c.join().expect("client");
+        }
+        let failures = self.failures.lock().expect("lock");
+        let served = self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            failures.is_empty(),
+            "{} failed of {served}: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        assert!(served >= min, "the load ran: {served}");
+    }
+}
+
 /// `cert` and `key` as `a.crt` and `a.key` in `dir`, where [`fronted_demo_app`] looks.
 pub fn write_cert(dir: &Path, cert: &str, key: &str) {
     std::fs::write(dir.join("a.crt"), cert).expect("write a.crt");
