@@ -21,6 +21,7 @@ pub use corral_testkit::{
     ChildGuard, KillOnDrop, Table, Value,
 };
 
+pub mod h2;
 pub mod tls;
 
 /// Path of a workspace binary built in the same profile as this test.

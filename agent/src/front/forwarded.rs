@@ -74,9 +74,10 @@ pub fn apply(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>, truste
         IpAddr::V4(a) => format!("for={a};proto=https"),
         IpAddr::V6(a) => format!("for=\"[{a}]\";proto=https"),
     };
-    let host = host.filter(|h| HeaderValue::from_str(h).is_ok() && !h.contains('"'));
+    let host = host.filter(|h| HeaderValue::from_str(h).is_ok());
     if let Some(h) = host {
-        element.push_str(&format!(";host=\"{h}\""));
+        element.push_str(";host=");
+        push_quoted(&mut element, h);
     }
     let fwd = match fwd {
         Some(prev) => format!("{prev}, {element}"),
@@ -95,6 +96,18 @@ pub fn apply(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>, truste
     if let (false, Some(h)) = (headers.contains_key(&X_FORWARDED_HOST), host) {
         set(headers, X_FORWARDED_HOST, h);
     }
+}
+
+/// `s` as an RFC 7239 (RFC 9110 5.6.4) quoted-string: in quotes, with `\\` and `"` escaped.
+fn push_quoted(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -174,5 +187,21 @@ mod tests {
         strip_hop_by_hop(&mut m);
         assert_eq!(m.len(), 1, "{m:?}");
         assert_eq!(get(&m, "content-type"), ["text/plain"]);
+    }
+
+    #[test]
+    fn forwardeds_host_is_a_quoted_string_with_its_quotes_and_backslashes_escaped() {
+        let mut m = HeaderMap::new();
+        apply(
+            &mut m,
+            "192.0.2.1".parse().unwrap(),
+            Some(r#"a"b\c"#),
+            false,
+        );
+        assert_eq!(
+            get(&m, "forwarded"),
+            [r#"for=192.0.2.1;proto=https;host="a\"b\\c""#]
+        );
+        assert_eq!(get(&m, "x-forwarded-host"), [r#"a"b\c"#]);
     }
 }

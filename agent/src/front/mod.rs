@@ -4,7 +4,7 @@
 //! terminates TLS and proxies to the app's workers (`process`: its start and accept loop, `tls`:
 //! the handshake and kTLS, `relay`: the bytes both ways, `proxy`: the PROXY header, `redirect`;
 //! with `proxy = "http"`, `http`: hyper to the client and to the workers, `forwarded`: the
-//! client's address and scheme in headers),
+//! client's address and scheme in headers, `host`: which host a request is for),
 //! and the counters it keeps (`stats`). `app` and `args` are pure, like `config`, which uses
 //! them; the `[app.NAME.tls]` table itself is read by `config::load` like every other table, and
 //! the supervisor's event handling for fronts (certificate changes) is in `supervisor/front.rs`.
@@ -13,6 +13,7 @@ pub mod app;
 pub mod args;
 pub mod bundle;
 pub mod forwarded;
+mod host;
 mod http;
 pub mod process;
 pub mod proxy;

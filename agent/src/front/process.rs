@@ -321,7 +321,12 @@ async fn connection(
         drop(permit);
         counters.one(Stat::HandshakesUserspace);
         let (args, counters) = (passed.args.clone(), passed.counters.clone());
-        super::http::serve(tls, peer, args, counters, passed.stop).await;
+        let alpn = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => super::http::Alpn::H2,
+            Some(_) => super::http::Alpn::Http11,
+            None => super::http::Alpn::None,
+        };
+        super::http::serve(tls, peer, alpn, args, counters, passed.stop).await;
         return;
     }
     let conn =
