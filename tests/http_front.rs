@@ -46,11 +46,17 @@ fn start(tag: &str) -> Setup {
 
 /// [`start`] with the front on `tls_address`.
 fn start_at(tag: &str, tls_address: SocketAddr) -> Setup {
-    start_full(tag, tls_address, HEADER_TIMEOUT)
+    start_full(tag, tls_address, HEADER_TIMEOUT, "pool")
 }
 
-/// [`start_at`] with another header timeout (also an idle connection's life).
-fn start_full(tag: &str, tls_address: SocketAddr, header_timeout: Duration) -> Setup {
+/// [`start_at`] with another header timeout (also an idle connection's life) and `upstream`
+/// ("pool" or "connect").
+fn start_full(
+    tag: &str,
+    tls_address: SocketAddr,
+    header_timeout: Duration,
+    upstream: &str,
+) -> Setup {
     let venv = venv();
     let (app_port, tls_port) = (free_port(), tls_address.port());
     let uvicorn = venv.join("bin/uvicorn").display().to_string();
@@ -89,7 +95,8 @@ fn start_full(tag: &str, tls_address: SocketAddr, header_timeout: Duration) -> S
         .tls("upstream_timeout", "3s")
         .tls("max_header_size", "16KiB")
         .tls("max_headers", 50)
-        .tls("access_log", true);
+        .tls("access_log", true)
+        .tls("upstream", upstream);
     let agent = Agent::start_with(tag, app, |dir| {
         let (cert, key) = tls::self_signed(&["localhost"]);
         tls::write_cert(dir.path(), &cert, &key);
@@ -632,7 +639,12 @@ fn the_host_is_checked_and_an_idle_http2_connection_is_closed() {
 fn sigterm_closes_an_idle_http2_connection_at_once() {
     require_root();
     // A long header (and idle) timeout, so that only the drain can close the connection.
-    let s = start_full("http-drain", loopback(free_port()), Duration::from_secs(60));
+    let s = start_full(
+        "http-drain",
+        loopback(free_port()),
+        Duration::from_secs(60),
+        "pool",
+    );
     let fronts = s.agent.wait_ready("api.tls", 2, Duration::from_secs(20));
     let mut t = connect(&s, &[b"h2"]);
     t.sock
@@ -658,4 +670,71 @@ fn sigterm_closes_an_idle_http2_connection_at_once() {
     let goaway = frames.iter().find_map(h2::Frame::goaway_code);
     assert_eq!(goaway, Some(0), "GOAWAY(NO_ERROR) in {frames:?}");
     assert!(took < Duration::from_secs(15), "closed after {took:?}");
+}
+
+/// The upstream port of each access log line for `path` (the upstream connection a request
+/// went on), in order.
+fn upstream_ports(log: &str, path: &str) -> Vec<u16> {
+    let needle = format!("\"GET {path} ");
+    log.lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.rsplit_once("upstream-port ")?.1.trim().parse().ok())
+        .collect()
+}
+
+/// `upstream = "pool"`: requests one after the other reuse a connection to the workers; a
+/// connection whose worker answered far slower than the typical is closed, not reused (the
+/// steering places the next request); `connect` opens one per request.
+#[test]
+fn the_pool_reuses_fast_connections_and_closes_a_slow_workers() {
+    require_root();
+    let many = |s: &Setup, path: &str, n: usize| {
+        let url = format!("https://localhost:{}{path}", s.tls.port());
+        let out = Command::new("curl")
+            .args(["-sS", "--http1.1", "--max-time", "60", "-o", "/dev/null"])
+            .arg("--cacert")
+            .arg(&s.ca)
+            .arg("--resolve")
+            .arg(format!("localhost:{}:127.0.0.1", s.tls.port()))
+            .args(std::iter::repeat_n(&url, n))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "{out:?}");
+    };
+    let wait_lines = |s: &Setup, path: &str, n: usize| {
+        wait_for(Duration::from_secs(20), "the access log lines", || {
+            let p = upstream_ports(&s.agent.log(), path);
+            (p.len() >= n).then_some(p)
+        })
+    };
+
+    let s = start_full("http-pool", loopback(free_port()), HEADER_TIMEOUT, "pool");
+    many(&s, "/whoami", 30);
+    let ports = wait_lines(&s, "/whoami", 30);
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert!(
+        distinct.len() <= 5,
+        "30 requests one after the other took {} connections: {ports:?}",
+        distinct.len()
+    );
+    many(&s, "/slow?seconds=0.3", 1);
+    let slow = wait_lines(&s, "/slow?seconds=0.3", 1)[0];
+    many(&s, "/whoami?after", 10);
+    let after = wait_lines(&s, "/whoami?after", 10);
+    assert!(
+        !after.contains(&slow),
+        "the slow answer's connection {slow} was reused: {after:?}"
+    );
+    drop(s);
+
+    let s = start_full(
+        "http-connect",
+        loopback(free_port()),
+        HEADER_TIMEOUT,
+        "connect",
+    );
+    many(&s, "/whoami", 10);
+    let ports = wait_lines(&s, "/whoami", 10);
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), 10, "one connection per request: {ports:?}");
 }

@@ -283,6 +283,7 @@ mod tests {
                 max_header_bytes: 32768,
                 max_headers: 100,
                 access_log: true,
+                upstream: corral::front::args::UpstreamMode::Connect,
             },
         };
         let argv = std::iter::once("corral".to_string()).chain(args.to_argv());

@@ -20,7 +20,6 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tower_http::timeout::TimeoutBody;
 
@@ -29,11 +28,13 @@ use super::forwarded;
 use super::host::{self, Refused};
 use super::process::Counters;
 use super::stats::Stat;
+use super::upstream::{Lease, Upstream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The proxy's way to the workers, shared by a front process's connections.
+pub(super) type Pool = Upstream<ProxyBody>;
 
 /// What every request of one client connection shares.
 struct Conn {
@@ -42,6 +43,7 @@ struct Conn {
     peer: SocketAddr,
     /// The client is one of `trusted_proxies`: its forwarded headers are kept.
     trusted: bool,
+    upstream: Arc<Pool>,
     /// Signalled as each request starts (a permit stays once one has).
     requested: tokio::sync::Notify,
     /// HTTP/2 only: its requests whose responses are not done (streams open), and when the
@@ -70,6 +72,7 @@ pub(super) async fn serve<I>(
     peer: SocketAddr,
     alpn: Alpn,
     args: Arc<FrontArgs>,
+    upstream: Arc<Pool>,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -107,6 +110,7 @@ pub(super) async fn serve<I>(
         counters,
         peer,
         trusted,
+        upstream,
         requested: tokio::sync::Notify::new(),
         streams: (alpn == Alpn::H2).then(|| Streams {
             open: AtomicUsize::new(0),
@@ -374,43 +378,10 @@ async fn forward(mut req: Request<Incoming>, conn: &Conn) -> (Response<ProxyBody
         .boxed_unsync()
     };
 
-    let upstream = match tokio::time::timeout(
-        UPSTREAM_CONNECT_TIMEOUT,
-        TcpStream::connect(conn.args.upstream),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        _ => {
-            return (
-                answer(
-                    StatusCode::BAD_GATEWAY,
-                    "no worker of this app accepted the connection",
-                ),
-                None,
-            )
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    let worker = upstream.local_addr().ok().map(|a| a.port());
-    let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
-        .handshake::<_, ProxyBody>(TokioIo::new(upstream))
-        .await
-    {
-        Ok(x) => x,
-        Err(_) => {
-            return (
-                answer(StatusCode::BAD_GATEWAY, "the worker's connection failed"),
-                None,
-            )
-        }
-    };
-    tokio::spawn(async move {
-        let _ = connection.with_upgrades().await;
-    });
     let timeout = h.upstream_timeout;
-    let resp = tokio::select! {
-        r = sender.send_request(Request::from_parts(parts, body)) => r,
+    let asked = Instant::now();
+    let sent = tokio::select! {
+        r = conn.upstream.send(Request::from_parts(parts, body)) => r,
         _ = async {
             let _ = sent_rx.await;
             tokio::time::sleep(timeout).await;
@@ -419,13 +390,16 @@ async fn forward(mut req: Request<Incoming>, conn: &Conn) -> (Response<ProxyBody
             return (answer(StatusCode::GATEWAY_TIMEOUT, &why), None);
         }
     };
-    let mut resp = match resp {
-        Ok(r) => r,
-        Err(e) => {
+    let (mut resp, lease) = match sent {
+        Ok(x) => x,
+        Err(Ok(failed)) => return (answer(StatusCode::BAD_GATEWAY, failed.why()), None),
+        Err(Err(e)) => {
             let why = format!("the worker closed the connection before answering ({e})");
             return (answer(StatusCode::BAD_GATEWAY, &why), None);
         }
     };
+    let head = asked.elapsed();
+    let worker = Some(lease.port);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_side) = client_upgrade else {
             return (
@@ -449,10 +423,59 @@ async fn forward(mut req: Request<Incoming>, conn: &Conn) -> (Response<ProxyBody
     }
     forwarded::strip_hop_by_hop(resp.headers_mut());
     let body_timeout = h.body_timeout;
-    (
-        resp.map(|b| TimeoutBody::new(body_timeout, b).boxed_unsync()),
-        worker,
-    )
+    let upstream = conn.upstream.clone();
+    let resp = resp.map(|inner| {
+        if inner.is_end_stream() {
+            upstream.done(lease, head);
+            return TimeoutBody::new(body_timeout, inner).boxed_unsync();
+        }
+        let returning = Returning {
+            inner,
+            lease: Some((lease, head)),
+            upstream,
+        };
+        TimeoutBody::new(body_timeout, returning).boxed_unsync()
+    });
+    (resp, worker)
+}
+
+/// A worker's response body that gives its connection back to the pool once read to the end
+/// (dropped before that, the connection closes with it).
+struct Returning {
+    inner: Incoming,
+    lease: Option<(Lease<ProxyBody>, Duration)>,
+    upstream: Arc<Pool>,
+}
+
+impl Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let end = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if end {
+            if let Some((lease, head)) = self.lease.take() {
+                self.upstream.done(lease, head);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request body that says when it has been read to its end (the worker has all of it).

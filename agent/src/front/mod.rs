@@ -22,6 +22,7 @@ mod relay;
 pub mod seal;
 pub mod stats;
 mod tls;
+mod upstream;
 
 /// The descriptors a front process gets, in one place: the agent passes them
 /// (`supervisor::launch`), the front takes them (`process`). `sys::spawn` places the extra

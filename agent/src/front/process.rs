@@ -193,6 +193,7 @@ async fn serve(
             .map_err(passed("the counters memfd (fd 5)"))?,
     ));
     let handshakes = Arc::new(Semaphore::new(args.max_handshakes as usize));
+    let pool = Arc::new(super::http::Pool::new(args.upstream, args.http.upstream));
     // SIGTERM: HTTP connections finish their requests in flight and close.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -231,15 +232,16 @@ async fn serve(
                 let Ok(permit) = permit else { break };
                 match accepted {
                     Ok((sock, peer)) => {
-                        let (config, args, counters, ktls, stop) = (
+                        let (config, args, counters, ktls, stop, pool) = (
                             config.clone(),
                             args.clone(),
                             counters.clone(),
                             ktls.clone(),
                             stop.clone(),
+                            pool.clone(),
                         );
                         open.spawn(async move {
-                            let c = Passed { config, args, ktls, counters, stop };
+                            let c = Passed { config, args, ktls, counters, stop, pool };
                             connection(sock, peer, c, permit).await
                         });
                     }
@@ -276,6 +278,8 @@ struct Passed {
     ktls: Arc<Ktls>,
     counters: Arc<Counters>,
     stop: tokio::sync::watch::Receiver<bool>,
+    /// The HTTP proxy's connections to the workers.
+    pool: Arc<super::http::Pool>,
 }
 
 async fn connection(
@@ -326,7 +330,7 @@ async fn connection(
             Some(_) => super::http::Alpn::Http11,
             None => super::http::Alpn::None,
         };
-        super::http::serve(tls, peer, alpn, args, counters, passed.stop).await;
+        super::http::serve(tls, peer, alpn, args, passed.pool, counters, passed.stop).await;
         return;
     }
     let conn =

@@ -292,6 +292,7 @@ fn full_config_round_trips() {
                 max_header_bytes: 32 * 1024,
                 max_headers: 100,
                 access_log: false,
+                upstream: crate::front::args::UpstreamMode::DEFAULT,
             },
         }),
         role: Role::Workers,
