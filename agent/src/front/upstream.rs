@@ -14,6 +14,7 @@
 //! close it as a request goes out); a request hyper could not start on it (closed under it)
 //! goes on a new connection.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a connection waits in the pool.
 const IDLE_MAX: Duration = Duration::from_secs(1);
 /// The most idle connections a front process keeps.
-const MAX_IDLE: usize = 64;
+const MAX_IDLE: usize = 32;
 /// An answer slower than this many times the typical one is a slow worker's.
 const SLOW_FACTOR: u64 = 4;
 /// ... but an answer within this is never slow (a loaded machine's jitter).
@@ -71,7 +72,8 @@ struct Idle<B> {
 pub(super) struct Upstream<B> {
     addr: SocketAddr,
     mode: UpstreamMode,
-    idle: Mutex<Vec<Idle<B>>>,
+    /// Oldest first.
+    idle: Mutex<VecDeque<Idle<B>>>,
     /// A running average of the time to a response head, in µs (1/16 weight per exchange).
     typical_us: AtomicU64,
 }
@@ -86,7 +88,7 @@ where
         Upstream {
             addr,
             mode,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             typical_us: AtomicU64::new(0),
         }
     }
@@ -94,7 +96,7 @@ where
     fn take_idle(&self) -> Option<Lease<B>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // Newest first: the ones used last are the likeliest still open and fast.
-        while let Some(i) = idle.pop() {
+        while let Some(i) = idle.pop_back() {
             if i.since.elapsed() < IDLE_MAX && i.lease.sender.is_ready() {
                 return Some(i.lease);
             }
@@ -176,8 +178,13 @@ where
             // Ready once hyper has read the response's end.
             if let Ok(Ok(())) = tokio::time::timeout(IDLE_MAX, lease.sender.ready()).await {
                 let mut idle = this.idle.lock().unwrap_or_else(|p| p.into_inner());
+                // The expired ones go (closed): a pooled connection holds a worker's
+                // keep-alive slot, a thread in a thread-per-connection server.
+                while idle.front().is_some_and(|i| i.since.elapsed() >= IDLE_MAX) {
+                    idle.pop_front();
+                }
                 if idle.len() < MAX_IDLE {
-                    idle.push(Idle {
+                    idle.push_back(Idle {
                         lease,
                         since: Instant::now(),
                     });
