@@ -30,8 +30,8 @@ impl KtlsMode {
 /// What the front does with a connection's plaintext: `[app.NAME.tls] proxy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProxyMode {
-    /// Parse HTTP/1.1 and HTTP/2 (hyper), add forwarded headers, one upstream HTTP/1.1
-    /// connection per request.
+    /// Parse HTTP/1.1 and HTTP/2 (hyper), add forwarded headers, forward each request over
+    /// HTTP/1.1 (see [`UpstreamMode`]).
     Http,
     /// The bytes as they are, one upstream connection per client connection (kTLS + splice,
     /// PROXY v2 when asked).

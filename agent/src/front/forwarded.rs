@@ -13,15 +13,8 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), and the ones a
 /// `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        strip_named(headers);
     }
     for n in [
         header::CONNECTION,
@@ -32,6 +25,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRANSFER_ENCODING,
         header::UPGRADE,
     ] {
+        headers.remove(n);
+    }
+}
+
+/// The headers a `Connection` header names.
+fn strip_named(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
         headers.remove(n);
     }
 }
@@ -91,7 +98,7 @@ pub fn apply(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>, truste
     set(headers, X_FORWARDED_FOR, &xff);
     set(headers, header::FORWARDED, &fwd);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        set(headers, X_FORWARDED_PROTO, "https");
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     }
     if let (false, Some(h)) = (headers.contains_key(&X_FORWARDED_HOST), host) {
         set(headers, X_FORWARDED_HOST, h);

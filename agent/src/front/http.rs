@@ -229,11 +229,12 @@ async fn handle_inner(req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody
     conn.requested.notify_one();
     conn.counters.one(Stat::HttpRequests);
     let (method, version) = (req.method().clone(), req.version());
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    // Only the access log needs the target past the request's hand-over.
+    let target = conn.args.http.access_log.then(|| {
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string())
+    });
     let (resp, worker) = forward(req, conn).await;
     match resp.status() {
         StatusCode::BAD_GATEWAY if worker.is_none() => conn.counters.one(Stat::HttpBadGateway),
@@ -242,7 +243,7 @@ async fn handle_inner(req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody
         }
         _ => {}
     }
-    if conn.args.http.access_log {
+    if let Some(target) = target {
         let bytes = resp
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -322,13 +323,19 @@ async fn forward(mut req: Request<Incoming>, conn: &Conn) -> (Response<ProxyBody
     // The front answers `Expect: 100-continue` itself when it reads the body.
     parts.headers.remove(header::EXPECT);
     // HTTP/2 may split cookies over several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
-    let cookies: Vec<&str> = parts
+    if parts
         .headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    if cookies.len() > 1 {
+        .nth(1)
+        .is_some()
+    {
+        let cookies: Vec<&str> = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         if let Ok(v) = HeaderValue::from_str(&cookies.join("; ")) {
             parts.headers.insert(header::COOKIE, v);
         }
@@ -348,10 +355,8 @@ async fn forward(mut req: Request<Incoming>, conn: &Conn) -> (Response<ProxyBody
         parts.headers.insert(header::UPGRADE, u.clone());
     }
     parts.uri = match parts.uri.path_and_query() {
-        Some(p) if parts.method != Method::CONNECT => match p.as_str().parse() {
-            Ok(u) => u,
-            Err(_) => return (answer(StatusCode::BAD_REQUEST, "a bad target"), None),
-        },
+        // Origin-form: the path and query as hyper parsed them (a cheap clone of its bytes).
+        Some(p) if parts.method != Method::CONNECT => hyper::Uri::from(p.clone()),
         _ => {
             return (
                 answer(StatusCode::BAD_REQUEST, "CONNECT is not proxied"),

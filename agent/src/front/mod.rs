@@ -4,7 +4,8 @@
 //! terminates TLS and proxies to the app's workers (`process`: its start and accept loop, `tls`:
 //! the handshake and kTLS, `relay`: the bytes both ways, `proxy`: the PROXY header, `redirect`;
 //! with `proxy = "http"`, `http`: hyper to the client and to the workers, `forwarded`: the
-//! client's address and scheme in headers, `host`: which host a request is for),
+//! client's address and scheme in headers, `host`: which host a request is for, `upstream`: the connections to the
+//! workers),
 //! and the counters it keeps (`stats`). `app` and `args` are pure, like `config`, which uses
 //! them; the `[app.NAME.tls]` table itself is read by `config::load` like every other table, and
 //! the supervisor's event handling for fronts (certificate changes) is in `supervisor/front.rs`.
