@@ -298,10 +298,24 @@ fn http_bench() {
             .count(4)
             .workers("stop_timeout", "5s")
     };
+    // CORRAL_BENCH_DEMO_THREADS: the b and c workers' threads (the demo's default is 16, each
+    // serving one connection at a time: fewer than the proxies' pooled connections can hold).
+    let threaded = |app: App| match std::env::var("CORRAL_BENCH_DEMO_THREADS") {
+        Ok(t) => app.env("DEMO_THREADS", t),
+        Err(_) => app,
+    };
     let apps = format!(
         "{}{}{}{}",
-        fronted(demo_app("b", loopback(app_port), 2), front_port, "pool"),
-        fronted(demo_app("c", loopback(ports[4]), 2), ports[5], "connect"),
+        fronted(
+            threaded(demo_app("b", loopback(app_port), 2)),
+            front_port,
+            "pool"
+        ),
+        fronted(
+            threaded(demo_app("c", loopback(ports[4]), 2)),
+            ports[5],
+            "connect"
+        ),
         fronted(slow_app("sp", ports[6]), ports[7], "pool"),
         fronted(slow_app("sc", ports[8]), ports[9], "connect"),
     );
