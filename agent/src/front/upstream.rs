@@ -151,25 +151,9 @@ where
     /// The exchange on `lease` is over, its response head came after `head`: pool the
     /// connection if its worker was about as fast as the rest, else close it.
     pub(super) fn done(self: &Arc<Self>, lease: Lease<B>, head: Duration) {
-        let us = head.as_micros().min(u64::MAX as u128) as u64;
-        let typical = self.typical_us.load(Ordering::Relaxed);
-        // One slow answer moves the average by a bounded step.
-        let sample = match typical {
-            0 => us,
-            t => us.min(t.saturating_mul(2 * SLOW_FACTOR)),
-        };
-        let next = if typical == 0 {
-            sample
-        } else {
-            typical - typical / 16 + sample / 16
-        };
-        self.typical_us.store(next.max(1), Ordering::Relaxed);
-        if self.mode != UpstreamMode::Pool {
-            return;
-        }
-        // Before any average, only the floor says fast.
-        let fast = head <= SLOW_FLOOR || (typical > 0 && us <= typical.saturating_mul(SLOW_FACTOR));
-        if !fast {
+        let (keep, next) = judge(self.typical_us.load(Ordering::Relaxed), head);
+        self.typical_us.store(next, Ordering::Relaxed);
+        if self.mode != UpstreamMode::Pool || !keep {
             return;
         }
         let this = self.clone();
@@ -191,5 +175,50 @@ where
                 }
             }
         });
+    }
+}
+
+/// The pool's rule, pure: whether a connection whose response head came after `head` goes back
+/// to the pool given the running typical `typical_us` (0: none yet), and the typical after it.
+fn judge(typical_us: u64, head: Duration) -> (bool, u64) {
+    let us = head.as_micros().min(u64::MAX as u128) as u64;
+    // One slow answer moves the average by a bounded step.
+    let next = match typical_us {
+        0 => us,
+        t => t - t / 16 + us.min(t.saturating_mul(2 * SLOW_FACTOR)) / 16,
+    };
+    // Before any average, only the floor says fast.
+    let keep =
+        head <= SLOW_FLOOR || (typical_us > 0 && us <= typical_us.saturating_mul(SLOW_FACTOR));
+    (keep, next.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_connection_is_pooled_when_its_worker_answered_about_as_fast_as_the_rest() {
+        // Within the floor, whatever the typical.
+        assert!(judge(0, 5 * MS).0);
+        assert!(judge(100, 5 * MS).0);
+        // Within 4x the typical.
+        assert!(judge(10_000, 40 * MS).0);
+        // Slower: the connection closes, the steering places the next request.
+        assert!(!judge(2_000, 20 * MS).0);
+        assert!(!judge(10_000, 41 * MS).0);
+        // Before any average, only the floor.
+        assert!(!judge(0, 300 * MS).0);
+    }
+
+    #[test]
+    fn the_typical_follows_answers_and_one_slow_one_moves_it_a_bounded_step() {
+        assert_eq!(judge(0, 3 * MS).1, 3_000);
+        assert_eq!(judge(1_600, 3_200 * Duration::from_micros(1)).1, 1_700);
+        // A 10 s answer counts as 8x the typical: 1000 - 62 + 8000 / 16.
+        assert_eq!(judge(1_000, 10_000 * MS).1, 1_438);
+        assert_eq!(judge(1, Duration::ZERO).1, 1, "never back to 'none yet'");
     }
 }
