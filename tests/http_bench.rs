@@ -5,7 +5,10 @@
 //!
 //! Per variant and load: requests/s, p50 and p99 latency (from h2load's per-request log),
 //! failed requests, and the CPU the TLS side spent per request (its processes' utime + stime
-//! over the round).
+//! over the round). corral runs twice: `upstream = "pool"` (app b, whose workers nginx and
+//! Caddy proxy to as well) and `upstream = "connect"` (app c). Then one slow worker of four
+//! (apps sp and sc): a closed loop of keep-alive clients, the share of requests the slow
+//! worker answered (its `X-Worker`) and p99, pool against connect.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
