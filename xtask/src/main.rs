@@ -236,7 +236,8 @@ fn test(rest: &[&str]) -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    // tests/http_front.rs runs a FastAPI app under uvicorn from this venv (and websockets).
+    // tests/http_front.rs runs a FastAPI app under uvicorn from this venv (and websockets);
+    // tests/http_upstream.rs runs its Python worker with its python.
     bench_peers::python::ensure_venv()?;
     // tests/packages.rs reads the .deb and the .rpm.
     package::build(None)?;

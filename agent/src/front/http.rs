@@ -385,8 +385,29 @@ async fn forward(mut req: Request<Incoming>, conn: &Conn) -> (Response<ProxyBody
 
     let timeout = h.upstream_timeout;
     let asked = Instant::now();
+    // An idempotent request without a body (RFC 9110 9.2.2) may be sent again: a copy of its
+    // head, with an empty body, for a pooled connection closed under it.
+    let replay = |req: &Request<ProxyBody>| {
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        (idempotent && req.body().is_end_stream() && upgrade.is_none()).then(|| {
+            let mut copy = Request::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
+            *copy.method_mut() = req.method().clone();
+            *copy.uri_mut() = req.uri().clone();
+            *copy.version_mut() = req.version();
+            *copy.headers_mut() = req.headers().clone();
+            copy
+        })
+    };
     let sent = tokio::select! {
-        r = conn.upstream.send(Request::from_parts(parts, body)) => r,
+        r = conn.upstream.send(Request::from_parts(parts, body), replay) => r,
         _ = async {
             let _ = sent_rx.await;
             tokio::time::sleep(timeout).await;

@@ -124,19 +124,26 @@ where
 
     /// Send `req` on a pooled connection, or a new one; the response and the connection, to
     /// [`Upstream::done`] once the response is read. `Err(Ok(failed))`: no connection;
-    /// `Err(Err(e))`: the worker failed the exchange.
+    /// `Err(Err(e))`: the worker failed the exchange. `replay` makes a copy of a request that
+    /// may be sent twice (idempotent, no body), asked only when a pooled connection is used:
+    /// its worker may close it as the request goes out (a keep-alive timeout, a drain), and
+    /// then the copy goes on a new connection.
     pub(super) async fn send(
         &self,
         mut req: Request<B>,
+        replay: impl FnOnce(&Request<B>) -> Option<Request<B>>,
     ) -> Result<(Response<Incoming>, Lease<B>), Result<Failed, hyper::Error>> {
         if self.mode == UpstreamMode::Pool {
             if let Some(mut lease) = self.take_idle() {
+                let copy = replay(&req);
                 match lease.sender.try_send_request(req).await {
                     Ok(resp) => return Ok((resp, lease)),
-                    Err(mut e) => match e.take_message() {
+                    Err(mut e) => match (e.take_message(), copy) {
                         // Not started: the worker closed the connection as it went out.
-                        Some(r) => req = r,
-                        None => return Err(Err(e.into_error())),
+                        (Some(r), _) => req = r,
+                        // Sent, no answer (an answer's head would have been a response).
+                        (None, Some(c)) => req = c,
+                        (None, None) => return Err(Err(e.into_error())),
                     },
                 }
             }
