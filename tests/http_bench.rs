@@ -5,7 +5,10 @@
 //!
 //! Per variant and load: requests/s, p50 and p99 latency (from h2load's per-request log),
 //! failed requests, and the CPU the TLS side spent per request (its processes' utime + stime
-//! over the round).
+//! over the round). corral runs twice: `upstream = "pool"` (app b, whose workers nginx and
+//! Caddy proxy to as well) and `upstream = "connect"` (app c). Then one slow worker of four
+//! (apps sp and sc): a closed loop of keep-alive clients, the share of requests the slow
+//! worker answered (its `X-Worker`) and p99, pool against connect.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -272,24 +275,70 @@ fn http_bench() {
     require_root();
     let secs = env_secs("CORRAL_BENCH_ROUND", 5);
     let rounds = env_secs("CORRAL_BENCH_ROUNDS", 2);
-    let (app_port, front_port, nginx_port, caddy_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let app = demo_app("b", loopback(app_port), 2)
-        .tls("address", loopback(front_port))
-        .tls("cert", "@DIR@/a.crt")
-        .tls("key", "@DIR@/a.key")
-        .tls("processes", 2);
-    let agent = Agent::start_with("http-bench", app, |dir| {
+    let slow_secs = env_secs("CORRAL_BENCH_SLOW_ROUND", 8);
+    let ports: Vec<u16> = (0..10).map(|_| free_port()).collect();
+    let (app_port, front_port, nginx_port, caddy_port) = (ports[0], ports[1], ports[2], ports[3]);
+    let fronted = |app: App, port: u16, upstream: &str| {
+        app.tls("address", loopback(port))
+            .tls("cert", "@DIR@/a.crt")
+            .tls("key", "@DIR@/a.key")
+            .tls("processes", 2)
+            .tls("upstream", upstream)
+    };
+    // b: the pool (nginx and Caddy proxy to b's workers too); c: a connection per request.
+    // sp and sc: four workers, one of them slow, behind each way.
+    let slow_app = |name: &str, port: u16| {
+        App::new(name)
+            .command([
+                "/bin/sh",
+                "-c",
+                format!("{SLOW_WORKER} exec @DEMO@").as_str(),
+            ])
+            .user("nobody")
+            .set("group", "nogroup")
+            .set("workdir", "/tmp")
+            .address(loopback(port))
+            .count(4)
+            .workers("stop_timeout", "5s")
+    };
+    // CORRAL_BENCH_DEMO_THREADS: the b and c workers' threads (the demo's default is 16, each
+    // serving one connection at a time: fewer than the proxies' pooled connections can hold).
+    let threaded = |app: App| match std::env::var("CORRAL_BENCH_DEMO_THREADS") {
+        Ok(t) => app.env("DEMO_THREADS", t),
+        Err(_) => app,
+    };
+    let apps = format!(
+        "{}{}{}{}",
+        fronted(
+            threaded(demo_app("b", loopback(app_port), 2)),
+            front_port,
+            "pool"
+        ),
+        fronted(
+            threaded(demo_app("c", loopback(ports[4]), 2)),
+            ports[5],
+            "connect"
+        ),
+        fronted(slow_app("sp", ports[6]), ports[7], "pool"),
+        fronted(slow_app("sc", ports[8]), ports[9], "connect"),
+    );
+    let agent = Agent::start_with("http-bench", apps, |dir| {
         let (cert, key) = tls::self_signed(&["localhost"]);
         tls::write_cert(dir.path(), &cert, &key);
     });
-    agent.wait_ready("b", 2, Duration::from_secs(20));
+    for (app, n) in [("b", 2), ("c", 2), ("sp", 4), ("sc", 4)] {
+        agent.wait_ready(app, n, Duration::from_secs(30));
+    }
     let fronts = agent.wait_ready("b.tls", 2, Duration::from_secs(20));
+    let fronts_c = agent.wait_ready("c.tls", 2, Duration::from_secs(20));
+    agent.wait_ready("sp.tls", 2, Duration::from_secs(20));
+    agent.wait_ready("sc.tls", 2, Duration::from_secs(20));
     let dir = agent.dir.path().to_path_buf();
     let nginx = start_nginx(&dir, nginx_port, loopback(app_port));
     let caddy = start_caddy(&dir, caddy_port, loopback(app_port));
     let variants: Vec<(&str, u16, Vec<i32>)> = vec![
-        ("corral (proxy = \"http\")", front_port, fronts),
+        ("corral, upstream = \"pool\"", front_port, fronts),
+        ("corral, upstream = \"connect\"", ports[5], fronts_c),
         ("nginx 1.22", nginx_port, with_children(nginx.pid())),
         ("Caddy 2.6", caddy_port, with_children(caddy.pid())),
     ];
@@ -337,6 +386,161 @@ fn http_bench() {
             );
         }
     }
+
+    // One slow worker of four: the share it gets and what it does to p99, pool vs connect,
+    // interleaved (sp sc sc sp ...), medians.
+    let ca = std::fs::read_to_string(dir.join("a.crt")).expect("the CA");
+    let slow_variants = [
+        ("upstream = \"pool\"", ports[7]),
+        ("upstream = \"connect\"", ports[9]),
+    ];
+    let mut slow_results: Vec<Vec<SlowResult>> = slow_variants.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        let order: Vec<usize> = if round % 2 == 0 {
+            vec![0, 1]
+        } else {
+            vec![1, 0]
+        };
+        for vi in order {
+            let r = closed_loop(loopback(slow_variants[vi].1), &ca, SLOW_CLIENTS, slow_secs);
+            slow_results[vi].push(r);
+        }
+    }
+    println!(
+        "\nbench http, one slow worker: 4 demo workers, worker 3 answers after {SLOW_MS} ms, the \
+         others at once; {SLOW_CLIENTS} keep-alive HTTP/1.1 clients in a closed loop, GET \
+         /?bytes=100, {rounds} rounds of {slow_secs} s per variant, medians"
+    );
+    println!("| upstream | requests/s | p50 ms | p99 ms | errors | slow worker's share |");
+    println!("|---|---|---|---|---|---|");
+    for (vi, (name, _)) in slow_variants.iter().enumerate() {
+        let rs = &slow_results[vi];
+        let m = |f: fn(&SlowResult) -> f64| median(&mut rs.iter().map(f).collect());
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.3} |",
+            m(|r| r.rps),
+            m(|r| r.p50_ms),
+            m(|r| r.p99_ms),
+            rs.iter().map(|r| r.errors).sum::<u64>(),
+            m(|r| r.slow_share),
+        );
+    }
     drop(caddy);
     drop(nginx);
+}
+
+/// Worker 3 of 4 answers every request after [`SLOW_MS`].
+const SLOW_MS: u64 = 20;
+/// (The shell prefix of the slow app's workers: keep it in step with [`SLOW_MS`].)
+const SLOW_WORKER: &str = "if [ $CORRAL_WORKER = 3 ]; then export DEMO_DELAY_MS=20; fi;";
+const SLOW_CLIENTS: usize = 16;
+
+struct SlowResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    slow_share: f64,
+}
+
+/// `clients` keep-alive HTTP/1.1 connections over TLS, each sending its next request when the
+/// last is answered, for `secs`: latency per request and the worker of each (X-Worker).
+fn closed_loop(addr: SocketAddr, ca: &str, clients: usize, secs: u64) -> SlowResult {
+    use std::io::{Read, Write};
+    let config = tls::client_config(ca, tls::Tls::V13);
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let (mut lat, mut slow, mut errors) = (Vec::new(), 0u64, 0u64);
+                let mut conn: Option<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> =
+                    None;
+                while std::time::Instant::now() < until {
+                    let s = match conn.as_mut() {
+                        Some(s) => s,
+                        None => {
+                            let c = rustls::ClientConnection::new(
+                                config.clone(),
+                                "localhost".try_into().expect("name"),
+                            )
+                            .expect("client");
+                            let Ok(sock) = TcpStream::connect(addr) else {
+                                errors += 1;
+                                continue;
+                            };
+                            sock.set_nodelay(true).ok();
+                            sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                            conn.insert(rustls::StreamOwned::new(c, sock))
+                        }
+                    };
+                    let began = std::time::Instant::now();
+                    let got = (|| -> std::io::Result<bool> {
+                        s.write_all(b"GET /?bytes=100 HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+                        s.flush()?;
+                        let mut buf = Vec::with_capacity(512);
+                        let mut b = [0u8; 512];
+                        let head_end = loop {
+                            let n = s.read(&mut b)?;
+                            if n == 0 {
+                                return Err(std::io::ErrorKind::UnexpectedEof.into());
+                            }
+                            buf.extend_from_slice(&b[..n]);
+                            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break p + 4;
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                        let field = |name: &str| {
+                            head.lines()
+                                .find_map(|l| l.strip_prefix(name))
+                                .map(|v| v.trim().to_string())
+                        };
+                        let len: usize = field("content-length:")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < head_end + len {
+                            let n = s.read(&mut b)?;
+                            if n == 0 {
+                                return Err(std::io::ErrorKind::UnexpectedEof.into());
+                            }
+                            buf.extend_from_slice(&b[..n]);
+                        }
+                        let slow = field("x-worker:").as_deref() == Some("3");
+                        if !head.starts_with("http/1.1 200") {
+                            return Err(std::io::ErrorKind::InvalidData.into());
+                        }
+                        Ok(slow)
+                    })();
+                    match got {
+                        Ok(is_slow) => {
+                            lat.push(began.elapsed().as_micros() as u64);
+                            slow += is_slow as u64;
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            conn = None;
+                        }
+                    }
+                }
+                (lat, slow, errors)
+            })
+        })
+        .collect();
+    let (mut lat, mut slow, mut errors) = (Vec::new(), 0, 0);
+    for t in threads {
+        let (l, s, e) = t.join().expect("client thread");
+        lat.extend(l);
+        slow += s;
+        errors += e;
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+    SlowResult {
+        rps: lat.len() as f64 / secs as f64,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        errors,
+        slow_share: slow as f64 / lat.len().max(1) as f64,
+    }
 }

@@ -332,6 +332,7 @@ mod tests {
                 max_header_bytes: 32768,
                 max_headers: 100,
                 access_log: true,
+                upstream: corral::front::args::UpstreamMode::Connect,
             },
             acme_challenges: Some("/var/lib/corral/acme/api.challenges".into()),
         };

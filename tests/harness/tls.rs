@@ -146,7 +146,7 @@ pub struct TlsResponse {
     pub cipher: Option<rustls::CipherSuite>,
 }
 
-fn client_config(ca_pem: &str, version: Tls) -> Arc<ClientConfig> {
+pub fn client_config(ca_pem: &str, version: Tls) -> Arc<ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {

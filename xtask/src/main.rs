@@ -78,7 +78,10 @@ tasks:
                     unpacked under target/, never installed) in front of the same two demo
                     workers, TLS 1.3, ECDSA P-256, driven by h2load: requests/s, p50/p99,
                     failures and CPU per request over HTTP/1.1 and HTTP/2, 100 B and 1 MiB
-                    responses; release builds, host only (root). --quick: one round of 2 s
+                    responses, corral with upstream = \"pool\" and \"connect\"; then one slow
+                    worker of four: its share of requests and p99 under each; release
+                    builds, host only (root). --quick: one round of 2 s.
+                    CORRAL_BENCH_DEMO_THREADS=N: the demo workers' threads (default 16)
   bench steering [--quick] [--rate R] [--threads T] [--accept greedy|free-thread]
                     4 workers of corral-demo, T threads each (default 1), accepting greedily
                     (default: every connection at once, queued for the threads, as an asyncio
@@ -237,7 +240,8 @@ fn test(rest: &[&str]) -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    // tests/http_front.rs runs a FastAPI app under uvicorn from this venv (and websockets).
+    // tests/http_front.rs runs a FastAPI app under uvicorn from this venv (and websockets);
+    // tests/http_upstream.rs runs its Python worker with its python.
     bench_peers::python::ensure_venv()?;
     // tests/packages.rs reads the .deb and the .rpm.
     package::build(None)?;

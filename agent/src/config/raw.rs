@@ -131,6 +131,7 @@ pub struct RawTls {
     pub max_header_size: Option<Spanned<RawSize>>,
     pub max_headers: Option<Spanned<i64>>,
     pub access_log: Option<Spanned<bool>>,
+    pub upstream: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

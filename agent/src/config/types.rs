@@ -204,7 +204,7 @@ pub struct PreStart {
     pub at: Location,
 }
 
-pub use crate::front::args::{HttpArgs, KtlsMode, ProxyMode};
+pub use crate::front::args::{HttpArgs, KtlsMode, ProxyMode, UpstreamMode};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {

@@ -30,8 +30,8 @@ impl KtlsMode {
 /// What the front does with a connection's plaintext: `[app.NAME.tls] proxy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProxyMode {
-    /// Parse HTTP/1.1 and HTTP/2 (hyper), add forwarded headers, one upstream HTTP/1.1
-    /// connection per request.
+    /// Parse HTTP/1.1 and HTTP/2 (hyper), add forwarded headers, forward each request over
+    /// HTTP/1.1 (see [`UpstreamMode`]).
     Http,
     /// The bytes as they are, one upstream connection per client connection (kTLS + splice,
     /// PROXY v2 when asked).
@@ -43,6 +43,29 @@ impl ProxyMode {
         match self {
             ProxyMode::Http => "http",
             ProxyMode::Tcp => "tcp",
+        }
+    }
+}
+
+/// How the HTTP proxy reaches the workers: `[app.NAME.tls] upstream`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamMode {
+    /// Keep-alive connections reused while their worker answers as fast as the others; a
+    /// slower one's connection is closed, and a request without a pooled connection gets a
+    /// new one, steered (ARCHITECTURE.md: "the HTTP proxy's upstream connections").
+    Pool,
+    /// A new connection per request: the steering picks the worker of every request.
+    Connect,
+}
+
+impl UpstreamMode {
+    /// The default, from the measurement in BENCHMARKS.md ("http upstream").
+    pub const DEFAULT: UpstreamMode = UpstreamMode::Pool;
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamMode::Pool => "pool",
+            UpstreamMode::Connect => "connect",
         }
     }
 }
@@ -75,6 +98,9 @@ pub struct HttpArgs {
     /// A log line per request on stderr (the front's journal).
     #[arg(long)]
     pub access_log: bool,
+    /// Reuse keep-alive connections to the workers (`pool`) or open one per request.
+    #[arg(id = "upstream_mode", long = "upstream-mode", value_enum)]
+    pub upstream: UpstreamMode,
 }
 
 impl HttpArgs {
@@ -98,6 +124,8 @@ impl HttpArgs {
         if self.access_log {
             argv.push("--access-log".to_string());
         }
+        argv.push("--upstream-mode".to_string());
+        argv.push(self.upstream.as_str().to_string());
     }
 }
 
@@ -216,6 +244,7 @@ mod tests {
                 max_header_bytes: 65536,
                 max_headers: 100,
                 access_log: true,
+                upstream: UpstreamMode::Pool,
             },
             handshake_timeout: Duration::from_millis(10_500),
             max_handshakes: 1024,
@@ -230,6 +259,7 @@ mod tests {
         a.proxy = ProxyMode::Tcp;
         a.http.trusted_proxies.clear();
         a.http.access_log = false;
+        a.http.upstream = UpstreamMode::Connect;
         for k in [KtlsMode::Auto, KtlsMode::Off, KtlsMode::Require] {
             a.ktls = k;
             assert_eq!(round_trip(&a), a);
@@ -263,6 +293,8 @@ mod tests {
                 "1",
                 "--max-headers",
                 "1",
+                "--upstream-mode",
+                "connect",
             ];
             argv.extend_from_slice(&extra);
             Cli::try_parse_from(argv).map(|_| ())

@@ -13,15 +13,8 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), and the ones a
 /// `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        strip_named(headers);
     }
     for n in [
         header::CONNECTION,
@@ -32,6 +25,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRANSFER_ENCODING,
         header::UPGRADE,
     ] {
+        headers.remove(n);
+    }
+}
+
+/// The headers a `Connection` header names.
+fn strip_named(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
         headers.remove(n);
     }
 }
@@ -74,9 +81,10 @@ pub fn apply(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>, truste
         IpAddr::V4(a) => format!("for={a};proto=https"),
         IpAddr::V6(a) => format!("for=\"[{a}]\";proto=https"),
     };
-    let host = host.filter(|h| HeaderValue::from_str(h).is_ok() && !h.contains('"'));
+    let host = host.filter(|h| HeaderValue::from_str(h).is_ok());
     if let Some(h) = host {
-        element.push_str(&format!(";host=\"{h}\""));
+        element.push_str(";host=");
+        push_quoted(&mut element, h);
     }
     let fwd = match fwd {
         Some(prev) => format!("{prev}, {element}"),
@@ -90,11 +98,23 @@ pub fn apply(headers: &mut HeaderMap, client: IpAddr, host: Option<&str>, truste
     set(headers, X_FORWARDED_FOR, &xff);
     set(headers, header::FORWARDED, &fwd);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        set(headers, X_FORWARDED_PROTO, "https");
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     }
     if let (false, Some(h)) = (headers.contains_key(&X_FORWARDED_HOST), host) {
         set(headers, X_FORWARDED_HOST, h);
     }
+}
+
+/// `s` as an RFC 7239 (RFC 9110 5.6.4) quoted-string: in quotes, with `\\` and `"` escaped.
+fn push_quoted(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -174,5 +194,21 @@ mod tests {
         strip_hop_by_hop(&mut m);
         assert_eq!(m.len(), 1, "{m:?}");
         assert_eq!(get(&m, "content-type"), ["text/plain"]);
+    }
+
+    #[test]
+    fn forwardeds_host_is_a_quoted_string_with_its_quotes_and_backslashes_escaped() {
+        let mut m = HeaderMap::new();
+        apply(
+            &mut m,
+            "192.0.2.1".parse().unwrap(),
+            Some(r#"a"b\c"#),
+            false,
+        );
+        assert_eq!(
+            get(&m, "forwarded"),
+            [r#"for=192.0.2.1;proto=https;host="a\"b\\c""#]
+        );
+        assert_eq!(get(&m, "x-forwarded-host"), [r#"a"b\c"#]);
     }
 }

@@ -4,8 +4,9 @@
 //! terminates TLS and proxies to the app's workers (`process`: its start and accept loop, `tls`:
 //! the handshake and kTLS, `relay`: the bytes both ways, `proxy`: the PROXY header, `redirect`;
 //! with `proxy = "http"`, `http`: hyper to the client and to the workers, `forwarded`: the
-//! client's address and scheme in headers),
-//! and the counters it keeps (`stats`); `acme`: the answers to an ACME CA's challenges. `app` and `args` are pure, like `config`, which uses
+//! client's address and scheme in headers), `host`: which host a request is for, `upstream`:
+//! the connections to the workers, and the counters it keeps (`stats`); `acme`: the answers to
+//! an ACME CA's challenges. `app` and `args` are pure, like `config`, which uses
 //! them; the `[app.NAME.tls]` table itself is read by `config::load` like every other table, and
 //! the supervisor's event handling for fronts (certificate changes) is in `supervisor/front.rs`.
 
@@ -14,6 +15,7 @@ pub mod app;
 pub mod args;
 pub mod bundle;
 pub mod forwarded;
+mod host;
 mod http;
 pub mod process;
 pub mod proxy;
@@ -22,6 +24,7 @@ mod relay;
 pub mod seal;
 pub mod stats;
 mod tls;
+mod upstream;
 
 /// The descriptors a front process gets, in one place: the agent passes them
 /// (`supervisor::launch`), the front takes them (`process`). `sys::spawn` places the extra

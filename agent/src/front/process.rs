@@ -199,6 +199,7 @@ async fn serve(
             .map_err(passed("the counters memfd (fd 5)"))?,
     ));
     let handshakes = Arc::new(Semaphore::new(args.max_handshakes as usize));
+    let pool = Arc::new(super::http::Pool::new(args.upstream, args.http.upstream));
     // SIGTERM: HTTP connections finish their requests in flight and close.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -244,15 +245,16 @@ async fn serve(
                 let Ok(permit) = permit else { break };
                 match accepted {
                     Ok((sock, peer)) => {
-                        let (config, args, counters, ktls, stop) = (
+                        let (config, args, counters, ktls, stop, pool) = (
                             config.clone(),
                             args.clone(),
                             counters.clone(),
                             ktls.clone(),
                             stop.clone(),
+                            pool.clone(),
                         );
                         open.spawn(async move {
-                            let c = Passed { config, args, ktls, counters, stop };
+                            let c = Passed { config, args, ktls, counters, stop, pool };
                             connection(sock, peer, c, permit).await
                         });
                     }
@@ -289,6 +291,8 @@ struct Passed {
     ktls: Arc<Ktls>,
     counters: Arc<Counters>,
     stop: tokio::sync::watch::Receiver<bool>,
+    /// The HTTP proxy's connections to the workers.
+    pool: Arc<super::http::Pool>,
 }
 
 async fn connection(
@@ -338,7 +342,12 @@ async fn connection(
             return;
         }
         let (args, counters) = (passed.args.clone(), passed.counters.clone());
-        super::http::serve(tls, peer, args, counters, passed.stop).await;
+        let alpn = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => super::http::Alpn::H2,
+            Some(_) => super::http::Alpn::Http11,
+            None => super::http::Alpn::None,
+        };
+        super::http::serve(tls, peer, alpn, args, passed.pool, counters, passed.stop).await;
         return;
     }
     let conn =

@@ -11,7 +11,9 @@ use super::source::Source;
 use super::table::Table;
 use crate::config::raw::RawTls;
 use crate::config::raw::StrList;
-use crate::config::{AppName, CertPair, ConfigError, HttpArgs, KtlsMode, Lookup, ProxyMode, Tls};
+use crate::config::{
+    AppName, CertPair, ConfigError, HttpArgs, KtlsMode, Lookup, ProxyMode, Tls, UpstreamMode,
+};
 use crate::front::app::FRONT_DEFAULT_USER;
 
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -166,6 +168,7 @@ pub(super) fn tls(
                 ),
                 ("max_headers", raw.max_headers.as_ref().map(|v| v.span())),
                 ("access_log", raw.access_log.as_ref().map(|v| v.span())),
+                ("upstream", raw.upstream.as_ref().map(|v| v.span())),
             ];
             if let Some((key, Some(span))) = http_keys.into_iter().find(|(_, s)| s.is_some()) {
                 return Err(tt
@@ -237,6 +240,15 @@ fn http(tt: &Table<'_>, raw: &RawTls) -> Result<HttpArgs, ConfigError> {
             .u32_in("max_headers", raw.max_headers.as_ref(), 1..=1000)?
             .unwrap_or(DEFAULT_MAX_HEADERS),
         access_log: raw.access_log.as_ref().is_some_and(|v| *v.get_ref()),
+        upstream: tt.choice(
+            "upstream",
+            raw.upstream.as_ref(),
+            UpstreamMode::DEFAULT,
+            &[
+                ("pool", UpstreamMode::Pool),
+                ("connect", UpstreamMode::Connect),
+            ],
+        )?,
     })
 }
 

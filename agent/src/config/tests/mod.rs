@@ -296,6 +296,7 @@ fn full_config_round_trips() {
                 max_header_bytes: 32 * 1024,
                 max_headers: 100,
                 access_log: false,
+                upstream: crate::front::args::UpstreamMode::DEFAULT,
             },
         }),
         role: Role::Workers,
@@ -1377,6 +1378,10 @@ fn tls_proxy_and_http_settings() {
     assert_eq!(tls.http.max_header_bytes, 65536);
     assert_eq!(tls.http.max_headers, 100);
     assert!(tls.http.access_log);
+    assert_eq!(tls.http.upstream, UpstreamMode::Pool, "the default");
+    let c = load_text(&tls_with("upstream = \"connect\"\n")).unwrap();
+    let tls = c.apps[&AppName::new("api").unwrap()].tls.as_ref().unwrap();
+    assert_eq!(tls.http.upstream, UpstreamMode::Connect);
     let c = load_text(&tls_with("proxy = \"tcp\"\n")).unwrap();
     assert_eq!(
         c.apps[&AppName::new("api").unwrap()]
@@ -1427,4 +1432,14 @@ fn tls_proxy_and_http_settings_refused_at_their_value() {
         "`access_log` in [app.api.tls]: is a setting of the HTTP proxy",
     );
     assert!(e.hint.unwrap().contains("remove it"));
+    assert_err(
+        &tls_with("upstream = \"keepalive\"\n"),
+        "11:12",
+        "`upstream` in [app.api.tls]: expected \"pool\" or \"connect\", found \"keepalive\"",
+    );
+    assert_err(
+        &tls_with("proxy = \"tcp\"\nupstream = \"pool\"\n"),
+        "12:12",
+        "`upstream` in [app.api.tls]: is a setting of the HTTP proxy",
+    );
 }
