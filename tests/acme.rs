@@ -98,7 +98,7 @@ fn tls_alpn_01_two_names_beside_a_file_certificate_and_a_restart_does_not_order_
     require_root();
     let dir = TempDir::new("acme-alpn-ca");
     let (app_port, tls_port) = (free_port(), free_port());
-    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30, &[]);
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
     let app = demo_app("web", loopback(app_port), 2)
         .tls("address", loopback(tls_port))
         .tls("processes", 2)
@@ -202,7 +202,7 @@ fn http_01_on_the_redirect_listener() {
     require_root();
     let dir = TempDir::new("acme-http-ca");
     let (app_port, tls_port, http_port) = (free_port(), free_port(), free_port());
-    let pebble = Pebble::start(dir.path(), tls_port, http_port, 3600 * 24 * 30, &[]);
+    let pebble = Pebble::start(dir.path(), tls_port, http_port, 3600 * 24 * 30);
     let app = demo_app("web", loopback(app_port), 2)
         .tls("address", loopback(tls_port))
         .tls("processes", 2)
@@ -236,7 +236,7 @@ fn a_short_lived_certificate_is_renewed_and_rolled_under_load_without_a_failed_r
     let (app_port, tls_port) = (free_port(), free_port());
     // 45 s certificates: renewed 30 s into their life (two thirds: pebble's ARI window for
     // them lies past their end), with 15 s to spare on a loaded machine.
-    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 45, &[]);
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 45);
     let app = demo_app("web", loopback(app_port), 2)
         .tls("address", loopback(tls_port))
         .tls("processes", 2)
@@ -285,7 +285,7 @@ fn the_ca_down_keeps_the_old_certificate_serving_and_the_failure_shows_with_back
     require_root();
     let dir = TempDir::new("acme-down-ca");
     let (app_port, tls_port, metrics_port) = (free_port(), free_port(), free_port());
-    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30, &[]);
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
     let (directory, ca) = (pebble.directory.clone(), pebble.dir.join("pebble.crt"));
     let app = |domains: &[&str]| {
         let table = Table::new()
@@ -544,7 +544,7 @@ fn a_refused_validation_shows_the_cas_problem_document() {
     require_root();
     let dir = TempDir::new("acme-refused-ca");
     let (app_port, tls_port) = (free_port(), free_port());
-    let pebble = Pebble::start(dir.path(), free_port(), free_port(), 3600, &[]);
+    let pebble = Pebble::start(dir.path(), free_port(), free_port(), 3600);
     let app = demo_app("web", loopback(app_port), 1)
         .tls("address", loopback(tls_port))
         .tls("processes", 1)

@@ -47,14 +47,8 @@ pub fn wait_listening(addr: SocketAddr, what: &str) {
 
 impl Pebble {
     /// pebble validating on `tls_port` and `http_port`, issuing certificates valid for
-    /// `validity` seconds; `extra_env` for its PEBBLE_* switches.
-    pub fn start(
-        dir: &Path,
-        tls_port: u16,
-        http_port: u16,
-        validity: u64,
-        extra_env: &[(&str, &str)],
-    ) -> Pebble {
+    /// `validity` seconds.
+    pub fn start(dir: &Path, tls_port: u16, http_port: u16, validity: u64) -> Pebble {
         pebble_tls_cert(dir);
         let (dns, dns_mgmt, listen, mgmt) = (free_port(), free_port(), free_port(), free_port());
         let dns_log = std::fs::File::create(dir.join("challtestsrv.log")).expect("log");
@@ -95,9 +89,6 @@ impl Pebble {
             .env("PEBBLE_WFE_NONCEREJECT", "0")
             .stdout(out.try_clone().expect("log"))
             .stderr(out);
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
         let ca_guard = ChildGuard::new(cmd.spawn().expect("pebble"));
         wait_listening(loopback(listen), "pebble's ACME listener");
         wait_listening(loopback(mgmt), "pebble's management listener");
