@@ -19,17 +19,13 @@ fn web_app(port: u16, count: usize) -> App {
 }
 
 fn corral_logs(agent: &Agent, args: &[&str]) -> String {
-    let out = std::process::Command::new(bin("corral"))
-        .arg("logs")
-        .args(args)
-        .arg("--socket")
-        .arg(&agent.socket)
-        .output()
-        .expect("corral logs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new(bin("corral"))
+            .arg("logs")
+            .args(args)
+            .arg("--socket")
+            .arg(&agent.socket),
+        "corral logs",
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -28,6 +28,18 @@ pub mod tls;
 
 pub use load::{answered_connections, OpenLoad};
 
+/// Run `cmd` to its end; it must succeed (its stderr is the failure message). `what` names it
+/// if it cannot be started.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Output {
+    let out = cmd.output().expect(what);
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Path of a workspace binary built in the same profile as this test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

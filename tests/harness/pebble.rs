@@ -4,6 +4,7 @@
 //! on the ports it is given (the front's TLS port, its redirect_http port). The guards stop
 //! both processes even when a test fails.
 
+use crate::run_ok;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -106,19 +107,15 @@ impl Pebble {
     /// The root pebble issues under (it makes a new one at each start), as PEM in the test
     /// directory.
     pub fn issuing_root(&self) -> PathBuf {
-        let out = Command::new("curl")
-            .args(["-sS", "--fail", "--cacert"])
-            .arg(self.dir.join("pebble.crt"))
-            .arg(format!(
-                "https://127.0.0.1:{}/roots/0",
-                self.management.port()
-            ))
-            .output()
-            .expect("curl");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new("curl")
+                .args(["-sS", "--fail", "--cacert"])
+                .arg(self.dir.join("pebble.crt"))
+                .arg(format!(
+                    "https://127.0.0.1:{}/roots/0",
+                    self.management.port()
+                )),
+            "curl",
         );
         let path = self.dir.join("issuing-root.pem");
         std::fs::write(&path, &out.stdout).expect("write root");

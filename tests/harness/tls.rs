@@ -1,5 +1,6 @@
 //! A TLS client and certificates in Rust, for where there is no curl or openssl (the VM tier).
 
+use crate::run_ok;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -20,31 +21,27 @@ pub fn self_signed(names: &[&str]) -> (String, String) {
 /// `<stem>.key` in `dir`: common name `cn`, subject alternative names `san` (`DNS:a.test`,
 /// `IP:127.0.0.1`).
 pub fn openssl_cert(dir: &Path, stem: &str, cn: &str, san: &[String]) {
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj"])
-        .arg(format!("/CN={cn}"))
-        .arg("-addext")
-        .arg(format!("subjectAltName={}", san.join(",")))
-        // A server certificate, not a CA (rustls refuses a CA certificate as the server's).
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(dir.join(format!("{stem}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{stem}.crt")))
-        .output()
-        .expect("openssl (apt-get install openssl; cargo xtask test installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "2", "-subj"])
+            .arg(format!("/CN={cn}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName={}", san.join(",")))
+            // A server certificate, not a CA (rustls refuses a CA certificate as the server's).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(dir.join(format!("{stem}.key")))
+            .arg("-out")
+            .arg(dir.join(format!("{stem}.crt"))),
+        "openssl (apt-get install openssl; cargo xtask test installs it)",
     );
 }
 
