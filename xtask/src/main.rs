@@ -21,6 +21,7 @@ mod bench_http;
 mod bench_peers;
 mod bench_steering;
 mod bench_tls;
+mod image;
 mod kube;
 mod package;
 mod vm;
@@ -125,6 +126,7 @@ fn main() -> Result<()> {
         ["bench", "tls", rest @ ..] => bench_tls::tls(rest),
         ["bench", "http", rest @ ..] => bench_http::http(rest),
         ["package", rest @ ..] => package::package(rest),
+        ["image", rest @ ..] => image::image(rest),
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");
             Ok(())
