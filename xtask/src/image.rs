@@ -66,7 +66,8 @@ pub fn build() -> Result<PathBuf> {
         std::fs::read_to_string(root.join("packaging/kubernetes/app/requirements.txt"))
             .context("reading packaging/kubernetes/app/requirements.txt")?;
     let base = base_root(&dir, &requirements)?;
-    let packages = crate::package::build(None)?;
+    // Its own directory: target/package is `cargo xtask package`'s (and the tests').
+    let deb_file = crate::package::build_deb(&dir.join("package"))?;
 
     let t = Instant::now();
     let stage = dir.join("stage");
@@ -82,7 +83,7 @@ pub fn build() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&deb);
     run(Command::new("dpkg-deb")
         .arg("--extract")
-        .arg(&packages.deb)
+        .arg(&deb_file)
         .arg(&deb))?;
     run(Command::new("install")
         .args(["-m", "0755"])
@@ -100,13 +101,7 @@ pub fn build() -> Result<PathBuf> {
         stage.join("etc/corral/corral.toml"),
     )?;
     // The pod's root filesystem is read-only: the app's bytecode is compiled here.
-    run(Command::new("chroot").arg(&stage).args([
-        "python3",
-        "-m",
-        "compileall",
-        "-q",
-        "/srv/api/main.py",
-    ]))?;
+    run(chroot(&stage).args(["python3", "-m", "compileall", "-q", "/srv/api/main.py"]))?;
     run(Command::new("chmod")
         .args(["-R", "a+rX"])
         .arg(stage.join("srv/api")))?;
@@ -149,6 +144,17 @@ pub fn build() -> Result<PathBuf> {
     Ok(archive)
 }
 
+/// A command run in `root` by chroot, with an environment of its own (the host's PIP_* and
+/// the like are not the root's).
+fn chroot(root: &Path) -> Command {
+    let mut c = Command::new("chroot");
+    c.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LANG", "C.UTF-8")
+        .arg(root);
+    c
+}
+
 /// The cached root: minbase + [`INCLUDE`] + the app's venv with `requirements`.
 fn base_root(dir: &Path, requirements: &str) -> Result<PathBuf> {
     let base = dir.join(format!(
@@ -177,8 +183,7 @@ fn base_root(dir: &Path, requirements: &str) -> Result<PathBuf> {
         .arg(&mirror))?;
 
     // The wheels, for the root's python (not the host's), downloaded on the host.
-    let out = Command::new("chroot")
-        .arg(&base)
+    let out = chroot(&base)
         .args([
             "python3",
             "-c",
@@ -221,10 +226,8 @@ fn base_root(dir: &Path, requirements: &str) -> Result<PathBuf> {
         .arg("-r")
         .arg(wheels.join("requirements.txt")))?;
     std::fs::create_dir_all(base.join("srv/api"))?;
-    run(Command::new("chroot")
-        .arg(&base)
-        .args(["python3", "-m", "venv", "/srv/api/.venv"]))?;
-    run(Command::new("chroot").arg(&base).args([
+    run(chroot(&base).args(["python3", "-m", "venv", "/srv/api/.venv"]))?;
+    run(chroot(&base).args([
         "/srv/api/.venv/bin/pip",
         "install",
         "--quiet",

@@ -142,8 +142,8 @@ check "the pod is gone" bash -c "[ -z \"\$(podman pod ps -q)\" ]"
 
 # A writable cgroup (privileged, as the manifest's comment says): a cgroup leaf per worker
 # inside the pod, with the config's memory_max.
-PRIV=$(variant privileged 's/^  replicas: 3$/  replicas: 1/; s/^            # privileged: true$/            privileged: true/' \
-    '  replicas: 1' '            privileged: true')
+PRIV=$(variant privileged 's/^  replicas: 3$/  replicas: 1/; s/^            # privileged: true$/            privileged: true/; s/^            allowPrivilegeEscalation: false$/            allowPrivilegeEscalation: true/' \
+    '  replicas: 1' '            privileged: true' '            allowPrivilegeEscalation: true')
 check "podman kube play with privileged: true" podman kube play "$PRIV"
 C=$(ctr)
 IP=$(pod_ip)
