@@ -41,7 +41,9 @@ const EXCLUDE: &[&str] = &[
 ];
 
 /// The Containerfile's instructions that `podman import` takes (`--change`).
+/// (`podman import` sets no PATH: this is debian:bookworm-slim's.)
 const CHANGES: &[&str] = &[
+    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     r#"ENTRYPOINT ["/usr/bin/corral", "agent", "--config", "/etc/corral/corral.toml"]"#,
     "EXPOSE 8000",
     "EXPOSE 9466",
