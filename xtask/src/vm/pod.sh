@@ -94,6 +94,7 @@ echo "CORRAL-KUBE: workers serving: $pids"
 check "2 workers (count = auto from the pod's 2 CPUs) serve" [ "$(echo $pids | wc -w)" = 2 ]
 logs=$(podman logs "$C" 2>&1)
 check "without a writable cgroup the agent says so at start" grep -q "is read-only" <<<"$logs"
+echo "CORRAL-KUBE: $(grep -o 'connection steering: .*' <<<"$logs" | head -1)"
 budget=$(podman exec "$C" corral check --config /etc/corral/corral.toml 2>&1)
 echo "$budget"
 check "the budget is the pod's memory limit (the container's memory.max = 2GiB)" \
@@ -160,6 +161,7 @@ check "each of the 2 workers has its own memory.max of 768MiB inside the pod ($(
 check "the container's own limit is the pod's (memory.max 2Gi)" \
     [ "$(podman exec "$C" cat /sys/fs/cgroup/memory.max)" = 2147483648 ]
 check "no read-only warning with a writable cgroup" bash -c "! podman logs $C 2>&1 | grep -q 'is read-only'"
+echo "CORRAL-KUBE: privileged: $(podman logs "$C" 2>&1 | grep -o 'connection steering: .*' | head -1)"
 check "podman kube down (privileged)" podman kube down "$PRIV"
 
 # An over-budget count: 3 x 768MiB + the agent does not fit the pod's 2Gi: refused at start,
