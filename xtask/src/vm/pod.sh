@@ -171,9 +171,11 @@ OVER=$(variant over "$PODMAN"'; s/^    count = "auto"$/    count = 3/' \
 podman kube play "$OVER"
 echo "CORRAL-KUBE: kube play of count = 3 exited with $?"
 refusal() { podman ps -aq --filter ancestor=$IMAGE | while read -r c; do podman logs "$c" 2>&1; done; }
-wait_for "count = 3 is refused: memory budget exceeded" 180 bash -c "$(declare -f refusal); refusal | grep -q 'memory budget exceeded'"
+refused() { refusal | grep -q 'memory budget exceeded'; }
+names_the_limit() { refusal | grep 'memory budget exceeded' | grep -q "the container's memory.max = 2GiB"; }
+wait_for "count = 3 is refused: memory budget exceeded" 240 refused
 refusal | grep 'memory budget exceeded' | head -2
-check "the refusal names the pod's limit" bash -c "$(declare -f refusal); refusal | grep 'memory budget exceeded' | grep -q \"the container's memory.max = 2GiB\""
+check "the refusal names the pod's limit" names_the_limit
 podman kube down "$OVER" >/dev/null 2>&1
 
 echo "CORRAL-VM-RESULT: PASS"
