@@ -84,6 +84,15 @@ fn embedded_config(yaml: &str) -> String {
 fn the_configmap_holds_a_valid_corral_config() {
     let yaml = std::fs::read_to_string(manifest()).expect("manifest");
     let text = embedded_config(&yaml);
+    // The image's own config (Containerfile, cargo xtask image) is the ConfigMap's.
+    let file = root().join("packaging/kubernetes/corral.toml");
+    let image = std::fs::read_to_string(&file).expect("packaging/kubernetes/corral.toml");
+    assert_eq!(
+        text.trim_end(),
+        image.trim_end(),
+        "the ConfigMap's corral.toml and {} differ",
+        file.display()
+    );
     let cfg = corral::config::load_str(
         Path::new("/etc/corral/corral.toml"),
         &text,

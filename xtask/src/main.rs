@@ -2,6 +2,7 @@
 //!
 //!   test            fmt, clippy, build, unit tests, host integration tests (as root), VM tier
 //!   vm-test         the VM tier: Debian's kernels under qemu, tests/vm.rs inside
+//!   image           the example Kubernetes image, built offline (podman import)
 //!   demo            build and run the agent on packaging/examples/demo.toml, in the foreground
 //!   bench restart   SIGKILL of a worker -> the replacement running, vs. a shell respawn loop
 //!   bench cgroup    in the VM tier: worker respawn with vs. without a cgroup leaf; agent RSS
@@ -22,6 +23,7 @@ mod bench_http;
 mod bench_peers;
 mod bench_steering;
 mod bench_tls;
+mod image;
 mod kube;
 mod package;
 mod vm;
@@ -39,7 +41,7 @@ tasks:
                     packaging/examples/demo.toml in the foreground (root); then in another
                     terminal: curl http://127.0.0.1:8080/
   vm-test [--kernel bookworm|trixie|all] [--keep] [--timeout SECS] [--tests NAME] [--release]
-          [--system]
+          [--system | --kube]
                     the VM tier: Debian's kernels (bookworm 6.1, trixie 6.12; fetched with apt
                     once, cached in target/vm/cache) boot under qemu (TCG) with an initramfs of
                     busybox, the debug binaries and tests/vm.rs, which run inside, where cgroup
@@ -52,6 +54,14 @@ tasks:
                     under systemd, installs the freshly built .deb and runs vm/e2e.sh (install,
                     reload, https, kill -9 of the agent, reboot, upgrade, remove, purge); log in
                     target/vm/system.log
+                    --kube: the pod tier: `cargo xtask image`, then a bookworm root from
+                    mmdebstrap with podman (cached in target/vm/pod) boots under systemd with
+                    no network and runs vm/pod.sh: podman load, podman kube play of
+                    packaging/kubernetes/corral-fastapi.yaml (FastAPI served on the pod's IP,
+                    a worker killed and restarted without a container restart, /readyz,
+                    podman kube down under load, per-worker cgroups when privileged, the
+                    budget from the pod's limit); log in target/vm/pod.log. Not part of
+                    `test` (it takes longer than the default run can spare)
   bench restart [--kills N]
                     time from SIGKILL of a worker to its replacement running, over N kills
                     (default 200), side by side with a `while :; do app; done` shell loop
@@ -62,6 +72,11 @@ tasks:
   bench cgroup      in bookworm's VM (vm-test --tests vm_bench): 16 workers respawned after
                     SIGKILL with a cgroup leaf (memory_max) vs. without a cgroup root, median
                     and p90; the agent's VmRSS with 16 and 256 workers in cgroup mode
+  image             target/image/corral-fastapi.tar (localhost/corral-fastapi:latest, for
+                    `podman load`): packaging/kubernetes/Containerfile's image built offline
+                    from Debian's packages (a bookworm root from mmdebstrap, cached in
+                    target/image), pinned PyPI wheels and the freshly built .deb, imported with
+                    `podman import` (root)
   package [--version V]
                     target/package/corral_<V>_amd64.deb and corral-<V>-1.x86_64.rpm (release
                     build, completions, man page; cargo-deb and cargo-generate-rpm are installed
@@ -132,6 +147,7 @@ fn main() -> Result<()> {
         ["bench", "tls", rest @ ..] => bench_tls::tls(rest),
         ["bench", "http", rest @ ..] => bench_http::http(rest),
         ["package", rest @ ..] => package::package(rest),
+        ["image", rest @ ..] => image::image(rest),
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");
             Ok(())

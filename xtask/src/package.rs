@@ -58,6 +58,26 @@ pub fn build(version: Option<&str>) -> Result<Packages> {
 /// Build both packages into `out`; `version` overrides the crate's (an upgrade test needs a
 /// newer one).
 pub fn build_into(version: Option<&str>, out: &Path) -> Result<Packages> {
+    let deb = build_with(version, out, true)?;
+    let rpm = find(out, "rpm")?;
+    Ok(Packages { deb, rpm })
+}
+
+/// Only the .deb, into `out` (the image unpacks corral from it; the .rpm takes the longest).
+pub fn build_deb(out: &Path) -> Result<PathBuf> {
+    build_with(None, out, false)
+}
+
+fn find(out: &Path, ext: &str) -> Result<PathBuf> {
+    std::fs::read_dir(out)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == ext))
+        .with_context(|| format!("no .{ext} in {}", out.display()))
+}
+
+/// The .deb, and the .rpm too when `rpm`, into `out`; returns the .deb.
+fn build_with(version: Option<&str>, out: &Path, rpm: bool) -> Result<PathBuf> {
     crate::ensure_packages()?;
     crate::ensure_these(
         &[
@@ -103,6 +123,9 @@ pub fn build_into(version: Option<&str>, out: &Path) -> Result<Packages> {
         deb.args(["--deb-version", v]);
     }
     run(&mut deb)?;
+    if !rpm {
+        return find(out, "deb");
+    }
     let mut rpm = Command::new(&generate_rpm);
     rpm.current_dir(&root)
         .env_remove("CARGO_TARGET_DIR")
@@ -114,17 +137,7 @@ pub fn build_into(version: Option<&str>, out: &Path) -> Result<Packages> {
         rpm.args(["--set-metadata", &format!("version = \"{v}\"")]);
     }
     run(&mut rpm)?;
-    let find = |ext: &str| -> Result<PathBuf> {
-        std::fs::read_dir(out)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == ext))
-            .with_context(|| format!("no .{ext} in {}", out.display()))
-    };
-    Ok(Packages {
-        deb: find("deb")?,
-        rpm: find("rpm")?,
-    })
+    find(out, "deb")
 }
 
 pub fn package(args: &[&str]) -> Result<()> {

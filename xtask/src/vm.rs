@@ -28,10 +28,15 @@ use crate::{root, run};
 
 mod cpio;
 pub(crate) mod kernel;
+mod pod;
 mod system;
 
 use cpio::Cpio;
 use kernel::{Kernel, Release};
+
+// The image (cargo xtask image) is built from the same Debian archive, cached the same way.
+pub(crate) use kernel::debian_mirror;
+pub(crate) use system::fnv;
 
 /// The line /init prints first; the host measures the boot to it.
 const INIT_MARKER: &str = "CORRAL-VM-INIT";
@@ -58,6 +63,8 @@ struct Options {
     release: bool,
     /// The system tier instead: the .deb in a booted Debian (vm/system.rs).
     system: bool,
+    /// The pod tier instead: the image under podman kube play in a booted Debian (vm/pod.rs).
+    kube: bool,
 }
 
 fn parse(args: &[&str]) -> Result<Options> {
@@ -68,6 +75,7 @@ fn parse(args: &[&str]) -> Result<Options> {
         tests: "vm".into(),
         release: false,
         system: false,
+        kube: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -86,6 +94,7 @@ fn parse(args: &[&str]) -> Result<Options> {
             "--keep" => o.keep = true,
             "--release" => o.release = true,
             "--system" => o.system = true,
+            "--kube" => o.kube = true,
             "--timeout" => {
                 let secs: u64 = it
                     .next()
@@ -168,6 +177,9 @@ impl Outcome {
 
 pub fn vm_test(args: &[&str]) -> Result<()> {
     let opts = parse(args)?;
+    if opts.kube {
+        return pod::run_pod(opts.timeout.max(Duration::from_secs(1200)), opts.keep);
+    }
     if opts.system {
         return system::run_system(opts.timeout.max(Duration::from_secs(1200)), opts.keep);
     }

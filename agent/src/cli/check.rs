@@ -188,6 +188,11 @@ pub fn run(path: &Path) -> Result<ExitCode> {
             } else {
                 println!("  limits      NOT enforced: {why}");
             }
+        } else if let (Some(why), true) = (
+            cgroups.container_warning(),
+            !supervisor::cgroups::needed(app).is_empty(),
+        ) {
+            println!("  limits      not per worker (the container's own stand): {why}");
         } else if let Some(root) = cgroups.root_path() {
             println!(
                 "  cgroups     {}/app-{}/worker-<slot>-<n>, one leaf per worker",

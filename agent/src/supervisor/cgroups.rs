@@ -195,7 +195,10 @@ impl Cgroups {
                     // A container's own cgroup, writable: corral's, as a delegated one would be.
                     (Kind::Unified, Some(_), Some(c)) if c.writable => c.path,
                     (Kind::Unified, Some(_), Some(c)) => {
-                        return Cgroups::none(container_read_only(&c.path), summary);
+                        return Cgroups {
+                            container_read_only: true,
+                            ..Cgroups::none(container_read_only(&c.path), summary)
+                        };
                     }
                     (Kind::Unified, Some(root), None) => {
                         return Cgroups::none(
@@ -321,8 +324,14 @@ impl Cgroups {
         self.root.as_ref().map(|r| r.path())
     }
 
-    /// Why `app`'s limits cannot be enforced here, or `None` when they can.
+    /// Why `app`'s limits cannot be enforced here, or `None` when they can, or when the
+    /// container's own limits stand in for them: in a container whose cgroup is read-only the
+    /// pod's memory.max caps the workers together (said once at start, [`Self::container_warning`];
+    /// the budget is still checked against it), and the app runs.
     pub fn refusal(&self, app: &App) -> Option<String> {
+        if self.container_read_only {
+            return None;
+        }
         let missing: Vec<&str> = needed(app)
             .into_iter()
             .filter(|c| self.root.is_none() || !self.enabled.contains(*c))
@@ -414,5 +423,54 @@ async fn remove_stale(root: &Root, keep: &[String]) {
             Ok(()) => tracing::info!("removed stale cgroup {}", path.display()),
             Err(e) => tracing::warn!("stale cgroup {}: {e}", path.display()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capped_app() -> App {
+        let text = "[agent]\ninclude = []\n\
+                    [app.api]\ncommand = [\"/bin/true\"]\nuser = \"root\"\n\
+                    [app.api.listen]\naddress = \"127.0.0.1:8000\"\n\
+                    [app.api.workers]\ncount = 2\nmemory_max = \"64MiB\"\n";
+        let cfg = config::load_str(
+            Path::new("/etc/corral/corral.toml"),
+            text,
+            &crate::sys::users::SystemLookup,
+        )
+        .expect("config");
+        cfg.apps.into_values().next().expect("one app")
+    }
+
+    #[test]
+    fn a_read_only_container_runs_capped_apps_under_its_own_limit() {
+        let app = capped_app();
+        let read_only = Cgroups {
+            container_read_only: true,
+            ..Cgroups::none(
+                container_read_only(Path::new("/sys/fs/cgroup")),
+                String::new(),
+            )
+        };
+        assert_eq!(read_only.refusal(&app), None);
+        assert!(
+            read_only
+                .container_warning()
+                .is_some_and(|w| w.contains("/sys/fs/cgroup is read-only")),
+            "{:?}",
+            read_only.container_warning()
+        );
+        // Anywhere else without a root, an app with limits is refused, saying why.
+        let none = Cgroups::none("no cgroup v2 hierarchy for the agent".into(), String::new());
+        assert!(
+            none.refusal(&app).is_some_and(
+                |w| w.contains("memory controller(s)") && w.contains("no cgroup v2 hierarchy")
+            ),
+            "{:?}",
+            none.refusal(&app)
+        );
+        assert_eq!(none.container_warning(), None);
     }
 }

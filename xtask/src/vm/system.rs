@@ -101,13 +101,14 @@ fn rootfs(dir: &Path) -> Result<PathBuf> {
     Ok(base)
 }
 
-fn fnv(s: &str) -> u32 {
+/// A short hash of what a cached root holds, for its directory's name.
+pub(crate) fn fnv(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
 }
 
-fn single(dir: &Path, prefix: &str) -> Result<PathBuf> {
+pub(super) fn single(dir: &Path, prefix: &str) -> Result<PathBuf> {
     std::fs::read_dir(dir)?
         .flatten()
         .map(|e| e.path())
