@@ -106,7 +106,7 @@ impl Supervisor {
         let target = ready::Target {
             address: app.cfg.listen.address,
             slot: slot_idx,
-            shared_by: app.steering.shared().then_some(pid),
+            worker_pid: pid,
         };
         let notify = notify.map(|sock| ready::Notify {
             sock,
