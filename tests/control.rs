@@ -595,3 +595,35 @@ fn a_replacement_is_not_ready_before_it_accepts_though_the_old_worker_takes_its_
     let (status, body) = http_get(loopback(port), "/").expect("GET after the replacement");
     assert_eq!(status, 200, "{body}");
 }
+
+/// systemd runs the unit's `ExecStartPre=corral check` before it restarts a crashed agent,
+/// while that agent's workers still hold the listen addresses and its keeper the control
+/// socket (unanswered): the check must pass there, or no crash is survived under systemd.
+#[test]
+fn check_passes_while_a_crashed_agents_workers_hold_their_addresses() {
+    let port = free_port();
+    let mut agent = Agent::start("check-kept", demo_app("web", loopback(port), 2));
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+    agent.kill9();
+    let t0 = std::time::Instant::now();
+    let out = Command::new(bin("corral"))
+        .args(["check", "--config"])
+        .arg(&agent.config)
+        .output()
+        .expect("corral check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("keeper: listening"), "{text}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "check waited on the unanswered control socket: {:?}",
+        t0.elapsed()
+    );
+    // The next agent adopts the same workers.
+    agent.spawn();
+    assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(20)), pids);
+}

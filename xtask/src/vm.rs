@@ -169,7 +169,11 @@ impl Outcome {
 pub fn vm_test(args: &[&str]) -> Result<()> {
     let opts = parse(args)?;
     if opts.system {
-        return system::run_system(opts.timeout.max(Duration::from_secs(1200)), opts.keep);
+        return system::run_system(
+            &opts.kernels,
+            opts.timeout.max(Duration::from_secs(1200)),
+            opts.keep,
+        );
     }
     let started = Instant::now();
     ensure_vm_packages()?;
