@@ -60,8 +60,8 @@ pub struct Target {
     pub address: SocketAddr,
     pub slot: u32,
     /// The probe counts only when this process (the worker) or one of its descendants accepted
-    /// it: another worker may accept from the same socket.
-    pub worker_pid: i32,
+    /// it: another worker may accept from the same socket. `None`: not checked (a TLS front).
+    pub worker_pid: Option<i32>,
 }
 
 /// Wait until the worker in `slot` of the group on `address` is ready, or say why not.
@@ -190,14 +190,17 @@ async fn probe(
         let accepted = match signal {
             AcceptSignal::Diag => {
                 match diag::tcp_connection(server_end, local).map_err(|e| e.to_string())? {
-                    Some(c) if c.inode != 0 => {
-                        let ours = holder::tree_holds_socket(worker_pid, c.inode)
-                            .map_err(|e| format!("whose probe connection: {e}"))?;
-                        if !ours {
-                            return Ok(Probe::TakenByAnother);
+                    Some(c) if c.inode != 0 => match worker_pid {
+                        None => true,
+                        Some(pid) => {
+                            let ours = holder::tree_holds_socket(pid, c.inode)
+                                .map_err(|e| format!("whose probe connection: {e}"))?;
+                            if !ours {
+                                return Ok(Probe::TakenByAnother);
+                            }
+                            true
                         }
-                        true
-                    }
+                    },
                     Some(_) => false,
                     None => {
                         return Err("the probe connection was closed before it was accepted".into())
