@@ -14,7 +14,8 @@ phase=$(cat $E/phase 2>/dev/null || echo 1)
 ok() { echo "CORRAL-E2E ok: $*"; }
 fail() {
     echo "CORRAL-E2E FAIL: $*"
-    corral status 2>&1 | head -40
+    # Bounded: with a crashed agent the keeper holds the control socket and nobody answers.
+    timeout 10 corral status 2>&1 | head -40
     systemctl status corral --no-pager 2>&1 | tail -20
     journalctl -u corral --no-pager 2>&1 | tail -60
     echo "CORRAL-VM-RESULT: FAIL $*"
