@@ -133,7 +133,7 @@ if [ "$phase" = 1 ]; then
         check "the journal says the new agent adopted them" bash -c \
             "journalctl -u corral --no-pager | grep -q \"it holds a previous agent's workers: adopting them\""
         check "the restarted agent runs in the supervisor subgroup again" bash -c \
-            "grep -q '/corral.service/supervisor\$' /proc/\$(main_pid)/cgroup"
+            "grep -q '/corral.service/supervisor\$' /proc/\$(systemctl show -P MainPID corral)/cgroup"
         echo "CORRAL-E2E: corral logs demo -n 3: $(corral logs demo -n 3 | tr '\n' ' ')"
         check "corral logs shows a worker's lines with its app and worker" bash -c \
             "corral logs demo -n 50 | grep -qE '^demo/[0-3] pid=[0-9]+ stdout'"
