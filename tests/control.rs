@@ -541,3 +541,83 @@ fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
     );
     agent.stop(Duration::from_secs(20));
 }
+
+/// A rolling replacement's new worker inherits its slot's socket while the worker it replaces
+/// still accepts from it, so the old worker may accept the new one's readiness probe. The new
+/// worker counts as ready only once it accepted a probe itself: here it sleeps 3 s before
+/// accepting anything, the old one keeps serving meanwhile, and the new one is not ready early.
+#[test]
+fn a_replacement_is_not_ready_before_it_accepts_though_the_old_worker_takes_its_probes() {
+    use std::os::unix::fs::PermissionsExt;
+    let port = free_port();
+    let dir = TempDir::new("slow-successor");
+    // The workers (nobody) look for the marker.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let marker = dir.path().join("slow");
+    let script = format!(
+        "if [ -e {} ]; then export DEMO_START_DELAY_MS=3000; fi; exec @DEMO@",
+        marker.display()
+    );
+    let app = demo_app("web", loopback(port), 1).command(["/bin/sh", "-c", &script]);
+    let agent = Agent::start("slow-successor", app);
+    let old = agent.wait_ready("web", 1, Duration::from_secs(20))[0];
+    std::fs::write(&marker, "").expect("marker");
+
+    let t0 = std::time::Instant::now();
+    let (code, out, err) = corral(&agent, &["restart", "web"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut served_by_old = 0;
+    let ready_after = wait_for(Duration::from_secs(30), "the replacement ready", || {
+        // The old worker keeps accepting from the slot's socket (and so takes probes).
+        if let Ok((200, body)) = http_get(loopback(port), "/") {
+            if body.contains(&format!("\"pid\":{old},")) {
+                served_by_old += 1;
+            }
+        }
+        let a = agent.app("web");
+        a.workers
+            .iter()
+            .any(|w| w.pid.is_some_and(|p| p != old) && w.state == "ready")
+            .then(|| t0.elapsed())
+    });
+    assert!(
+        ready_after >= Duration::from_millis(2500),
+        "the replacement counted as ready {ready_after:?} after the restart, before its 3 s \
+         start delay ended (the old worker took its probe); log:\n{}",
+        agent.log()
+    );
+    assert!(
+        served_by_old > 0,
+        "the old worker served nothing while its successor started"
+    );
+    let now = agent.wait_ready("web", 1, Duration::from_secs(20));
+    assert_ne!(now[0], old);
+    let (status, body) = http_get(loopback(port), "/").expect("GET after the replacement");
+    assert_eq!(status, 200, "{body}");
+}
+
+/// systemd runs the unit's `ExecStartPre=corral check` before it restarts a crashed agent,
+/// while that agent's workers still hold the listen addresses and its keeper the control
+/// socket (unanswered): the check must pass there, or no crash is survived under systemd.
+#[test]
+fn check_passes_while_a_crashed_agents_workers_hold_their_addresses() {
+    let port = free_port();
+    let mut agent = Agent::start("check-kept", demo_app("web", loopback(port), 2));
+    let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
+    agent.kill9();
+    let out = Command::new(bin("corral"))
+        .args(["check", "--config"])
+        .arg(&agent.config)
+        .output()
+        .expect("corral check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("keeper: listening"), "{text}");
+    // The next agent adopts the same workers.
+    agent.spawn();
+    assert_eq!(agent.wait_ready("web", 2, Duration::from_secs(20)), pids);
+}

@@ -43,6 +43,7 @@ const FILES: &[&str] = &[
     "/usr/share/bash-completion/completions/corral",
     "/usr/share/fish/vendor_completions.d/corral.fish",
     "/usr/share/man/man1/corral.1.gz",
+    "/usr/share/corral/systemd-before-254.conf",
 ];
 
 #[test]
@@ -92,6 +93,8 @@ fn the_rpm_holds_the_files_config_flags_and_scriptlets() {
         "systemctl disable --now corral.service",
         "postuninstall scriptlet",
         "systemd-sysusers corral.conf",
+        "ln -sf /usr/share/corral/systemd-before-254.conf",
+        "-lt 254",
     ] {
         assert!(scripts.contains(want), "{want:?} missing:\n{scripts}");
     }
@@ -137,11 +140,17 @@ fn the_deb_holds_the_files_conffiles_and_maintainer_scripts() {
         "/usr/bin/corral reexec",
         "try-restart",
         "systemd-sysusers",
+        "ln -sf /usr/share/corral/systemd-before-254.conf",
+        "-lt 254",
     ] {
         assert!(postinst.contains(want), "{want}:\n{postinst}");
     }
     let postrm = out(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("postrm"));
     assert!(postrm.contains("rm -rf /etc/corral"), "{postrm}");
+    assert!(
+        postrm.contains("rm -f /etc/systemd/system/corral.service.d/10-systemd-before-254.conf"),
+        "{postrm}"
+    );
     let prerm = out(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("prerm"));
     assert!(prerm.contains("stop corral.service"), "{prerm}");
 }

@@ -49,11 +49,13 @@ tasks:
                     target/vm/<kernel>.log; --keep keeps target/vm/work (the initramfs and a
                     script that boots it again); --timeout per kernel in seconds, default 600;
                     --tests NAME runs tests/NAME.rs instead of tests/vm.rs; --release packs
-                    release builds (benchmarks). --system: the system tier instead: a Debian
-                    bookworm root filesystem from debootstrap (cached in target/vm/system) boots
-                    under systemd, installs the freshly built .deb and runs vm/e2e.sh (install,
-                    reload, https, kill -9 of the agent, reboot, upgrade, remove, purge); log in
-                    target/vm/system.log
+                    release builds (benchmarks). --system: the system tier instead: a Debian root
+                    filesystem from debootstrap (per release, --kernel picks them; cached in
+                    target/vm/system) boots under systemd, installs the freshly built .deb and
+                    runs vm/e2e.sh (install, reload, a shared-socket app, https, kill -9 of the
+                    agent: under load with every worker kept on trixie's systemd 257, a full
+                    restart on bookworm's 252; systemctl stop, reboot, upgrade, remove, purge);
+                    logs in target/vm/system-<release>.log
                     --kube: the pod tier: `cargo xtask image`, then a bookworm root from
                     mmdebstrap with podman (cached in target/vm/pod) boots under systemd with
                     no network and runs vm/pod.sh: podman load, podman kube play of

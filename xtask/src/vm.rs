@@ -181,7 +181,11 @@ pub fn vm_test(args: &[&str]) -> Result<()> {
         return pod::run_pod(opts.timeout.max(Duration::from_secs(1200)), opts.keep);
     }
     if opts.system {
-        return system::run_system(opts.timeout.max(Duration::from_secs(1200)), opts.keep);
+        return system::run_system(
+            &opts.kernels,
+            opts.timeout.max(Duration::from_secs(1200)),
+            opts.keep,
+        );
     }
     let started = Instant::now();
     ensure_vm_packages()?;

@@ -14,19 +14,36 @@ use corral::policy::restart::format_duration;
 use corral::supervisor::{self, budget};
 use corral::sys::{machine, socket, spawn::display_argv};
 
+/// Whether a keeper listens beside the control socket: a running agent's, or a crashed one's
+/// whose workers still hold their sockets (and the keeper the control socket and the metrics
+/// listener), which the next agent adopts. An address in use is then taken to be corral's, and
+/// the control socket is not asked (without an agent it never answers).
+fn kept(cfg: &Config) -> bool {
+    let (keeper, _) = supervisor::keeper_paths(&cfg.agent.control_socket);
+    corral::sys::keeper::listening(&keeper)
+}
+
 /// Can the agent bind its metrics address? An agent answering on the control socket is taken
 /// to be the one serving it; otherwise a plain bind must work.
 fn probe_metrics(cfg: &Config, address: std::net::SocketAddr) -> Result<(), String> {
-    let running = control::call(
-        &cfg.agent.control_socket,
-        &Request::Status { app: None },
-        Duration::from_secs(2),
-    )
-    .is_ok();
+    let kept = kept(cfg);
+    // A keeper without its agent holds the control socket unanswered: no 2 s wait on it.
+    let running = !kept
+        && control::call(
+            &cfg.agent.control_socket,
+            &Request::Status { app: None },
+            Duration::from_secs(2),
+        )
+        .is_ok();
     if running {
         return Ok(());
     }
-    std::net::TcpListener::bind(address).map(drop).map_err(|e| {
+    match std::net::TcpListener::bind(address) {
+        Err(e) if kept && e.kind() == std::io::ErrorKind::AddrInUse => return Ok(()),
+        r => r,
+    }
+    .map(drop)
+    .map_err(|e| {
         let at = cfg
             .agent
             .metrics_at
@@ -47,27 +64,32 @@ fn probe_metrics(cfg: &Config, address: std::net::SocketAddr) -> Result<(), Stri
 /// Can the agent bind this address? A running agent serving it already is fine; otherwise try a
 /// plain bind (never SO_REUSEPORT, so the check can't join a live group and steal connections).
 fn probe_bind(cfg: &Config, app: &config::App) -> Result<(), String> {
-    let served = control::call(
-        &cfg.agent.control_socket,
-        &Request::Status {
-            app: Some(app.name.to_string()),
-        },
-        Duration::from_secs(2),
-    )
-    .ok()
-    .and_then(|r| match r {
-        Response::Status { apps, .. } => Some(apps),
-        _ => None,
-    })
-    .is_some_and(|apps| {
-        apps.iter()
-            .any(|a| a.address == app.listen.address.to_string())
-    });
+    let kept = kept(cfg);
+    let served = !kept
+        && control::call(
+            &cfg.agent.control_socket,
+            &Request::Status {
+                app: Some(app.name.to_string()),
+            },
+            Duration::from_secs(2),
+        )
+        .ok()
+        .and_then(|r| match r {
+            Response::Status { apps, .. } => Some(apps),
+            _ => None,
+        })
+        .is_some_and(|apps| {
+            apps.iter()
+                .any(|a| a.address == app.listen.address.to_string())
+        });
     if served {
         return Ok(());
     }
-    std::net::TcpListener::bind(app.listen.address)
-        .map(drop)
+    match std::net::TcpListener::bind(app.listen.address) {
+        Err(e) if kept && e.kind() == std::io::ErrorKind::AddrInUse => return Ok(()),
+        r => r,
+    }
+    .map(drop)
         .map_err(|e| {
             let what = match e.kind() {
                 std::io::ErrorKind::AddrInUse => format!(
@@ -109,6 +131,12 @@ pub fn run(path: &Path) -> Result<ExitCode> {
         if let Err(e) = probe_metrics(&cfg, address) {
             problems.push(e);
         }
+    }
+    if kept(&cfg) {
+        println!(
+            "keeper: listening beside the control socket (a running agent's, or a crashed \
+             one's whose workers the next agent adopts): an address in use counts as held by its workers"
+        );
     }
     let cgroups = supervisor::cgroups::Cgroups::inspect(&cfg.agent);
     println!("cgroups: {}", cgroups.describe());

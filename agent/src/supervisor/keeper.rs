@@ -374,6 +374,13 @@ impl Keeper {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+        } else {
+            // An adopted keeper is not this agent's child: its hang-up says it exited, so a
+            // service manager that sees the agent exit finds nothing else left running.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !chan::peer_gone(self.conn.as_fd()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.spool);

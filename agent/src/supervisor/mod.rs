@@ -34,5 +34,6 @@ pub mod steering;
 mod workers;
 
 pub use budget::worker_count;
+pub use keeper::paths as keeper_paths;
 pub use startup::{run, Options, StartError};
 pub use workers::exit_status;

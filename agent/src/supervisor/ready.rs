@@ -7,10 +7,14 @@
 //! socket inode on accept). `http:/path`: the same connection then carries `GET /path` and
 //! the worker is ready on a 2xx or 3xx answer.
 //!
-//! Where the workers share one socket (one accept queue), a probe cannot be sent to one worker:
-//! whoever accepts it first takes it. The probe then also asks whose process tree holds the
-//! accepted socket (its inode among the worker's fds); one taken by another worker is closed
-//! and the next probe tried, until the worker takes one or its time is up.
+//! A socket may have more than one worker accepting from it: every worker where they share one
+//! socket (one accept queue), and a slot's socket during a rolling replacement, where the new
+//! worker inherits it while the worker it replaces still accepts. A probe then goes to whoever
+//! accepts first, so every probe also asks whose process tree holds the accepted socket (its
+//! inode among the worker's fds, `sys::holder`, which reads as the worker's user where the
+//! agent lacks CAP_SYS_PTRACE); one taken by another worker is closed and the next probe
+//! tried, until the worker takes one or its time is up. Otherwise a replaced worker that took
+//! its successor's probe would make the successor ready before it accepts anything.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -55,9 +59,9 @@ pub fn init_accept_signal() -> AcceptSignal {
 pub struct Target {
     pub address: SocketAddr,
     pub slot: u32,
-    /// The workers share one socket: the probe counts only when this process (the worker) or
-    /// one of its descendants accepted it.
-    pub shared_by: Option<i32>,
+    /// The probe counts only when this process (the worker) or one of its descendants accepted
+    /// it: another worker may accept from the same socket. `None`: not checked (a TLS front).
+    pub worker_pid: Option<i32>,
 }
 
 /// Wait until the worker in `slot` of the group on `address` is ready, or say why not.
@@ -71,13 +75,13 @@ pub async fn wait_ready(
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let limit = crate::policy::restart::format_duration(timeout);
-    // Probes another worker took (shared socket only), for the timeout's message.
+    // Probes another worker took, for the timeout's message.
     let mut missed = 0u32;
     let others = |missed: u32| {
         if missed == 0 {
             String::new()
         } else {
-            format!(" ({missed} probes were accepted by the other workers sharing its socket)")
+            format!(" ({missed} probes were accepted by other workers on its socket)")
         }
     };
     match ready {
@@ -170,7 +174,7 @@ async fn probe(
     let Target {
         address,
         slot,
-        shared_by,
+        worker_pid,
     } = target;
     let mut stream = connect(address, slot).await?;
     let local = stream.local_addr().map_err(|e| e.to_string())?;
@@ -186,7 +190,7 @@ async fn probe(
         let accepted = match signal {
             AcceptSignal::Diag => {
                 match diag::tcp_connection(server_end, local).map_err(|e| e.to_string())? {
-                    Some(c) if c.inode != 0 => match shared_by {
+                    Some(c) if c.inode != 0 => match worker_pid {
                         None => true,
                         Some(pid) => {
                             let ours = holder::tree_holds_socket(pid, c.inode)

@@ -106,7 +106,14 @@ impl Supervisor {
         let target = ready::Target {
             address: app.cfg.listen.address,
             slot: slot_idx,
-            shared_by: app.steering.shared().then_some(pid),
+            // A TLS front makes itself undumpable (it holds private keys): its /proc/PID/fd
+            // cannot be read without CAP_SYS_PTRACE, even as its own user. Fronts are
+            // corral's own program, accepting as soon as they start, so their probes go
+            // unchecked (ARCHITECTURE.md, known limits).
+            worker_pid: match app.cfg.role {
+                config::Role::Workers => Some(pid),
+                config::Role::TlsFront { .. } => None,
+            },
         };
         let notify = notify.map(|sock| ready::Notify {
             sock,

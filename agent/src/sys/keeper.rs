@@ -81,6 +81,24 @@ pub fn listen(path: &Path) -> Result<OwnedFd, KeeperError> {
     Ok(fd)
 }
 
+/// Whether a socket listens at `path` (in this network namespace), from /proc/net/unix: a
+/// look that connects to nothing, so a keeper waiting for its next agent is not disturbed.
+pub fn listening(path: &Path) -> bool {
+    /// `__SO_ACCEPTCON` in the Flags column: a listening socket.
+    const ACCEPTCON: u32 = 0x1_0000;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let wanted = path.as_os_str().to_string_lossy();
+    // "Num: RefCount Protocol Flags Type St Inode Path"
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() >= 8
+            && u32::from_str_radix(cols[3], 16).is_ok_and(|f| f & ACCEPTCON != 0)
+            && cols[7..].join(" ") == wanted
+    })
+}
+
 /// Connect to a keeper at `path`; its user must be ours.
 pub fn connect(path: &Path) -> Result<OwnedFd, KeeperError> {
     let fd = seqpacket()?;
@@ -303,5 +321,19 @@ mod tests {
         assert_eq!(&one, b"x");
         drop(a);
         assert!(recv(b.as_fd()).expect("recv").is_none());
+    }
+
+    #[test]
+    fn listening_sees_a_listening_socket_by_path_and_not_a_removed_one() {
+        let dir =
+            std::env::temp_dir().join(format!("corral-keeper-listening-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("keeper.sock");
+        assert!(!listening(&path));
+        let fd = listen(&path).expect("listen");
+        assert!(listening(&path));
+        drop(fd);
+        assert!(!listening(&path));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

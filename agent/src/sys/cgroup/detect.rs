@@ -173,11 +173,21 @@ pub fn container_cgroup(d: &Detected) -> Option<ContainerCgroup> {
     })
 }
 
-/// The delegated root for an agent in cgroup `own`: its parent when the agent sits in its
-/// `supervisor` leaf, `own` otherwise.
+/// Where systemd puts a delegated unit's control processes (`ExecStartPre=`, `ExecReload=`)
+/// when the unit has `DelegateSubgroup=`: `corral check` runs there.
+const SYSTEMD_CONTROL: &str = ".control";
+
+/// The delegated root for a process in cgroup `own`: its parent when the process sits in the
+/// agent's `supervisor` leaf or in systemd's `.control` leaf beside it, `own` otherwise.
 fn delegated_root(own: &Path) -> &Path {
     match own.parent() {
-        Some(parent) if own.file_name().is_some_and(|n| n == SUPERVISOR) => parent,
+        Some(parent)
+            if own
+                .file_name()
+                .is_some_and(|n| n == SUPERVISOR || n == SYSTEMD_CONTROL) =>
+        {
+            parent
+        }
         _ => own,
     }
 }
@@ -246,6 +256,11 @@ mod tests {
         );
         assert_eq!(
             delegated_root(&p("/system.slice/corral.service")),
+            p("/system.slice/corral.service")
+        );
+        // `corral check` as the unit's ExecStartPre, with DelegateSubgroup=.
+        assert_eq!(
+            delegated_root(&p("/system.slice/corral.service/.control")),
             p("/system.slice/corral.service")
         );
         assert_eq!(delegated_root(&p("/")), p("/"));
