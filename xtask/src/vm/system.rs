@@ -273,7 +273,7 @@ fn boot_one(
         &log,
         timeout,
         None,
-        &dir,
+        dir,
     )?;
     if !keep {
         let _ = std::fs::remove_file(&image);
