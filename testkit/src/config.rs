@@ -245,7 +245,8 @@ pub struct AgentTable(Table);
 
 impl AgentTable {
     /// An agent that keeps everything in `dir`: `state_dir` is `dir/run` (its control socket
-    /// `dir/run/control.sock`), `bpf_pin_dir` is `dir/bpf`, and no file is included.
+    /// `dir/run/control.sock`), `bpf_pin_dir` is `dir/bpf`, `acme_dir` is `dir/acme`, and no
+    /// file is included.
     pub fn private(dir: &Path) -> AgentTable {
         AgentTable(
             Table::new()
@@ -508,7 +509,8 @@ sni = [{ cert = "b.crt", key = "b.key" }]
         assert_eq!(
             agent.to_string(),
             "[agent]\nstate_dir = \"/tmp/t/run\"\ncontrol_socket = \"/tmp/t/run/control.sock\"\n\
-             bpf_pin_dir = \"/tmp/t/bpf\"\ninclude = []\nenforce_limits = false\n\
+             bpf_pin_dir = \"/tmp/t/bpf\"\nacme_dir = \"/tmp/t/acme\"\ninclude = []\n\
+             enforce_limits = false\n\
              metrics = \"127.0.0.1:9464\"\n\n"
         );
     }
