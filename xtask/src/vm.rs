@@ -920,6 +920,30 @@ pub fn bench_cgroup(args: &[&str]) -> Result<()> {
     result
 }
 
+/// qemu's arguments to boot a root filesystem image under systemd (TCG, 2 CPUs, 3 GiB, no
+/// network, serial console): the system and pod tiers.
+pub(crate) fn systemd_boot_args(
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    image: &std::path::Path,
+) -> Vec<String> {
+    let mut args: Vec<String> = "-accel tcg -M q35 -cpu max -m 3G -smp 2 -nographic -nic none"
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    args.extend([
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-append".into(),
+        "console=ttyS0 root=/dev/vda rw panic=-1 systemd.show_status=0".into(),
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw", image.display()),
+    ]);
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -250,20 +250,7 @@ fn boot_one(
         let _ = std::fs::remove_dir_all(&stage);
     }
 
-    let mut args: Vec<String> = "-accel tcg -M q35 -cpu max -m 3G -smp 2 -nographic -nic none"
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    args.extend([
-        "-kernel".into(),
-        k.display().to_string(),
-        "-initrd".into(),
-        i.display().to_string(),
-        "-append".into(),
-        "console=ttyS0 root=/dev/vda rw panic=-1 systemd.show_status=0".into(),
-        "-drive".into(),
-        format!("file={},if=virtio,format=raw", image.display()),
-    ]);
+    let args = super::systemd_boot_args(&k, &i, &image);
     let log = root.join(format!("target/vm/system-{name}.log"));
     let outcome = super::run_qemu(
         release,
