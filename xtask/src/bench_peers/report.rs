@@ -274,13 +274,15 @@ fn print_load(l: &LoadReport, r: &AppReport) {
     println!(
         "| where requests landed (from the client) | sent to a busy worker while another was idle \
          | sent to a worker with more in flight than the least busy | in flight on their worker / \
-         on the least busy, at the send (mean) |"
+         on the least busy, at the send (mean) | 1 ms class's slowest 1%: sent to a busy worker; \
+         in flight on all workers at the send (mean) |"
     );
-    println!("| --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- |");
     for ((_, s), p) in l.results.iter().zip(&l.placement) {
         let (theirs, least) = p.means();
+        let (tail_busy, tail_all) = p.tail();
         println!(
-            "| {} | {:.1}% | {:.1}% | {theirs:.2} / {least:.2} |",
+            "| {} | {:.1}% | {:.1}% | {theirs:.2} / {least:.2} | {tail_busy:.0}%; {tail_all:.1} |",
             s.name,
             p.busy_while_idle_pct(),
             p.behind_more_pct()
