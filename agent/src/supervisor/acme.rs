@@ -128,7 +128,18 @@ async fn keep(app: AppName, acme: Acme, identity: Identity, status: Arc<Mutex<Ac
                         "two thirds of its lifetime",
                     )
                 }
-                Ok(Outcome::Failed { error: e, .. }) | Err(e) => {
+                Ok(Outcome::Failed {
+                    error: e,
+                    retry_after_secs,
+                }) => {
+                    tracing::warn!(app = %app, "acme: renewal information: {e}; renewing at two thirds of the lifetime");
+                    (
+                        schedule::two_thirds(v.not_before, v.not_after),
+                        ARI_RETRY.max(Duration::from_secs(retry_after_secs.unwrap_or(0))),
+                        "two thirds of its lifetime",
+                    )
+                }
+                Err(e) => {
                     tracing::warn!(app = %app, "acme: renewal information: {e}; renewing at two thirds of the lifetime");
                     (
                         schedule::two_thirds(v.not_before, v.not_after),
