@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use corral_tests::acme_proxy::AcmeProxy;
 use corral_tests::pebble::{pebble_tls_cert, wait_listening, Pebble};
 use corral_tests::*;
 
@@ -565,4 +566,167 @@ fn a_refused_validation_shows_the_cas_problem_document() {
     );
     assert!(st["not_after"].is_null(), "{st}");
     assert_eq!(pebble.issued(), 0);
+}
+
+/// The acme table for a CA behind the tampering proxy.
+fn acme_via(proxy: &AcmeProxy, domains: &[&str]) -> Table {
+    Table::new()
+        .set(
+            "domains",
+            Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
+        )
+        .set("directory", proxy.directory.as_str())
+        .set("directory_ca", proxy.ca.clone())
+        .set("challenge", "tls-alpn-01")
+}
+
+fn reload(agent: &Agent) {
+    let out = Command::new(bin("corral"))
+        .args(["reload", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("corral reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA that issues for another name than ordered (for the right key, so only the name is
+/// wrong): the agent refuses it with the names in the error, in status, log and metrics; it
+/// is never stored nor served, and the certificate in service keeps serving.
+#[test]
+fn a_certificate_for_another_name_from_the_ca_is_refused_and_the_old_one_keeps_serving() {
+    require_root();
+    let dir = TempDir::new("acme-wrong-ca");
+    let (app_port, tls_port, metrics_port) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
+    let proxy = AcmeProxy::start(dir.path(), &pebble.directory, &dir.path().join("pebble.crt"));
+    let app = |domains: &[&str]| {
+        demo_app("web", loopback(app_port), 2)
+            .tls("address", loopback(tls_port))
+            .tls("processes", 2)
+            .tls("acme", acme_via(&proxy, domains))
+    };
+    let agent = Agent::start_with_agent_extra(
+        "acme-wrong",
+        Table::new().set("metrics", loopback(metrics_port).to_string()),
+        app(&["a.test"]),
+    );
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root = pebble.issuing_root();
+    let tls = loopback(tls_port);
+    // Through the proxy, untouched: pebble's certificate.
+    wait_served(tls, "a.test", &root);
+    let serial = served_serial(tls, "a.test").expect("serial");
+    let stored = agent.dir.path().join("acme/web/cert.pem");
+    let before = std::fs::read_to_string(&stored).expect("stored certificate");
+
+    // Now the CA answers an order for a.test and b.test with a certificate for evil.test.
+    proxy.issue_for("evil.test");
+    agent.rewrite_config(app(&["a.test", "b.test"]).to_string());
+    reload(&agent);
+    let st = wait_for(
+        Duration::from_secs(90),
+        "the refused certificate in status",
+        || {
+            let st = acme_status(&agent);
+            (st["failures"].as_u64() >= Some(1)).then_some(st)
+        },
+    );
+    assert!(proxy.replaced() >= 1, "the proxy replaced the chain: {st}");
+    let why = "the CA's certificate is refused: the certificate names evil.test, which \
+               `domains` (a.test, b.test) does not list";
+    assert!(
+        st["last_error"].as_str().unwrap_or_default().contains(why),
+        "{st}"
+    );
+    let log = agent.log();
+    assert!(log.contains(why), "{log}");
+    let text = status_text(&agent);
+    assert!(text.contains("evil.test"), "{text}");
+    let m = metrics(loopback(metrics_port));
+    assert!(
+        m.lines().any(|l| l
+            .starts_with("corral_tls_acme_renewal_failures_total{app=\"web.tls\"} ")
+            && !l.ends_with(" 0")),
+        "{m}"
+    );
+    // Never stored, never served: the old certificate keeps serving a.test.
+    assert_eq!(std::fs::read_to_string(&stored).expect("stored"), before);
+    assert!(curl(tls, "a.test", &root).is_ok());
+    assert_eq!(
+        served_serial(tls, "a.test").as_deref(),
+        Some(serial.as_str())
+    );
+    let evil = served_cert(tls, "evil.test");
+    assert!(!evil.contains("evil.test"), "{evil}");
+}
+
+/// An HTTP-date `secs` from now, as a Retry-After may carry.
+fn http_date_in(secs: u64) -> String {
+    let out = run_ok(
+        Command::new("date")
+            .args(["-u", "-d"])
+            .arg(format!("+{secs} seconds"))
+            .arg("+%a, %d %b %Y %H:%M:%S GMT"),
+        "date",
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A CA that rate-limits (429 with Retry-After, on a new order or on a new nonce, as
+/// delay-seconds or an HTTP-date): the agent's next attempt, as it reports it, is no sooner
+/// than the CA asked, not its own 10 s backoff.
+#[test]
+fn a_rate_limited_ca_is_not_asked_again_before_its_retry_after() {
+    require_root();
+    let cases = [
+        ("/order-plz", "7200".to_string(), 7200, "rateLimited"),
+        (
+            "/nonce-plz",
+            http_date_in(3 * 3600),
+            3 * 3600 - 120,
+            "error response from newNonce resource",
+        ),
+    ];
+    for (i, (path, retry_after, at_least, what)) in cases.into_iter().enumerate() {
+        let dir = TempDir::new(&format!("acme-limited-ca{i}"));
+        let (app_port, tls_port) = (free_port(), free_port());
+        let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
+        let proxy =
+            AcmeProxy::start(dir.path(), &pebble.directory, &dir.path().join("pebble.crt"));
+        proxy.rate_limit_next(path, &retry_after);
+        let app = demo_app("web", loopback(app_port), 1)
+            .tls("address", loopback(tls_port))
+            .tls("processes", 1)
+            .tls("acme", acme_via(&proxy, &["a.test"]));
+        let agent = Agent::start(&format!("acme-limited{i}"), app);
+        let st = wait_for(
+            Duration::from_secs(90),
+            "the rate-limited order in status",
+            || {
+                let st = acme_status(&agent);
+                (st["failures"].as_u64() >= Some(1)).then_some(st)
+            },
+        );
+        let limited = proxy.limited();
+        assert!(
+            limited.len() == 1 && limited[0].contains(path),
+            "{limited:?}"
+        );
+        let error = st["last_error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(what) && error.contains("the CA's Retry-After: "),
+            "{path}: {st}"
+        );
+        let gap = st["next_attempt"].as_i64().unwrap() - st["last_error_at"].as_i64().unwrap();
+        assert!(
+            gap >= at_least,
+            "{path} (Retry-After {retry_after}): the next attempt in {gap} s: {st}"
+        );
+        assert_eq!(st["failures"], 1, "{st}");
+        assert_eq!(pebble.issued(), 0);
+    }
 }
