@@ -602,7 +602,11 @@ fn a_certificate_for_another_name_from_the_ca_is_refused_and_the_old_one_keeps_s
     let dir = TempDir::new("acme-wrong-ca");
     let (app_port, tls_port, metrics_port) = (free_port(), free_port(), free_port());
     let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
-    let proxy = AcmeProxy::start(dir.path(), &pebble.directory, &dir.path().join("pebble.crt"));
+    let proxy = AcmeProxy::start(
+        dir.path(),
+        &pebble.directory,
+        &dir.path().join("pebble.crt"),
+    );
     let app = |domains: &[&str]| {
         demo_app("web", loopback(app_port), 2)
             .tls("address", loopback(tls_port))
@@ -695,8 +699,11 @@ fn a_rate_limited_ca_is_not_asked_again_before_its_retry_after() {
         let dir = TempDir::new(&format!("acme-limited-ca{i}"));
         let (app_port, tls_port) = (free_port(), free_port());
         let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
-        let proxy =
-            AcmeProxy::start(dir.path(), &pebble.directory, &dir.path().join("pebble.crt"));
+        let proxy = AcmeProxy::start(
+            dir.path(),
+            &pebble.directory,
+            &dir.path().join("pebble.crt"),
+        );
         proxy.rate_limit_next(path, &retry_after);
         let app = demo_app("web", loopback(app_port), 1)
             .tls("address", loopback(tls_port))
@@ -729,4 +736,160 @@ fn a_rate_limited_ca_is_not_asked_again_before_its_retry_after() {
         assert_eq!(st["failures"], 1, "{st}");
         assert_eq!(pebble.issued(), 0);
     }
+}
+
+/// `corral acme` runs as the fronts do: the front's user, no capabilities (none to regain:
+/// an empty bounding set, no_new_privs), fds 0-2 only, undumpable, in a cgroup leaf `acme` of
+/// the front app's, which the agent removes when it stops. It is looked at while the proxy
+/// holds its order.
+#[test]
+fn corral_acme_runs_as_sandboxed_as_the_fronts() {
+    require_root();
+    let dir = TempDir::new("acme-sandbox-ca");
+    let (app_port, tls_port) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
+    let proxy = AcmeProxy::start(
+        dir.path(),
+        &pebble.directory,
+        &dir.path().join("pebble.crt"),
+    );
+    proxy.hold_next("/order-plz");
+    let app = demo_app("web", loopback(app_port), 1)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 1)
+        .tls("acme", acme_via(&proxy, &["a.test"]));
+    let mut agent = Agent::start("acme-sandbox", app);
+    let front = agent.wait_ready("web.tls", 1, Duration::from_secs(30))[0];
+    let acme = wait_for(
+        Duration::from_secs(60),
+        "`corral acme` waiting for its order",
+        || {
+            if !proxy.held() {
+                return None;
+            }
+            processes_with_arg("acme").into_iter().find(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                cmdline == b"/proc/self/exe\0acme\0"
+            })
+        },
+    );
+    let status = proc_status(acme);
+    let field = |st: &[(String, String)], k: &str| {
+        st.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let front_status = proc_status(front);
+    assert_eq!(
+        field(&status, "PPid"),
+        agent.pid().to_string(),
+        "{status:?}"
+    );
+    for k in [
+        "Uid",
+        "Gid",
+        "Groups",
+        "NoNewPrivs",
+        "CapInh",
+        "CapPrm",
+        "CapEff",
+        "CapBnd",
+        "CapAmb",
+    ] {
+        assert_eq!(
+            field(&status, k),
+            field(&front_status, k),
+            "{k} of `corral acme` as the front's: {status:?}"
+        );
+    }
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    assert_eq!(field(&status, "CapEff"), "0000000000000000");
+    assert_eq!(field(&status, "CapBnd"), "0000000000000000");
+    assert_ne!(field(&status, "Uid").split_whitespace().next(), Some("0"));
+    // Undumpable: its /proc files belong to root, not to its user.
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(format!("/proc/{acme}/status")).expect("status"),
+    );
+    assert_eq!(owner, 0, "undumpable");
+    // Nothing of the agent's open files: what it holds beyond 0-2 it opened itself (its
+    // runtime's epoll and eventfd, its connection to the CA), no socket, memfd, pidfd or
+    // cgroup directory the agent has open.
+    let targets = |pid: i32| -> Vec<(String, String)> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .flatten()
+            .filter_map(|e| {
+                let t = std::fs::read_link(e.path()).ok()?;
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    t.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect()
+    };
+    let agent_files: Vec<String> = targets(agent.pid()).into_iter().map(|(_, t)| t).collect();
+    for (fd, target) in targets(acme) {
+        if ["0", "1", "2"].contains(&fd.as_str()) {
+            continue;
+        }
+        let own = target == "anon_inode:[eventpoll]" || target == "anon_inode:[eventfd]";
+        assert!(
+            own || !agent_files.contains(&target),
+            "fd {fd} -> {target} is the agent's"
+        );
+        assert!(
+            !target.starts_with("/memfd:")
+                && !target.starts_with("/sys/fs/cgroup")
+                && !target.contains("pidfd"),
+            "fd {fd} -> {target}"
+        );
+    }
+    // Its own leaf beside the front's, when the fronts get leaves (not where the agent runs
+    // without cgroups: a hybrid host like this test's may be; the VM tier has them).
+    let front_cg = proc_cgroup(front).expect("the front's cgroup");
+    let acme_cg = proc_cgroup(acme).expect("its cgroup");
+    let leaf = match front_cg.rsplit_once('/') {
+        Some((app_cg, front_leaf)) if front_leaf.starts_with("worker-") => {
+            assert_eq!(acme_cg, format!("{app_cg}/acme"));
+            let leaf = cgroup_v2_dir(&acme_cg);
+            assert_eq!(cgroup_procs(&leaf), [acme]);
+            Some(leaf)
+        }
+        _ => {
+            eprintln!(
+                "note: the fronts run without cgroup leaves here (in {front_cg}), so the acme \
+                 leaf is not shown: `corral acme` is in {acme_cg} like them"
+            );
+            assert_eq!(acme_cg, front_cg);
+            None
+        }
+    };
+    // Let it go: the certificate comes, the run ends, the leaf is empty, and goes with the
+    // agent.
+    proxy.release();
+    let root = pebble.issuing_root();
+    wait_served(loopback(tls_port), "a.test", &root);
+    wait_for(Duration::from_secs(30), "the run over", || {
+        (!Path::new(&format!("/proc/{acme}")).exists()).then_some(())
+    });
+    if let Some(leaf) = &leaf {
+        assert!(cgroup_procs(leaf).is_empty());
+    }
+    agent.stop(Duration::from_secs(30));
+    if let Some(leaf) = &leaf {
+        assert!(!leaf.exists(), "{} removed", leaf.display());
+    }
+}
+
+/// The directory of the cgroup v2 path `cg` (`/a/b` of /proc/PID/cgroup): under the cgroup2
+/// mount, which a hybrid host has at /sys/fs/cgroup/unified.
+fn cgroup_v2_dir(cg: &str) -> std::path::PathBuf {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    let mount = if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        Path::new("/sys/fs/cgroup")
+    };
+    mount.join(cg.trim_start_matches('/'))
 }

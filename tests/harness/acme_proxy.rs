@@ -7,7 +7,9 @@
 //!   key but another DNS name (signed by its own key), and serves it in place of pebble's
 //!   chain when the client downloads the certificate;
 //! - rate-limits: answers the next request whose path holds a given part with 429, a
-//!   `rateLimited` problem document and a `Retry-After`.
+//!   `rateLimited` problem document and a `Retry-After`;
+//! - holds the next request whose path holds a given part until released (the ACME client
+//!   is then running, to be looked at).
 //!
 //! It runs on a thread of its own with a current-thread tokio runtime; dropping it stops it.
 
@@ -39,6 +41,9 @@ struct Tamper {
     replacement: Option<String>,
     /// Answer the next request whose path holds this part with 429 and this Retry-After.
     rate_limit: Option<(String, String)>,
+    /// Hold the next request whose path holds this part until [`AcmeProxy::release`].
+    hold: Option<String>,
+    held: usize,
     replaced: usize,
     limited: Vec<String>,
 }
@@ -50,6 +55,7 @@ pub struct AcmeProxy {
     /// The proxy's own TLS certificate (`directory_ca`).
     pub ca: PathBuf,
     tamper: Arc<Mutex<Tamper>>,
+    release: Arc<tokio::sync::Notify>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -58,8 +64,12 @@ struct Ctx {
     /// `https://127.0.0.1:<pebble's port>`, and the proxy's own.
     upstream: String,
     own: String,
-    client: Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<Bytes>>,
+    client: Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
     tamper: Arc<Mutex<Tamper>>,
+    release: Arc<tokio::sync::Notify>,
 }
 
 impl AcmeProxy {
@@ -103,6 +113,8 @@ impl AcmeProxy {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let dir_owned = dir.to_path_buf();
         let tamper2 = tamper.clone();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let release2 = release.clone();
         let own2 = own.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -121,6 +133,7 @@ impl AcmeProxy {
                     own: own2,
                     client: Client::builder(TokioExecutor::new()).build(https),
                     tamper: tamper2,
+                    release: release2,
                 });
                 let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
@@ -154,6 +167,7 @@ impl AcmeProxy {
             directory: format!("{own}/dir"),
             ca,
             tamper,
+            release,
             _stop: stop_tx,
         }
     }
@@ -168,6 +182,22 @@ impl AcmeProxy {
     pub fn rate_limit_next(&self, path_part: &str, retry_after: &str) {
         self.tamper.lock().unwrap().rate_limit =
             Some((path_part.to_string(), retry_after.to_string()));
+    }
+
+    /// Hold the next request whose path contains `path_part` (the client waits for its answer)
+    /// until [`AcmeProxy::release`].
+    pub fn hold_next(&self, path_part: &str) {
+        self.tamper.lock().unwrap().hold = Some(path_part.to_string());
+    }
+
+    /// Whether a request is held (or was).
+    pub fn held(&self) -> bool {
+        self.tamper.lock().unwrap().held > 0
+    }
+
+    /// Let the held request go on to pebble.
+    pub fn release(&self) {
+        self.release.notify_one();
     }
 
     /// How many certificate downloads were replaced.
@@ -198,6 +228,18 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<Bytes>> {
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
+    let hold = {
+        let mut t = ctx.tamper.lock().unwrap();
+        let hold = t.hold.as_ref().is_some_and(|h| path.contains(h.as_str()));
+        if hold {
+            t.hold = None;
+            t.held += 1;
+        }
+        hold
+    };
+    if hold {
+        ctx.release.notified().await;
+    }
     let wrong_name = {
         let mut t = ctx.tamper.lock().unwrap();
         if let Some((part, retry_after)) = t.rate_limit.clone() {
@@ -246,7 +288,12 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (mut rparts, rbody) = response.into_parts();
     let rbody = match rbody.collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("proxy: pebble's body: {e}")),
+        Err(e) => {
+            return plain(
+                StatusCode::BAD_GATEWAY,
+                format!("proxy: pebble's body: {e}"),
+            )
+        }
     };
     let is_chain = rparts
         .headers

@@ -1,5 +1,6 @@
 //! `corral acme`: the ACME client, one run per order or renewal check, started by the agent as
-//! the front's unprivileged user (like the fronts). It is the only code that speaks to the CA
+//! the fronts are (the front's user, no capabilities, no_new_privs, fds 0-2 only, a cgroup
+//! leaf of the front app's; `crate::supervisor::acme`), and undumpable. It is the only code that speaks to the CA
 //! and parses its JSON; it reads one [`Request`] (JSON) on stdin and writes one [`Response`]
 //! (JSON) on stdout. It writes challenge answers into the front's challenge directory (same
 //! user) and removes them when the order is done. The agent never trusts what it sends back:
@@ -89,6 +90,9 @@ pub enum Outcome {
 
 /// Run one request; always answers (a failure is an [`Outcome::Failed`] saying why).
 pub fn run() -> Result<(), String> {
+    // No core dumps and no ptrace by the front's other processes: this one holds the
+    // account's key and the new certificate's.
+    crate::sys::front::make_undumpable().map_err(|e| e.to_string())?;
     let mut input = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
         .map_err(|e| format!("reading the request: {e}"))?;
