@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use corral_tests::acme_proxy::AcmeProxy;
 use corral_tests::pebble::{pebble_tls_cert, wait_listening, Pebble};
 use corral_tests::*;
 
@@ -565,4 +566,330 @@ fn a_refused_validation_shows_the_cas_problem_document() {
     );
     assert!(st["not_after"].is_null(), "{st}");
     assert_eq!(pebble.issued(), 0);
+}
+
+/// The acme table for a CA behind the tampering proxy.
+fn acme_via(proxy: &AcmeProxy, domains: &[&str]) -> Table {
+    Table::new()
+        .set(
+            "domains",
+            Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
+        )
+        .set("directory", proxy.directory.as_str())
+        .set("directory_ca", proxy.ca.clone())
+        .set("challenge", "tls-alpn-01")
+}
+
+fn reload(agent: &Agent) {
+    let out = Command::new(bin("corral"))
+        .args(["reload", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("corral reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA that issues for another name than ordered (for the right key, so only the name is
+/// wrong): the agent refuses it with the names in the error, in status, log and metrics; it
+/// is never stored nor served, and the certificate in service keeps serving.
+#[test]
+fn a_certificate_for_another_name_from_the_ca_is_refused_and_the_old_one_keeps_serving() {
+    require_root();
+    let dir = TempDir::new("acme-wrong-ca");
+    let (app_port, tls_port, metrics_port) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
+    let proxy = AcmeProxy::start(
+        dir.path(),
+        &pebble.directory,
+        &dir.path().join("pebble.crt"),
+    );
+    let app = |domains: &[&str]| {
+        demo_app("web", loopback(app_port), 2)
+            .tls("address", loopback(tls_port))
+            .tls("processes", 2)
+            .tls("acme", acme_via(&proxy, domains))
+    };
+    let agent = Agent::start_with_agent_extra(
+        "acme-wrong",
+        Table::new().set("metrics", loopback(metrics_port).to_string()),
+        app(&["a.test"]),
+    );
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let root = pebble.issuing_root();
+    let tls = loopback(tls_port);
+    // Through the proxy, untouched: pebble's certificate.
+    wait_served(tls, "a.test", &root);
+    let serial = served_serial(tls, "a.test").expect("serial");
+    let stored = agent.dir.path().join("acme/web/cert.pem");
+    let before = std::fs::read_to_string(&stored).expect("stored certificate");
+
+    // Now the CA answers an order for a.test and b.test with a certificate for evil.test.
+    proxy.issue_for("evil.test");
+    agent.rewrite_config(app(&["a.test", "b.test"]).to_string());
+    reload(&agent);
+    let st = wait_for(
+        Duration::from_secs(90),
+        "the refused certificate in status",
+        || {
+            let st = acme_status(&agent);
+            (st["failures"].as_u64() >= Some(1)).then_some(st)
+        },
+    );
+    assert!(proxy.replaced() >= 1, "the proxy replaced the chain: {st}");
+    let why = "the CA's certificate is refused: the certificate names evil.test, which \
+               `domains` (a.test, b.test) does not list";
+    assert!(
+        st["last_error"].as_str().unwrap_or_default().contains(why),
+        "{st}"
+    );
+    let log = agent.log();
+    assert!(log.contains(why), "{log}");
+    let text = status_text(&agent);
+    assert!(text.contains("evil.test"), "{text}");
+    let m = metrics(loopback(metrics_port));
+    assert!(
+        m.lines().any(|l| l
+            .starts_with("corral_tls_acme_renewal_failures_total{app=\"web.tls\"} ")
+            && !l.ends_with(" 0")),
+        "{m}"
+    );
+    // Never stored, never served: the old certificate keeps serving a.test.
+    assert_eq!(std::fs::read_to_string(&stored).expect("stored"), before);
+    assert!(curl(tls, "a.test", &root).is_ok());
+    assert_eq!(
+        served_serial(tls, "a.test").as_deref(),
+        Some(serial.as_str())
+    );
+    let evil = served_cert(tls, "evil.test");
+    assert!(!evil.contains("evil.test"), "{evil}");
+}
+
+/// An HTTP-date `secs` from now, as a Retry-After may carry.
+fn http_date_in(secs: u64) -> String {
+    let out = run_ok(
+        Command::new("date")
+            .args(["-u", "-d"])
+            .arg(format!("+{secs} seconds"))
+            .arg("+%a, %d %b %Y %H:%M:%S GMT"),
+        "date",
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A CA that rate-limits (429 with Retry-After, on a new order or on a new nonce, as
+/// delay-seconds or an HTTP-date): the agent's next attempt, as it reports it, is no sooner
+/// than the CA asked, not its own 10 s backoff.
+#[test]
+fn a_rate_limited_ca_is_not_asked_again_before_its_retry_after() {
+    require_root();
+    let cases = [
+        ("/order-plz", "7200".to_string(), 7200, "rateLimited"),
+        (
+            "/nonce-plz",
+            http_date_in(3 * 3600),
+            3 * 3600 - 120,
+            "error response from newNonce resource",
+        ),
+    ];
+    for (i, (path, retry_after, at_least, what)) in cases.into_iter().enumerate() {
+        let dir = TempDir::new(&format!("acme-limited-ca{i}"));
+        let (app_port, tls_port) = (free_port(), free_port());
+        let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
+        let proxy = AcmeProxy::start(
+            dir.path(),
+            &pebble.directory,
+            &dir.path().join("pebble.crt"),
+        );
+        proxy.rate_limit_next(path, &retry_after);
+        let app = demo_app("web", loopback(app_port), 1)
+            .tls("address", loopback(tls_port))
+            .tls("processes", 1)
+            .tls("acme", acme_via(&proxy, &["a.test"]));
+        let agent = Agent::start(&format!("acme-limited{i}"), app);
+        let st = wait_for(
+            Duration::from_secs(90),
+            "the rate-limited order in status",
+            || {
+                let st = acme_status(&agent);
+                (st["failures"].as_u64() >= Some(1)).then_some(st)
+            },
+        );
+        let limited = proxy.limited();
+        assert!(
+            limited.len() == 1 && limited[0].contains(path),
+            "{limited:?}"
+        );
+        let error = st["last_error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(what) && error.contains("the CA's Retry-After: "),
+            "{path}: {st}"
+        );
+        let gap = st["next_attempt"].as_i64().unwrap() - st["last_error_at"].as_i64().unwrap();
+        assert!(
+            gap >= at_least,
+            "{path} (Retry-After {retry_after}): the next attempt in {gap} s: {st}"
+        );
+        assert_eq!(st["failures"], 1, "{st}");
+        assert_eq!(pebble.issued(), 0);
+    }
+}
+
+/// `corral acme` runs as the fronts do: the front's user, no capabilities (none to regain:
+/// an empty bounding set, no_new_privs), fds 0-2 only, undumpable, in a cgroup leaf `acme` of
+/// the front app's, which the agent removes when it stops. It is looked at while the proxy
+/// holds its order.
+#[test]
+fn corral_acme_runs_as_sandboxed_as_the_fronts() {
+    require_root();
+    let dir = TempDir::new("acme-sandbox-ca");
+    let (app_port, tls_port) = (free_port(), free_port());
+    let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
+    let proxy = AcmeProxy::start(
+        dir.path(),
+        &pebble.directory,
+        &dir.path().join("pebble.crt"),
+    );
+    proxy.hold_next("/order-plz");
+    let app = demo_app("web", loopback(app_port), 1)
+        .tls("address", loopback(tls_port))
+        .tls("processes", 1)
+        .tls("acme", acme_via(&proxy, &["a.test"]));
+    let mut agent = Agent::start("acme-sandbox", app);
+    let front = agent.wait_ready("web.tls", 1, Duration::from_secs(30))[0];
+    let acme = wait_for(
+        Duration::from_secs(60),
+        "`corral acme` waiting for its order",
+        || {
+            if !proxy.held() {
+                return None;
+            }
+            processes_with_arg("acme").into_iter().find(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                cmdline == b"/proc/self/exe\0acme\0"
+            })
+        },
+    );
+    let status = proc_status(acme);
+    let field = |st: &[(String, String)], k: &str| {
+        st.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let front_status = proc_status(front);
+    assert_eq!(
+        field(&status, "PPid"),
+        agent.pid().to_string(),
+        "{status:?}"
+    );
+    for k in [
+        "Uid",
+        "Gid",
+        "Groups",
+        "NoNewPrivs",
+        "CapInh",
+        "CapPrm",
+        "CapEff",
+        "CapBnd",
+        "CapAmb",
+    ] {
+        assert_eq!(
+            field(&status, k),
+            field(&front_status, k),
+            "{k} of `corral acme` as the front's: {status:?}"
+        );
+    }
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    assert_eq!(field(&status, "CapEff"), "0000000000000000");
+    assert_eq!(field(&status, "CapBnd"), "0000000000000000");
+    assert_ne!(field(&status, "Uid").split_whitespace().next(), Some("0"));
+    // Undumpable: its /proc files belong to root, not to its user.
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(format!("/proc/{acme}/status")).expect("status"),
+    );
+    assert_eq!(owner, 0, "undumpable");
+    // Nothing of the agent's open files: what it holds beyond 0-2 it opened itself (its
+    // runtime's epoll and eventfd, its connection to the CA), no socket, memfd, pidfd or
+    // cgroup directory the agent has open.
+    let targets = |pid: i32| -> Vec<(String, String)> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .flatten()
+            .filter_map(|e| {
+                let t = std::fs::read_link(e.path()).ok()?;
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    t.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect()
+    };
+    let agent_files: Vec<String> = targets(agent.pid()).into_iter().map(|(_, t)| t).collect();
+    for (fd, target) in targets(acme) {
+        if ["0", "1", "2"].contains(&fd.as_str()) {
+            continue;
+        }
+        let own = target == "anon_inode:[eventpoll]" || target == "anon_inode:[eventfd]";
+        assert!(
+            own || !agent_files.contains(&target),
+            "fd {fd} -> {target} is the agent's"
+        );
+        assert!(
+            !target.starts_with("/memfd:")
+                && !target.starts_with("/sys/fs/cgroup")
+                && !target.contains("pidfd"),
+            "fd {fd} -> {target}"
+        );
+    }
+    // Its own leaf beside the front's, when the fronts get leaves (not where the agent runs
+    // without cgroups: a hybrid host like this test's may be; the VM tier has them).
+    let front_cg = proc_cgroup(front).expect("the front's cgroup");
+    let acme_cg = proc_cgroup(acme).expect("its cgroup");
+    let leaf = match front_cg.rsplit_once('/') {
+        Some((app_cg, front_leaf)) if front_leaf.starts_with("worker-") => {
+            assert_eq!(acme_cg, format!("{app_cg}/acme"));
+            let leaf = cgroup_v2_dir(&acme_cg);
+            assert_eq!(cgroup_procs(&leaf), [acme]);
+            Some(leaf)
+        }
+        _ => {
+            eprintln!(
+                "note: the fronts run without cgroup leaves here (in {front_cg}), so the acme \
+                 leaf is not shown: `corral acme` is in {acme_cg} like them"
+            );
+            assert_eq!(acme_cg, front_cg);
+            None
+        }
+    };
+    // Let it go: the certificate comes, the run ends, the leaf is empty, and goes with the
+    // agent.
+    proxy.release();
+    let root = pebble.issuing_root();
+    wait_served(loopback(tls_port), "a.test", &root);
+    wait_for(Duration::from_secs(30), "the run over", || {
+        (!Path::new(&format!("/proc/{acme}")).exists()).then_some(())
+    });
+    if let Some(leaf) = &leaf {
+        assert!(cgroup_procs(leaf).is_empty());
+    }
+    agent.stop(Duration::from_secs(30));
+    if let Some(leaf) = &leaf {
+        assert!(!leaf.exists(), "{} removed", leaf.display());
+    }
+}
+
+/// The directory of the cgroup v2 path `cg` (`/a/b` of /proc/PID/cgroup): under the cgroup2
+/// mount, which a hybrid host has at /sys/fs/cgroup/unified.
+fn cgroup_v2_dir(cg: &str) -> std::path::PathBuf {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    let mount = if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        Path::new("/sys/fs/cgroup")
+    };
+    mount.join(cg.trim_start_matches('/'))
 }

@@ -21,6 +21,7 @@ pub use corral_testkit::{
     ChildGuard, KillOnDrop, Table, Value,
 };
 
+pub mod acme_proxy;
 pub mod h2;
 pub mod load;
 pub mod pebble;

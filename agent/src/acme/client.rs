@@ -1,20 +1,26 @@
 //! `corral acme`: the ACME client, one run per order or renewal check, started by the agent as
-//! the front's unprivileged user (like the fronts). It is the only code that speaks to the CA
+//! the fronts are (the front's user, no capabilities, no_new_privs, fds 0-2 only, a cgroup
+//! leaf of the front app's; `crate::supervisor::acme`), and undumpable. It is the only code that speaks to the CA
 //! and parses its JSON; it reads one [`Request`] (JSON) on stdin and writes one [`Response`]
 //! (JSON) on stdout. It writes challenge answers into the front's challenge directory (same
 //! user) and removes them when the order is done. The agent never trusts what it sends back:
 //! it checks the PEM (`super::check`) before anything is written or served.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::header::{HeaderMap, RETRY_AFTER};
+use hyper::StatusCode;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, CertificateIdentifier,
-    ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse,
+    CertificateIdentifier, ChallengeType, HttpClient, Identifier, NewAccount, NewOrder,
+    OrderStatus, RetryPolicy,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -84,6 +90,9 @@ pub enum Outcome {
 
 /// Run one request; always answers (a failure is an [`Outcome::Failed`] saying why).
 pub fn run() -> Result<(), String> {
+    // No core dumps and no ptrace by the front's other processes: this one holds the
+    // account's key and the new certificate's.
+    crate::sys::front::make_undumpable().map_err(|e| e.to_string())?;
     let mut input = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
         .map_err(|e| format!("reading the request: {e}"))?;
@@ -94,13 +103,18 @@ pub fn run() -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     let mut new_account = None;
-    let outcome = match rt.block_on(serve(&req, &mut new_account)) {
+    let retry_after = RetryAfter::default();
+    let outcome = match rt.block_on(async {
+        let http = https_client(&req, retry_after.clone())?;
+        serve(&req, http, &mut new_account).await
+    }) {
         Ok(o) => o,
         Err(error) => Outcome::Failed {
             error,
             retry_after_secs: None,
         },
     };
+    let outcome = retry_after.apply(outcome, SystemTime::now());
     clean(&req);
     let resp = Response {
         account: new_account,
@@ -113,21 +127,15 @@ pub fn run() -> Result<(), String> {
 
 async fn serve(
     req: &Request,
+    http: Box<dyn HttpClient>,
     new_account: &mut Option<serde_json::Value>,
 ) -> Result<Outcome, String> {
-    let builder = || -> Result<_, String> {
-        match &req.directory_ca_pem {
-            Some(pem) => Ok(Account::builder_with_http(Box::new(client_with_roots(
-                pem,
-            )?))),
-            None => Account::builder().map_err(|e| format!("the HTTPS client: {e}")),
-        }
-    };
+    let builder = Account::builder_with_http(http);
     let account = match &req.account {
         Some(v) => {
             let creds: AccountCredentials = serde_json::from_value(v.clone())
                 .map_err(|e| format!("the stored account: {e}"))?;
-            builder()?
+            builder
                 .from_credentials(creds)
                 .await
                 .map_err(|e| format!("{}: {}", req.directory, chain(&e)))?
@@ -135,7 +143,7 @@ async fn serve(
         None => {
             let contact = req.email.as_ref().map(|e| format!("mailto:{e}"));
             let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-            let (account, creds) = builder()?
+            let (account, creds) = builder
                 .create(
                     &NewAccount {
                         contact: &contacts,
@@ -275,10 +283,28 @@ async fn order(
     Ok(Outcome::Issued { chain_pem, key_pem })
 }
 
-/// An HTTPS client that trusts only the roots in `pem` (a private CA's `directory_ca`).
-fn client_with_roots(
-    pem: &str,
-) -> Result<HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>, String> {
+/// The HTTPS client for the CA: trusting only the roots of `directory_ca` when set (a private
+/// CA), the system's otherwise; it records the Retry-After of the CA's error responses in
+/// `retry_after`.
+fn https_client(req: &Request, retry_after: RetryAfter) -> Result<Box<dyn HttpClient>, String> {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match &req.directory_ca_pem {
+        Some(pem) => builder.with_tls_config(tls_with_roots(pem)?),
+        None => builder
+            .try_with_platform_verifier()
+            .map_err(|e| format!("the system's certificate roots: {e}"))?,
+    };
+    let https = builder.https_only().enable_http1().enable_http2().build();
+    let inner: HyperClient<_, BodyWrapper<Bytes>> =
+        HyperClient::builder(TokioExecutor::new()).build(https);
+    Ok(Box::new(Recording {
+        inner: Box::new(inner),
+        retry_after,
+    }))
+}
+
+/// A TLS client configuration that trusts only the roots in `pem` (`directory_ca`).
+fn tls_with_roots(pem: &str) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         let der = der.map_err(|e| format!("directory_ca: {e}"))?;
@@ -288,18 +314,95 @@ fn client_with_roots(
         return Err("directory_ca: no CERTIFICATE in the PEM file".into());
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    Ok(HyperClient::builder(TokioExecutor::new()).build(https))
+        .with_no_client_auth())
+}
+
+/// The latest moment the CA's error responses (4xx, 5xx: a rate limit's 429, a 503) asked to
+/// be left alone until, by their Retry-After. instant-acme reads that header only where it
+/// polls (ARI, an order's status) and drops it with an error response; this keeps it for the
+/// agent's backoff.
+#[derive(Clone, Default)]
+struct RetryAfter(Arc<Mutex<Option<SystemTime>>>);
+
+impl RetryAfter {
+    fn record(&self, status: StatusCode, headers: &HeaderMap, now: SystemTime) {
+        if !(status.is_client_error() || status.is_server_error()) {
+            return;
+        }
+        let Some(until) = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, now))
+        else {
+            return;
+        };
+        if let Ok(mut latest) = self.0.lock() {
+            *latest = Some(latest.map_or(until, |l| l.max(until)));
+        }
+    }
+
+    /// A failed `outcome` waits at least until the latest recorded Retry-After, and says so.
+    fn apply(&self, outcome: Outcome, now: SystemTime) -> Outcome {
+        let until = self.0.lock().ok().and_then(|l| *l);
+        match (outcome, until) {
+            (
+                Outcome::Failed {
+                    error,
+                    retry_after_secs,
+                },
+                Some(until),
+            ) => {
+                // Rounded up: never sooner than the CA said.
+                let wait = until.duration_since(now).unwrap_or_default();
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                Outcome::Failed {
+                    error: format!("{error} (the CA's Retry-After: {secs} s)"),
+                    retry_after_secs: Some(retry_after_secs.unwrap_or(0).max(secs)),
+                }
+            }
+            (outcome, _) => outcome,
+        }
+    }
+}
+
+/// A Retry-After value (RFC 9110 10.2.3): delay-seconds or an HTTP-date, as a moment.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<SystemTime> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits only: a count too large for u64 is as good as "not in this life".
+        let secs = value.parse::<u64>().unwrap_or(u64::MAX);
+        return now.checked_add(Duration::from_secs(secs));
+    }
+    httpdate::parse_http_date(value).ok()
+}
+
+/// instant-acme's HTTPS client, recording the Retry-After of error responses.
+struct Recording {
+    inner: Box<dyn HttpClient>,
+    retry_after: RetryAfter,
+}
+
+impl HttpClient for Recording {
+    fn request(
+        &self,
+        req: hyper::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let response = self.inner.request(req);
+        let retry_after = self.retry_after.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            retry_after.record(
+                response.parts.status,
+                &response.parts.headers,
+                SystemTime::now(),
+            );
+            Ok(response)
+        })
+    }
 }
 
 /// Write a challenge answer so a front never reads half of it: a temporary file, renamed.
@@ -362,4 +465,95 @@ fn chain(e: &dyn std::error::Error) -> String {
         next = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed() -> Outcome {
+        Outcome::Failed {
+            error: "new order: rate limited".into(),
+            retry_after_secs: None,
+        }
+    }
+
+    fn headers(retry_after: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, retry_after.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_is_delay_seconds_or_an_http_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(now + Duration::from_secs(120))
+        );
+        // RFC 9110's example date.
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 1999 23:59:59 GMT", now),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_799))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+    }
+
+    #[test]
+    fn an_error_response_s_retry_after_holds_a_failure_back() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let seen = RetryAfter::default();
+        // Not an error: its Retry-After is a polling hint instant-acme handles itself.
+        seen.record(StatusCode::OK, &headers("900"), now);
+        assert!(matches!(
+            seen.apply(failed(), now),
+            Outcome::Failed {
+                retry_after_secs: None,
+                ..
+            }
+        ));
+        seen.record(StatusCode::TOO_MANY_REQUESTS, &headers("300"), now);
+        seen.record(StatusCode::SERVICE_UNAVAILABLE, &headers("60"), now);
+        match seen.apply(failed(), now) {
+            Outcome::Failed {
+                error,
+                retry_after_secs,
+            } => {
+                assert_eq!(retry_after_secs, Some(300), "the latest moment wins");
+                assert!(error.contains("Retry-After: 300 s"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A longer wait the order's own polling asked for is kept.
+        let polled = Outcome::Failed {
+            error: "the order".into(),
+            retry_after_secs: Some(1000),
+        };
+        assert!(matches!(
+            seen.apply(polled, now),
+            Outcome::Failed {
+                retry_after_secs: Some(1000),
+                ..
+            }
+        ));
+        // An HTTP-date, half a second away, rounds up.
+        let seen = RetryAfter::default();
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_700);
+        seen.record(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers("Fri, 31 Dec 1999 23:59:59 GMT"),
+            base,
+        );
+        assert!(matches!(
+            seen.apply(failed(), base + Duration::from_millis(98_500)),
+            Outcome::Failed {
+                retry_after_secs: Some(1),
+                ..
+            }
+        ));
+        // Success is not touched.
+        assert!(matches!(seen.apply(Outcome::NoAri, base), Outcome::NoAri));
+    }
 }

@@ -415,8 +415,10 @@ async fn remove_stale(root: &Root, keep: &[String]) {
         for leaf in app.existing_leaves().unwrap_or_default() {
             teardown(leaf).await;
         }
-        if let Ok(leaf) = app.named_leaf("prestart") {
-            teardown(leaf).await;
+        for name in ["prestart", super::acme::LEAF] {
+            if let Ok(leaf) = app.named_leaf(name) {
+                teardown(leaf).await;
+            }
         }
         let path = app.path().to_path_buf();
         match app.remove() {

@@ -56,10 +56,12 @@ impl Supervisor {
             config::Role::TlsFront { tls, .. } => tls,
             config::Role::Workers => return,
         };
-        app.front.acme = tls
-            .acme
-            .as_ref()
-            .map(|a| super::acme::start(name, a, &tls.identity));
+        // The replaced task goes (its run killed); its cgroup leaf stays for the new one.
+        let old = app.front.acme.take();
+        app.front.acme = tls.acme.as_ref().map(|a| {
+            let leaf = super::acme::leaf(old, app.cg.as_ref(), cfg);
+            super::acme::start(name, a, &tls.identity, leaf)
+        });
         match crate::sys::inotify::Watch::dirs(&seal::cert_dirs(tls)) {
             Ok(watch) => {
                 let app_name = name.clone();

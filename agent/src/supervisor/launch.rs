@@ -133,6 +133,7 @@ impl Launch {
             gid: self.gid,
             fd3: fd3.map(|f| f.as_fd()),
             more_fds: &more_fds,
+            stdin: None,
             stdout: out_w.as_fd(),
             stderr: err_w.as_fd(),
             cgroup,

@@ -119,6 +119,8 @@ pub struct Spec<'a> {
     /// More descriptors and the numbers they get in the child, which must be 4, 5, ... in
     /// order (a TLS front's, `crate::front::fds`); only with `fd3`.
     pub more_fds: &'a [(RawFd, BorrowedFd<'a>)],
+    /// fd 0; /dev/null without one.
+    pub stdin: Option<BorrowedFd<'a>>,
     pub stdout: BorrowedFd<'a>,
     pub stderr: BorrowedFd<'a>,
     /// Start the child inside this cgroup (a directory fd of a cgroup v2 leaf): with
@@ -370,7 +372,8 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Child, SpawnError> {
     let parent = |call| move |source| SpawnError::Parent { call, source };
     let devnull = open_devnull().map_err(parent("open /dev/null"))?;
     let (report_r, report_w) = pipe_cloexec().map_err(parent("pipe2"))?;
-    let mut plan = Plan::new(spec, devnull.as_raw_fd(), report_w.as_raw_fd())?;
+    let stdin = spec.stdin.map_or(devnull.as_raw_fd(), |f| f.as_raw_fd());
+    let mut plan = Plan::new(spec, stdin, report_w.as_raw_fd())?;
     let listen_pid_buf: *mut u8 = match plan.listen_pid.as_mut() {
         Some(b) => b.as_mut_ptr(),
         None => ptr::null_mut(),
