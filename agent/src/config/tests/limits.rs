@@ -4,17 +4,6 @@
 use super::*;
 use crate::config::limits::{MAX_BACKLOG, MAX_PIDS};
 
-/// The workers of app `api` with `body` in its `[app.api.workers]` (which starts on line 7, so
-/// the first key of `body` is on line 8).
-fn workers(body: &str) -> Workers {
-    let c = load_text(&app("", &format!("[app.api.workers]\n{body}\n"))).unwrap();
-    c.apps[&AppName::new("api").unwrap()].workers.clone()
-}
-
-fn workers_err(body: &str, at: &str, part: &str) -> ConfigError {
-    assert_err(&app("", &format!("[app.api.workers]\n{body}\n")), at, part)
-}
-
 #[test]
 fn cpu_max_below_the_kernels_minimum() {
     let e = workers_err(
@@ -104,5 +93,5 @@ fn backlog_above_the_maximum() {
         "`backlog` in [app.api.listen]: expected an integer from 1 to 65535, found 65536",
     );
     let c = load_text(&app("", &format!("backlog = {MAX_BACKLOG}\n"))).unwrap();
-    assert_eq!(c.apps[&AppName::new("api").unwrap()].listen.backlog, 65535);
+    assert_eq!(api(&c).listen.backlog, 65535);
 }
