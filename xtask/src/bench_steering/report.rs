@@ -1,0 +1,167 @@
+//! The printed report: the setup, the per-variant tables and the verdicts against the targets.
+
+use super::*;
+
+/// What was run: the arrival rate, the windows, the servers and the mix.
+pub(super) fn header(o: &Options, planned: usize, measure: Duration, mix: &[String]) {
+    println!(
+        "\nopen loop: Poisson arrivals at {:.0} req/s (these schedules: {:.1} req/s in the \
+         measured windows; the same for every variant), {} s measured per variant ({} segment(s) of \
+         {} s, each after {} s of warm-up, variants interleaved); {} workers x {} threads, {} \
+         accept; mix {}",
+        o.rate,
+        planned as f64 / measure.as_secs_f64(),
+        measure.as_secs(),
+        o.segments,
+        o.segment.as_secs(),
+        o.warmup.as_secs(),
+        WORKERS,
+        o.threads,
+        o.accept,
+        mix.join(", ")
+    );
+}
+
+/// One row per variant, p99 by request class, and each variant's details.
+pub(super) fn results(results: &[Summary]) {
+    println!(
+        "| variant | req/s | p50 | p99 | p99.9 | max (ms) | refused / reset / timeout / other | \
+         per-worker share % | CPU busy: all (bench) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for s in results {
+        let f = |k| s.failures.get(&k).copied().unwrap_or(0);
+        let shares: Vec<String> = s.shares.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "| {} | {:.1} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {:.0}% ({:.0}%) |",
+            s.name,
+            s.throughput,
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.p999),
+            ms(s.max),
+            f(Failure::Refused),
+            f(Failure::Reset),
+            f(Failure::Timeout),
+            f(Failure::Other),
+            shares.join(" / "),
+            s.cpu.busy * 100.0,
+            (s.cpu.client + s.cpu.servers) * 100.0
+        );
+    }
+    println!("\np99 by request class (ms):");
+    let header: Vec<&str> = MIX.iter().map(|m| m.2).collect();
+    println!("| variant | {} |", header.join(" | "));
+    println!("| --- |{}", " --- |".repeat(MIX.len()));
+    for s in results {
+        let v: Vec<String> = s.class_p99.iter().map(|d| ms(*d)).collect();
+        println!("| {} | {} |", s.name, v.join(" | "));
+    }
+    println!();
+    for s in results {
+        println!("{}: {}", s.name, s.steering);
+        println!(
+            "    schedule kept: send lag p99 {} ms, max {} ms; peak in flight {} of {} client \
+             threads{}",
+            ms(s.lag_p99),
+            ms(s.lag_max),
+            s.peak_in_flight,
+            CLIENT_THREADS,
+            if s.peak_in_flight >= CLIENT_THREADS {
+                " (ALL USED: the schedule slipped)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "    CPU, share of all CPUs: machine {:.0}%, servers {:.0}% (agent {:.1}%), client {:.0}%, \
+             others {:.0}%, stolen {:.0}%",
+            s.cpu.busy * 100.0,
+            s.cpu.servers * 100.0,
+            s.cpu.agent * 100.0,
+            s.cpu.client * 100.0,
+            s.cpu.others() * 100.0,
+            s.cpu.steal * 100.0
+        );
+        if s.repeats > 0 || s.disturbed > 0 {
+            println!(
+                "    segments measured again because other processes used over {:.0}% of the \
+                 CPUs: {}; kept although DISTURBED (after {ATTEMPTS} tries): {}",
+                DISTURBED * 100.0,
+                s.repeats,
+                s.disturbed
+            );
+        }
+        if let Some(p) = &s.program {
+            println!("    program counters: {p}; worker restarts: {}", s.restarts);
+        }
+        if s.strays > 0 {
+            println!("    {} responses from unknown pids", s.strays);
+        }
+        if s.warmup_failures > 0 {
+            println!("    {} failures during warm-up", s.warmup_failures);
+        }
+        for e in &s.failure_examples {
+            println!("    failure: {e}");
+        }
+    }
+}
+
+/// The ratios against their targets, with no verdict where a window was disturbed.
+pub(super) fn verdicts(results: &[Summary], rate: &RateSummary, rounds: &[Round], quick: bool) {
+    let a = &results[0];
+    let b = &results[1];
+    let d = &results[3];
+    let da = d.p99.as_secs_f64() / a.p99.as_secs_f64();
+    let db = d.p99.as_secs_f64() / b.p99.as_secs_f64();
+    println!("\n| ratio | value | target | |");
+    println!("| --- | --- | --- | --- |");
+    let verdict = |ok: bool, involved: &[&Summary]| -> String {
+        match involved.iter().find(|s| s.disturbed > 0) {
+            Some(s) => format!("no verdict: {} was disturbed by other processes", s.name),
+            None => met(ok).to_string(),
+        }
+    };
+    println!(
+        "| (d) p99 / (a) p99 | {da:.2} | <= 0.5 | {} |",
+        verdict(da <= 0.5, &[a, d])
+    );
+    println!(
+        "| (d) p99 / (b) p99 | {db:.2} | <= 0.7 | {} |",
+        verdict(db <= 0.7, &[b, d])
+    );
+    let overhead = (1.0 - rate.ratio) * 100.0;
+    let rate_verdict = if rounds.iter().any(|r| r.cpu.others() > DISTURBED) {
+        "no verdict: rounds were disturbed by other processes".to_string()
+    } else {
+        match rate.ci {
+            Some(h) if overhead + h * 100.0 <= 2.0 => "met".to_string(),
+            Some(h) if overhead - h * 100.0 > 2.0 => "NOT met".to_string(),
+            Some(_) => format!(
+                "not resolved: the point estimate is {}, but the noise is wider than the target",
+                if overhead <= 2.0 { "within" } else { "over" }
+            ),
+            None => format!(
+                "{} (one block: no confidence interval)",
+                met(overhead <= 2.0)
+            ),
+        }
+    };
+    println!(
+        "| (d) / (b) connections per second | {:.3} (overhead {overhead:.1}%{}) | overhead <= 2% \
+         | {} |",
+        rate.ratio,
+        match rate.ci {
+            Some(h) => format!(
+                "; 95% CI of the overhead {:.1}% .. {:.1}%",
+                overhead - h * 100.0,
+                overhead + h * 100.0
+            ),
+            None => String::new(),
+        },
+        rate_verdict
+    );
+    if quick {
+        println!("\n(--quick: a smoke test; the numbers mean little)");
+    }
+}
