@@ -28,19 +28,7 @@ fn acme(p: &Pebble, domains: &[&str], challenge: &str) -> Table {
 
 /// curl over https to `name` (resolved to the front) trusting only `root`; the body or why not.
 fn curl(tls: SocketAddr, name: &str, root: &Path) -> Result<String, String> {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
-        .arg(root)
-        .arg("--resolve")
-        .arg(format!("{name}:{}:127.0.0.1", tls.port()))
-        .arg(format!("https://{name}:{}/", tls.port()))
-        .output()
-        .expect("curl");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    curl_https(tls.port(), name, root, "/").map(|body| String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The subject and SAN of the certificate the front sends for SNI `name`.
@@ -316,16 +304,8 @@ fn the_ca_down_keeps_the_old_certificate_serving_and_the_failure_shows_with_back
     let next = app(&["a.test", "b.test"]).to_string();
     drop(pebble);
     agent.rewrite_config(next);
-    let out = Command::new(bin("corral"))
-        .args(["reload", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .expect("corral reload");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, out, err) = agent.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
     let st = wait_for(
         Duration::from_secs(60),
         "the failed order in status",
@@ -581,16 +561,8 @@ fn acme_via(proxy: &AcmeProxy, domains: &[&str]) -> Table {
 }
 
 fn reload(agent: &Agent) {
-    let out = Command::new(bin("corral"))
-        .args(["reload", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .expect("corral reload");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, out, err) = agent.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
 }
 
 /// A CA that issues for another name than ordered (for the right key, so only the name is

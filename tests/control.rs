@@ -9,20 +9,6 @@ use std::time::Duration;
 
 use corral_tests::*;
 
-fn corral(agent: &Agent, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("corral"))
-        .args(args)
-        .arg("--socket")
-        .arg(&agent.socket)
-        .output()
-        .expect("run corral");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn restart_scale_reload_and_status_from_the_cli() {
     let port = free_port();
@@ -36,7 +22,7 @@ fn restart_scale_reload_and_status_from_the_cli() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
 
-    let (code, out, err) = corral(&agent, &["restart", "web/1"]);
+    let (code, out, err) = agent.cli(&["restart", "web/1"]);
     assert_eq!(code, 0, "{out}{err}");
     let after = wait_for(Duration::from_secs(20), "worker 1 replaced", || {
         let now = agent.wait_ready("web", 2, Duration::from_secs(20));
@@ -44,7 +30,7 @@ fn restart_scale_reload_and_status_from_the_cli() {
     });
     assert_eq!(after[0], pids[0], "only worker 1 restarted");
 
-    let (code, out, err) = corral(&agent, &["scale", "web", "3"]);
+    let (code, out, err) = agent.cli(&["scale", "web", "3"]);
     assert_eq!(code, 0, "{out}{err}");
     let scaled = agent.wait_ready("web", 3, Duration::from_secs(20));
     assert_eq!(
@@ -53,14 +39,14 @@ fn restart_scale_reload_and_status_from_the_cli() {
         "scale-up keeps the running workers"
     );
 
-    let (code, out, err) = corral(&agent, &["status", "web", "--json"]);
+    let (code, out, err) = agent.cli(&["status", "web", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v[0]["name"], "web");
     assert_eq!(v[0]["workers"].as_array().map(Vec::len), Some(3));
     assert!(v[0]["workers"][0]["rss_bytes"].as_u64().unwrap_or(0) > 0);
 
-    let (code, out, _) = corral(&agent, &["status"]);
+    let (code, out, _) = agent.cli(&["status"]);
     assert_eq!(code, 0);
     assert!(
         out.contains("web  running") && out.contains("RESTARTS"),
@@ -68,7 +54,7 @@ fn restart_scale_reload_and_status_from_the_cli() {
     );
 
     // `corral reload` re-reads the file, which still says 2 workers.
-    let (code, out, err) = corral(&agent, &["reload"]);
+    let (code, out, err) = agent.cli(&["reload"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("scaled web to 2"), "{out}");
     agent.wait_ready("web", 2, Duration::from_secs(20));
@@ -84,7 +70,7 @@ fn restart_scale_reload_and_status_from_the_cli() {
         (vec!["status", "nope"], "no app named `nope`"),
         (vec!["reload", "nope"], "no app named `nope`"),
     ] {
-        let (code, out, err) = corral(&agent, &args);
+        let (code, out, err) = agent.cli(&args);
         assert_eq!(code, 1, "{args:?}: {out}{err}");
         assert!(err.contains(expect), "{args:?}: {err}");
     }
@@ -493,7 +479,7 @@ fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
     let pids = agent.wait_ready("web", 2, Duration::from_secs(20));
 
     // 1000 x 4GiB does not fit in any machine this runs on.
-    let (code, out, err) = corral(&agent, &["scale", "web", "1000"]);
+    let (code, out, err) = agent.cli(&["scale", "web", "1000"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains("scale refused, nothing changed: memory budget exceeded: web 1000 x 4GiB"),
@@ -502,7 +488,7 @@ fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
 
     let over = fits.clone().workers("memory_max", "512GiB");
     agent.rewrite_config(&over);
-    let (code, out, err) = corral(&agent, &["reload"]);
+    let (code, out, err) = agent.cli(&["reload"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains(
@@ -510,7 +496,7 @@ fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
         ),
         "{err}"
     );
-    let (code, out, err) = corral(&agent, &["reload", "web"]);
+    let (code, out, err) = agent.cli(&["reload", "web"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("memory budget exceeded"), "{err}");
     // SIGHUP reads the same file: refused the same way, in the log.
@@ -537,7 +523,7 @@ fn over_budget_reload_and_scale_are_refused_and_change_nothing() {
 
     // Back within budget, the same commands work.
     agent.rewrite_config(fits.count(3));
-    let (code, out, err) = corral(&agent, &["reload"]);
+    let (code, out, err) = agent.cli(&["reload"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(
         &agent.wait_ready("web", 3, Duration::from_secs(20))[..2],
@@ -568,7 +554,7 @@ fn a_replacement_is_not_ready_before_it_accepts_though_the_old_worker_takes_its_
     std::fs::write(&marker, "").expect("marker");
 
     let t0 = std::time::Instant::now();
-    let (code, out, err) = corral(&agent, &["restart", "web"]);
+    let (code, out, err) = agent.cli(&["restart", "web"]);
     assert_eq!(code, 0, "{out}{err}");
     let mut served_by_old = 0;
     let ready_after = wait_for(Duration::from_secs(30), "the replacement ready", || {

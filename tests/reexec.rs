@@ -65,12 +65,7 @@ fn reexec_under_load_loses_no_request_and_keeps_workers_output_and_supervision()
         (now[1] != pids[1]).then_some(now)
     });
     assert_eq!((now[0], now[2]), (pids[0], pids[2]));
-    let w1 = agent
-        .app("web")
-        .workers
-        .into_iter()
-        .find(|w| w.slot == 1)
-        .expect("slot 1");
+    let w1 = agent.worker("web", 1);
     assert_eq!(w1.restarts, 1);
     assert_eq!(
         w1.last_exit.as_deref(),
@@ -80,12 +75,7 @@ fn reexec_under_load_loses_no_request_and_keeps_workers_output_and_supervision()
     let (code, said) = agent.reexec();
     assert_eq!(code, 0, "{said}");
     assert_eq!(agent.wait_ready("web", 3, Duration::from_secs(5)), now);
-    let w1 = agent
-        .app("web")
-        .workers
-        .into_iter()
-        .find(|w| w.slot == 1)
-        .expect("slot 1");
+    let w1 = agent.worker("web", 1);
     assert_eq!(w1.restarts, 1, "restart counts cross the re-exec");
     assert_eq!(agent.agent_info().generation, 2);
 }

@@ -30,15 +30,6 @@ fn corral_logs(agent: &Agent, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn slot(agent: &Agent, n: u32) -> WorkerStatus {
-    agent
-        .app("web")
-        .workers
-        .into_iter()
-        .find(|w| w.slot == n)
-        .expect("slot")
-}
-
 #[test]
 fn a_killed_agent_loses_no_request_worker_or_line_and_its_successor_adopts_everything() {
     let port = free_port();
@@ -79,7 +70,7 @@ fn a_killed_agent_loses_no_request_worker_or_line_and_its_successor_adopts_every
     assert_eq!(agent.wait_ready("web", 4, Duration::from_secs(10)), pids);
     let since_ready = ready_at.elapsed().as_millis() as u64;
     for n in 0..4 {
-        let w = slot(&agent, n);
+        let w = agent.worker("web", n);
         assert_eq!(w.restarts, 0, "{w:?}");
         let up = w.uptime_ms.expect("uptime");
         assert!(
@@ -222,7 +213,7 @@ fn a_worker_killed_while_no_agent_runs_is_restarted_and_its_pid_reuser_left_alon
         (now[1] != victim).then_some(now)
     });
     assert_eq!((now[0], now[2]), (pids[0], pids[2]), "the others adopted");
-    let w1 = slot(&agent, 1);
+    let w1 = agent.worker("web", 1);
     assert_eq!(w1.restarts, 1, "{w1:?}");
     let last = w1.last_exit.clone().unwrap_or_default();
     assert!(

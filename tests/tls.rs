@@ -53,33 +53,17 @@ fn start(tag: &str, tweak: impl FnOnce(App) -> App) -> Setup {
 
 /// curl over https with `name` resolved to the front; the body, or curl's error.
 fn curl_https(s: &Setup, name: &str, ca: &str, path: &str) -> Result<Vec<u8>, String> {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
-        .arg(s.agent.dir.path().join(ca))
-        .arg("--resolve")
-        .arg(format!("{name}:{}:127.0.0.1", s.tls.port()))
-        .arg(format!("https://{name}:{}{path}", s.tls.port()))
-        .output()
-        .expect("curl");
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    corral_tests::curl_https(s.tls.port(), name, &s.agent.dir.path().join(ca), path)
 }
 
 fn curl_plain(addr: SocketAddr, path: &str) -> Vec<u8> {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail", "--max-time", "20"])
-        .arg(format!("http://{addr}{path}"))
-        .output()
-        .expect("curl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    run_ok(
+        Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "20"])
+            .arg(format!("http://{addr}{path}")),
+        "curl",
+    )
+    .stdout
 }
 
 /// `openssl s_client` with `args`, stdin `input`; its stdout and stderr together.
@@ -293,13 +277,8 @@ fn certificates_reload_and_an_invalid_one_is_refused() {
 
     // An invalid certificate: the reload is refused with the file named; nothing changes.
     std::fs::write(dir.join("a.crt"), "not a certificate\n").expect("write");
-    let out = Command::new(bin("corral"))
-        .args(["reload", "--socket"])
-        .arg(dir.join("run/control.sock"))
-        .output()
-        .expect("corral reload");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (code, _, err) = s.agent.cli(&["reload"]);
+    assert_ne!(code, 0, "{err}");
     assert!(err.contains("a.crt"), "names the file: {err}");
     let served = s_client(s.tls, &["-servername", "a.test"], b"");
     assert!(
@@ -310,16 +289,8 @@ fn certificates_reload_and_an_invalid_one_is_refused() {
     // A valid new certificate for the same names: new handshakes get it, with no failed
     // request while the fronts are replaced.
     make_cert(&dir, "a", &["a.test", "localhost"]);
-    let out = Command::new(bin("corral"))
-        .args(["reload", "--socket"])
-        .arg(dir.join("run/control.sock"))
-        .output()
-        .expect("corral reload");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, out, err) = s.agent.cli(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut failures = Vec::new();
     loop {

@@ -41,6 +41,24 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Outp
     out
 }
 
+/// curl over https to `name` on `port` (`name` resolved to 127.0.0.1) trusting only the
+/// certificate `ca`: the body of `path`, or curl's error.
+pub fn curl_https(port: u16, name: &str, ca: &Path, path: &str) -> Result<Vec<u8>, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{name}:{port}:127.0.0.1"))
+        .arg(format!("https://{name}:{port}{path}"))
+        .output()
+        .expect("curl");
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 /// Path of a workspace binary built in the same profile as this test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -389,6 +407,15 @@ impl Agent {
             .unwrap_or_else(|| panic!("no status for app {name}; log:\n{}", self.log()))
     }
 
+    /// The worker in `slot` of app `name`, as the agent reports it now.
+    pub fn worker(&self, name: &str, slot: u32) -> WorkerStatus {
+        self.app(name)
+            .workers
+            .into_iter()
+            .find(|w| w.slot == slot)
+            .unwrap_or_else(|| panic!("app {name} has no worker in slot {slot}"))
+    }
+
     /// The connections app `name`'s workers have open, summed (`None`: not counted, or no
     /// answer).
     pub fn in_flight(&self, name: &str) -> Option<u32> {
@@ -442,18 +469,22 @@ impl Agent {
 
     /// `corral reexec` against this agent: (exit code, stdout and stderr).
     pub fn reexec(&self) -> (i32, String) {
+        let (code, out, err) = self.cli(&["reexec"]);
+        (code, format!("{out}{err}"))
+    }
+
+    /// `corral ARGS --socket` this agent's control socket: its exit code, stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(bin("corral"))
-            .args(["reexec", "--socket"])
+            .args(args)
+            .arg("--socket")
             .arg(&self.socket)
             .output()
-            .expect("run corral reexec");
+            .expect("run corral");
         (
             out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
 

@@ -184,23 +184,27 @@ mod tests {
 
     #[test]
     fn only_get_metrics_over_http_1_is_metrics() {
-        assert_eq!(
-            asked(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Asked::Metrics
-        );
-        assert_eq!(asked(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Asked::Metrics);
-        assert_eq!(asked(b"GET / HTTP/1.1\r\n\r\n"), Asked::Elsewhere);
-        assert_eq!(asked(b"GET /metricsX HTTP/1.1\r\n\r\n"), Asked::Elsewhere);
-        assert_eq!(asked(b"GET /livez HTTP/1.1\r\n\r\n"), Asked::Livez);
-        assert_eq!(
-            asked(b"GET /readyz?verbose HTTP/1.1\r\n\r\n"),
-            Asked::Readyz
-        );
-        assert_eq!(asked(b"GET /readyzz HTTP/1.1\r\n\r\n"), Asked::Elsewhere);
-        assert_eq!(asked(b"HEAD /readyz HTTP/1.1\r\n\r\n"), Asked::Bad);
-        assert_eq!(asked(b"POST /metrics HTTP/1.1\r\n\r\n"), Asked::Bad);
-        assert_eq!(asked(b"GET /metrics\r\n\r\n"), Asked::Bad);
-        assert_eq!(asked(b"\x16\x03\x01\x00\xa5\x01\x00"), Asked::Bad);
-        assert_eq!(asked(b""), Asked::Bad);
+        let cases: [(&[u8], Asked); 12] = [
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Asked::Metrics),
+            (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", Asked::Metrics),
+            (b"GET / HTTP/1.1\r\n\r\n", Asked::Elsewhere),
+            (b"GET /metricsX HTTP/1.1\r\n\r\n", Asked::Elsewhere),
+            (b"GET /livez HTTP/1.1\r\n\r\n", Asked::Livez),
+            (b"GET /readyz?verbose HTTP/1.1\r\n\r\n", Asked::Readyz),
+            (b"GET /readyzz HTTP/1.1\r\n\r\n", Asked::Elsewhere),
+            (b"HEAD /readyz HTTP/1.1\r\n\r\n", Asked::Bad),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", Asked::Bad),
+            (b"GET /metrics\r\n\r\n", Asked::Bad),
+            (b"\x16\x03\x01\x00\xa5\x01\x00", Asked::Bad),
+            (b"", Asked::Bad),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(
+                asked(request),
+                expected,
+                "{}",
+                String::from_utf8_lossy(request)
+            );
+        }
     }
 }

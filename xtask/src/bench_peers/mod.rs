@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::bench_steering::{
-    handler_cpu_ms, online_cpus, open_loop, schedule, status, summarize, wait_quiet_for, Acc,
-    DISTURBED, SEED,
+    handler_cpu_ms, online_cpus, open_loop, schedule, wait_quiet_for, Acc, DISTURBED, SEED,
 };
 use crate::{is_root, root, run};
 
@@ -198,21 +197,7 @@ fn run_app(ctx: &Ctx, app: App, o: &Options) -> Result<AppReport> {
         let measure = o.measure * o.rounds as u32;
         let mut results = Vec::new();
         for (a, r) in acc.into_iter().zip(&running) {
-            let after = match &r.servers.control {
-                Some(c) => Some(status(&ctx.corral, c)?),
-                None => None,
-            };
-            let (repeats, disturbed) = (a.repeats, a.disturbed);
-            let mut s = summarize(
-                r.name,
-                &r.servers,
-                MIX,
-                a.into_result(o.rounds),
-                measure,
-                after,
-            );
-            s.repeats = repeats;
-            s.disturbed = disturbed;
+            let s = a.summary(r.name, &r.servers, MIX, o.rounds, measure, &ctx.corral)?;
             results.push((r.variant, s));
         }
         loads.push(LoadReport {

@@ -320,25 +320,15 @@ fn start_peer(ctx: &Ctx, app: App, variant: Variant) -> Result<Running> {
                 "warning",
             ],
         ),
-        Variant::GunicornSync => (
+        Variant::GunicornSync | Variant::GunicornUvicorn => (
             "gunicorn",
             vec![
                 "-k",
-                "sync",
-                "-w",
-                &workers,
-                "-b",
-                &bind,
-                "--backlog",
-                BACKLOG,
-                app.module(),
-            ],
-        ),
-        Variant::GunicornUvicorn => (
-            "gunicorn",
-            vec![
-                "-k",
-                "uvicorn_worker.UvicornWorker",
+                if variant == Variant::GunicornSync {
+                    "sync"
+                } else {
+                    "uvicorn_worker.UvicornWorker"
+                },
                 "-w",
                 &workers,
                 "-b",

@@ -241,22 +241,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
     }
     let mut results = Vec::new();
     for ((v, a), s) in acc.into_iter().enumerate().zip(&servers) {
-        let after = match &s.control {
-            Some(c) => Some(status(&corral, c)?),
-            None => None,
-        };
-        let (repeats, disturbed) = (a.repeats, a.disturbed);
-        let mut sum = summarize(
-            variants[v].0,
-            s,
-            MIX,
-            a.into_result(o.segments),
-            measure,
-            after,
-        );
-        sum.repeats = repeats;
-        sum.disturbed = disturbed;
-        results.push(sum);
+        results.push(a.summary(variants[v].0, s, MIX, o.segments, measure, &corral)?);
     }
 
     // Connection rate, (b) vs (d), ABBA rounds.

@@ -30,6 +30,35 @@ impl Acc {
     }
 
     /// The whole as one [`LoadResult`]: CPU shares averaged over the (equal) segments.
+    /// The summary of `name` over `segments` measured windows, `measure` long in all, with the
+    /// agent's status after them when `servers` is corral (`corral` is its CLI).
+    pub(crate) fn summary(
+        self,
+        name: &'static str,
+        servers: &Servers,
+        mix: &Mix,
+        segments: usize,
+        measure: Duration,
+        corral: &Path,
+    ) -> Result<Summary> {
+        let after = match &servers.control {
+            Some(c) => Some(status(corral, c)?),
+            None => None,
+        };
+        let (repeats, disturbed) = (self.repeats, self.disturbed);
+        let mut sum = summarize(
+            name,
+            servers,
+            mix,
+            self.into_result(segments),
+            measure,
+            after,
+        );
+        sum.repeats = repeats;
+        sum.disturbed = disturbed;
+        Ok(sum)
+    }
+
     pub(crate) fn into_result(self, segments: usize) -> LoadResult {
         let n = segments.max(1) as f64;
         LoadResult {
