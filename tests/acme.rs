@@ -74,6 +74,14 @@ fn acme_status(agent: &Agent) -> serde_json::Value {
     agent.app_json("web.tls")["tls"]["acme"].clone()
 }
 
+/// The ACME status once it counts a failure (`what` names the failure awaited).
+fn first_failure(agent: &Agent, timeout: Duration, what: &str) -> serde_json::Value {
+    wait_for(timeout, what, || {
+        let st = acme_status(agent);
+        (st["failures"].as_u64() >= Some(1)).then_some(st)
+    })
+}
+
 fn wait_served(tls: SocketAddr, name: &str, root: &Path) {
     wait_for(
         Duration::from_secs(120),
@@ -304,15 +312,11 @@ fn the_ca_down_keeps_the_old_certificate_serving_and_the_failure_shows_with_back
     let next = app(&["a.test", "b.test"]).to_string();
     drop(pebble);
     agent.rewrite_config(next);
-    let (code, out, err) = agent.cli(&["reload"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let st = wait_for(
+    reload(&agent);
+    let st = first_failure(
+        &agent,
         Duration::from_secs(60),
         "the failed order in status",
-        || {
-            let st = acme_status(&agent);
-            (st["failures"].as_u64() >= Some(1)).then_some(st)
-        },
     );
     let error = st["last_error"].as_str().unwrap_or_default().to_string();
     assert!(
@@ -409,13 +413,10 @@ fn a_malformed_directory_and_a_certificate_for_another_name_never_reach_the_fron
         std::fs::rename(state.join("cert.key"), state.join("key.pem")).expect("rename");
     });
     agent.wait_ready("web.tls", 2, Duration::from_secs(30));
-    let st = wait_for(
+    let st = first_failure(
+        &agent,
         Duration::from_secs(60),
         "the refused directory in status",
-        || {
-            let st = acme_status(&agent);
-            (st["failures"].as_u64() >= Some(1)).then_some(st)
-        },
     );
     let error = st["last_error"].as_str().unwrap_or_default();
     assert!(
@@ -531,13 +532,10 @@ fn a_refused_validation_shows_the_cas_problem_document() {
         .tls("processes", 1)
         .tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
     let agent = Agent::start("acme-refused", app);
-    let st = wait_for(
+    let st = first_failure(
+        &agent,
         Duration::from_secs(90),
         "the refused order in status",
-        || {
-            let st = acme_status(&agent);
-            (st["failures"].as_u64() >= Some(1)).then_some(st)
-        },
     );
     let error = st["last_error"].as_str().unwrap_or_default();
     assert!(
@@ -560,6 +558,7 @@ fn acme_via(proxy: &AcmeProxy, domains: &[&str]) -> Table {
         .set("challenge", "tls-alpn-01")
 }
 
+/// `corral reload`, which must succeed.
 fn reload(agent: &Agent) {
     let (code, out, err) = agent.cli(&["reload"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -603,13 +602,10 @@ fn a_certificate_for_another_name_from_the_ca_is_refused_and_the_old_one_keeps_s
     proxy.issue_for("evil.test");
     agent.rewrite_config(app(&["a.test", "b.test"]).to_string());
     reload(&agent);
-    let st = wait_for(
+    let st = first_failure(
+        &agent,
         Duration::from_secs(90),
         "the refused certificate in status",
-        || {
-            let st = acme_status(&agent);
-            (st["failures"].as_u64() >= Some(1)).then_some(st)
-        },
     );
     assert!(proxy.replaced() >= 1, "the proxy replaced the chain: {st}");
     let why = "the CA's certificate is refused: the certificate names evil.test, which \
@@ -682,13 +678,10 @@ fn a_rate_limited_ca_is_not_asked_again_before_its_retry_after() {
             .tls("processes", 1)
             .tls("acme", acme_via(&proxy, &["a.test"]));
         let agent = Agent::start(&format!("acme-limited{i}"), app);
-        let st = wait_for(
+        let st = first_failure(
+            &agent,
             Duration::from_secs(90),
             "the rate-limited order in status",
-            || {
-                let st = acme_status(&agent);
-                (st["failures"].as_u64() >= Some(1)).then_some(st)
-            },
         );
         let limited = proxy.limited();
         assert!(
