@@ -82,11 +82,28 @@ fn first_failure(agent: &Agent, timeout: Duration, what: &str) -> serde_json::Va
     })
 }
 
-fn wait_served(tls: SocketAddr, name: &str, root: &Path) {
+/// Wait until the first ACME certificate is served for `name` by every front process: a new
+/// certificate reaches the fronts by replacing them one at a time, so one front may serve it
+/// while another still has only the file certificates (a `curl` to another name right after
+/// the first success failed that way once). Done when the agent has begun the replacement and
+/// lists only ready fronts again (while it replaces, a new front is starting or an old one is
+/// draining or stopping beside it).
+fn wait_served(agent: &Agent, tls: SocketAddr, name: &str, root: &Path) {
     wait_for(
         Duration::from_secs(120),
         &format!("https://{name} with pebble's certificate"),
         || curl(tls, name, root).ok(),
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "every front replaced to serve the new certificate",
+        || {
+            let begun = agent
+                .log()
+                .contains("certificates changed: replacing the front processes");
+            let fronts = agent.app("web.tls").workers;
+            (begun && fronts.iter().all(|w| w.state == "ready")).then_some(())
+        },
     );
 }
 
@@ -108,7 +125,7 @@ fn tls_alpn_01_two_names_beside_a_file_certificate_and_a_restart_does_not_order_
     agent.wait_ready("web.tls", 2, Duration::from_secs(30));
     let root = pebble.issuing_root();
     let tls = loopback(tls_port);
-    wait_served(tls, "a.test", &root);
+    wait_served(&agent, tls, "a.test", &root);
     assert!(curl(tls, "b.test", &root).is_ok());
     let a = served_cert(tls, "a.test");
     assert!(a.contains("DNS:a.test") && a.contains("DNS:b.test"), "{a}");
@@ -209,7 +226,7 @@ fn http_01_on_the_redirect_listener() {
     agent.wait_ready("web.tls", 2, Duration::from_secs(30));
     let root = pebble.issuing_root();
     let tls = loopback(tls_port);
-    wait_served(tls, "a.test", &root);
+    wait_served(&agent, tls, "a.test", &root);
     assert!(curl(tls, "b.test", &root).is_ok());
     let b = served_cert(tls, "b.test");
     assert!(b.contains("DNS:a.test") && b.contains("DNS:b.test"), "{b}");
@@ -243,7 +260,7 @@ fn a_short_lived_certificate_is_renewed_and_rolled_under_load_without_a_failed_r
     let root_path = pebble.issuing_root();
     let root = std::fs::read_to_string(&root_path).expect("root");
     let tls = loopback(tls_port);
-    wait_served(tls, "a.test", &root_path);
+    wait_served(&agent, tls, "a.test", &root_path);
     let first = served_serial(tls, "a.test").expect("a serial");
 
     let load = tls::HandshakeLoad::start(tls, "a.test", &root, 3);
@@ -305,7 +322,7 @@ fn the_ca_down_keeps_the_old_certificate_serving_and_the_failure_shows_with_back
     agent.wait_ready("web.tls", 2, Duration::from_secs(30));
     let root = pebble.issuing_root();
     let tls = loopback(tls_port);
-    wait_served(tls, "a.test", &root);
+    wait_served(&agent, tls, "a.test", &root);
     let serial = served_serial(tls, "a.test").expect("serial");
 
     // The CA goes away; a new name needs a new certificate.
@@ -593,7 +610,7 @@ fn a_certificate_for_another_name_from_the_ca_is_refused_and_the_old_one_keeps_s
     let root = pebble.issuing_root();
     let tls = loopback(tls_port);
     // Through the proxy, untouched: pebble's certificate.
-    wait_served(tls, "a.test", &root);
+    wait_served(&agent, tls, "a.test", &root);
     let serial = served_serial(tls, "a.test").expect("serial");
     let stored = agent.dir.path().join("acme/web/cert.pem");
     let before = std::fs::read_to_string(&stored).expect("stored certificate");
@@ -834,7 +851,7 @@ fn corral_acme_runs_as_sandboxed_as_the_fronts() {
     // agent.
     proxy.release();
     let root = pebble.issuing_root();
-    wait_served(loopback(tls_port), "a.test", &root);
+    wait_served(&agent, loopback(tls_port), "a.test", &root);
     wait_for(Duration::from_secs(30), "the run over", || {
         (!Path::new(&format!("/proc/{acme}")).exists()).then_some(())
     });
