@@ -116,7 +116,9 @@ http {{
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{nginx}: {e}"));
-    let guard = ChildGuard::new(child);
+    // SIGTERM, not SIGKILL: nginx's master stops its workers then (killed, it left them
+    // running, orphaned, after every benchmark).
+    let guard = ChildGuard::with_grace(child, Duration::from_secs(5));
     wait_listening(port, "nginx listening");
     guard
 }
