@@ -24,15 +24,22 @@ fn env_secs(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// utime + stime of a process, in clock ticks (0 if it is gone).
-fn cpu_ticks(pid: i32) -> u64 {
+/// utime and stime of a process, in clock ticks (0 if it is gone).
+fn cpu_ticks(pid: i32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
-        return 0;
+        return (0, 0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
+    (n(11), n(12))
+}
+
+/// The summed utime and stime of `pids`.
+fn cpu_of(pids: &[i32]) -> (u64, u64) {
+    pids.iter()
+        .map(|p| cpu_ticks(*p))
+        .fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps))
 }
 
 /// Every descendant of `root` (nginx's workers, caddy itself has none).
@@ -109,7 +116,9 @@ http {{
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{nginx}: {e}"));
-    let guard = ChildGuard::new(child);
+    // SIGTERM, not SIGKILL: nginx's master stops its workers then (killed, it left them
+    // running, orphaned, after every benchmark).
+    let guard = ChildGuard::with_grace(child, Duration::from_secs(5));
     wait_listening(port, "nginx listening");
     guard
 }
@@ -199,13 +208,36 @@ struct Result {
     p99_ms: f64,
     failed: u64,
     cpu_us_per_req: f64,
+    /// Of which in the kernel (stime).
+    sys_us_per_req: f64,
+}
+
+/// The loads to run: `CORRAL_BENCH_LOADS`, a comma-separated list of load names' first words
+/// joined by `-` (`h1-100`, `h2-100`, `h1-1`, `h2-1`), all by default.
+fn selected_loads() -> Vec<&'static Load> {
+    let Ok(list) = std::env::var("CORRAL_BENCH_LOADS") else {
+        return LOADS.iter().collect();
+    };
+    let key = |l: &Load| {
+        let mut w = l.name.split(' ');
+        format!("{}-{}", w.next().unwrap_or(""), w.next().unwrap_or(""))
+    };
+    let loads: Vec<&Load> = LOADS
+        .iter()
+        .filter(|l| list.split(',').any(|k| k.trim() == key(l)))
+        .collect();
+    assert!(
+        !loads.is_empty(),
+        "CORRAL_BENCH_LOADS={list:?} names no load (h1-100, h2-100, h1-1, h2-1)"
+    );
+    loads
 }
 
 /// One h2load round; the variant's processes' CPU over it.
 fn h2load(dir: &Path, port: u16, load: &Load, pids: &[i32], secs: u64) -> Result {
     let log = dir.join("h2load.log");
     let _ = std::fs::remove_file(&log);
-    let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let before = cpu_of(pids);
     let mut cmd = Command::new("h2load");
     cmd.args(["-t", "1", "--warm-up-time", "1", "-D"])
         .arg(secs.to_string())
@@ -222,7 +254,7 @@ fn h2load(dir: &Path, port: u16, load: &Load, pids: &[i32], secs: u64) -> Result
         .arg(format!("https://127.0.0.1:{port}{}", load.path))
         .output()
         .expect("h2load (cargo xtask bench http installs nghttp2-client)");
-    let after: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let after = cpu_of(pids);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "h2load: {text}");
     // "finished in 5.00s, 1234.56 req/s, ..." and "requests: N total, N started, N done,
@@ -265,7 +297,9 @@ fn h2load(dir: &Path, port: u16, load: &Load, pids: &[i32], secs: u64) -> Result
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         failed,
-        cpu_us_per_req: (after - before) as f64 / hz * 1e6 / done as f64,
+        cpu_us_per_req: ((after.0 + after.1) - (before.0 + before.1)) as f64 / hz * 1e6
+            / done as f64,
+        sys_us_per_req: (after.1 - before.1) as f64 / hz * 1e6 / done as f64,
     }
 }
 
@@ -275,7 +309,9 @@ fn http_bench() {
     require_root();
     let secs = env_secs("CORRAL_BENCH_ROUND", 5);
     let rounds = env_secs("CORRAL_BENCH_ROUNDS", 2);
+    // 0: no slow-worker phase.
     let slow_secs = env_secs("CORRAL_BENCH_SLOW_ROUND", 8);
+    let loads = selected_loads();
     let ports: Vec<u16> = (0..10).map(|_| free_port()).collect();
     let (app_port, front_port, nginx_port, caddy_port) = (ports[0], ports[1], ports[2], ports[3]);
     let fronted = |app: App, port: u16, upstream: &str| {
@@ -345,10 +381,10 @@ fn http_bench() {
     // Interleaved round by round (a b c, c b a, ...): the median of each.
     let mut results: Vec<Vec<Vec<Result>>> = variants
         .iter()
-        .map(|_| LOADS.iter().map(|_| Vec::new()).collect())
+        .map(|_| loads.iter().map(|_| Vec::new()).collect())
         .collect();
     for round in 0..rounds {
-        for (li, load) in LOADS.iter().enumerate() {
+        for (li, load) in loads.iter().enumerate() {
             let order: Vec<usize> = if round % 2 == 0 {
                 (0..variants.len()).collect()
             } else {
@@ -365,28 +401,34 @@ fn http_bench() {
         "\nbench http: h2load -t 1, {rounds} rounds of {secs} s (+1 s warm-up) per variant and \
          load, medians; 2 demo workers behind each; TLS 1.3, ECDSA P-256"
     );
-    println!("| load | server | requests/s | p50 ms | p99 ms | failed | CPU µs/request |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| load | server | requests/s | p50 ms | p99 ms | failed | CPU µs/request | of which kernel |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let median = |v: &mut Vec<f64>| -> f64 {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
         v[v.len() / 2]
     };
-    for (li, load) in LOADS.iter().enumerate() {
+    for (li, load) in loads.iter().enumerate() {
         for (vi, (name, _, _)) in variants.iter().enumerate() {
             let rs = &results[vi][li];
             let m = |f: fn(&Result) -> f64| median(&mut rs.iter().map(f).collect());
             println!(
-                "| {} | {name} | {:.0} | {:.2} | {:.2} | {} | {:.0} |",
+                "| {} | {name} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {:.0} |",
                 load.name,
                 m(|r| r.rps),
                 m(|r| r.p50_ms),
                 m(|r| r.p99_ms),
                 rs.iter().map(|r| r.failed).sum::<u64>(),
                 m(|r| r.cpu_us_per_req),
+                m(|r| r.sys_us_per_req),
             );
         }
     }
 
+    if slow_secs == 0 {
+        return;
+    }
     // One slow worker of four: the share it gets and what it does to p99, pool vs connect,
     // interleaved (sp sc sc sp ...), medians.
     let ca = std::fs::read_to_string(dir.join("a.crt")).expect("the CA");

@@ -217,6 +217,57 @@ fn garbage_truncated_hellos_and_slowloris_do_not_disturb_other_clients() {
     assert!(c["bytes_copied"].as_u64().unwrap_or(0) > 0, "{counted}");
 }
 
+/// The scheduling policy of a thread, field 41 of /proc/PID/task/TID/stat.
+fn sched_policy(stat: &str) -> u32 {
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).expect("a stat line");
+    // Fields from the third (state) on: policy is the 41st field, the 39th after the name.
+    rest.split_whitespace()
+        .nth(38)
+        .and_then(|v| v.parse().ok())
+        .expect("a policy field")
+}
+
+#[test]
+fn the_fronts_run_under_sched_batch_and_the_workers_do_not() {
+    // SCHED_BATCH is 3 (sched.h), SCHED_OTHER 0: a front woken by a worker's answer does not
+    // preempt that worker (BENCHMARKS.md, "http"); the app's workers keep what they inherit
+    // (the agent's policy, which is this test's).
+    let s = start("tls-batch", |app| app);
+    let policies = |pid: i32| -> Vec<u32> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the process's threads")
+            .flatten()
+            .map(|t| sched_policy(&std::fs::read_to_string(t.path().join("stat")).expect("stat")))
+            .collect()
+    };
+    let fronts: Vec<i32> = s
+        .agent
+        .app("web.tls")
+        .workers
+        .iter()
+        .filter(|w| w.state == "ready")
+        .map(|w| w.pid.expect("pid"))
+        .collect();
+    assert!(!fronts.is_empty(), "no ready front");
+    for pid in fronts {
+        let p = policies(pid);
+        assert!(p.iter().all(|&p| p == 3), "front {pid}: policies {p:?}");
+    }
+    let own = sched_policy(&std::fs::read_to_string("/proc/thread-self/stat").expect("stat"));
+    assert_ne!(
+        own, 3,
+        "run the tests under a policy other than SCHED_BATCH"
+    );
+    for w in s.agent.app("web").workers {
+        let pid = w.pid.expect("pid");
+        let p = policies(pid);
+        assert!(
+            p.iter().all(|&p| p == own),
+            "worker {pid}: policies {p:?}, the agent's {own}"
+        );
+    }
+}
+
 #[test]
 fn the_front_runs_unprivileged_and_the_key_stays_out_of_the_workers() {
     let s = start("tls-privs", |app| app);

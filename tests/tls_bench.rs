@@ -285,7 +285,9 @@ http {{
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{nginx}: {e} (cargo xtask bench tls fetches it)"));
-    let guard = ChildGuard::new(child);
+    // SIGTERM, not SIGKILL: nginx's master stops its workers then (killed, it left them
+    // running, orphaned, after every benchmark).
+    let guard = ChildGuard::with_grace(child, Duration::from_secs(5));
     wait_for(Duration::from_secs(20), "nginx listening", || {
         TcpStream::connect(("127.0.0.1", port)).ok()
     });

@@ -46,12 +46,20 @@ fn caddy_binary() -> Result<PathBuf> {
 }
 
 pub fn http(args: &[&str]) -> Result<()> {
-    for a in args {
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
         match *a {
             "--quick" => {
                 std::env::set_var("CORRAL_BENCH_ROUNDS", "1");
                 std::env::set_var("CORRAL_BENCH_ROUND", "2");
             }
+            "--loads" => {
+                let list = args
+                    .next()
+                    .context("--loads takes a list: h1-100,h2-100,h1-1,h2-1")?;
+                std::env::set_var("CORRAL_BENCH_LOADS", list);
+            }
+            "--no-slow" => std::env::set_var("CORRAL_BENCH_SLOW_ROUND", "0"),
             other => bail!("bench http: unexpected argument {other}"),
         }
     }

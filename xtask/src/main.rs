@@ -90,14 +90,15 @@ tasks:
                     (userspace rustls vs nginx), then in bookworm's VM (kTLS + splice vs
                     userspace vs nginx); release builds. --host: skip the VM; --vm: skip the
                     host; --loads: only these loads; --quick: one round of 2 s
-  bench http [--quick]
+  bench http [--quick] [--loads LIST] [--no-slow]
                     the HTTP front (proxy = \"http\") vs nginx and Caddy (Debian's binaries,
                     unpacked under target/, never installed) in front of the same two demo
                     workers, TLS 1.3, ECDSA P-256, driven by h2load: requests/s, p50/p99,
                     failures and CPU per request over HTTP/1.1 and HTTP/2, 100 B and 1 MiB
                     responses, corral with upstream = \"pool\" and \"connect\"; then one slow
                     worker of four: its share of requests and p99 under each; release
-                    builds, host only (root). --quick: one round of 2 s.
+                    builds, host only (root). --quick: one round of 2 s; --loads: only these
+                    (h1-100,h2-100,h1-1,h2-1); --no-slow: no slow-worker phase.
                     CORRAL_BENCH_DEMO_THREADS=N: the demo workers' threads (default 16)
   bench steering [--quick] [--rate R] [--threads T] [--accept greedy|free-thread]
                     4 workers of corral-demo, T threads each (default 1), accepting greedily

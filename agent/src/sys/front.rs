@@ -72,6 +72,21 @@ pub fn make_undumpable() -> Result<(), FrontError> {
     Ok(())
 }
 
+/// SCHED_BATCH for this process and the threads it starts after (its nice value unchanged; an
+/// unprivileged process may choose it). A batch task does not preempt the running one when it
+/// wakes: a front woken by a worker's answer lets that worker reach its next blocking read
+/// first instead of switching twice per request (ARCHITECTURE.md, "The TLS front").
+pub fn set_batch_scheduling() -> Result<(), FrontError> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling process with a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        return Err(syscall("sched_setscheduler(SCHED_BATCH)")(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Name the process `corral-front` (it is exec'd as /proc/self/exe, which `ps` would show as
 /// `exe`).
 pub fn set_name() {
