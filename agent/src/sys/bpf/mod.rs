@@ -227,6 +227,18 @@ impl Steering {
         self.program == SELECT_OR_MIGRATE
     }
 
+    /// The kernel's ids of this agent's loaded programs (the select program, and the tracker if
+    /// attached): what `bpftool prog show id N` takes, and what run-time statistics are read by.
+    pub fn program_ids(&self) -> Vec<u32> {
+        let tracker = self.tracker.is_ok().then_some(TRACKER);
+        [Some(self.program), tracker]
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.ebpf.program(name)?.info().ok())
+            .map(|info| info.id())
+            .collect()
+    }
+
     fn program(&self) -> Result<&SkReuseport, BpfError> {
         let p = self
             .ebpf
