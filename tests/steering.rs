@@ -140,7 +140,10 @@ fn least_loaded_spreads_evenly() {
     let ids = st.steering_stats.expect("stats").programs;
     assert_eq!(ids.len(), 2, "select and tracker: {ids:?}");
     let held = held_program_ids(agent.pid());
-    assert!(ids.iter().all(|id| held.contains(id)), "{ids:?} in {held:?}");
+    assert!(
+        ids.iter().all(|id| held.contains(id)),
+        "{ids:?} in {held:?}"
+    );
 }
 
 /// The ids of the BPF programs process `pid` holds descriptors of (`prog_id` in fdinfo).
@@ -439,7 +442,7 @@ fn pins_are_replaced_after_a_crash_and_removed_on_a_clean_stop() {
         "socks",
         "eligible",
         "load",
-        "picks",
+        "window",
         "stats",
         "slot_picks",
     ] {
