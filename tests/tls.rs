@@ -513,11 +513,20 @@ fn a_roll_stops_the_old_front_only_on_the_new_fronts_own_ready_report() {
             agent.log()
         );
     };
+    // Ready means serving: the new front answers at once.
+    let sent = Instant::now();
+    let got = tls::get(tls, "a.test", &new_ca, tls::Tls::V13, "/", false);
+    let took = sent.elapsed();
+    assert!(
+        got.is_ok() && took < SLOW_START / 2,
+        "the new front, ready: {:?} after {took:?}\nlog:\n{}",
+        got.err(),
+        agent.log()
+    );
     assert!(
         while_starting > 0,
         "no request was sent while the new front was starting"
     );
-    tls::get(tls, "a.test", &new_ca, tls::Tls::V13, "/", false).expect("the new certificate");
     let log = agent.log();
     assert!(
         log.contains("starting 3000 ms late (test only)"),
