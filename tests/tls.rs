@@ -569,6 +569,48 @@ fn a_front_that_never_reports_ready_is_named_in_the_error() {
     );
 }
 
+/// A front that exits before it reports ready (here: the real front refusing a test delay
+/// that is not a number, before it serves) is a failed start: restarted like a crash, never
+/// ready.
+#[test]
+fn a_front_that_exits_before_reporting_ready_is_a_failed_start() {
+    let (app_port, tls_port) = (free_port(), free_port());
+    let agent = Agent::start_with_env(
+        "tls-exits-early",
+        config(app_port, tls_port).tls("processes", 1),
+        &[(corral::front::process::TEST_START_DELAY_VAR, "soon")],
+        |dir| {
+            make_cert(dir.path(), "a", &["a.test", "localhost"]);
+            make_cert(dir.path(), "b", &["b.test"]);
+        },
+    );
+    let front_lines = |what: &str| {
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains(what) && l.contains("app=web.tls"))
+            .count()
+    };
+    // Restarted after its first exit, so it exits twice.
+    wait_for(Duration::from_secs(20), "the front exiting twice", || {
+        (front_lines("worker exited after") >= 2).then_some(())
+    });
+    let log = agent.log();
+    assert!(
+        log.contains("CORRAL_TEST_FRONT_START_DELAY_MS=\"soon\" is not a number"),
+        "the front's own reason: {log}"
+    );
+    assert_eq!(front_lines("worker ready"), 0, "{log}");
+    assert!(
+        agent
+            .app("web.tls")
+            .workers
+            .iter()
+            .all(|w| w.state != "ready"),
+        "{log}"
+    );
+}
+
 #[test]
 fn redirect_http_answers_plain_http_with_a_308_to_https() {
     let redirect_port = free_port();
