@@ -259,13 +259,13 @@ async fn probe(
 }
 
 /// A per-worker `NOTIFY_SOCKET`: an abstract unix datagram socket named after the agent's pid
-/// and the worker's id, so no file needs permissions for the unprivileged worker. Anyone in the
-/// network namespace can send to an abstract name, so each datagram's sender is checked (see
-/// [`Notify`]).
+/// and the worker's id, with a random part no other process can guess and bind first, so no
+/// file needs permissions for the unprivileged worker. Anyone in the network namespace can send
+/// to an abstract name, so each datagram's sender is checked (see [`Notify`]).
 pub fn notify_socket(worker_id: u64) -> Result<(UnixDatagram, String), String> {
-    let name = format!("corral/{}/notify/{worker_id}", std::process::id());
-    let std_sock = crate::sys::notify::bind_receiver(&name)
-        .map_err(|e| format!("binding notify socket @{name}: {e}"))?;
+    let prefix = format!("corral/{}/notify/{worker_id}/", std::process::id());
+    let (std_sock, name) = crate::sys::notify::bind_unguessable_receiver(&prefix)
+        .map_err(|e| format!("binding a notify socket @{prefix}...: {e}"))?;
     let sock = UnixDatagram::from_std(std_sock).map_err(|e| format!("notify socket: {e}"))?;
     Ok((sock, format!("@{name}")))
 }
