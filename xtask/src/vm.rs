@@ -26,8 +26,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::{root, run};
 
+pub(crate) mod apt;
 mod cpio;
-pub(crate) mod kernel;
+mod kernel;
 mod pod;
 mod system;
 
@@ -35,7 +36,7 @@ use cpio::Cpio;
 use kernel::{Kernel, Release};
 
 // The image (cargo xtask image) is built from the same Debian archive, cached the same way.
-pub(crate) use kernel::debian_mirror;
+pub(crate) use apt::debian_mirror;
 pub(crate) use system::fnv;
 
 /// The line /init prints first; the host measures the boot to it.
