@@ -24,8 +24,9 @@ pub fn curl_https(port: u16, name: &str, ca: &Path, path: &str) -> Result<Vec<u8
     }
 }
 
-/// A plain HTTP/1.1 GET on a new connection; returns (status, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+/// A plain HTTP/1.1 GET on a new connection (5 s to connect, 10 s to answer); returns the
+/// whole answer, status line and headers included.
+pub fn http_get_raw(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
@@ -34,7 +35,12 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// A plain HTTP/1.1 GET on a new connection; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let text = http_get_raw(addr, path)?;
     let status = text
         .split_whitespace()
         .nth(1)

@@ -30,7 +30,7 @@ pub use cgroup::{
     cgroup_name, cgroup_populated, cgroup_procs, cgroup_read, cgroup_subdirs, cgroup_tree,
     proc_cgroup, remove_cgroup_tree, vm_cgroup_root, CgroupRootGuard, CGROUP_FS,
 };
-pub use http::{curl_https, demo_pid, http_get};
+pub use http::{curl_https, demo_pid, http_get, http_get_raw};
 pub use load::{answered_connections, OpenLoad};
 pub use procfs::{hard_nofile, nofile_of, proc_environ, proc_status, processes_with_arg};
 
