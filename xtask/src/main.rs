@@ -26,6 +26,7 @@ mod bench_tls;
 mod image;
 mod kube;
 mod package;
+mod venv;
 mod vm;
 
 const USAGE: &str = "\

@@ -31,20 +31,14 @@ pub(super) fn results(results: &[Summary]) {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for s in results {
         let f = |k| s.failures.get(&k).copied().unwrap_or(0);
-        let shares: Vec<String> = s.shares.iter().map(|x| format!("{x:.1}")).collect();
         println!(
-            "| {} | {:.1} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {:.0}% ({:.0}%) |",
-            s.name,
-            s.throughput,
-            ms(s.p50),
-            ms(s.p99),
-            ms(s.p999),
-            ms(s.max),
+            "| {} | {} / {} / {} / {} | {} | {:.0}% ({:.0}%) |",
+            s.latency_cells(),
             f(Failure::Refused),
             f(Failure::Reset),
             f(Failure::Timeout),
             f(Failure::Other),
-            shares.join(" / "),
+            s.shares_cell(),
             s.cpu.busy * 100.0,
             (s.cpu.client + s.cpu.servers) * 100.0
         );
