@@ -79,6 +79,21 @@ impl Agent {
         Self::configure(tag, apps, prepare, Table::new()).spawned()
     }
 
+    /// The agent's own measure, from each worker's spawn to its readiness ("worker ready in
+    /// ..." in its log), of `app`'s worker `worker`, in milliseconds, in order of the lines.
+    pub fn ready_in_ms(&self, app: &str, worker: u32) -> Vec<f64> {
+        let (app, worker) = (format!("app={app} "), format!("worker={worker} "));
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&app) && l.contains(&worker))
+            .filter_map(|l| l.split("worker ready in ").nth(1)?.split(' ').next())
+            .map(|t| match t.strip_suffix("ms") {
+                Some(ms) => ms.parse::<f64>().expect("ms"),
+                None => t.strip_suffix('s').expect("s").parse::<f64>().expect("s") * 1e3,
+            })
+            .collect()
+    }
+
     /// Like [`Agent::start_with`], with `env` added to the agent's environment (a test-only
     /// variable such as `corral::front::process::TEST_START_DELAY_VAR`).
     pub fn start_with_env(
