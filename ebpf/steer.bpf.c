@@ -452,8 +452,10 @@ struct sock_common_head {
 
 #define CORRAL_AF_INET 2
 #define CORRAL_TCP_ESTABLISHED 1
+#define CORRAL_TCP_SYN_RECV 3
 #define CORRAL_TCP_FIN_WAIT1 4
 #define CORRAL_TCP_CLOSE 7
+#define CORRAL_TCP_CLOSE_WAIT 8
 #define CORRAL_TCP_LAST_ACK 9
 
 /* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
@@ -466,6 +468,7 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 	struct sock_common_head h;
 	struct corral_conn_key key = {};
 	struct corral_conn *conn;
+	int oldstate = (int)ctx->args[1];
 	int newstate = (int)ctx->args[2];
 	__u32 slot;
 	__u32 *n;
@@ -478,12 +481,24 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 	if (newstate != CORRAL_TCP_ESTABLISHED && newstate != CORRAL_TCP_FIN_WAIT1 &&
 	    newstate != CORRAL_TCP_LAST_ACK && newstate != CORRAL_TCP_CLOSE)
 		return 0;
+	/* A close after FIN_WAIT1 or LAST_ACK (through FIN_WAIT2, CLOSING, TIME_WAIT) was
+	 * uncounted then: only a close straight from a live state (a reset, a connection never
+	 * accepted) is looked up, which spares every connection's last run its hash lookup. */
+	if (newstate == CORRAL_TCP_CLOSE && oldstate != CORRAL_TCP_ESTABLISHED &&
+	    oldstate != CORRAL_TCP_SYN_RECV && oldstate != CORRAL_TCP_CLOSE_WAIT)
+		return 0;
 	if (bpf_probe_read_kernel(&h, sizeof(h), (void *)ctx->args[0]))
 		return 0;
-	if (h.num != cfg->port)
+	/* A close straight from a live state (a reset, a child its listener dropped) comes after
+	 * tcp_set_state has released the local port (inet_put_port zeroes skc_num): the
+	 * connection is then looked up as one to this port from its remote end. Another socket
+	 * of the same remote address and port closing likewise (a NAT mapping one external port
+	 * to two of this host's ports) would uncount one of ours early: a count one low for a
+	 * while, against a count that never came down. */
+	if (h.num != cfg->port && !(h.num == 0 && newstate == CORRAL_TCP_CLOSE))
 		return 0;
 	key.remote_port = h.dport;
-	key.local_port = h.num;
+	key.local_port = cfg->port;
 	if (h.family == CORRAL_AF_INET)
 		key.remote_addr = h.daddr;
 	conn = bpf_map_lookup_elem(&conns, &key);
