@@ -57,15 +57,15 @@ struct {
 	__type(value, __u32);
 } load SEC(".maps");
 
-/* Per slot: picks since the agent last published `load` (it zeroes them when it does and
- * bumps config.epoch); with the tracker, a pick leaves again when its connection is
- * established: then these are the connections still in their handshake. */
+/* Per slot: the picks of the current epoch (struct corral_window): the agent bumps
+ * config.epoch on each publish, and a window of an older epoch counts as empty, so starting a
+ * new window costs the agent one map write instead of two per slot. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CORRAL_MAX_SLOTS);
 	__type(key, __u32);
-	__type(value, __u32);
-} picks SEC(".maps");
+	__type(value, struct corral_window);
+} window SEC(".maps");
 
 /* Connections steered by this program, from the SYN until the server closes them. Each counted
  * entry is uncounted exactly once, when it closes, also after a worker died or its queue
@@ -107,14 +107,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct corral_carried);
 } carried SEC(".maps");
-
-/* Per slot: picks since the agent last published (it zeroes them), only for breaking ties. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, CORRAL_MAX_SLOTS);
-	__type(key, __u32);
-	__type(value, __u32);
-} recent SEC(".maps");
 
 /* Round-robin position, per CPU: each CPU rotates through the set on its own. */
 struct {
@@ -174,13 +166,37 @@ static __always_inline __u32 carried_count(__u32 key)
 	return c && c->inflight < 0x80000000u ? c->inflight : 0;
 }
 
+/* `slot`'s window if it is the current epoch's, else NULL (no picks since the publish). */
+static __always_inline struct corral_window *current_window(const struct corral_config *cfg,
+							     __u32 key)
+{
+	struct corral_window *w = bpf_map_lookup_elem(&window, &key);
+
+	return w && w->epoch == cfg->epoch ? w : NULL;
+}
+
+/* A window's count; one that wrapped below zero (a decrement racing a window's start on
+ * another CPU) counts as 0, so its slot never looks saturated. */
+static __always_inline __u32 window_count(__u32 v)
+{
+	return v < 0x80000000u ? v : 0;
+}
+
+/* Picks of `slot` in this window not yet established (with the tracker) or all of them. */
+static __always_inline __u32 pending_picks(const struct corral_config *cfg, __u32 key)
+{
+	struct corral_window *w = current_window(cfg, key);
+
+	return w ? window_count(w->picks) : 0;
+}
+
 static __always_inline __u32 score(const struct corral_config *cfg, __u32 slot)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
 
 	if (cfg->tracking)
-		return counter(&inflight, key) + carried_count(key) + counter(&picks, key);
-	return counter(&load, key) + counter(&picks, key);
+		return counter(&inflight, key) + carried_count(key) + pending_picks(cfg, key);
+	return counter(&load, key) + pending_picks(cfg, key);
 }
 
 /* How long `slot`'s counted connections (the previous agent's too) have been open, summed, at
@@ -206,22 +222,30 @@ static __always_inline __u64 open_age(const struct corral_config *cfg, __u32 slo
 }
 
 /* Connections sent to `slot` since the agent last published (never taken back). */
-static __always_inline __u32 recent_picks(__u32 slot)
+static __always_inline __u32 recent_picks(const struct corral_config *cfg, __u32 slot)
 {
-	return counter(&recent, slot & (CORRAL_MAX_SLOTS - 1));
+	struct corral_window *w = current_window(cfg, slot & (CORRAL_MAX_SLOTS - 1));
+
+	return w ? window_count(w->recent) : 0;
 }
 
-static __always_inline void count_pick(__u32 slot)
+static __always_inline void count_pick(const struct corral_config *cfg, __u32 slot)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
-	__u32 *p = bpf_map_lookup_elem(&picks, &key);
-	__u32 *r = bpf_map_lookup_elem(&recent, &key);
+	struct corral_window *w = bpf_map_lookup_elem(&window, &key);
 	__u64 *s = bpf_map_lookup_elem(&slot_picks, &key);
 
-	if (p)
-		__sync_fetch_and_add(p, 1);
-	if (r)
-		__sync_fetch_and_add(r, 1);
+	if (w) {
+		/* The first pick of an epoch starts its window. Two CPUs starting it at once may
+		 * lose one pick's count until the next publish: a tie-break that much off. */
+		if (w->epoch != cfg->epoch) {
+			w->picks = 0;
+			w->recent = 0;
+			w->epoch = cfg->epoch;
+		}
+		__sync_fetch_and_add(&w->picks, 1);
+		__sync_fetch_and_add(&w->recent, 1);
+	}
 	if (s)
 		*s += 1;
 }
@@ -319,7 +343,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		second = first;
 		best_score = score(cfg, first);
 		best_age = open_age(cfg, first, now);
-		best_recent = recent_picks(first);
+		best_recent = recent_picks(cfg, first);
 		for (i = 1; i < CORRAL_FULL_SCAN; i++) {
 			__u32 slot, sc, rc;
 
@@ -330,7 +354,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 			if (sc > best_score)
 				continue;
 			age = open_age(cfg, slot, now);
-			rc = recent_picks(slot);
+			rc = recent_picks(cfg, slot);
 			if (sc == best_score &&
 			    (age > best_age || (age == best_age && rc >= best_recent)))
 				continue;
@@ -349,7 +373,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		__u32 score_a = score(cfg, sa), score_b = score(cfg, sb);
 
 		if (score_b < score_a ||
-		    (score_b == score_a && recent_picks(sb) < recent_picks(sa))) {
+		    (score_b == score_a && recent_picks(cfg, sb) < recent_picks(cfg, sa))) {
 			first = sb;
 			second = sa;
 		} else {
@@ -384,7 +408,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 	return SK_PASS;
 
 selected:
-	count_pick(the_pick);
+	count_pick(cfg, the_pick);
 	st->selected++;
 	if (migrating)
 		st->migrations++;
@@ -438,7 +462,7 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 	__u64 *sum;
 
 	/* Tracking off (the agent could not attach the tracker everywhere, or was told so): count
-	 * nothing, so `picks` keeps its meaning of picks since the last publish. */
+	 * nothing, so a window's picks keep their meaning of picks since the last publish. */
 	if (!cfg || !st || !cfg->tracking)
 		return 0;
 	if (newstate != CORRAL_TCP_ESTABLISHED && newstate != CORRAL_TCP_FIN_WAIT1 &&
@@ -469,11 +493,12 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 		sum = bpf_map_lookup_elem(&since, &slot);
 		if (sum)
 			__sync_fetch_and_add(sum, conn->established);
-		/* Its pick is now in `inflight`: take it back from `picks` (same epoch only). */
+		/* Its pick is now in `inflight`: take it back from its window (same epoch only). */
 		if (conn->epoch == cfg->epoch) {
-			n = bpf_map_lookup_elem(&picks, &slot);
-			if (n)
-				__sync_fetch_and_add(n, (__u32)-1);
+			struct corral_window *w = current_window(cfg, slot);
+
+			if (w)
+				__sync_fetch_and_add(&w->picks, (__u32)-1);
 		}
 		st->tracked++;
 		return 0;

@@ -7,7 +7,7 @@
 #ifndef CORRAL_STEER_H
 #define CORRAL_STEER_H
 
-#define CORRAL_ABI_VERSION 5
+#define CORRAL_ABI_VERSION 6
 
 /* Slots per app; a power of two so `slot & (CORRAL_MAX_SLOTS - 1)` bounds array indices. */
 #define CORRAL_MAX_SLOTS 1024
@@ -37,9 +37,22 @@ struct corral_config {
 	 * leaves `picks` once its connection is established (and counted in `inflight`). 0: the
 	 * load is the published accept queue + `picks`. */
 	__u32 tracking;
-	/* Bumped by the agent each time it zeroes `picks`: only a connection picked in the
-	 * current epoch takes its pick back when it is established. */
+	/* Bumped by the agent on each publish: it starts a new window of picks for every slot
+	 * (struct corral_window), and only a connection picked in the current epoch takes its
+	 * pick back when it is established. */
 	__u32 epoch;
+};
+
+/* Per slot, the picks since the agent last published, as of epoch `epoch`: a window whose
+ * epoch is not config.epoch counts as empty, and the first pick of the new epoch resets it. */
+struct corral_window {
+	__u32 epoch;
+	/* Picks not yet established (with the tracker; without it, all of them): the connections
+	 * still in their handshake, added to the slot's load. */
+	__u32 picks;
+	/* All picks of the window, never taken back: only for breaking ties. */
+	__u32 recent;
+	__u32 _pad;
 };
 
 /* A connection the program steered, as the tracker finds it again from its socket. Ports and

@@ -438,6 +438,179 @@ fn roll_under_load(tag: &str, proxy: &str) {
     );
 }
 
+/// How much later than usual a front starts serving in the tests of a slow front.
+const SLOW_START: Duration = Duration::from_secs(3);
+
+/// The agent on [`config`] with one front process, every front starting `delay` late (the
+/// real front, with the test-only `TEST_START_DELAY_VAR`).
+fn start_slow_fronts(tag: &str, delay: Duration) -> (Agent, SocketAddr) {
+    let (app_port, tls_port) = (free_port(), free_port());
+    let ms = delay.as_millis().to_string();
+    let agent = Agent::start_with_env(
+        tag,
+        config(app_port, tls_port).tls("processes", 1),
+        &[(corral::front::process::TEST_START_DELAY_VAR, &ms)],
+        |dir| {
+            make_cert(dir.path(), "a", &["a.test", "localhost"]);
+            make_cert(dir.path(), "b", &["b.test"]);
+        },
+    );
+    agent.wait_ready("web", 2, Duration::from_secs(20));
+    (agent, loopback(tls_port))
+}
+
+/// A front slow to start serving: a roll stops the old front only on the new one's own
+/// READY=1, so the old one answers every request at once until then. (With the agent's probe
+/// on the slot's socket instead, the old front accepted its successor's probe, was stopped at
+/// once, and requests then waited in the queue until the new front started accepting.)
+#[test]
+fn a_roll_stops_the_old_front_only_on_the_new_fronts_own_ready_report() {
+    let (agent, tls) = start_slow_fronts("tls-slow-roll", SLOW_START);
+    let old = agent.wait_ready("web.tls", 1, Duration::from_secs(20))[0];
+    let dir = agent.dir.path().to_path_buf();
+    make_cert(&dir, "new", &["a.test", "localhost"]);
+    let old_ca = std::fs::read_to_string(dir.join("a.crt")).expect("old cert");
+    let new_ca = std::fs::read_to_string(dir.join("new.crt")).expect("new cert");
+    let both = format!("{old_ca}{new_ca}");
+
+    swap_cert(&dir, "new", "a");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Requests served while the new front was starting (its predecessor serving them).
+    let mut while_starting = 0;
+    let new = loop {
+        let fronts = agent.app("web.tls").workers;
+        let successor = fronts
+            .iter()
+            .find(|w| w.pid.is_some() && w.pid != Some(old));
+        if let Some(w) = successor.filter(|w| w.state == "ready") {
+            break w.pid.expect("pid");
+        }
+        let starting = successor.is_some_and(|w| w.state == "starting");
+        if starting {
+            // Retired beside its successor and not yet asked to stop: "draining" in status.
+            let predecessor = fronts.iter().find(|w| w.pid == Some(old));
+            assert!(
+                predecessor.is_some_and(|w| w.state == "draining") && pid_alive(old),
+                "the old front serves while the new one starts: {fronts:#?}\nlog:\n{}",
+                agent.log()
+            );
+        }
+        let sent = Instant::now();
+        let got = tls::get(tls, "a.test", &both, tls::Tls::V13, "/", false);
+        let took = sent.elapsed();
+        assert!(
+            got.is_ok() && took < SLOW_START / 2,
+            "a request during the roll: {:?} after {took:?}\nlog:\n{}",
+            got.err(),
+            agent.log()
+        );
+        if starting {
+            while_starting += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new front never became ready: {fronts:#?}\nlog:\n{}",
+            agent.log()
+        );
+    };
+    // Ready means serving: the new front answers at once.
+    let sent = Instant::now();
+    let got = tls::get(tls, "a.test", &new_ca, tls::Tls::V13, "/", false);
+    let took = sent.elapsed();
+    assert!(
+        got.is_ok() && took < SLOW_START / 2,
+        "the new front, ready: {:?} after {took:?}\nlog:\n{}",
+        got.err(),
+        agent.log()
+    );
+    assert!(
+        while_starting > 0,
+        "no request was sent while the new front was starting"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("starting 3000 ms late (test only)"),
+        "the fronts started late: {log}"
+    );
+    // In the agent's log, the new front's report comes before the old front's stop.
+    let line_of = |what: &str, pid: i32| {
+        log.lines()
+            .position(|l| l.contains(what) && l.contains(&format!("pid={pid}")))
+            .unwrap_or_else(|| panic!("no {what:?} for pid {pid} in the log:\n{log}"))
+    };
+    assert!(
+        line_of("worker ready", new) < line_of("stopping worker", old),
+        "{log}"
+    );
+}
+
+/// A front that does not report ready within its time is stopped, with an error naming the
+/// front and its app.
+#[test]
+fn a_front_that_never_reports_ready_is_named_in_the_error() {
+    let timeout = corral::front::app::FRONT_READY_TIMEOUT;
+    let (agent, _) = start_slow_fronts("tls-never-ready", timeout + SLOW_START);
+    let line = wait_for(
+        timeout + Duration::from_secs(20),
+        "the timeout's error",
+        || {
+            agent
+                .log()
+                .lines()
+                .find(|l| l.contains("worker not ready"))
+                .map(str::to_string)
+        },
+    );
+    assert!(
+        line.contains("TLS front process 0 (pid ")
+            && line.contains("of app web: did not send READY=1 within 10s")
+            && line.contains("app=web.tls"),
+        "{line}"
+    );
+}
+
+/// A front that exits before it reports ready (here: the real front refusing a test delay
+/// that is not a number, before it serves) is a failed start: restarted like a crash, never
+/// ready.
+#[test]
+fn a_front_that_exits_before_reporting_ready_is_a_failed_start() {
+    let (app_port, tls_port) = (free_port(), free_port());
+    let agent = Agent::start_with_env(
+        "tls-exits-early",
+        config(app_port, tls_port).tls("processes", 1),
+        &[(corral::front::process::TEST_START_DELAY_VAR, "soon")],
+        |dir| {
+            make_cert(dir.path(), "a", &["a.test", "localhost"]);
+            make_cert(dir.path(), "b", &["b.test"]);
+        },
+    );
+    let front_lines = |what: &str| {
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains(what) && l.contains("app=web.tls"))
+            .count()
+    };
+    // Restarted after its first exit, so it exits twice.
+    wait_for(Duration::from_secs(20), "the front exiting twice", || {
+        (front_lines("worker exited after") >= 2).then_some(())
+    });
+    let log = agent.log();
+    assert!(
+        log.contains("CORRAL_TEST_FRONT_START_DELAY_MS=\"soon\" is not a number"),
+        "the front's own reason: {log}"
+    );
+    assert_eq!(front_lines("worker ready"), 0, "{log}");
+    assert!(
+        agent
+            .app("web.tls")
+            .workers
+            .iter()
+            .all(|w| w.state != "ready"),
+        "{log}"
+    );
+}
+
 #[test]
 fn redirect_http_answers_plain_http_with_a_308_to_https() {
     let redirect_port = free_port();

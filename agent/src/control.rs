@@ -160,6 +160,10 @@ pub struct SteeringStats {
     /// Established connections on the port the tracker had no pick for (e.g. probes).
     #[serde(default)]
     pub untracked: u64,
+    /// The kernel's ids of the steering programs (`bpftool prog show id N`; with
+    /// `sysctl kernel.bpf_stats_enabled=1` it shows their run time per run).
+    #[serde(default)]
+    pub programs: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -147,6 +147,8 @@ pub struct Agent {
     binary: Option<PathBuf>,
     /// Settings added to the `[agent]` table (see [`Agent::start_with_agent_extra`]).
     agent_extra: Table,
+    /// Variables added to the agent's environment (see [`Agent::start_with_env`]).
+    env: Vec<(String, String)>,
 }
 
 /// An app running corral-demo (`@DEMO@`, see [`Agent::expand`]) as `nobody`:`nogroup` in /tmp
@@ -192,6 +194,22 @@ impl Agent {
     /// Like [`Agent::start`], with `prepare` run on the test directory before the agent starts.
     pub fn start_with(tag: &str, apps: impl Display, prepare: impl FnOnce(&TempDir)) -> Agent {
         Self::configure(tag, apps, prepare, Table::new()).spawned()
+    }
+
+    /// Like [`Agent::start_with`], with `env` added to the agent's environment (a test-only
+    /// variable such as `corral::front::process::TEST_START_DELAY_VAR`).
+    pub fn start_with_env(
+        tag: &str,
+        apps: impl Display,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&TempDir),
+    ) -> Agent {
+        let mut agent = Self::configure(tag, apps, prepare, Table::new());
+        agent.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        agent.spawned()
     }
 
     /// Like [`Agent::start`], with the agent run under `wrapper` (e.g. `setpriv ...`).
@@ -248,6 +266,7 @@ impl Agent {
             seen_pids: Mutex::new(BTreeSet::new()),
             wrapper: Vec::new(),
             agent_extra,
+            env: Vec::new(),
             no_clone3: false,
             binary: None,
         }
@@ -284,6 +303,7 @@ impl Agent {
             .args(["agent", "--config"])
             .arg(&self.config)
             .env("CORRAL_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -123,8 +123,8 @@ tasks:
                     gunicorn -k UvicornWorker -w 4). Open loop, Poisson, a new connection per
                     request, mix 90.8% 1 ms CPU, 9% 15 ms CPU, 0.2% 100 ms sleep, at rates
                     calibrated to the servers using --loads percent of the CPUs (default 40,70;
-                    --rates R1,R2: fixed rates instead), --rounds (default 4) interleaved rounds
-                    of --warmup (2) + --measure (5) seconds per server; p50/p99/p99.9 overall
+                    --rates R1,R2: fixed rates instead), --rounds (default 8) interleaved rounds
+                    of --warmup (2) + --measure (10) seconds per server; p50/p99/p99.9 overall
                     and per class, share per worker, where requests landed (sent to a busy
                     worker while one was idle), CPU, the ratios of issue 10. Then kill
                     storms: a serving process SIGKILLed every 1.5 s for --storm seconds

@@ -199,6 +199,10 @@ pub fn run(path: &Path) -> Result<ExitCode> {
         let ready = match &app.workers.ready {
             Ready::Tcp => "tcp (the worker accepts a probe on its own socket)".to_string(),
             Ready::Http(p) => format!("http GET {p} on the worker's own socket answers 2xx/3xx"),
+            Ready::Notify if matches!(app.role, corral::config::Role::TlsFront { .. }) => {
+                "when each front process reports READY=1 (certificates loaded, accepting)"
+                    .to_string()
+            }
             Ready::Notify => "notify (READY=1 on the worker's NOTIFY_SOCKET)".to_string(),
             Ready::Delay(d) => format!("after {}", format_duration(*d)),
         };

@@ -14,6 +14,8 @@ pub const FRONT_DEFAULT_USER: &str = "nobody";
 /// The program of a TLS front process: the agent's own binary, whatever its path (after a
 /// package upgrade too, the running agent's: the kernel keeps the old file for it).
 pub const SELF_EXE: &str = "/proc/self/exe";
+/// How long a front process has to report ready (READY=1) after its start.
+pub const FRONT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a front process has to finish its connections when it is replaced or stopped.
 pub const FRONT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -60,8 +62,10 @@ pub fn front_app(app: &App, tls: &Tls) -> App {
             cpu_max: None,
             pids_max: None,
             stop_timeout: FRONT_STOP_TIMEOUT,
-            ready: Ready::Tcp,
-            ready_timeout: Duration::from_secs(10),
+            // The front reports READY=1 itself (front::process): a probe on the slot's socket
+            // may be accepted by the front it replaces, which cannot be told apart.
+            ready: Ready::Notify,
+            ready_timeout: FRONT_READY_TIMEOUT,
             min_ready: std::num::NonZeroU32::MIN,
         },
         restart: Restart::DEFAULT,

@@ -28,7 +28,9 @@ mod upstream;
 
 /// The descriptors a front process gets, in one place: the agent passes them
 /// (`supervisor::launch`), the front takes them (`process`). `sys::spawn` places the extra
-/// descriptors at 4, 5, 6 in the order given, which these numbers follow.
+/// descriptors at 4, 5, 6 in the order given, which these numbers follow. Its readiness report
+/// takes no descriptor: `READY=1` goes to the abstract socket named in its `NOTIFY_SOCKET`,
+/// which the agent binds for that one process (`supervisor::ready::notify_socket`).
 pub mod fds {
     use std::os::fd::RawFd;
 

@@ -4,6 +4,13 @@
 //! fd 4, and proxies each connection's plaintext to the app's workers' address, where the
 //! eBPF steering picks the worker.
 //!
+//! It tells the agent it is ready itself: `READY=1` on the `NOTIFY_SOCKET` the agent made for
+//! this one process, sent once its certificates are loaded, its runtime runs and its listeners
+//! are registered, just before its accept loop. The agent probes no front (a probe on the slot's
+//! socket may be accepted by the front being replaced, and an undumpable front's fds cannot be
+//! read to tell which one took it), so a rolling replacement stops the old front only on the
+//! new one's own report.
+//!
 //! This file: its start (what the agent passed), the accept loop and one connection's course;
 //! `tls` does the handshake and kTLS, `relay` moves the bytes.
 
@@ -28,6 +35,12 @@ use crate::sys;
 use crate::sys::ktls::Direction;
 
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Test-only: milliseconds a front waits, after its certificates and TLS configuration are
+/// ready and before it starts serving and reports ready, to make a real front slow to start
+/// (tests/tls.rs). The agent passes it on from its own environment to the fronts it starts
+/// (`supervisor::launch`); nothing sets it outside the tests.
+pub const TEST_START_DELAY_VAR: &str = "CORRAL_TEST_FRONT_START_DELAY_MS";
 /// This process's counters: the shared memfd the agent reads (fd 5).
 pub(super) struct Counters(sys::front::SharedCounters);
 
@@ -84,6 +97,15 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "no NOTIFY_SOCKET to report readiness on: `corral front` is started by the agent, which \
+         sets it"
+    )]
+    NoNotifySocket,
+    #[error("reporting readiness to the agent: {0}")]
+    Notify(#[source] sys::notify::NotifyError),
+    #[error("{TEST_START_DELAY_VAR}={0:?} is not a number of milliseconds")]
+    TestDelay(String),
 }
 
 fn passed(what: &'static str) -> impl FnOnce(sys::front::FrontError) -> StartError {
@@ -179,12 +201,28 @@ pub fn run(args: FrontArgs) -> Result<(), StartError> {
     }
     .map_err(StartError::Config)?;
     drop(bundle);
+    let notifier = sys::notify::Notifier::from_env();
+    if !notifier.enabled() {
+        return Err(StartError::NoNotifySocket);
+    }
+    if let Ok(ms) = std::env::var(TEST_START_DELAY_VAR) {
+        let ms: u64 = ms.parse().map_err(|_| StartError::TestDelay(ms))?;
+        eprintln!("corral front: {TEST_START_DELAY_VAR}: starting {ms} ms late (test only)");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(io_err("starting the runtime"))?;
-    rt.block_on(serve(listener, redirect, config, args, Arc::new(ktls)))
+    rt.block_on(serve(
+        listener,
+        redirect,
+        config,
+        args,
+        Arc::new(ktls),
+        notifier,
+    ))
 }
 
 async fn serve(
@@ -193,6 +231,7 @@ async fn serve(
     config: Arc<ServerConfig>,
     args: FrontArgs,
     ktls: Arc<Ktls>,
+    notifier: sys::notify::Notifier,
 ) -> Result<(), StartError> {
     listener
         .set_nonblocking(true)
@@ -234,6 +273,9 @@ async fn serve(
             .map_err(io_err("the listening socket"))?,
         args.upstream
     );
+    // Everything that can fail has: connections queued on the listener since the agent made
+    // it are accepted by the loop below, so this process now serves.
+    notifier.notify("READY=1").map_err(StartError::Notify)?;
     let mut open = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -282,13 +324,6 @@ async fn serve(
     Ok(())
 }
 
-/// The agent's readiness and health probes come from these loopback source ports.
-fn is_probe(peer: &SocketAddr) -> bool {
-    peer.ip().is_loopback()
-        && (sys::socket::PROBE_PORT_BASE..sys::socket::PROBE_PORT_BASE + sys::socket::PROBE_PORTS)
-            .contains(&peer.port())
-}
-
 /// What each connection gets from the process.
 struct Passed {
     config: Arc<ServerConfig>,
@@ -313,16 +348,6 @@ async fn connection(
         &*passed.counters,
     );
     let mut sock = sock;
-    if is_probe(&peer) {
-        // The agent's probe checks that this connection was accepted (sock_diag sees it open):
-        // hold it until the prober closes it, as a server waiting for a request would.
-        let mut b = [0u8; 64];
-        let _ = tokio::time::timeout(Duration::from_secs(30), async {
-            while matches!(sock.read(&mut b).await, Ok(n) if n > 0) {}
-        })
-        .await;
-        return;
-    }
     counters.one(Stat::Open);
     let _open = OpenGuard(counters);
     let _ = sock.set_nodelay(true);

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::App;
+use crate::config::{App, Role};
 use crate::front::fds;
 use crate::sys::pidfd::Process;
 use crate::sys::spawn::{self, SpawnError, Spec};
@@ -64,6 +64,13 @@ impl Launch {
         }
         for (k, v) in &app.env {
             set(k, v.clone());
+        }
+        // Test-only (tests/tls.rs): a TLS front's start delay, from the agent's own environment.
+        if matches!(app.role, Role::TlsFront { .. }) {
+            let var = crate::front::process::TEST_START_DELAY_VAR;
+            if let Ok(ms) = std::env::var(var) {
+                set(var, ms);
+            }
         }
         let path_var = env
             .iter()

@@ -15,6 +15,11 @@
 //! agent lacks CAP_SYS_PTRACE); one taken by another worker is closed and the next probe
 //! tried, until the worker takes one or its time is up. Otherwise a replaced worker that took
 //! its successor's probe would make the successor ready before it accepts anything.
+//!
+//! `notify`: no probe; the worker's own `READY=1` on a socket made for it alone. TLS fronts
+//! always use it: they make themselves undumpable, so whose fds hold a probe connection cannot
+//! be read without CAP_SYS_PTRACE, and the front being replaced could take its successor's
+//! probe.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -25,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UnixDatagram};
 use tokio::time::{sleep, Instant};
 
-use crate::config::Ready;
+use crate::config::{AppName, Ready};
 use crate::sys::{diag, holder, socket};
 
 /// How a probe learns that the worker accepted it.
@@ -60,8 +65,9 @@ pub struct Target {
     pub address: SocketAddr,
     pub slot: u32,
     /// The probe counts only when this process (the worker) or one of its descendants accepted
-    /// it: another worker may accept from the same socket. `None`: not checked (a TLS front).
-    pub worker_pid: Option<i32>,
+    /// it: another worker may accept from the same socket. (TLS fronts, whose fds cannot be
+    /// read, are not probed: they report READY=1 themselves.)
+    pub worker_pid: i32,
 }
 
 /// Wait until the worker in `slot` of the group on `address` is ready, or say why not.
@@ -190,17 +196,14 @@ async fn probe(
         let accepted = match signal {
             AcceptSignal::Diag => {
                 match diag::tcp_connection(server_end, local).map_err(|e| e.to_string())? {
-                    Some(c) if c.inode != 0 => match worker_pid {
-                        None => true,
-                        Some(pid) => {
-                            let ours = holder::tree_holds_socket(pid, c.inode)
-                                .map_err(|e| format!("whose probe connection: {e}"))?;
-                            if !ours {
-                                return Ok(Probe::TakenByAnother);
-                            }
-                            true
+                    Some(c) if c.inode != 0 => {
+                        let ours = holder::tree_holds_socket(worker_pid, c.inode)
+                            .map_err(|e| format!("whose probe connection: {e}"))?;
+                        if !ours {
+                            return Ok(Probe::TakenByAnother);
                         }
-                    },
+                        true
+                    }
                     Some(_) => false,
                     None => {
                         return Err("the probe connection was closed before it was accepted".into())
@@ -256,13 +259,13 @@ async fn probe(
 }
 
 /// A per-worker `NOTIFY_SOCKET`: an abstract unix datagram socket named after the agent's pid
-/// and the worker's id, so no file needs permissions for the unprivileged worker. Anyone in the
-/// network namespace can send to an abstract name, so each datagram's sender is checked (see
-/// [`Notify`]).
+/// and the worker's id, with a random part no other process can guess and bind first, so no
+/// file needs permissions for the unprivileged worker. Anyone in the network namespace can send
+/// to an abstract name, so each datagram's sender is checked (see [`Notify`]).
 pub fn notify_socket(worker_id: u64) -> Result<(UnixDatagram, String), String> {
-    let name = format!("corral/{}/notify/{worker_id}", std::process::id());
-    let std_sock = crate::sys::notify::bind_receiver(&name)
-        .map_err(|e| format!("binding notify socket @{name}: {e}"))?;
+    let prefix = format!("corral/{}/notify/{worker_id}/", std::process::id());
+    let (std_sock, name) = crate::sys::notify::bind_unguessable_receiver(&prefix)
+        .map_err(|e| format!("binding a notify socket @{prefix}...: {e}"))?;
     let sock = UnixDatagram::from_std(std_sock).map_err(|e| format!("notify socket: {e}"))?;
     Ok((sock, format!("@{name}")))
 }
@@ -318,6 +321,15 @@ async fn wait_notify_ready(n: &Notify, deadline: Instant, limit: &str) -> Result
             }
         }
     }
+}
+
+/// Why a TLS front process was not ready, naming it and its app: `why` is what
+/// [`wait_ready`] said (a front reports READY=1 itself, see `front::process`).
+pub fn front_not_ready(of: &AppName, slot: u32, pid: i32, why: &str) -> String {
+    format!(
+        "TLS front process {slot} (pid {pid}) of app {of}: {why} (a front sends READY=1 once its \
+         certificates are loaded and it accepts connections)"
+    )
 }
 
 /// " (ignored READY=1 from pid 7, pid 9: not the worker's)" or nothing.

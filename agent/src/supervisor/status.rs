@@ -163,6 +163,7 @@ pub(super) fn app_status(name: &AppName, app: &AppRt) -> AppStatus {
             no_eligible: s.no_eligible,
             tracked: s.tracked,
             untracked: s.untracked,
+            programs: app.steering.program_ids(),
         }),
         workers,
     }

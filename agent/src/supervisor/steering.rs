@@ -300,6 +300,14 @@ impl GroupSteering {
         }
     }
 
+    /// The kernel's ids of the eBPF programs steering this group (none in hash mode).
+    pub fn program_ids(&self) -> Vec<u32> {
+        match &self.mode {
+            Mode::Ebpf(s) => s.program_ids(),
+            Mode::Hash(_) => Vec::new(),
+        }
+    }
+
     pub fn slot_picks(&self, n: u32) -> Option<Vec<u64>> {
         match &self.mode {
             Mode::Ebpf(s) => s.slot_picks(n).ok(),

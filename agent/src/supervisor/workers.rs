@@ -106,22 +106,26 @@ impl Supervisor {
         let target = ready::Target {
             address: app.cfg.listen.address,
             slot: slot_idx,
-            // A TLS front makes itself undumpable (it holds private keys): its /proc/PID/fd
-            // cannot be read without CAP_SYS_PTRACE, even as its own user. Fronts are
-            // corral's own program, accepting as soon as they start, so their probes go
-            // unchecked (ARCHITECTURE.md, known limits).
-            worker_pid: match app.cfg.role {
-                config::Role::Workers => Some(pid),
-                config::Role::TlsFront { .. } => None,
-            },
+            worker_pid: pid,
         };
         let notify = notify.map(|sock| ready::Notify {
             sock,
             worker_pid: pid,
         });
+        // A TLS front is not probed (front/app.rs): it reports READY=1 itself, and a front
+        // that does not is named with its app in the error.
+        let front_of = match &app.cfg.role {
+            config::Role::TlsFront { of, .. } => Some(of.clone()),
+            config::Role::Workers => None,
+        };
         let (listener, app_name) = (socket.clone(), name.clone());
         let probe = tokio::spawn(async move {
-            let result = ready::wait_ready(&ready_cfg, target, listener, timeout, notify).await;
+            let result = ready::wait_ready(&ready_cfg, target, listener, timeout, notify)
+                .await
+                .map_err(|e| match front_of {
+                    Some(of) => ready::front_not_ready(&of, slot_idx, pid, &e),
+                    None => e,
+                });
             let _ = tx.send(Event::Ready {
                 app: app_name,
                 id,

@@ -75,6 +75,23 @@ pub fn bind_receiver(name: &str) -> io::Result<UnixDatagram> {
     Ok(sock)
 }
 
+/// [`bind_receiver`] on `prefix` followed by 16 random hex digits (getrandom): the name and
+/// the socket. A name another process could work out (the agent's pid, a worker id) it could
+/// bind first, and the worker behind it could then never report ready; this one it can only
+/// learn once the agent holds it.
+pub fn bind_unguessable_receiver(prefix: &str) -> io::Result<(UnixDatagram, String)> {
+    let mut random = [0u8; 8];
+    let n = rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())?;
+    if n != random.len() {
+        return Err(io::Error::other(format!(
+            "getrandom gave {n} of {} bytes",
+            random.len()
+        )));
+    }
+    let name = format!("{prefix}{:016x}", u64::from_ne_bytes(random));
+    Ok((bind_receiver(&name)?, name))
+}
+
 /// Receive one datagram into `buf` without blocking (`WouldBlock` when there is none): its
 /// length and the sender's pid (`None` if the kernel attached no credentials, which does not
 /// happen on a socket from [`bind_receiver`]).
@@ -149,6 +166,16 @@ mod tests {
         assert!(!is_same_or_descendant(i32::MAX, me), "no such process");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    #[test]
+    fn an_unguessable_receiver_has_its_prefix_and_a_fresh_name_each_time() {
+        let prefix = format!("corral-test/notify/{}/", std::process::id());
+        let (_a, first) = bind_unguessable_receiver(&prefix).expect("bind");
+        let (_b, second) = bind_unguessable_receiver(&prefix).expect("bind");
+        assert!(first.starts_with(&prefix) && second.starts_with(&prefix));
+        assert_eq!(first.len(), prefix.len() + 16);
+        assert_ne!(first, second);
     }
 
     #[test]

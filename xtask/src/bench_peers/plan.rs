@@ -58,9 +58,12 @@ pub(super) fn parse(rest: &[&str]) -> Result<Options> {
         apps: App::ALL.to_vec(),
         loads: vec![0.40, 0.70],
         rates: None,
-        rounds: 4,
+        // 8 x 10 s: about 150 requests past each class's p99 per server and load. With the
+        // earlier 4 x 5 s one commit read the WSGI 1 ms class 2.75x and 0.94x in two runs
+        // (BENCHMARKS.md, "Run of 2026-12-07 evening"), too coarse for the 10% targets.
+        rounds: 8,
         warmup: Duration::from_secs(2),
-        measure: Duration::from_secs(5),
+        measure: Duration::from_secs(10),
         calibrate: Duration::from_secs(5),
         storm: Duration::from_secs(15),
         corral: vec!["auto"],

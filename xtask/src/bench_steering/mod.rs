@@ -18,7 +18,9 @@
 //!
 //! Then the cost of the program per connection: on (b) and (d), client threads open `/healthz`
 //! connections back to back, as fast as they can, for a few seconds at a time, in blocks
-//! b, d, d, b (ABBA, which cancels a linear drift of the machine's speed within a block).
+//! b, d, d, b (ABBA, which cancels a linear drift of the machine's speed within a block). And
+//! the same cost directly: one more round of (d) with the kernel's run-time statistics of its
+//! programs, against the hash's CPU per connection (`cost`).
 //!
 //! The machine is shared: CPU time is accounted per window (machine, servers, agent, client),
 //! and a segment or block in which other processes used more than [`DISTURBED`] of the CPUs is
@@ -133,6 +135,7 @@ fn parse(rest: &[&str]) -> Result<Options> {
     Ok(o)
 }
 
+mod cost;
 mod cpu;
 mod load;
 mod report;
@@ -285,13 +288,22 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         rounds.extend(block);
     }
     let least_stats = status(&corral, least.control.as_ref().expect("corral"))?;
+    // The same cost measured directly, which the machine's drift does not blur.
+    let ids: Vec<u32> = least_stats["steering_stats"]["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_u64()?.try_into().ok())
+        .collect();
+    wait_quiet();
+    let program = cost::program_cost(least, &ids, o.round)?;
     drop(servers);
     let rate = RateSummary::new(&rounds);
 
     report::header(&o, planned, measure, &mix);
     report::results(&results);
     rate.print(&rounds, o.round, &least_stats["steering_stats"], discarded);
-    report::verdicts(&results, &rate, &rounds, o.quick);
+    report::verdicts(&results, &rate, &rounds, &program, o.quick);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

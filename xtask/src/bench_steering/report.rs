@@ -108,7 +108,13 @@ pub(super) fn results(results: &[Summary]) {
 }
 
 /// The ratios against their targets, with no verdict where a window was disturbed.
-pub(super) fn verdicts(results: &[Summary], rate: &RateSummary, rounds: &[Round], quick: bool) {
+pub(super) fn verdicts(
+    results: &[Summary],
+    rate: &RateSummary,
+    rounds: &[Round],
+    program: &cost::ProgramCost,
+    quick: bool,
+) {
     let a = &results[0];
     let b = &results[1];
     let d = &results[3];
@@ -160,6 +166,50 @@ pub(super) fn verdicts(results: &[Summary], rate: &RateSummary, rounds: &[Round]
             None => String::new(),
         },
         rate_verdict
+    );
+    // The direct measure: what least-loaded adds per connection against the hash's CPU per
+    // connection, both from this run's rounds.
+    let mean = |tag: char, f: &dyn Fn(&Round) -> Duration| {
+        let mine: Vec<&Round> = rounds.iter().filter(|r| r.tag == tag).collect();
+        mine.iter().map(|r| f(r)).sum::<Duration>() / mine.len().max(1) as u32
+    };
+    let server = |r: &Round| cost::per_connection(&r.cpu, r.rate).0;
+    let agent = |r: &Round| cost::per_connection(&r.cpu, r.rate).1;
+    let (hash, agent_b, agent_d) = (mean('b', &server), mean('b', &agent), mean('d', &agent));
+    let direct = cost::overhead(program.per_connection, agent_d, agent_b, hash);
+    let disturbed =
+        program.cpu.others() > DISTURBED || rounds.iter().any(|r| r.cpu.others() > DISTURBED);
+    println!(
+        "| least-loaded's added CPU per connection / the hash's | {:.2}% ({:.2} µs of programs in \
+         {:.1} runs, agent {:.2} µs against the hash's {:.2} µs; the hash's servers' side {:.1} \
+         µs per connection, (d)'s {:.1} µs) | <= 2% | {} |",
+        direct * 100.0,
+        program.per_connection.as_secs_f64() * 1e6,
+        program.runs_per_connection,
+        agent_d.as_secs_f64() * 1e6,
+        agent_b.as_secs_f64() * 1e6,
+        hash.as_secs_f64() * 1e6,
+        mean('d', &server).as_secs_f64() * 1e6,
+        if disturbed {
+            "no verdict: rounds were disturbed by other processes".to_string()
+        } else {
+            met(direct <= 0.02).to_string()
+        }
+    );
+    println!(
+        "    (the programs' run time from the kernel's statistics over one more round of (d), {} \
+         connections: {}; CPU per connection from the rate rounds: the machine's busy time less \
+         the client's, over the connections)",
+        program.connections,
+        program
+            .programs
+            .iter()
+            .map(|(name, runs, each)| format!(
+                "{name} {runs:.1} runs per connection of {:.0} ns",
+                each.as_secs_f64() * 1e9
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if quick {
         println!("\n(--quick: a smoke test; the numbers mean little)");

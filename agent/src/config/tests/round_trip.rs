@@ -175,6 +175,8 @@ fn full_config_round_trips() {
     assert_eq!(front.name.as_str(), "api.tls");
     assert_eq!(front.command[0], "/proc/self/exe");
     assert_eq!(front.listen.address, addr("0.0.0.0:443"));
+    // A front reports its own readiness: no probe, which the front it replaces may take.
+    assert_eq!(front.workers.ready, Ready::Notify);
     assert!(front
         .command
         .windows(2)

@@ -84,12 +84,12 @@ pub struct Steering {
     config: Array<MapData, abi::Config>,
     eligible: Array<MapData, abi::Eligible>,
     load: Array<MapData, u32>,
-    picks: Array<MapData, u32>,
     inflight: Array<MapData, u32>,
-    recent: Array<MapData, u32>,
     carried: Array<MapData, abi::Carried>,
     stats: PerCpuArray<MapData, abi::Stats>,
     slot_picks: PerCpuArray<MapData, u64>,
+    /// What `load` holds per slot, as last written (`None`: not written by this agent).
+    published_load: Vec<Option<u32>>,
     active: u32,
     policy: u32,
     port: u16,
@@ -172,9 +172,7 @@ impl Steering {
         let config = Array::try_from(take("config")?).map_err(map_err("config"))?;
         let eligible = Array::try_from(take("eligible")?).map_err(map_err("eligible"))?;
         let load = Array::try_from(take("load")?).map_err(map_err("load"))?;
-        let picks = Array::try_from(take("picks")?).map_err(map_err("picks"))?;
         let inflight = Array::try_from(take("inflight")?).map_err(map_err("inflight"))?;
-        let recent = Array::try_from(take("recent")?).map_err(map_err("recent"))?;
         let carried = Array::try_from(take("carried")?).map_err(map_err("carried"))?;
         let stats = PerCpuArray::try_from(take("stats")?).map_err(map_err("stats"))?;
         let slot_picks =
@@ -191,12 +189,11 @@ impl Steering {
             config,
             eligible,
             load,
-            picks,
             inflight,
-            recent,
             carried,
             stats,
             slot_picks,
+            published_load: vec![None; abi::MAX_SLOTS as usize],
             active: 0,
             policy,
             port,
@@ -225,6 +222,18 @@ impl Steering {
     /// Whether queued connections move to another worker when a listener closes.
     pub fn migrates(&self) -> bool {
         self.program == SELECT_OR_MIGRATE
+    }
+
+    /// The kernel's ids of this agent's loaded programs (the select program, and the tracker if
+    /// attached): what `bpftool prog show id N` takes, and what run-time statistics are read by.
+    pub fn program_ids(&self) -> Vec<u32> {
+        let tracker = self.tracker.is_ok().then_some(TRACKER);
+        [Some(self.program), tracker]
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.ebpf.program(name)?.info().ok())
+            .map(|info| info.id())
+            .collect()
     }
 
     fn program(&self) -> Result<&SkReuseport, BpfError> {
@@ -280,15 +289,21 @@ impl Steering {
         self.write_config()
     }
 
-    /// Publish each slot's load and zero its picks-since-publish. The epoch moves first, so a
-    /// connection picked before it never takes its pick back from a zeroed counter.
+    /// Publish each slot's load and start a new window of picks-since-publish: one write of
+    /// the epoch for every slot (the program counts a window of an older epoch as empty), and
+    /// a write of a slot's load only when it changed (an accept queue is mostly empty). A
+    /// connection picked before the epoch moved never takes its pick back from the new window.
     pub fn publish_load(&mut self, loads: &[(u32, u32)]) -> Result<(), BpfError> {
         self.epoch = self.epoch.wrapping_add(1);
         self.write_config()?;
-        for (slot, queue) in loads {
-            self.load.set(*slot, *queue, 0).map_err(map_err("load"))?;
-            self.picks.set(*slot, 0, 0).map_err(map_err("picks"))?;
-            self.recent.set(*slot, 0, 0).map_err(map_err("recent"))?;
+        for &(slot, queue) in loads {
+            let Some(known) = self.published_load.get_mut(slot as usize) else {
+                continue;
+            };
+            if *known != Some(queue) {
+                self.load.set(slot, queue, 0).map_err(map_err("load"))?;
+                *known = Some(queue);
+            }
         }
         Ok(())
     }
@@ -443,16 +458,15 @@ fn pin_all(ebpf: &mut Ebpf, program: &'static str, dir: &Path) -> Result<(), Bpf
         .map_err(|e| err(&path, io::Error::other(e.to_string())))
 }
 
-const MAPS: [&str; 13] = [
+const MAPS: [&str; 12] = [
     "socks",
     "config",
     "eligible",
     "load",
-    "picks",
+    "window",
     "conns",
     "inflight",
     "since",
-    "recent",
     "carried",
     "rr",
     "stats",
