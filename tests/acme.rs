@@ -15,15 +15,28 @@ use corral_tests::*;
 
 /// The acme table for the test's pebble.
 fn acme(p: &Pebble, domains: &[&str], challenge: &str) -> Table {
+    acme_table(domains, p.directory.as_str(), p.dir.join("pebble.crt"))
+        .set("email", "ops@example.com")
+        .set("challenge", challenge)
+}
+
+/// An acme table with just `domains`, `directory` and `directory_ca`.
+fn acme_table(domains: &[&str], directory: impl Into<Value>, ca: impl Into<Value>) -> Table {
     Table::new()
         .set(
             "domains",
             Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
         )
-        .set("email", "ops@example.com")
-        .set("directory", p.directory.as_str())
-        .set("directory_ca", p.dir.join("pebble.crt"))
-        .set("challenge", challenge)
+        .set("directory", directory)
+        .set("directory_ca", ca)
+}
+
+/// The demo app `web` on `app_port` with `processes` workers, behind a TLS front of as many
+/// processes on `tls_port`.
+fn fronted(app_port: u16, tls_port: u16, processes: usize) -> App {
+    demo_app("web", loopback(app_port), processes)
+        .tls("address", loopback(tls_port))
+        .tls("processes", processes)
 }
 
 /// curl over https to `name` (resolved to the front) trusting only `root`; the body or why not.
@@ -113,9 +126,7 @@ fn tls_alpn_01_two_names_beside_a_file_certificate_and_a_restart_does_not_order_
     let dir = TempDir::new("acme-alpn-ca");
     let (app_port, tls_port) = (free_port(), free_port());
     let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
-    let app = demo_app("web", loopback(app_port), 2)
-        .tls("address", loopback(tls_port))
-        .tls("processes", 2)
+    let app = fronted(app_port, tls_port, 2)
         .tls("cert", "@DIR@/c.crt")
         .tls("key", "@DIR@/c.key")
         .tls("acme", acme(&pebble, &["a.test", "b.test"], "tls-alpn-01"));
@@ -217,9 +228,7 @@ fn http_01_on_the_redirect_listener() {
     let dir = TempDir::new("acme-http-ca");
     let (app_port, tls_port, http_port) = (free_port(), free_port(), free_port());
     let pebble = Pebble::start(dir.path(), tls_port, http_port, 3600 * 24 * 30);
-    let app = demo_app("web", loopback(app_port), 2)
-        .tls("address", loopback(tls_port))
-        .tls("processes", 2)
+    let app = fronted(app_port, tls_port, 2)
         .tls("redirect_http", loopback(http_port))
         .tls("acme", acme(&pebble, &["a.test", "b.test"], "http-01"));
     let agent = Agent::start("acme-http", app);
@@ -251,10 +260,7 @@ fn a_short_lived_certificate_is_renewed_and_rolled_under_load_without_a_failed_r
     // 45 s certificates: renewed 30 s into their life (two thirds: pebble's ARI window for
     // them lies past their end), with 15 s to spare on a loaded machine.
     let pebble = Pebble::start(dir.path(), tls_port, free_port(), 45);
-    let app = demo_app("web", loopback(app_port), 2)
-        .tls("address", loopback(tls_port))
-        .tls("processes", 2)
-        .tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
+    let app = fronted(app_port, tls_port, 2).tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
     let agent = Agent::start("acme-renew", app);
     agent.wait_ready("web.tls", 2, Duration::from_secs(30));
     let root_path = pebble.issuing_root();
@@ -302,24 +308,10 @@ fn the_ca_down_keeps_the_old_certificate_serving_and_the_failure_shows_with_back
     let pebble = Pebble::start(dir.path(), tls_port, free_port(), 3600 * 24 * 30);
     let (directory, ca) = (pebble.directory.clone(), pebble.dir.join("pebble.crt"));
     let app = |domains: &[&str]| {
-        let table = Table::new()
-            .set(
-                "domains",
-                Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
-            )
-            .set("directory", directory.as_str())
-            .set("directory_ca", ca.clone());
-        demo_app("web", loopback(app_port), 2)
-            .tls("address", loopback(tls_port))
-            .tls("processes", 2)
-            .tls("acme", table)
+        let table = acme_table(domains, directory.as_str(), ca.clone());
+        fronted(app_port, tls_port, 2).tls("acme", table)
     };
-    let agent = Agent::start_with_agent_extra(
-        "acme-down",
-        Table::new().set("metrics", loopback(metrics_port).to_string()),
-        app(&["a.test"]),
-    );
-    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let agent = start_with_metrics("acme-down", metrics_port, app(&["a.test"]));
     let root = pebble.issuing_root();
     let tls = loopback(tls_port);
     wait_served(&agent, tls, "a.test", &root);
@@ -412,14 +404,12 @@ fn a_malformed_directory_and_a_certificate_for_another_name_never_reach_the_fron
     );
     wait_listening(loopback(bad_port), "the bad directory server");
     let (app_port, tls_port) = (free_port(), free_port());
-    let acme_table = Table::new()
-        .set("domains", Value::Array(vec![Value::from("a.test")]))
-        .set("directory", format!("https://127.0.0.1:{bad_port}/dir"))
-        .set("directory_ca", dir.path().join("pebble.crt"));
-    let app = demo_app("web", loopback(app_port), 2)
-        .tls("address", loopback(tls_port))
-        .tls("processes", 2)
-        .tls("acme", acme_table);
+    let table = acme_table(
+        &["a.test"],
+        format!("https://127.0.0.1:{bad_port}/dir"),
+        dir.path().join("pebble.crt"),
+    );
+    let app = fronted(app_port, tls_port, 2).tls("acme", table);
     // A certificate for another name where the ACME certificate goes (as if a CA had sent
     // it): refused, never served.
     let agent = Agent::start_with("acme-bad", app, |d| {
@@ -463,10 +453,7 @@ fn a_malformed_directory_and_a_certificate_for_another_name_never_reach_the_fron
 fn check_shows_acme_and_refuses_a_bad_directory_ca() {
     let dir = TempDir::new("acme-check");
     let app = |ca: &str| {
-        let acme = Table::new()
-            .set("domains", Value::Array(vec![Value::from("a.example")]))
-            .set("directory", "https://127.0.0.1:14000/dir")
-            .set("directory_ca", ca);
+        let acme = acme_table(&["a.example"], "https://127.0.0.1:14000/dir", ca);
         demo_app("web", loopback(free_port()), 1)
             .tls("address", loopback(free_port()))
             .tls("acme", acme)
@@ -544,10 +531,7 @@ fn a_refused_validation_shows_the_cas_problem_document() {
     let dir = TempDir::new("acme-refused-ca");
     let (app_port, tls_port) = (free_port(), free_port());
     let pebble = Pebble::start(dir.path(), free_port(), free_port(), 3600);
-    let app = demo_app("web", loopback(app_port), 1)
-        .tls("address", loopback(tls_port))
-        .tls("processes", 1)
-        .tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
+    let app = fronted(app_port, tls_port, 1).tls("acme", acme(&pebble, &["a.test"], "tls-alpn-01"));
     let agent = Agent::start("acme-refused", app);
     let st = first_failure(
         &agent,
@@ -565,14 +549,18 @@ fn a_refused_validation_shows_the_cas_problem_document() {
 
 /// The acme table for a CA behind the tampering proxy.
 fn acme_via(proxy: &AcmeProxy, domains: &[&str]) -> Table {
-    Table::new()
-        .set(
-            "domains",
-            Value::Array(domains.iter().map(|d| Value::from(*d)).collect()),
-        )
-        .set("directory", proxy.directory.as_str())
-        .set("directory_ca", proxy.ca.clone())
-        .set("challenge", "tls-alpn-01")
+    acme_table(domains, proxy.directory.as_str(), proxy.ca.clone()).set("challenge", "tls-alpn-01")
+}
+
+/// An agent with metrics on `metrics_port` running `app` (two fronts), once its fronts are ready.
+fn start_with_metrics(tag: &str, metrics_port: u16, app: App) -> Agent {
+    let agent = Agent::start_with_agent_extra(
+        tag,
+        Table::new().set("metrics", loopback(metrics_port).to_string()),
+        app,
+    );
+    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    agent
 }
 
 /// `corral reload`, which must succeed.
@@ -595,18 +583,9 @@ fn a_certificate_for_another_name_from_the_ca_is_refused_and_the_old_one_keeps_s
         &pebble.directory,
         &dir.path().join("pebble.crt"),
     );
-    let app = |domains: &[&str]| {
-        demo_app("web", loopback(app_port), 2)
-            .tls("address", loopback(tls_port))
-            .tls("processes", 2)
-            .tls("acme", acme_via(&proxy, domains))
-    };
-    let agent = Agent::start_with_agent_extra(
-        "acme-wrong",
-        Table::new().set("metrics", loopback(metrics_port).to_string()),
-        app(&["a.test"]),
-    );
-    agent.wait_ready("web.tls", 2, Duration::from_secs(30));
+    let app =
+        |domains: &[&str]| fronted(app_port, tls_port, 2).tls("acme", acme_via(&proxy, domains));
+    let agent = start_with_metrics("acme-wrong", metrics_port, app(&["a.test"]));
     let root = pebble.issuing_root();
     let tls = loopback(tls_port);
     // Through the proxy, untouched: pebble's certificate.
@@ -690,10 +669,7 @@ fn a_rate_limited_ca_is_not_asked_again_before_its_retry_after() {
             &dir.path().join("pebble.crt"),
         );
         proxy.rate_limit_next(path, &retry_after);
-        let app = demo_app("web", loopback(app_port), 1)
-            .tls("address", loopback(tls_port))
-            .tls("processes", 1)
-            .tls("acme", acme_via(&proxy, &["a.test"]));
+        let app = fronted(app_port, tls_port, 1).tls("acme", acme_via(&proxy, &["a.test"]));
         let agent = Agent::start(&format!("acme-limited{i}"), app);
         let st = first_failure(
             &agent,
@@ -736,10 +712,7 @@ fn corral_acme_runs_as_sandboxed_as_the_fronts() {
         &dir.path().join("pebble.crt"),
     );
     proxy.hold_next("/order-plz");
-    let app = demo_app("web", loopback(app_port), 1)
-        .tls("address", loopback(tls_port))
-        .tls("processes", 1)
-        .tls("acme", acme_via(&proxy, &["a.test"]));
+    let app = fronted(app_port, tls_port, 1).tls("acme", acme_via(&proxy, &["a.test"]));
     let mut agent = Agent::start("acme-sandbox", app);
     let front = agent.wait_ready("web.tls", 1, Duration::from_secs(30))[0];
     let acme = wait_for(

@@ -3,8 +3,8 @@
 //! and the degraded mode without BPF privileges.
 
 use std::collections::BTreeMap;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,15 +48,7 @@ fn steered(app: App, steering: Option<&str>) -> App {
 
 /// GET on a new connection; the answering worker's pid from the X-Pid header.
 fn get_pid(a: SocketAddr, path: &str) -> std::io::Result<i32> {
-    let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
+    let text = http_get_raw(a, path)?;
     if !text.starts_with("HTTP/1.1 200") {
         return Err(std::io::Error::new(
             ErrorKind::UnexpectedEof,

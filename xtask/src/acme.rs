@@ -30,7 +30,7 @@ pub fn ensure_pebble() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&debs);
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     eprintln!("xtask: acme: fetching Debian trixie's {PACKAGE} for tests/acme.rs");
-    crate::vm::kernel::download_trixie(&target.join("vm"), &debs, PACKAGE)?;
+    crate::vm::apt::download_trixie(&target.join("vm"), &debs, PACKAGE)?;
     let deb = find_deb(&debs)?;
     let staging = target.join("acme/pebble.partial");
     let _ = std::fs::remove_dir_all(&staging);

@@ -26,6 +26,7 @@ mod bench_tls;
 mod image;
 mod kube;
 mod package;
+mod venv;
 mod vm;
 
 const USAGE: &str = "\
@@ -100,7 +101,7 @@ tasks:
                     builds, host only (root). --quick: one round of 2 s; --loads: only these
                     (h1-100,h2-100,h1-1,h2-1); --no-slow: no slow-worker phase.
                     CORRAL_BENCH_DEMO_THREADS=N: the demo workers' threads (default 16)
-  bench steering [--quick] [--rate R] [--threads T] [--accept greedy|free-thread]
+  bench steering [--quick] [--cost] [--rate R] [--threads T] [--accept greedy|free-thread]
                     4 workers of corral-demo, T threads each (default 1), accepting greedily
                     (default: every connection at once, queued for the threads, as an asyncio
                     or gthread server does) or only with a free thread, under an open-loop
@@ -109,8 +110,11 @@ tasks:
                     100 ms sleep; one shared accept socket vs. corral steering hash,
                     round-robin, least-loaded, 4 interleaved segments of 2 s warm-up + 5 s
                     measured each. Then /healthz connections per second, closed loop, hash
-                    vs. least-loaded, 3 ABBA blocks of 5 s rounds (root). --quick: one 3 s
-                    segment per variant, one block of 1 s rounds
+                    vs. least-loaded, 3 ABBA blocks of 5 s rounds, and least-loaded's added
+                    CPU per connection directly: its programs' run time from the kernel's BPF
+                    statistics plus its agent's CPU, against the hash's CPU per connection
+                    (root). --quick: one 3 s segment per variant, one block of 1 s rounds.
+                    --cost: only the connection-cost phase
   bench peers [--quick] [--apps wsgi,sync,async] [--loads 40,70] [--rates R1,R2] [--rounds N]
               [--warmup S] [--measure S] [--storm S] [--retries N] [--quiet-wait S]
               [--corral STEERING,...] [--hash]

@@ -11,7 +11,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::bench_steering::nobody;
-use crate::{ensure_these, root, run};
+use crate::{root, venv};
 
 /// Everything the venv holds, pinned, dependencies included, so that two runs months apart
 /// measure the same servers. Changing a line rebuilds the venv.
@@ -53,64 +53,28 @@ const APPS: &[(&str, &str)] = &[
     ),
 ];
 
-const PYTHON: &str = "/usr/bin/python3";
-
 /// The venv's directory, made (or reused when it holds exactly [`REQUIREMENTS`]) and checked to
 /// be usable by `nobody`.
 pub(crate) fn ensure_venv() -> Result<PathBuf> {
-    ensure_these(&[("python3", PYTHON)], "the peers benchmark")?;
-    // python3-venv ships ensurepip under the interpreter's own version directory.
-    let version = python_version()?;
-    let ensurepip = format!("/usr/lib/python{version}/ensurepip/__init__.py");
-    ensure_these(
-        &[("python3-venv", &ensurepip)],
-        "the peers benchmark's venv",
-    )?;
-
-    let venv = root().join("target/bench/venv");
-    let stamp = venv.join("corral-requirements.txt");
-    let have = std::fs::read_to_string(&stamp).unwrap_or_default();
-    if have == REQUIREMENTS && venv.join("bin/python").exists() {
-        eprintln!("bench peers: reusing {}", venv.display());
+    let version = venv::ensure_python("the peers benchmark")?;
+    let dir = root().join("target/bench/venv");
+    if venv::is_current(&dir, REQUIREMENTS, "bin/python") {
+        eprintln!("bench peers: reusing {}", dir.display());
     } else {
         eprintln!(
             "bench peers: making {} (Python {version}) with pinned fastapi, uvicorn, gunicorn",
-            venv.display()
+            dir.display()
         );
-        if venv.exists() {
-            std::fs::remove_dir_all(&venv)
-                .with_context(|| format!("removing the old {}", venv.display()))?;
-        }
-        std::fs::create_dir_all(venv.parent().expect("target/bench/venv has a parent"))?;
-        run(Command::new(PYTHON).arg("-m").arg("venv").arg(&venv))?;
-        let reqs = venv.join("requirements.txt");
-        std::fs::write(&reqs, REQUIREMENTS)?;
-        run(Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-            .arg(&reqs))?;
-        make_readable(&venv)?;
-        std::fs::write(&stamp, REQUIREMENTS)?;
+        venv::make(&dir, REQUIREMENTS)?;
+        make_readable(&dir)?;
+        venv::stamp(&dir, REQUIREMENTS)?;
     }
     check_as_nobody(
-        &venv,
+        &dir,
         "import fastapi, uvicorn, gunicorn, uvicorn_worker",
-        &venv,
+        &dir,
     )?;
-    Ok(venv)
-}
-
-pub(crate) fn python_version() -> Result<String> {
-    let out = Command::new(PYTHON)
-        .args([
-            "-c",
-            "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')",
-        ])
-        .output()
-        .with_context(|| format!("running {PYTHON}"))?;
-    if !out.status.success() {
-        bail!("{PYTHON} -c 'import sys' failed with {}", out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Ok(dir)
 }
 
 /// The version line of the interpreter, for the report.

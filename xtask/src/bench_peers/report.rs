@@ -252,18 +252,12 @@ fn print_load(l: &LoadReport, r: &AppReport) {
                 )
             })
             .collect();
-        let shares: Vec<String> = s.shares.iter().map(|x| format!("{x:.1}")).collect();
         println!(
-            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% / {:.0}% / {:.0}% |",
-            s.name,
-            s.throughput,
-            ms(s.p50),
-            ms(s.p99),
-            ms(s.p999),
-            ms(s.max),
+            "| {} | {} | {} | {} | {} | {:.0}% / {:.0}% / {:.0}% |",
+            s.latency_cells(),
             per_class.join(" | "),
             failures(s),
-            shares.join(" / "),
+            s.shares_cell(),
             share_spread(s),
             s.cpu.servers * 100.0,
             s.cpu.busy * 100.0,

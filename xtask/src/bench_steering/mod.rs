@@ -82,6 +82,8 @@ struct Options {
     round: Duration,
     /// ABBA blocks of connection-rate rounds.
     blocks: usize,
+    /// Only the cost per connection: (b) and (d), no latency segments.
+    cost_only: bool,
     quick: bool,
 }
 
@@ -95,6 +97,7 @@ fn parse(rest: &[&str]) -> Result<Options> {
         segments: 4,
         round: Duration::from_secs(5),
         blocks: 3,
+        cost_only: false,
         quick: false,
     };
     let mut it = rest.iter();
@@ -108,6 +111,7 @@ fn parse(rest: &[&str]) -> Result<Options> {
                 o.round = Duration::from_secs(1);
                 o.blocks = 1;
             }
+            "--cost" => o.cost_only = true,
             "--rate" => {
                 o.rate = it
                     .next()
@@ -188,6 +192,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
     // Every variant runs from start to end (an idle one costs next to nothing); the load goes to
     // one at a time, segment by segment, in the order a b c d, then d c b a, and so on, so a
     // slow drift of the machine or a burst of someone else's work does not land on one variant.
+    // `--cost` starts only (b) and (d).
     let variants: [(&'static str, Option<&str>); 4] = [
         ("(a) shared accept socket", None),
         ("(b) corral hash", Some("hash")),
@@ -197,12 +202,58 @@ pub fn steering(rest: &[&str]) -> Result<()> {
     let mut servers = Vec::new();
     for (name, steering) in variants {
         let s = match steering {
-            None => start_shared(&demo, &dir, o.threads, o.accept)?,
-            Some(st) => start_corral(&corral, &demo, &dir, st, o.threads, o.accept)?,
+            _ if o.cost_only && !matches!(steering, Some("hash" | "least-loaded")) => None,
+            None => Some(start_shared(&demo, &dir, o.threads, o.accept)?),
+            Some(st) => Some(start_corral(&corral, &demo, &dir, st, o.threads, o.accept)?),
         };
-        eprintln!("bench steering: {name}: {}", s.steering);
+        if let Some(s) = &s {
+            eprintln!("bench steering: {name}: {}", s.steering);
+        }
         servers.push(s);
     }
+    let results = if o.cost_only {
+        None
+    } else {
+        let servers: Vec<&Servers> = servers.iter().flatten().collect();
+        Some(latency(&o, &plans, &variants, &servers, measure, &corral)?)
+    };
+    let (Some(hash), Some(least)) = (&servers[1], &servers[3]) else {
+        bail!("the hash and least-loaded agents are not running");
+    };
+    let cost = connection_cost(&o, &corral, hash, least)?;
+    drop(servers);
+    let rate = RateSummary::new(&cost.rounds);
+
+    if let Some(results) = &results {
+        report::header(&o, planned, measure, &mix);
+        report::results(results);
+    }
+    rate.print(
+        &cost.rounds,
+        o.round,
+        &cost.least_stats["steering_stats"],
+        cost.discarded,
+    );
+    report::verdicts(
+        results.as_deref(),
+        &rate,
+        &cost.rounds,
+        &cost.program,
+        o.quick,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The open-loop segments of every variant, interleaved: their summaries, in `variants` order.
+fn latency(
+    o: &Options,
+    plans: &[Vec<Planned>],
+    variants: &[(&'static str, Option<&str>)],
+    servers: &[&Servers],
+    measure: Duration,
+    corral: &Path,
+) -> Result<Vec<Summary>> {
     let mut acc: Vec<Acc> = (0..variants.len()).map(|_| Acc::default()).collect();
     for (k, plan) in plans.iter().enumerate() {
         let mut order: Vec<usize> = (0..variants.len()).collect();
@@ -214,7 +265,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
             let mut attempts = 0;
             loop {
                 wait_quiet();
-                let r = open_loop(&servers[v], MIX, plan, o.warmup, o.segment);
+                let r = open_loop(servers[v], MIX, plan, o.warmup, o.segment);
                 attempts += 1;
                 let others = r.cpu.others();
                 let p99 = pct(
@@ -243,12 +294,29 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         }
     }
     let mut results = Vec::new();
-    for ((v, a), s) in acc.into_iter().enumerate().zip(&servers) {
-        results.push(a.summary(variants[v].0, s, MIX, o.segments, measure, &corral)?);
+    for ((v, a), s) in acc.into_iter().enumerate().zip(servers) {
+        results.push(a.summary(variants[v].0, s, MIX, o.segments, measure, corral)?);
     }
+    Ok(results)
+}
 
+/// What the connection-cost phase measured.
+struct CostPhase {
+    rounds: Vec<Round>,
+    discarded: usize,
+    program: cost::ProgramCost,
+    least_stats: serde_json::Value,
+}
+
+/// The cost of least-loaded per connection against the hash: ABBA blocks of closed-loop rounds,
+/// then the programs' run time directly.
+fn connection_cost(
+    o: &Options,
+    corral: &Path,
+    hash: &Servers,
+    least: &Servers,
+) -> Result<CostPhase> {
     // Connection rate, (b) vs (d), ABBA rounds.
-    let (hash, least) = (&servers[1], &servers[3]);
     eprintln!(
         "bench steering: connection rate, {RATE_CLIENTS} closed-loop clients, {} ABBA blocks of \
          {:.0} s rounds",
@@ -287,7 +355,7 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         }
         rounds.extend(block);
     }
-    let least_stats = status(&corral, least.control.as_ref().expect("corral"))?;
+    let least_stats = status(corral, least.control.as_ref().expect("corral"))?;
     // The same cost measured directly, which the machine's drift does not blur.
     let ids: Vec<u32> = least_stats["steering_stats"]["programs"]
         .as_array()
@@ -297,13 +365,10 @@ pub fn steering(rest: &[&str]) -> Result<()> {
         .collect();
     wait_quiet();
     let program = cost::program_cost(least, &ids, o.round)?;
-    drop(servers);
-    let rate = RateSummary::new(&rounds);
-
-    report::header(&o, planned, measure, &mix);
-    report::results(&results);
-    rate.print(&rounds, o.round, &least_stats["steering_stats"], discarded);
-    report::verdicts(&results, &rate, &rounds, &program, o.quick);
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(CostPhase {
+        rounds,
+        discarded,
+        program,
+        least_stats,
+    })
 }

@@ -31,20 +31,14 @@ pub(super) fn results(results: &[Summary]) {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for s in results {
         let f = |k| s.failures.get(&k).copied().unwrap_or(0);
-        let shares: Vec<String> = s.shares.iter().map(|x| format!("{x:.1}")).collect();
         println!(
-            "| {} | {:.1} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {:.0}% ({:.0}%) |",
-            s.name,
-            s.throughput,
-            ms(s.p50),
-            ms(s.p99),
-            ms(s.p999),
-            ms(s.max),
+            "| {} | {} / {} / {} / {} | {} | {:.0}% ({:.0}%) |",
+            s.latency_cells(),
             f(Failure::Refused),
             f(Failure::Reset),
             f(Failure::Timeout),
             f(Failure::Other),
-            shares.join(" / "),
+            s.shares_cell(),
             s.cpu.busy * 100.0,
             (s.cpu.client + s.cpu.servers) * 100.0
         );
@@ -107,21 +101,13 @@ pub(super) fn results(results: &[Summary]) {
     }
 }
 
-/// The ratios against their targets, with no verdict where a window was disturbed.
-pub(super) fn verdicts(
-    results: &[Summary],
-    rate: &RateSummary,
-    rounds: &[Round],
-    program: &cost::ProgramCost,
-    quick: bool,
-) {
+/// The p99 ratios against their targets.
+fn latency_verdicts(results: &[Summary]) {
     let a = &results[0];
     let b = &results[1];
     let d = &results[3];
     let da = d.p99.as_secs_f64() / a.p99.as_secs_f64();
     let db = d.p99.as_secs_f64() / b.p99.as_secs_f64();
-    println!("\n| ratio | value | target | |");
-    println!("| --- | --- | --- | --- |");
     let verdict = |ok: bool, involved: &[&Summary]| -> String {
         match involved.iter().find(|s| s.disturbed > 0) {
             Some(s) => format!("no verdict: {} was disturbed by other processes", s.name),
@@ -136,6 +122,22 @@ pub(super) fn verdicts(
         "| (d) p99 / (b) p99 | {db:.2} | <= 0.7 | {} |",
         verdict(db <= 0.7, &[b, d])
     );
+}
+
+/// The ratios against their targets, with no verdict where a window was disturbed.
+/// `results`: none with `--cost`.
+pub(super) fn verdicts(
+    results: Option<&[Summary]>,
+    rate: &RateSummary,
+    rounds: &[Round],
+    program: &cost::ProgramCost,
+    quick: bool,
+) {
+    println!("\n| ratio | value | target | |");
+    println!("| --- | --- | --- | --- |");
+    if let Some(results) = results {
+        latency_verdicts(results);
+    }
     let overhead = (1.0 - rate.ratio) * 100.0;
     let rate_verdict = if rounds.iter().any(|r| r.cpu.others() > DISTURBED) {
         "no verdict: rounds were disturbed by other processes".to_string()

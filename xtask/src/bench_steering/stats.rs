@@ -208,6 +208,28 @@ pub(crate) fn summarize(
     }
 }
 
+impl Summary {
+    /// The first cells of a report row (both `bench steering` and `bench peers`): name, req/s,
+    /// p50, p99, p99.9 and max in ms.
+    pub(crate) fn latency_cells(&self) -> String {
+        format!(
+            "{} | {:.1} | {} | {} | {} | {}",
+            self.name,
+            self.throughput,
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.p999),
+            ms(self.max)
+        )
+    }
+
+    /// Each worker's share of the requests in %, as `a / b / ...`.
+    pub(crate) fn shares_cell(&self) -> String {
+        let shares: Vec<String> = self.shares.iter().map(|x| format!("{x:.1}")).collect();
+        shares.join(" / ")
+    }
+}
+
 pub(crate) fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }

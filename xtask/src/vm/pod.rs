@@ -52,7 +52,7 @@ fn rootfs(dir: &Path) -> Result<PathBuf> {
         return Ok(base);
     }
     let _ = std::fs::remove_dir_all(&base);
-    let mirror = super::kernel::debian_mirror()?;
+    let mirror = super::apt::debian_mirror()?;
     eprintln!(
         "xtask: vm pod: mmdebstrap bookworm (minbase + {INCLUDE}) into {}",
         base.display()

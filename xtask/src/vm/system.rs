@@ -99,7 +99,7 @@ fn rootfs(dir: &Path, release: Release) -> Result<PathBuf> {
         return Ok(base);
     }
     let _ = std::fs::remove_dir_all(&base);
-    let mirror = super::kernel::debian_mirror()?;
+    let mirror = super::apt::debian_mirror()?;
     eprintln!(
         "xtask: vm system: debootstrap {} (minbase + {INCLUDE}) into {}",
         release.name(),
