@@ -57,9 +57,9 @@ struct {
 	__type(value, __u32);
 } load SEC(".maps");
 
-/* Per slot: the picks of the current epoch (struct corral_window): the agent bumps
- * config.epoch on each publish, and a window of an older epoch counts as empty, so starting a
- * new window costs the agent one map write instead of two per slot. */
+/* Per slot: the picks of the current window (struct corral_window, see epoch_at); a window of
+ * an older epoch counts as empty and the first pick of a new one resets it, so nobody has to
+ * zero them. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CORRAL_MAX_SLOTS);
@@ -166,13 +166,22 @@ static __always_inline __u32 carried_count(__u32 key)
 	return c && c->inflight < 0x80000000u ? c->inflight : 0;
 }
 
-/* `slot`'s window if it is the current epoch's, else NULL (no picks since the publish). */
-static __always_inline struct corral_window *current_window(const struct corral_config *cfg,
-							     __u32 key)
+/* The window of picks at `now`. With the tracker, 2^22 ns (4.2 ms) of the kernel's monotonic
+ * clock: a pick leaves its window when its connection is established, so only a SYN that never
+ * completes stays, and for at most one window; the agent need not publish anything for windows
+ * to turn, and ticks slowly. Without the tracker, the agent's publish epoch: the picks then
+ * complete the accept-queue load it published. */
+static __always_inline __u32 epoch_at(const struct corral_config *cfg, __u64 now)
+{
+	return cfg->tracking ? (__u32)(now >> 22) : cfg->epoch;
+}
+
+/* `slot`'s window if it is `epoch`'s, else NULL (no picks in this window yet). */
+static __always_inline struct corral_window *current_window(__u32 epoch, __u32 key)
 {
 	struct corral_window *w = bpf_map_lookup_elem(&window, &key);
 
-	return w && w->epoch == cfg->epoch ? w : NULL;
+	return w && w->epoch == epoch ? w : NULL;
 }
 
 /* A window's count; one that wrapped below zero (a decrement racing a window's start on
@@ -183,20 +192,20 @@ static __always_inline __u32 window_count(__u32 v)
 }
 
 /* Picks of `slot` in this window not yet established (with the tracker) or all of them. */
-static __always_inline __u32 pending_picks(const struct corral_config *cfg, __u32 key)
+static __always_inline __u32 pending_picks(__u32 epoch, __u32 key)
 {
-	struct corral_window *w = current_window(cfg, key);
+	struct corral_window *w = current_window(epoch, key);
 
 	return w ? window_count(w->picks) : 0;
 }
 
-static __always_inline __u32 score(const struct corral_config *cfg, __u32 slot)
+static __always_inline __u32 score(const struct corral_config *cfg, __u32 epoch, __u32 slot)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
 
 	if (cfg->tracking)
-		return counter(&inflight, key) + carried_count(key) + pending_picks(cfg, key);
-	return counter(&load, key) + pending_picks(cfg, key);
+		return counter(&inflight, key) + carried_count(key) + pending_picks(epoch, key);
+	return counter(&load, key) + pending_picks(epoch, key);
 }
 
 /* How long `slot`'s counted connections (the previous agent's too) have been open, summed, at
@@ -221,15 +230,15 @@ static __always_inline __u64 open_age(const struct corral_config *cfg, __u32 slo
 	return total - opened;
 }
 
-/* Connections sent to `slot` since the agent last published (never taken back). */
-static __always_inline __u32 recent_picks(const struct corral_config *cfg, __u32 slot)
+/* Connections sent to `slot` in this window (never taken back). */
+static __always_inline __u32 recent_picks(__u32 epoch, __u32 slot)
 {
-	struct corral_window *w = current_window(cfg, slot & (CORRAL_MAX_SLOTS - 1));
+	struct corral_window *w = current_window(epoch, slot & (CORRAL_MAX_SLOTS - 1));
 
 	return w ? window_count(w->recent) : 0;
 }
 
-static __always_inline void count_pick(const struct corral_config *cfg, __u32 slot)
+static __always_inline void count_pick(__u32 epoch, __u32 slot)
 {
 	__u32 key = slot & (CORRAL_MAX_SLOTS - 1);
 	struct corral_window *w = bpf_map_lookup_elem(&window, &key);
@@ -238,10 +247,10 @@ static __always_inline void count_pick(const struct corral_config *cfg, __u32 sl
 	if (w) {
 		/* The first pick of an epoch starts its window. Two CPUs starting it at once may
 		 * lose one pick's count until the next publish: a tie-break that much off. */
-		if (w->epoch != cfg->epoch) {
+		if (w->epoch != epoch) {
 			w->picks = 0;
 			w->recent = 0;
-			w->epoch = cfg->epoch;
+			w->epoch = epoch;
 		}
 		__sync_fetch_and_add(&w->picks, 1);
 		__sync_fetch_and_add(&w->recent, 1);
@@ -251,11 +260,10 @@ static __always_inline void count_pick(const struct corral_config *cfg, __u32 sl
 }
 
 /* Remember which slot this SYN went to, for the connection tracker. */
-static __always_inline void track(struct sk_reuseport_md *ctx, const struct corral_config *cfg,
-				  __u32 slot)
+static __always_inline void track(struct sk_reuseport_md *ctx, __u32 epoch, __u32 slot)
 {
 	struct corral_conn_key key = {};
-	struct corral_conn conn = { .slot = slot, .counted = 0, .epoch = cfg->epoch };
+	struct corral_conn conn = { .slot = slot, .counted = 0, .epoch = epoch };
 	__u16 ports[2];
 
 	if (bpf_skb_load_bytes(ctx, 0, ports, sizeof(ports)))
@@ -275,10 +283,12 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 	struct corral_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct corral_stats *st = bpf_map_lookup_elem(&stats, &zero);
 	struct corral_eligible *set;
-	__u32 n, first, second, start, i, active, the_pick = 0;
+	__u32 n, first, second, start, i, active, epoch, the_pick = 0;
+	__u64 now = bpf_ktime_get_ns();
 
 	if (!cfg || !st)
 		return SK_PASS;
+	epoch = epoch_at(cfg, now);
 
 	if (cfg->policy == CORRAL_POLICY_SHARED) {
 		/* Ready or not, every worker accepts from this one queue; a starting worker takes
@@ -335,26 +345,26 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		 * them soon); on a full tie (common when workers keep up: all 0), the slot sent fewer
 		 * connections since the last publish: even within each 5 ms, without a long memory
 		 * that would make a slow worker catch up later. */
-		__u64 now = bpf_ktime_get_ns(), best_age, age;
+		__u64 best_age, age;
 		__u32 best_score, best_recent;
 
 		start = bpf_get_prandom_u32() % n;
 		first = slot_at(set, start);
 		second = first;
-		best_score = score(cfg, first);
+		best_score = score(cfg, epoch, first);
 		best_age = open_age(cfg, first, now);
-		best_recent = recent_picks(cfg, first);
+		best_recent = recent_picks(epoch, first);
 		for (i = 1; i < CORRAL_FULL_SCAN; i++) {
 			__u32 slot, sc, rc;
 
 			if (i >= n)
 				break;
 			slot = slot_at(set, (start + i) % n);
-			sc = score(cfg, slot);
+			sc = score(cfg, epoch, slot);
 			if (sc > best_score)
 				continue;
 			age = open_age(cfg, slot, now);
-			rc = recent_picks(cfg, slot);
+			rc = recent_picks(epoch, slot);
 			if (sc == best_score &&
 			    (age > best_age || (age == best_age && rc >= best_recent)))
 				continue;
@@ -370,10 +380,10 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		__u32 sa = slot_at(set, a);
 		__u32 sb = slot_at(set, b);
 
-		__u32 score_a = score(cfg, sa), score_b = score(cfg, sb);
+		__u32 score_a = score(cfg, epoch, sa), score_b = score(cfg, epoch, sb);
 
 		if (score_b < score_a ||
-		    (score_b == score_a && recent_picks(cfg, sb) < recent_picks(cfg, sa))) {
+		    (score_b == score_a && recent_picks(epoch, sb) < recent_picks(epoch, sa))) {
 			first = sb;
 			second = sa;
 		} else {
@@ -408,12 +418,12 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 	return SK_PASS;
 
 selected:
-	count_pick(cfg, the_pick);
+	count_pick(epoch, the_pick);
 	st->selected++;
 	if (migrating)
 		st->migrations++;
 	else
-		track(ctx, cfg, the_pick);
+		track(ctx, epoch, the_pick);
 	return SK_PASS;
 }
 
@@ -442,8 +452,10 @@ struct sock_common_head {
 
 #define CORRAL_AF_INET 2
 #define CORRAL_TCP_ESTABLISHED 1
+#define CORRAL_TCP_SYN_RECV 3
 #define CORRAL_TCP_FIN_WAIT1 4
 #define CORRAL_TCP_CLOSE 7
+#define CORRAL_TCP_CLOSE_WAIT 8
 #define CORRAL_TCP_LAST_ACK 9
 
 /* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
@@ -456,6 +468,7 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 	struct sock_common_head h;
 	struct corral_conn_key key = {};
 	struct corral_conn *conn;
+	int oldstate = (int)ctx->args[1];
 	int newstate = (int)ctx->args[2];
 	__u32 slot;
 	__u32 *n;
@@ -468,12 +481,24 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 	if (newstate != CORRAL_TCP_ESTABLISHED && newstate != CORRAL_TCP_FIN_WAIT1 &&
 	    newstate != CORRAL_TCP_LAST_ACK && newstate != CORRAL_TCP_CLOSE)
 		return 0;
+	/* A close after FIN_WAIT1 or LAST_ACK (through FIN_WAIT2, CLOSING, TIME_WAIT) was
+	 * uncounted then: only a close straight from a live state (a reset, a connection never
+	 * accepted) is looked up, which spares every connection's last run its hash lookup. */
+	if (newstate == CORRAL_TCP_CLOSE && oldstate != CORRAL_TCP_ESTABLISHED &&
+	    oldstate != CORRAL_TCP_SYN_RECV && oldstate != CORRAL_TCP_CLOSE_WAIT)
+		return 0;
 	if (bpf_probe_read_kernel(&h, sizeof(h), (void *)ctx->args[0]))
 		return 0;
-	if (h.num != cfg->port)
+	/* A close straight from a live state (a reset, a child its listener dropped) comes after
+	 * tcp_set_state has released the local port (inet_put_port zeroes skc_num): the
+	 * connection is then looked up as one to this port from its remote end. Another socket
+	 * of the same remote address and port closing likewise (a NAT mapping one external port
+	 * to two of this host's ports) would uncount one of ours early: a count one low for a
+	 * while, against a count that never came down. */
+	if (h.num != cfg->port && !(h.num == 0 && newstate == CORRAL_TCP_CLOSE))
 		return 0;
 	key.remote_port = h.dport;
-	key.local_port = h.num;
+	key.local_port = cfg->port;
 	if (h.family == CORRAL_AF_INET)
 		key.remote_addr = h.daddr;
 	conn = bpf_map_lookup_elem(&conns, &key);
@@ -493,9 +518,9 @@ int corral_conn_state(struct bpf_raw_tracepoint_args *ctx)
 		sum = bpf_map_lookup_elem(&since, &slot);
 		if (sum)
 			__sync_fetch_and_add(sum, conn->established);
-		/* Its pick is now in `inflight`: take it back from its window (same epoch only). */
-		if (conn->epoch == cfg->epoch) {
-			struct corral_window *w = current_window(cfg, slot);
+		/* Its pick is now in `inflight`: take it back from its window (same window only). */
+		if (conn->epoch == epoch_at(cfg, conn->established)) {
+			struct corral_window *w = current_window(conn->epoch, slot);
 
 			if (w)
 				__sync_fetch_and_add(&w->picks, (__u32)-1);

@@ -7,7 +7,7 @@
 #ifndef CORRAL_STEER_H
 #define CORRAL_STEER_H
 
-#define CORRAL_ABI_VERSION 6
+#define CORRAL_ABI_VERSION 7
 
 /* Slots per app; a power of two so `slot & (CORRAL_MAX_SLOTS - 1)` bounds array indices. */
 #define CORRAL_MAX_SLOTS 1024
@@ -37,14 +37,14 @@ struct corral_config {
 	 * leaves `picks` once its connection is established (and counted in `inflight`). 0: the
 	 * load is the published accept queue + `picks`. */
 	__u32 tracking;
-	/* Bumped by the agent on each publish: it starts a new window of picks for every slot
-	 * (struct corral_window), and only a connection picked in the current epoch takes its
-	 * pick back when it is established. */
+	/* Bumped by the agent on each publish. Without the tracker it numbers the windows of
+	 * picks (struct corral_window); with it, the kernel's clock does (steer.bpf.c, epoch_at). */
 	__u32 epoch;
 };
 
-/* Per slot, the picks since the agent last published, as of epoch `epoch`: a window whose
- * epoch is not config.epoch counts as empty, and the first pick of the new epoch resets it. */
+/* Per slot, the picks of the window `epoch`: a window whose epoch is not the current one counts
+ * as empty, and the first pick of the new one resets it. A connection takes its pick back when
+ * it is established in the window it was picked in. */
 struct corral_window {
 	__u32 epoch;
 	/* Picks not yet established (with the tracker; without it, all of them): the connections

@@ -227,6 +227,80 @@ fn in_flight_connections_count_from_handshake_until_the_server_closes() {
     assert_eq!(g.steering.inflight(2).expect("inflight"), vec![0, 0]);
 }
 
+/// The tracker's last run per connection skips its lookup when the close comes after FIN_WAIT1
+/// or LAST_ACK; a close straight from ESTABLISHED (the server resets: SO_LINGER 0) must still
+/// uncount, as must a connection closed before it was accepted (its listener closed).
+#[test]
+fn connections_the_server_resets_or_never_accepts_are_uncounted() {
+    let mut g = group(2, Policy::LeastLoaded);
+    g.steering.tracker().as_ref().expect("tracker attached");
+    g.steering.publish_eligible(&[0, 1]).expect("eligible");
+    let clients: Vec<_> = (0..20).map(|_| connect_from(g.addr, None)).collect();
+    let counted = |g: &Group| {
+        g.steering
+            .inflight(2)
+            .expect("inflight")
+            .iter()
+            .sum::<u32>()
+    };
+    wait_for(Duration::from_secs(5), "20 in flight", || {
+        (counted(&g) == 20).then_some(())
+    });
+    let mut accepted = Vec::new();
+    for l in &g.listeners {
+        while let Ok((s, _)) = l.accept() {
+            accepted.push(s);
+        }
+    }
+    assert_eq!(accepted.len(), 20);
+    for s in accepted {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and a fully initialised `linger` of the size passed.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_LINGER");
+        drop(s); // an RST: ESTABLISHED -> CLOSE
+    }
+    wait_for(Duration::from_secs(5), "the reset ones uncounted", || {
+        (counted(&g) == 0).then_some(())
+    });
+    drop(clients);
+
+    // Queued, never accepted: both listeners close (nowhere to migrate to), their children
+    // with them.
+    let clients: Vec<_> = (0..10).map(|_| connect_from(g.addr, None)).collect();
+    wait_for(Duration::from_secs(5), "10 in flight", || {
+        (counted(&g) == 10).then_some(())
+    });
+    let Group {
+        listeners,
+        steering,
+        ..
+    } = g;
+    g = Group {
+        addr: loopback(0),
+        listeners: Vec::new(),
+        steering,
+    };
+    drop(listeners);
+    wait_for(
+        Duration::from_secs(5),
+        "the never accepted ones uncounted",
+        || (counted(&g) == 0).then_some(()),
+    );
+    drop(clients);
+}
+
 #[test]
 fn least_loaded_avoids_the_slot_with_connections_open() {
     let mut g = group(2, Policy::LeastLoaded);

@@ -1,7 +1,7 @@
 //! The steering ABI: Rust mirrors of ebpf/steer.h, checked for size at compile time.
 
 /// Bumped with every change to ebpf/steer.h; pins live under `bpf_pin_dir/v<ABI>-<object hash>`.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 pub const MAX_SLOTS: u32 = 1024;
 pub const POLICY_LEAST_LOADED: u32 = 0;
 pub const POLICY_ROUND_ROBIN: u32 = 1;
