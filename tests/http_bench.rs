@@ -393,6 +393,16 @@ fn http_bench() {
             for vi in order {
                 let (_, port, pids) = &variants[vi];
                 let r = h2load(&dir, *port, load, pids, secs);
+                // Each round's numbers (stderr): the spread behind the medians.
+                eprintln!(
+                    "round {round} {} {}: {:.0} req/s, p99 {:.2} ms, {:.1} µs CPU/request ({:.1} user)",
+                    load.name,
+                    variants[vi].0,
+                    r.rps,
+                    r.p99_ms,
+                    r.cpu_us_per_req,
+                    r.cpu_us_per_req - r.sys_us_per_req
+                );
                 results[vi][li].push(r);
             }
         }
