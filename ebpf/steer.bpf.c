@@ -246,7 +246,7 @@ static __always_inline void count_pick(__u32 epoch, __u32 slot)
 
 	if (w) {
 		/* The first pick of an epoch starts its window. Two CPUs starting it at once may
-		 * lose one pick's count until the next publish: a tie-break that much off. */
+		 * lose one pick's count for that window: a tie-break that much off. */
 		if (w->epoch != epoch) {
 			w->picks = 0;
 			w->recent = 0;
@@ -343,7 +343,7 @@ static __always_inline int steer(struct sk_reuseport_md *ctx, int migrating)
 		/* Every ready slot, from a random one on, so equal slots take turns. Of slots with as
 		 * many connections, the one whose open connections are younger (more likely through
 		 * them soon); on a full tie (common when workers keep up: all 0), the slot sent fewer
-		 * connections since the last publish: even within each 5 ms, without a long memory
+		 * connections in this window of picks: even within a few ms, without a long memory
 		 * that would make a slow worker catch up later. */
 		__u64 best_age, age;
 		__u32 best_score, best_recent;
