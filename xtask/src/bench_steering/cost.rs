@@ -77,7 +77,7 @@ pub(super) fn program_cost(
             (
                 a.name.clone(),
                 runs as f64 / connections,
-                time / runs.max(1) as u32,
+                Duration::from_secs_f64(time.as_secs_f64() / runs.max(1) as f64),
             )
         })
         .collect();
